@@ -1,0 +1,1 @@
+"""The fedtune operator: FederatedFineTune resources become Redis, scheduler and party pods."""

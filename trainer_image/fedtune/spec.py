@@ -1,0 +1,426 @@
+"""The FederatedFineTune job spec: one schema for `fedtune run`, every role and the operator.
+
+It carries the reference's `trainer_config` keys with their meaning (`input`, `output`,
+`aggregation`, `encryption`, `peft`, `trainer`, `dataset`), the parties, and the
+Kubernetes specifics. It imports no torch: the operator validates resources with it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+API_VERSION = "fedtune.io/v1alpha1"
+KIND = "FederatedFineTune"
+ROLES = ("assist_trainer", "label_trainer")
+
+# Trainer keys each party may set for itself; every other key comes from the assist_trainer.
+LOCAL_TRAINER_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "torch_compile", "no_cuda")
+# Keys fedtune manages itself: a user value would break round alignment or checkpoint layout.
+MANAGED_TRAINER_KEYS = ("output_dir", "save_steps", "save_total_limit", "logging_dir", "report_to", "resume_from_checkpoint")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathRef(_Strict):
+    path: str = Field(min_length=1)
+
+
+class TrainsetEntry(_Strict):
+    type: Literal["QA"] = "QA"
+    path: str = Field(min_length=1)
+
+
+class Input(_Strict):
+    pretrained_model: PathRef
+    adapter_model: PathRef | None = None
+    trainset: list[TrainsetEntry] = Field(default_factory=list)
+
+
+class Output(_Strict):
+    path: str = Field("output/[JOB_ID]/[NODE_ID]", min_length=1)
+
+
+class Aggregation(_Strict):
+    agg_steps: float = Field(0.2, gt=0, le=1)
+    # `samples`: FedAvg weighted by each party's training-sample count; `uniform`: the reference's mean.
+    weighting: Literal["samples", "uniform"] = "samples"
+    # A party that never arrives fails the round instead of blocking it forever.
+    round_timeout_s: float = Field(1800.0, gt=0)
+
+
+class KeyExchange(_Strict):
+    key_bitlength: Literal[2048, 3072, 4096, 6144, 8192] = 3072
+    optimized: bool = True
+    # `x25519` replaces the finite-field group when set.
+    curve: Literal["x25519"] | None = None
+
+
+class Csprng(_Strict):
+    name: Literal["hmac_drbg", "chacha20"] = "hmac_drbg"
+    method: Literal["sha256", "sha512"] = "sha512"
+
+
+class Otp(_Strict):
+    key_bitlength: Literal[64, 128] = 64
+    data_type: Literal["torch.Tensor"] = "torch.Tensor"
+    key_exchange: KeyExchange = Field(default_factory=KeyExchange)
+    csprng: Csprng = Field(default_factory=Csprng)
+
+
+class Encryption(_Strict):
+    plain: dict[str, Any] | None = None
+    otp: Otp | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> Encryption:
+        if self.plain is not None and self.otp is not None:
+            raise ValueError("set exactly one of `plain` or `otp`")
+        if self.plain is None and self.otp is None:
+            self.plain = {}
+        return self
+
+    @property
+    def scheme(self) -> Literal["plain", "otp"]:
+        return "otp" if self.otp is not None else "plain"
+
+
+class Lora(BaseModel):
+    """peft's LoraConfig: the common keys are checked here, any other LoraConfig key passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    r: int = Field(8, ge=1)
+    target_modules: list[str] | str = Field(default_factory=lambda: ["query_key_value"])
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+
+
+class PrefixTuning(_Strict):
+    """P-tuning v2 as in ChatGLM-6B: `pre_seq_len` trainable prefix tokens in every layer."""
+
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    pre_seq_len: int = Field(20, ge=1)
+    prefix_projection: bool = False
+    prefix_hidden_size: int | None = Field(None, ge=1)
+
+
+class Peft(_Strict):
+    LORA: Lora | None = None
+    PREFIX_TUNING: PrefixTuning | None = None
+
+    @model_validator(mode="after")
+    def _one_adapter(self) -> Peft:
+        if (self.LORA is None) == (self.PREFIX_TUNING is None):
+            raise ValueError("set exactly one of `LORA` or `PREFIX_TUNING`")
+        return self
+
+    @property
+    def kind(self) -> Literal["LORA", "PREFIX_TUNING"]:
+        return "LORA" if self.LORA is not None else "PREFIX_TUNING"
+
+
+class Trainer(BaseModel):
+    """A subset of transformers' TrainingArguments; other TrainingArguments keys pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    # Accepted for compatibility: saving always follows `aggregation.agg_steps`.
+    save_strategy: Literal["steps"] = "steps"
+    torch_compile: bool = False
+    no_cuda: bool = False
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _no_managed_keys(self) -> Trainer:
+        for key in MANAGED_TRAINER_KEYS:
+            if key in (self.model_extra or {}):
+                raise ValueError(f"`{key}` is managed by fedtune (checkpoints follow aggregation.agg_steps); remove it")
+        if self.max_steps == 0:
+            raise ValueError("`max_steps` must be positive, or -1 to train `num_train_epochs`")
+        return self
+
+
+class PartyTrainer(_Strict):
+    """What one party may set for itself; the rest is synchronised from the assist_trainer."""
+
+    per_device_train_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int | None = Field(None, ge=1)
+    torch_compile: bool | None = None
+    no_cuda: bool | None = None
+
+
+class Dataset(_Strict):
+    max_src_length: int = Field(100, ge=1)
+    max_dst_length: int = Field(100, ge=1)
+    prompt_pattern: str = "{}：\n问：{}\n答："
+    key_query: str = Field("input", min_length=1)
+    key_answer: str = Field("output", min_length=1)
+
+    @field_validator("prompt_pattern")
+    @classmethod
+    def _two_slots(cls, pattern: str) -> str:
+        try:
+            slots = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        except ValueError as err:
+            raise ValueError(f"not a format string: {err}") from None
+        if len(slots) != 2 or any(slots):
+            raise ValueError("needs exactly two `{}` slots: the instruction, then the query")
+        return pattern
+
+
+class Resources(_Strict):
+    cpu: str | None = None
+    memory: str | None = None
+    gpu: int = Field(0, ge=0)
+
+
+class Volume(_Strict):
+    """An existing PersistentVolumeClaim mounted into a pod (Kubernetes only)."""
+
+    claimName: str = Field(min_length=1)
+    mountPath: str = Field(pattern=r"^/")
+    subPath: str | None = None
+    readOnly: bool = False
+
+
+class Remote(_Strict):
+    """A party run by another organisation: only its address is known here."""
+
+    address: str = Field(pattern=r"^[^\s:]+:\d+$")
+
+
+_PARTY_NAME = r"^[A-Za-z0-9]([-_.A-Za-z0-9]{0,38}[A-Za-z0-9])?$"
+
+
+class Party(_Strict):
+    name: str = Field(pattern=_PARTY_NAME)
+    role: Literal["assist_trainer", "label_trainer"]
+    trainset: list[TrainsetEntry] | None = None
+    pretrained_model: PathRef | None = None
+    trainer: PartyTrainer = Field(default_factory=PartyTrainer)
+    resources: Resources = Field(default_factory=Resources)
+    volumes: list[Volume] = Field(default_factory=list)
+    remote: Remote | None = None
+    # host:port of this party's gRPC server (only the assist_trainer serves); filled by the launcher.
+    address: str | None = None
+
+    @property
+    def dns_name(self) -> str:
+        """The party's name as a Kubernetes object name."""
+        return self.name.lower().replace("_", "-").replace(".", "-")
+
+
+class Endpoint(_Strict):
+    address: str | None = None
+
+
+class RedisSpec(_Strict):
+    address: str | None = None
+    persistence: bool = False
+    storage: str = "1Gi"
+    image: str = "redis:7.2-alpine"
+
+
+class OutputStorage(_Strict):
+    size: str = "1Gi"
+    storageClassName: str | None = None
+    # Use this existing claim for the adapters instead of creating one.
+    claimName: str | None = None
+
+
+class Storage(_Strict):
+    output: OutputStorage = Field(default_factory=OutputStorage)
+    # Existing claims mounted into every party pod (the pretrained model, shared data).
+    volumes: list[Volume] = Field(default_factory=list)
+
+
+class Tls(_Strict):
+    enabled: bool = True
+    # Secrets the user provides instead of the ones fedtune generates (Kubernetes only).
+    caSecret: str | None = None
+
+
+class ModelInfo(_Strict):
+    name: Literal["horizontal_chatglm"] = "horizontal_chatglm"
+
+
+class JobSpec(_Strict):
+    model_info: ModelInfo = Field(default_factory=ModelInfo)
+    input: Input
+    output: Output = Field(default_factory=Output)
+    aggregation: Aggregation = Field(default_factory=Aggregation)
+    encryption: Encryption = Field(default_factory=Encryption)
+    peft: Peft
+    trainer: Trainer = Field(default_factory=Trainer)
+    dataset: Dataset = Field(default_factory=Dataset)
+    parties: list[Party] = Field(min_length=2)
+    scheduler: Endpoint = Field(default_factory=Endpoint)
+    redis: RedisSpec = Field(default_factory=RedisSpec)
+    image: str = "fedtune/trainer:0.1.0"
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    storage: Storage = Field(default_factory=Storage)
+    # Inside pods, relative paths in the spec resolve against this folder (mount a claim there).
+    workingDir: str = Field("/workspace", pattern=r"^/")
+    tls: Tls = Field(default_factory=Tls)
+    backoffLimit: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _parties_make_a_federation(self) -> JobSpec:
+        roles = [p.role for p in self.parties]
+        if roles.count("assist_trainer") != 1:
+            raise ValueError("parties: exactly one party must have role `assist_trainer`")
+        if "label_trainer" not in roles:
+            raise ValueError("parties: at least one party must have role `label_trainer`")
+        seen: dict[str, str] = {}
+        for party in self.parties:
+            if party.dns_name in seen:
+                raise ValueError(f"parties: `{party.name}` and `{seen[party.dns_name]}` name the same party")
+            seen[party.dns_name] = party.name
+            if party.role == "label_trainer" and not (party.trainset or self.input.trainset):
+                raise ValueError(f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)")
+        self.fractions()
+        return self
+
+    # --- derived views -------------------------------------------------------------------
+
+    def party(self, name: str) -> Party:
+        for party in self.parties:
+            if party.name == name:
+                return party
+        raise SpecError(f"no party named `{name}` in spec.parties (have: {', '.join(p.name for p in self.parties)})")
+
+    @property
+    def assist_trainer(self) -> Party:
+        return next(p for p in self.parties if p.role == "assist_trainer")
+
+    @property
+    def label_trainers(self) -> list[Party]:
+        return [p for p in self.parties if p.role == "label_trainer"]
+
+    def trainset(self, party: Party) -> list[TrainsetEntry]:
+        """A label_trainer falls back to `input.trainset`; the assist_trainer trains only on its own."""
+        if party.trainset is not None:
+            return party.trainset
+        return self.input.trainset if party.role == "label_trainer" else []
+
+    def pretrained_model(self, party: Party) -> str:
+        return (party.pretrained_model or self.input.pretrained_model).path
+
+    def trainer_args(self, party: Party) -> dict[str, Any]:
+        """The assist_trainer's shared trainer keys with this party's local ones on top."""
+        args = self.trainer.model_dump()
+        args.update({k: v for k, v in party.trainer.model_dump().items() if v is not None})
+        return args
+
+    def fractions(self) -> list[float]:
+        """Aggregation points as fractions of each party's own total steps: agg_steps, 2*agg_steps, ..., 1."""
+        step = self.aggregation.agg_steps
+        points = [round(i * step, 6) for i in range(1, math.floor(1 / step + 1e-9) + 1)]
+        if not points or points[-1] < 1:
+            points.append(1.0)
+        return points
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$")
+    namespace: str | None = None
+
+
+class FederatedFineTune(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    apiVersion: Literal["fedtune.io/v1alpha1"]
+    kind: Literal["FederatedFineTune"]
+    metadata: Metadata
+    spec: JobSpec
+
+    @property
+    def job_id(self) -> str:
+        return self.metadata.name
+
+
+def checkpoint_name(fraction: float) -> str:
+    """`checkpoint-0.2` ... `checkpoint-1`, as the reference names them."""
+    return f"checkpoint-{fraction:g}"
+
+
+def aggregation_steps(fractions: list[float], max_steps: int) -> list[int]:
+    """The global step at which each round aggregates; two rounds on one step is an error."""
+    steps = [math.ceil(f * max_steps - 1e-9) for f in fractions]
+    for (f1, s1), (f2, s2) in zip(zip(fractions, steps), zip(fractions[1:], steps[1:])):
+        if s1 == s2 or s1 < 1:
+            raise SpecError(
+                f"aggregation.agg_steps is too small: rounds at fractions {f1:g} and {f2:g} both fall on "
+                f"step {max(s1, 1)} of {max_steps}; raise agg_steps or train more steps"
+            )
+    return steps
+
+
+def expand_output_path(template: str, job_id: str, party: str) -> str:
+    return template.replace("[JOB_ID]", job_id).replace("[NODE_ID]", party)
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    """Relative paths in a spec are relative to the job file's folder (or the launcher's --base-dir)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".")
+        loc = re.sub(r"\.(function-after|model-after)\[[^\]]*\]", "", loc)
+        lines.append(f"{source}: {loc or '(document)'}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_job(document: Any, source: str = "<job>") -> FederatedFineTune:
+    if not isinstance(document, dict):
+        raise SpecError(f"{source}: expected a FederatedFineTune mapping, got {type(document).__name__}")
+    try:
+        return FederatedFineTune.model_validate(document)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_job(path: str | Path) -> FederatedFineTune:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read job file: {err.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    return parse_job(document, str(path))
+
+
+def dump_job(job: FederatedFineTune) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json", exclude_none=True), sort_keys=False, allow_unicode=True)
