@@ -23,7 +23,9 @@ ROLES = ("assist_trainer", "label_trainer")
 # Trainer keys each party may set for itself; every other key comes from the assist_trainer.
 LOCAL_TRAINER_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "torch_compile", "no_cuda")
 # Keys fedtune manages itself: a user value would break round alignment or checkpoint layout.
-MANAGED_TRAINER_KEYS = ("output_dir", "save_steps", "save_total_limit", "logging_dir", "report_to", "resume_from_checkpoint")
+MANAGED_TRAINER_KEYS = (
+    "output_dir", "save_steps", "save_total_limit", "logging_dir", "report_to", "resume_from_checkpoint",
+)
 
 
 class SpecError(ValueError):
@@ -302,7 +304,9 @@ class JobSpec(_Strict):
                 raise ValueError(f"parties: `{party.name}` and `{seen[party.dns_name]}` name the same party")
             seen[party.dns_name] = party.name
             if party.role == "label_trainer" and not (party.trainset or self.input.trainset):
-                raise ValueError(f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)")
+                raise ValueError(
+                    f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)"
+                )
         self.fractions()
         return self
 
@@ -362,6 +366,27 @@ class FederatedFineTune(BaseModel):
     @property
     def job_id(self) -> str:
         return self.metadata.name
+
+
+SHARED_SECTIONS = ("aggregation", "encryption", "peft", "dataset")
+
+
+def shared_config(spec: JobSpec) -> dict[str, Any]:
+    """What every party takes from the assist_trainer: all but the per-party trainer keys."""
+    shared = {name: getattr(spec, name).model_dump(mode="json") for name in SHARED_SECTIONS}
+    trainer = spec.trainer.model_dump(mode="json")
+    shared["trainer"] = {k: v for k, v in trainer.items() if k not in LOCAL_TRAINER_KEYS}
+    return shared
+
+
+def apply_shared_config(spec: JobSpec, shared: dict[str, Any]) -> JobSpec:
+    """This party's spec with the assist_trainer's shared configuration in force."""
+    data = spec.model_dump(mode="json")
+    for name in SHARED_SECTIONS:
+        data[name] = shared[name]
+    local = {k: v for k, v in data["trainer"].items() if k in LOCAL_TRAINER_KEYS}
+    data["trainer"] = {**shared["trainer"], **local}
+    return JobSpec.model_validate(data)
 
 
 def checkpoint_name(fraction: float) -> str:

@@ -1,0 +1,203 @@
+"""The `fedtune` command: run a whole job locally, run one role (what a pod runs), and the tools around it.
+
+Heavy imports (torch, transformers) happen inside the commands that need them, so the
+scheduler, `validate` and `import-xfl` start fast and run without the training stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
+
+log = logging.getLogger("fedtune")
+
+
+def _setup_logging(name: str, level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _role_args(parser: argparse.ArgumentParser, party: bool) -> None:
+    parser.add_argument("--job", required=True, type=Path, help="the FederatedFineTune YAML")
+    if party:
+        parser.add_argument("--party", required=True, help="this party's name in spec.parties")
+    parser.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against "
+                        "(default: the job file's folder)")
+    parser.add_argument("--output", type=Path, help="write this party's adapters to OUTPUT/<party>/ "
+                        "(default: spec.output.path)")
+    parser.add_argument("--listen", help="gRPC bind address (default: all interfaces, the port of the spec address)")
+    parser.add_argument("--tls-dir", type=Path, default=os.environ.get("FEDTUNE_TLS_DIR") or None,
+                        help="folder with ca.crt, tls.crt, tls.key for mutual TLS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run every role of a job on this machine")
+    run.add_argument("job", type=Path)
+    run.add_argument("--output", type=Path, default=Path("fedtune-output"), help="adapters land in OUTPUT/<party>/")
+    run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
+    run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+
+    _role_args(sub.add_parser("scheduler", help="run the scheduler role"), party=False)
+    _role_args(sub.add_parser("assist-trainer", help="run the assist_trainer (aggregator) role"), party=True)
+    _role_args(sub.add_parser("label-trainer", help="run a label_trainer role"), party=True)
+
+    chat = sub.add_parser("chat", help="answer prompts with a fine-tuned adapter")
+    chat.add_argument("--model", required=True, type=Path, help="the pretrained model folder")
+    chat.add_argument("--adapter", type=Path, help="a checkpoint-<fraction> folder (omit for the base model)")
+    chat.add_argument("--prompt", help="answer this prompt and exit (default: read prompts from stdin)")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+
+    tiny = sub.add_parser("tiny-model", help="build a tiny GLM-architecture model and tokenizer from QA data")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--data", required=True, type=Path, action="append", help="QA json file or folder (repeatable)")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--kind", choices=["glm", "glm4"], default="glm")
+
+    xfl = sub.add_parser("import-xfl", help="turn an XFL config folder into a job YAML")
+    xfl.add_argument("config_dir", type=Path)
+    xfl.add_argument("-o", "--out", type=Path, help="write here (default: stdout)")
+    xfl.add_argument("--name", help="metadata.name of the job (default: the folder's name)")
+
+    validate = sub.add_parser("validate", help="check a job YAML and print what it will do")
+    validate.add_argument("job", type=Path)
+    return parser
+
+
+def _party_output(job: FederatedFineTune, party: str, output: Path | None, base_dir: Path) -> Path:
+    if output is not None:
+        return output / party
+    return resolve_path(expand_output_path(job.spec.output.path, job.job_id, party), base_dir)
+
+
+def _listen(args: argparse.Namespace, address: str | None, default_port: int) -> str:
+    if args.listen:
+        return args.listen
+    port = address.rpartition(":")[2] if address else str(default_port)
+    return f"[::]:{port}"
+
+
+def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
+    from fedtune import transport
+
+    if not args.tls_dir:
+        return None
+    names = ("ca.crt", "tls.crt", "tls.key")
+    missing = [n for n in names if not (args.tls_dir / n).is_file()]
+    if missing:
+        raise SpecError(f"--tls-dir {args.tls_dir}: missing {', '.join(missing)}")
+    ca, cert, key = ((args.tls_dir / n).read_bytes() for n in names)
+    return transport.TlsMaterial(ca=ca, cert=cert, key=key)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.launcher import run_job
+
+    job = load_job(args.job)
+    base_dir = (args.base_dir or args.job.parent).resolve()
+    return run_job(job, args.output.resolve(), base_dir, timeout_s=args.timeout)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from fedtune import scheduler
+    from fedtune.jobstate import JobState
+
+    job = load_job(args.job)
+    if not job.spec.redis.address:
+        raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
+    state = JobState.connect(job.spec.redis.address, os.environ.get("FEDTUNE_REDIS_PASSWORD"), job.job_id)
+    return scheduler.serve(job, state, _listen(args, job.spec.scheduler.address, 55005), _tls(args))
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    from fedtune.party import Context, run_party
+
+    job = load_job(args.job)
+    me = job.spec.party(args.party)
+    expected = "assist-trainer" if me.role == "assist_trainer" else "label-trainer"
+    if args.command != expected:
+        raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
+    base_dir = (args.base_dir or args.job.parent).resolve()
+    ctx = Context(job=job, name=me.name, base_dir=base_dir,
+                  output_dir=_party_output(job, me.name, args.output, base_dir), tls=_tls(args),
+                  redis_password=os.environ.get("FEDTUNE_REDIS_PASSWORD"),
+                  listen=_listen(args, me.address, 55004))
+    return run_party(ctx)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fedtune.chat import generate
+
+    prompts = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
+    for prompt in prompts:
+        if prompt:
+            print(generate(str(args.model), str(args.adapter) if args.adapter else None,
+                           prompt.replace("\\n", "\n"), max_new_tokens=args.max_new_tokens), flush=True)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from fedtune.tinymodel import build_tiny_model
+
+    out = build_tiny_model(args.out, args.data, hidden_size=args.hidden_size, num_layers=args.layers, kind=args.kind)
+    print(out)
+    return 0
+
+
+def cmd_import_xfl(args: argparse.Namespace) -> int:
+    from fedtune.xfl import import_xfl
+
+    text = import_xfl(args.config_dir, name=args.name)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        from fedtune.files import write_atomic
+
+        write_atomic(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    spec = job.spec
+    print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
+          f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
+    for party in spec.parties:
+        where = f"remote at {party.remote.address}" if party.remote else "local"
+        print(f"  {party.name}: {party.role}, {where}, trainset: "
+              f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run, "scheduler": cmd_scheduler, "assist-trainer": cmd_party, "label-trainer": cmd_party,
+    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "party", None) or args.command, args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except (SpecError, ValueError, FileNotFoundError) as err:
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

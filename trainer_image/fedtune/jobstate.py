@@ -1,0 +1,185 @@
+"""A job's state in Redis: phase, rounds, per-party progress, metrics and the aggregation blobs.
+
+Every role keeps what it must survive a restart here, so any of them (the scheduler
+included) can be killed and started again and carry on. All keys of one job share the
+prefix `fedtune:<job_id>:`. Imports no torch: the operator reads status through it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+PHASES = ("Pending", "Running", "Succeeded", "Failed")
+
+
+@dataclass
+class PartyStatus:
+    name: str
+    role: str = ""
+    state: str = "pending"
+    round: int = 0
+    step: int = 0
+    max_steps: int = 0
+    samples: int = 0
+    loss: float | None = None
+    error: str = ""
+    updated: float = 0.0
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    phase: str = "Pending"
+    round: int = 0
+    rounds: int = 0
+    loss: float | None = None
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+    parties: dict[str, PartyStatus] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobStatus:
+        data = json.loads(text)
+        data["parties"] = {k: PartyStatus(**v) for k, v in data.get("parties", {}).items()}
+        return cls(**data)
+
+
+def redis_client(address: str, password: str | None, *, timeout_s: float = 10.0) -> redis.Redis:
+    host, _, port = address.rpartition(":")
+    return redis.Redis(
+        host=host or "127.0.0.1",
+        port=int(port),
+        password=password or None,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry_on_timeout=False,
+    )
+
+
+class JobState:
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self.r = client
+        self.job_id = job_id
+        self.prefix = f"fedtune:{job_id}:"
+
+    @classmethod
+    def connect(cls, address: str, password: str | None, job_id: str, *, timeout_s: float = 10.0) -> JobState:
+        return cls(redis_client(address, password, timeout_s=timeout_s), job_id)
+
+    def _k(self, *parts: object) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    # --- job -----------------------------------------------------------------------------
+
+    def init(self, rounds: int, parties: dict[str, str]) -> None:
+        """First start only: a restarted scheduler keeps what is there."""
+        if self.r.set(self._k("rounds"), rounds, nx=True):
+            self.r.set(self._k("phase"), "Pending")
+            self.r.set(self._k("started"), time.time())
+        for name, role in parties.items():
+            self.r.hsetnx(self._k("party", name), "role", json.dumps(role))
+        self.r.sadd(self._k("parties"), *parties)
+
+    def phase(self) -> str:
+        value = self.r.get(self._k("phase"))
+        return value.decode() if value else "Pending"
+
+    def error(self) -> str:
+        value = self.r.get(self._k("error"))
+        return value.decode() if value else ""
+
+    def set_phase(self, phase: str, error: str = "") -> None:
+        assert phase in PHASES, phase
+        if self.phase() in ("Succeeded", "Failed"):
+            return  # a finished job stays finished
+        if error:
+            self.r.set(self._k("error"), error)
+        self.r.set(self._k("phase"), phase)
+        if phase in ("Succeeded", "Failed"):
+            self.r.set(self._k("finished"), time.time())
+
+    def add_warning(self, message: str) -> None:
+        if message.encode() not in self.r.lrange(self._k("warnings"), 0, -1):
+            self.r.rpush(self._k("warnings"), message)
+
+    def set_json(self, name: str, value: Any) -> None:
+        self.r.set(self._k("doc", name), json.dumps(value))
+
+    def get_json(self, name: str) -> Any:
+        value = self.r.get(self._k("doc", name))
+        return json.loads(value) if value else None
+
+    # --- parties -------------------------------------------------------------------------
+
+    def update_party(self, name: str, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        self.r.hset(self._k("party", name), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    def party(self, name: str) -> PartyStatus:
+        raw = self.r.hgetall(self._k("party", name))
+        status = PartyStatus(name=name)
+        for key, value in raw.items():
+            if hasattr(status, key.decode()):
+                setattr(status, key.decode(), json.loads(value))
+        return status
+
+    def party_names(self) -> list[str]:
+        return sorted(n.decode() for n in self.r.smembers(self._k("parties")))
+
+    def append_metric(self, name: str, record: dict[str, Any]) -> None:
+        self.r.rpush(self._k("metrics", name), json.dumps(record))
+
+    def metrics(self, name: str) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.r.lrange(self._k("metrics", name), 0, -1)]
+
+    # --- aggregation blobs -----------------------------------------------------------------
+
+    def put_update(self, round_: int, party: str, blob: bytes) -> None:
+        self.r.hset(self._k("updates", round_), party, blob)
+
+    def updates(self, round_: int) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("updates", round_)).items()}
+
+    def submitted(self, round_: int) -> set[str]:
+        return {k.decode() for k in self.r.hkeys(self._k("updates", round_))}
+
+    def put_global(self, round_: int, blob: bytes) -> None:
+        """The round's global adapter; its updates are dropped in the same transaction."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._k("global", round_), blob)
+        if round_ > 0:
+            pipe.delete(self._k("updates", round_))
+            pipe.set(self._k("round"), round_)
+        pipe.execute()
+
+    def get_global(self, round_: int) -> bytes | None:
+        return self.r.get(self._k("global", round_))
+
+    def completed_round(self) -> int:
+        value = self.r.get(self._k("round"))
+        return int(value) if value else 0
+
+    # --- reading it all --------------------------------------------------------------------
+
+    def snapshot(self) -> JobStatus:
+        rounds = self.r.get(self._k("rounds"))
+        status = JobStatus(
+            job_id=self.job_id,
+            phase=self.phase(),
+            round=self.completed_round(),
+            rounds=int(rounds) if rounds else 0,
+            error=self.error(),
+            warnings=[w.decode() for w in self.r.lrange(self._k("warnings"), 0, -1)],
+            parties={name: self.party(name) for name in self.party_names()},
+        )
+        losses = [p.loss for p in status.parties.values() if p.loss is not None]
+        status.loss = sum(losses) / len(losses) if losses else None
+        return status

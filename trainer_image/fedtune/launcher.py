@@ -1,0 +1,314 @@
+"""`fedtune run`: the whole job on one machine — a real redis-server and every role as its own process.
+
+The launcher does what the operator does on Kubernetes: fill in the addresses, start
+Redis with a password, start the scheduler and one process per local party, then watch
+the job to its end and write `summary.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fedtune import files
+from fedtune.jobstate import JobState, JobStatus
+from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, resolve_path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout_s:.0f} s")
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, password-protected, removed on exit."""
+
+    def __init__(self, *, password: str | None = None, workdir: Path | None = None, appendonly: bool = False) -> None:
+        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self.port = free_port()
+        self.address = f"{LOOPBACK}:{self.port}"
+        self._own_dir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fedtune-redis-"))
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "redis.conf"
+        # The password goes in a 0600 file, not on the command line where `ps` shows it.
+        files.write_atomic(conf, "\n".join([
+            f"port {self.port}", f"bind {LOOPBACK}", "protected-mode yes", f"dir {self.workdir}",
+            f"requirepass {self.password}" if self.password else "", f"appendonly {'yes' if self.appendonly else 'no'}",
+            'save ""', "daemonize no", "loglevel warning",
+        ]) + "\n", mode=0o600)
+        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for_port(self.port, 10, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Role:
+    """One local process of the job."""
+
+    name: str
+    command: str  # scheduler | assist-trainer | label-trainer
+    listen_port: int | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def preflight(job: FederatedFineTune, base_dir: Path) -> None:
+    """Paths the job cannot run without, checked before any process starts."""
+    spec = job.spec
+    for i, party in enumerate(spec.parties):
+        if party.remote is not None:
+            continue
+        where = f"spec.parties[{i}].pretrained_model" if party.pretrained_model else "spec.input.pretrained_model"
+        model = resolve_path(spec.pretrained_model(party), base_dir)
+        if not model.is_dir():
+            raise SpecError(f"{where}.path: model folder {model} does not exist")
+        for j, entry in enumerate(spec.trainset(party)):
+            path = resolve_path(entry.path, base_dir)
+            if not path.exists():
+                owner = f"spec.parties[{i}]" if party.trainset is not None else "spec.input"
+                where = f"{owner}.trainset[{j}]"
+                raise SpecError(f"{where}.path: {path} does not exist")
+    if spec.input.adapter_model is not None:
+        adapter = resolve_path(spec.input.adapter_model.path, base_dir)
+        if not adapter.is_dir():
+            raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+
+
+def with_local_addresses(job: FederatedFineTune, redis_address: str, roles: dict[str, Role]) -> FederatedFineTune:
+    data = job.model_dump(mode="json", exclude_none=True)
+    spec = data["spec"]
+    spec["redis"]["address"] = redis_address
+    spec.setdefault("scheduler", {})["address"] = f"{LOOPBACK}:{roles['scheduler'].listen_port}"
+    for party in spec["parties"]:
+        role = roles.get(party["name"])
+        if role is not None and role.listen_port:
+            party["address"] = f"{LOOPBACK}:{role.listen_port}"
+    return FederatedFineTune.model_validate(data)
+
+
+class LocalJob:
+    """Every role of one job as local processes; the pieces tests drive one by one."""
+
+    def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *, torch_threads: int | None = None,
+                 redis_appendonly: bool = False) -> None:
+        self.job = job
+        self.output = output
+        self.base_dir = base_dir
+        self.run_dir = output / ".fedtune"
+        self.redis = RedisServer(workdir=self.run_dir / "redis", appendonly=redis_appendonly)
+        self.roles: dict[str, Role] = {"scheduler": Role("scheduler", "scheduler", free_port())}
+        for party in job.spec.parties:
+            if party.remote is None:
+                command = "assist-trainer" if party.role == "assist_trainer" else "label-trainer"
+                port = free_port() if party.role == "assist_trainer" else None
+                self.roles[party.name] = Role(party.name, command, port)
+        training = sum(1 for p in job.spec.parties if p.remote is None and job.spec.trainset(p))
+        self.torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // max(training, 1))
+        self.job_file = self.run_dir / "job.yaml"
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.redis.start()
+        self.resolved = with_local_addresses(self.job, self.redis.address, self.roles)
+        files.write_atomic(self.job_file, dump_job(self.resolved))
+        self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
+        self.started = time.time()
+        for role in self.roles.values():
+            self.start_role(role.name)
+
+    def start_role(self, name: str) -> None:
+        role = self.roles[name]
+        command = [sys.executable, "-m", "fedtune", role.command, "--job", str(self.job_file),
+                   "--base-dir", str(self.base_dir), "--output", str(self.output)]
+        if role.command != "scheduler":
+            command += ["--party", name]
+        if role.listen_port:
+            command += ["--listen", f"{LOOPBACK}:{role.listen_port}"]
+        env = {**os.environ, "FEDTUNE_REDIS_PASSWORD": self.redis.password,
+               "FEDTUNE_TORCH_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+        role.log_path = self.run_dir / "logs" / f"{name}.log"
+        role.log_path.parent.mkdir(parents=True, exist_ok=True)
+        role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        role.proc = subprocess.Popen(command, stdout=role.log_file, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def kill_role(self, name: str, sig: int = signal.SIGKILL) -> None:
+        role = self.roles[name]
+        if role.alive():
+            assert role.proc is not None
+            os.killpg(role.proc.pid, sig)
+            role.proc.wait()
+
+    def failed_role(self) -> Role | None:
+        for role in self.roles.values():
+            if role.proc is not None and role.proc.poll() not in (None, 0):
+                return role
+        return None
+
+    def finished(self) -> bool:
+        return all(r.proc is not None and r.proc.poll() == 0 for r in self.roles.values())
+
+    def stop(self) -> None:
+        for name in self.roles:
+            self.kill_role(name, signal.SIGTERM)
+        for role in self.roles.values():
+            if role.log_file is not None:
+                role.log_file.close()
+        self.redis.stop()
+
+    def status(self) -> JobStatus:
+        return self.state.snapshot()
+
+    def summary(self, wall_s: float, error: str) -> dict[str, Any]:
+        status = self.status()
+        fractions = self.job.spec.fractions()
+        parties: dict[str, Any] = {}
+        for name, party in status.parties.items():
+            records = self.state.metrics(name)
+            losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
+            rounds = [{"round": r["round"], "step": r["step"], "wait_s": round(r["wait_s"], 4),
+                       "checkpoint": checkpoint_name(fractions[r["round"] - 1])}
+                      for r in records if r.get("event") == "round"]
+            stamps = [r["t"] for r in records if "loss" in r]
+            parties[name] = {
+                "role": party.role, "state": party.state, "samples": party.samples, "max_steps": party.max_steps,
+                "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
+                "losses": losses, "rounds": rounds,
+                "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
+                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3)},
+                "output": str(self.output / name),
+            }
+        return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
+                "warnings": status.warnings, "rounds": len(fractions), "wall_s": round(wall_s, 3),
+                "parties": parties}
+
+
+class Progress:
+    """A line per party whenever its state or round moves (or every few seconds); calm enough for CI logs."""
+
+    def __init__(self, stream: IO[str], every_s: float = 5.0) -> None:
+        self.stream = stream
+        self.every_s = every_s
+        self.last: dict[str, tuple[str, int]] = {}
+        self.warned: set[str] = set()
+        self.last_print = 0.0
+
+    def show(self, status: JobStatus) -> None:
+        periodic = time.monotonic() - self.last_print >= self.every_s
+        for name, p in status.parties.items():
+            if self.last.get(name) == (p.state, p.round) and not periodic:
+                continue
+            self.last[name] = (p.state, p.round)
+            loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
+            steps = f" step {p.step}/{p.max_steps}" if p.max_steps else ""
+            print(f"  {name:<16} {p.state:<11} round {p.round}/{status.rounds}{steps}{loss}", file=self.stream)
+        if periodic:
+            self.last_print = time.monotonic()
+        for warning in set(status.warnings) - self.warned:
+            self.warned.add(warning)
+            print(f"WARNING: {warning}", file=self.stream)
+        self.stream.flush()
+
+
+def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: float = 24 * 3600,
+            stream: IO[str] = sys.stdout) -> int:
+    preflight(job, base_dir)
+    local = LocalJob(job, output, base_dir)
+    progress = Progress(stream)
+    start = time.monotonic()
+    error = ""
+    print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
+          f"output {output}", file=stream)
+    try:
+        local.start()
+        while not local.finished():
+            failed = local.failed_role()
+            if failed is not None:
+                error = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}"  # type: ignore[union-attr]
+                print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
+                      f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
+                break
+            if time.monotonic() - start > timeout_s:
+                error = f"timed out after {timeout_s:.0f} s"
+                break
+            progress.show(local.status())
+            time.sleep(0.5)
+        else:
+            progress.show(local.status())
+        summary = local.summary(time.monotonic() - start, error)
+        files.write_json_atomic(output / "summary.json", summary)
+    finally:
+        local.stop()
+    if error:
+        return 1
+    print(f"fedtune: job {job.job_id} succeeded in {time.monotonic() - start:.1f} s; adapters:", file=stream)
+    last = checkpoint_name(job.spec.fractions()[-1])
+    for name in local.roles:
+        if name != "scheduler":
+            print(f"  {output / name / last}", file=stream)
+    first = next(n for n in local.roles if n != "scheduler")
+    model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
+    print(f"chat with it:\n  fedtune chat --model {model} --adapter {output / first / last}", file=stream)
+    return 0

@@ -1,0 +1,270 @@
+"""A training party: the assist_trainer (aggregates, may train) and every label_trainer.
+
+One flow serves both roles: join and take the assist_trainer's configuration, build the
+adapter, get ready (sample count, adapter schema, key-agreement key), start from the same
+initial adapter, train locally and, at each aggregation point, exchange the adapter for
+the global one and write it as `checkpoint-<fraction>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune import files, transport
+from fedtune.aggregator import AggregatorClient, AggregatorService
+from fedtune.data import load_qa, tokenize_qa
+from fedtune.jobstate import JobState
+from fedtune.models import (
+    adapter_schema,
+    adapter_state,
+    apply_adapter,
+    load_adapter_state,
+    load_base_model,
+    save_checkpoint,
+)
+from fedtune.proto import fedtune_pb2 as pb
+from fedtune.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.scheduler import SchedulerClient
+from fedtune.secagg import make_codec
+from fedtune.spec import (
+    FederatedFineTune,
+    JobSpec,
+    aggregation_steps,
+    apply_shared_config,
+    checkpoint_name,
+    resolve_path,
+    shared_config,
+)
+from fedtune.training import plan_max_steps, train
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
+
+
+@dataclass
+class Context:
+    """Where a party runs: its job, name, folders and the addresses of the others."""
+
+    job: FederatedFineTune
+    name: str
+    base_dir: Path
+    output_dir: Path
+    tls: transport.TlsMaterial | None = None
+    redis_password: str | None = None
+    listen: str | None = None  # the assist_trainer's gRPC bind address
+    connect_deadline_s: float = 600.0
+
+
+class Party:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.me = ctx.job.spec.party(ctx.name)
+        self.is_assist = self.me.role == "assist_trainer"
+        self.spec: JobSpec = ctx.job.spec
+        self.state_dir = ctx.output_dir / STATE_DIR
+        self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
+                                         ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
+        self.aggregator: AggregatorService | None = None
+        self.aggregator_client: AggregatorClient | None = None
+        self.secrets: dict[str, bytes] = {}
+        self.weight = 0.0
+        self.round_started = 0.0
+
+    @staticmethod
+    def _address(value: str | None, field: str) -> str:
+        if not value:
+            raise ValueError(f"{field} is not set: the launcher (fedtune run or the operator) fills it in")
+        return value
+
+    # --- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if self.is_assist else None)
+        self.spec = apply_shared_config(self.spec, shared)
+        self.codec = make_codec(self.spec.encryption)
+        self.model, self.tokenizer = self._build_model()
+        self.features = self._load_data()
+        self.args = self.spec.trainer_args(self.me)
+        self.max_steps = plan_max_steps(len(self.features), self.args) if self.features else 0
+        agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
+        server = self._start_aggregator() if self.is_assist else None
+        try:
+            start = self.scheduler.ready(self._ready_request())
+            self._take_start(start)
+            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if self.features:
+                self._train(agg_steps)
+            else:
+                self._follow_rounds()
+            self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
+                                  max_steps=self.max_steps)
+            if server is not None:
+                self._serve_until_done()
+        finally:
+            if server is not None:
+                server.stop(grace=2).wait()
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
+
+    def _build_model(self) -> tuple[Any, Any]:
+        model_path = resolve_path(self.spec.pretrained_model(self.me), self.ctx.base_dir)
+        model, tokenizer = load_base_model(str(model_path), device=self._device())
+        adapter = self.spec.input.adapter_model
+        adapter_path = str(resolve_path(adapter.path, self.ctx.base_dir)) if adapter else None
+        model, note = apply_adapter(model, self.spec.peft, adapter_path)
+        log.info("%s: %s", self.ctx.name, note)
+        return model, tokenizer
+
+    def _device(self) -> str:
+        return "cpu" if self.spec.trainer_args(self.me).get("no_cuda") or not torch.cuda.is_available() else "cuda"
+
+    def _load_data(self) -> list[dict[str, list[int]]]:
+        entries = self.spec.trainset(self.me)
+        if not entries:
+            return []
+        items = load_qa(entries, self.ctx.base_dir, self.spec.dataset)
+        return tokenize_qa(items, self.tokenizer, self.spec.dataset)
+
+    # --- start -----------------------------------------------------------------------------
+
+    def _ready_request(self) -> pb.ReadyRequest:
+        request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
+                                  adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
+        if self.codec.needs_keys and not self.is_assist:
+            request.public_key = self.codec.public_key(self._private_key())
+        return request
+
+    def _private_key(self) -> bytes:
+        """Kept beside the training state so that a restarted party reproduces its masks."""
+        path = self.state_dir / "agreement.key"
+        if path.exists():
+            return path.read_bytes()
+        key = self.codec.new_private_key()
+        files.write_atomic(path, key, mode=0o600)
+        return key
+
+    def _take_start(self, start: pb.StartInfo) -> None:
+        self.weight = start.weights.get(self.ctx.name, 0.0)
+        if self.codec.needs_keys and not self.is_assist:
+            private = self._private_key()
+            self.secrets = {peer: self.codec.shared_secret(private, key, peer)
+                            for peer, key in start.public_keys.items() if peer != self.ctx.name}
+        if self.aggregator is not None:
+            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+        else:
+            address = self._address(self.spec.assist_trainer.address, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
+                                                      deadline_s=self.ctx.connect_deadline_s)
+
+    def _start_aggregator(self) -> Any:
+        state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
+                                 self.ctx.redis_password, self.ctx.job.job_id)
+        identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+        if state.get_global(0) is None:
+            state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
+        server, port = transport.make_server(self.ctx.listen or "[::]:55004", self.ctx.tls)
+        pb_grpc.add_AggregatorServicer_to_server(self.aggregator, server)
+        server.start()
+        log.info("aggregator listening on port %d", port)
+        return server
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    def _adapter_arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in adapter_state(self.model).items()}
+
+    def _fetch_global(self, round_: int) -> bytes:
+        if self.aggregator is not None:
+            while (blob := self.aggregator.wait_global(round_, 30.0)) is None:
+                pass
+            return blob
+        assert self.aggregator_client is not None
+        return self.aggregator_client.fetch(round_)
+
+    def _load_global(self, round_: int) -> None:
+        tensors = transport.unpack_tensors(self._fetch_global(round_))
+        load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+
+    def _exchange(self, index: int, step: int) -> None:
+        """Called by the trainer at each aggregation point: adapter out, global adapter in."""
+        round_ = index + 1
+        waited = time.perf_counter()
+        self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
+        update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
+        if self.aggregator is not None:
+            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
+        else:
+            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                           job_id=self.ctx.job.job_id, round_=round_)
+            assert self.aggregator_client is not None
+            self.aggregator_client.submit(round_, transport.pack_tensors(protected))
+        self._load_global(round_)
+        self._save_round(round_)
+        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
+                              round_wait_s=time.perf_counter() - waited)
+
+    def _save_round(self, round_: int) -> None:
+        dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
+        if not dest.exists():  # a restarted party never rewrites a completed round
+            save_checkpoint(self.model, dest)
+
+    def _train(self, agg_steps: list[int]) -> None:
+        def on_log(step: int, loss: float) -> None:
+            reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
+                                          max_steps=self.max_steps, has_loss=True, loss=loss)
+            if reply.phase == "Failed":
+                raise transport.JobAborted(reply.error)
+
+        self.scheduler.report("training", step=0, max_steps=self.max_steps)
+        train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
+              on_round=self._exchange, on_log=on_log, state_dir=self.state_dir / "trainer")
+
+    @staticmethod
+    def _round_of(step: int, agg_steps: list[int]) -> int:
+        return sum(1 for s in agg_steps if s < step)
+
+    def _follow_rounds(self) -> None:
+        """An aggregation-only assist_trainer: write each round's global adapter as it is made."""
+        self.scheduler.report("aggregating", step=0)
+        for round_ in range(1, len(self.spec.fractions()) + 1):
+            self._load_global(round_)
+            self._save_round(round_)
+            self.scheduler.report("aggregated", round=round_)
+
+    def _serve_until_done(self) -> None:
+        """Keep serving the last global adapter until every party has it and the job is over."""
+        assert self.aggregator is not None
+        while self.aggregator.state.phase() not in ("Succeeded", "Failed"):
+            time.sleep(0.2)
+
+
+def run_party(ctx: Context) -> int:
+    """Run one party to the end; report a failure to the scheduler before raising it."""
+    torch_threads = os.environ.get("FEDTUNE_TORCH_THREADS")
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+    party = Party(ctx)
+    try:
+        party.run()
+    except transport.JobAborted as err:
+        log.error("job failed elsewhere: %s", err)
+        return 1
+    except Exception as err:
+        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        try:
+            party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])
+        except Exception as report_err:  # the scheduler may be what failed; the exit code still tells
+            log.debug("could not report the failure: %s", report_err)
+        raise
+    return 0
