@@ -1,0 +1,51 @@
+# fedtune: `make demo` runs the 3-party example on this machine, `make test` runs every test.
+PYTHON ?= python3
+FEDTUNE_CACHE ?= $(HOME)/.cache/fedtune
+EXAMPLES := examples
+TINY_MODEL := $(EXAMPLES)/models/tiny-glm
+DEMO_OUT ?= demo-output
+STAMP := .cache/install.stamp
+IMAGE_TAG ?= 0.1.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint proto crds chart images dev-cluster dev-cluster-build clean bench
+
+# Debian's redis-server plus the Python project with every extra; re-run when pyproject.toml changes.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	$(PYTHON) -m pip install -q -e '.[train,operator,dev]'
+	@mkdir -p $(dir $@) && touch $@
+
+$(TINY_MODEL)/config.json: | install
+	$(PYTHON) -m fedtune tiny-model $(TINY_MODEL) --data $(EXAMPLES)/data/poems
+
+demo: install $(TINY_MODEL)/config.json
+	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT)
+
+test: install dev-cluster-build
+	$(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Everything but the Kubernetes control-plane tests.
+test-fast: install
+	$(PYTHON) -m pytest -q -ra -m "not cluster" $(PYTEST_ARGS)
+
+lint: install
+	$(PYTHON) -m ruff check .
+
+proto:
+	cd trainer_image && $(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedtune/proto/fedtune.proto
+
+# The local control plane (etcd, kube-apiserver, kube-controller-manager) and helm, built from source once.
+dev-cluster-build:
+	bash devtools/cluster/build.sh
+
+dev-cluster: install dev-cluster-build
+	$(PYTHON) devtools/cluster/devcluster.py up
+
+bench: install $(TINY_MODEL)/config.json
+	$(PYTHON) bench/federation_overhead.py
+	$(PYTHON) bench/secagg.py --quick
+
+clean:
+	rm -rf $(DEMO_OUT) $(EXAMPLES)/models .pytest_cache

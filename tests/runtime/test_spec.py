@@ -1,0 +1,102 @@
+"""The job spec: the reference's keys with their meaning, and errors that name the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtune.spec import (
+    SpecError,
+    aggregation_steps,
+    apply_shared_config,
+    checkpoint_name,
+    expand_output_path,
+    load_job,
+    parse_job,
+    shared_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
+
+
+@pytest.fixture
+def doc() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def error_of(doc: dict) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_job(doc, "job.yaml")
+    return str(info.value)
+
+
+def test_example_parses_with_reference_meaning() -> None:
+    job = load_job(EXAMPLE)
+    spec = job.spec
+    assert spec.peft.kind == "LORA" and spec.peft.LORA is not None
+    assert spec.peft.LORA.target_modules == ["query_key_value"]
+    assert spec.encryption.scheme == "plain"
+    assert spec.fractions() == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert [checkpoint_name(f) for f in spec.fractions()][-1] == "checkpoint-1"
+    assert spec.assist_trainer.name == "assist_trainer"
+    assert [p.name for p in spec.label_trainers] == ["node-1", "node-2"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda d: d["spec"]["aggregation"].update(agg_steps=0), "spec.aggregation.agg_steps"),
+        (lambda d: d["spec"]["aggregation"].update(agg_steps=1.5), "spec.aggregation.agg_steps"),
+        (lambda d: d["spec"].update(peft={}), "spec.peft"),
+        (lambda d: d["spec"].update(encryption={"otp": {"key_bitlength": 32}}), "spec.encryption.otp.key_bitlength"),
+        (lambda d: d["spec"]["dataset"].update(prompt_pattern="{}"), "spec.dataset.prompt_pattern"),
+        (lambda d: d["spec"]["parties"][1].pop("trainset"), "label_trainer `node-1` has no trainset"),
+        (lambda d: d["spec"]["parties"][1].update(role="assist_trainer"), "exactly one party"),
+        (lambda d: d["spec"]["parties"][1].update(trainer={"learning_rate": 1}), "spec.parties[1].trainer"),
+        (lambda d: d["spec"]["trainer"].update(save_steps=3), "save_steps"),
+        (lambda d: d["spec"].pop("input"), "spec.input"),
+        (lambda d: d["spec"]["parties"][2].update(name="node-1"), "name the same party"),
+    ],
+)
+def test_bad_spec_names_the_field(doc: dict, mutate, expected: str) -> None:
+    bad = copy.deepcopy(doc)
+    mutate(bad)
+    message = error_of(bad)
+    assert message.startswith("job.yaml: ")
+    assert expected in message
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cannot read job file"):
+        load_job(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_job(bad)
+
+
+def test_aggregation_steps_align_and_refuse_collisions() -> None:
+    assert aggregation_steps([0.2, 0.4, 0.6, 0.8, 1.0], 10) == [2, 4, 6, 8, 10]
+    assert aggregation_steps([0.3, 0.6, 0.9, 1.0], 20) == [6, 12, 18, 20]
+    with pytest.raises(SpecError, match=r"agg_steps is too small.*0\.4 and 0\.6.*step 2 of 3"):
+        aggregation_steps([0.2, 0.4, 0.6, 0.8, 1.0], 3)
+
+
+def test_shared_config_comes_from_assist_trainer_local_keys_stay(doc: dict) -> None:
+    assist = parse_job(doc).spec
+    other_doc = copy.deepcopy(doc)
+    other_doc["spec"]["trainer"].update(learning_rate=0.5, per_device_train_batch_size=1, seed=7)
+    other_doc["spec"]["peft"]["LORA"]["r"] = 2
+    other = parse_job(other_doc).spec
+    synced = apply_shared_config(other, shared_config(assist))
+    assert synced.trainer.learning_rate == assist.trainer.learning_rate
+    assert synced.trainer.seed == assist.trainer.seed
+    assert synced.peft.LORA is not None and synced.peft.LORA.r == 8
+    assert synced.trainer.per_device_train_batch_size == 1  # per party
+
+
+def test_output_placeholders() -> None:
+    assert expand_output_path("/opt/checkpoints/[JOB_ID]/[NODE_ID]", "j1", "node-1") == "/opt/checkpoints/j1/node-1"
