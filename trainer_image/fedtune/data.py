@@ -1,0 +1,192 @@
+"""The reference's QA dataset: json files of `{"instruction": ..., "instances": [{query, answer}, ...]}`.
+
+A trainset entry points to one such file or to a folder of them (`*.json`, sorted by name so every
+run sees the same order). Each instance becomes one training sample:
+
+    prompt  = dataset.prompt_pattern.format(instruction, instance[dataset.key_query])
+    src     = tokens(prompt)[:max_src_length]            (with the tokenizer's own special tokens)
+    dst     = tokens(answer)[:max_dst_length]            (no special tokens)
+    input   = src + dst + [eos]
+    labels  = [-100] * len(src) + dst + [eos]            (only the answer is learned)
+
+Every problem with the data raises `DataError` naming the file (and the instance and key).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedtune.spec import Dataset, TrainsetEntry, resolve_path
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file (and the instance / key)."""
+
+
+@dataclass(frozen=True)
+class QAItem:
+    instruction: str
+    query: str
+    answer: str
+    source: str  # the file it came from, for messages
+    index: int  # position in that file's `instances`
+
+
+class _Tokenizer(Protocol):
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def __call__(self, text: str, *, add_special_tokens: bool = ...) -> Any: ...
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def build_prompt(instruction: str, query: str, dataset_spec: Dataset) -> str:
+    """The reference's prompt: `prompt_pattern.format(instruction, query)`."""
+    return dataset_spec.prompt_pattern.format(instruction, query)
+
+
+def dataset_files(entries: Sequence[TrainsetEntry], base_dir: Path) -> list[Path]:
+    """The json files the entries name: a file as is, a folder as its `*.json` files in name order."""
+    files: list[Path] = []
+    for i, entry in enumerate(entries):
+        path = resolve_path(entry.path, base_dir)
+        where = f"trainset[{i}].path: {path}"
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.json") if p.is_file())
+            if not found:
+                raise DataError(f"{where}: folder has no *.json files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{where}: no such file or folder")
+    return files
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
+
+
+def _string_field(obj: dict[str, Any], key: str, where: str, what: str) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing key `{key}` ({what})")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: `{key}` ({what}) must be a string, got {type(value).__name__}")
+    return value
+
+
+def load_file(path: Path, dataset_spec: Dataset) -> list[QAItem]:
+    """One QA json file; an empty `instances` list is allowed here (the whole trainset may not be empty)."""
+    document = _read_json(path)
+    if not isinstance(document, dict):
+        raise DataError(f"{path}: expected a JSON object with `instruction` and `instances`, got {type(document).__name__}")
+    instruction = _string_field(document, "instruction", str(path), "the task instruction")
+    if "instances" not in document:
+        raise DataError(f"{path}: missing key `instances` (the list of QA pairs)")
+    instances = document["instances"]
+    if not isinstance(instances, list):
+        raise DataError(f"{path}: `instances` must be a list, got {type(instances).__name__}")
+    items = []
+    for index, instance in enumerate(instances):
+        where = f"{path}: instances[{index}]"
+        if not isinstance(instance, dict):
+            raise DataError(f"{where}: expected an object, got {type(instance).__name__}")
+        query = _string_field(instance, dataset_spec.key_query, where, "dataset.key_query")
+        answer = _string_field(instance, dataset_spec.key_answer, where, "dataset.key_answer")
+        items.append(QAItem(instruction, query, answer, str(path), index))
+    return items
+
+
+def load_qa(entries: Sequence[TrainsetEntry], base_dir: Path, dataset_spec: Dataset) -> list[QAItem]:
+    """All instances of all entries, in a stable order (entries in order, folder files sorted)."""
+    files = dataset_files(entries, base_dir)
+    items = [item for path in files for item in load_file(path, dataset_spec)]
+    if not items:
+        raise DataError(f"{', '.join(str(p) for p in files) or 'trainset'}: the dataset has no instances")
+    return items
+
+
+# --- tokenization -------------------------------------------------------------------------
+
+
+def _ids(tokenizer: _Tokenizer, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_item(item: QAItem, tokenizer: _Tokenizer, dataset_spec: Dataset) -> dict[str, list[int]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token: cannot mark where answers end")
+    prompt = build_prompt(item.instruction, item.query, dataset_spec)
+    src = _ids(tokenizer, prompt, special=True)[: dataset_spec.max_src_length]
+    dst = _ids(tokenizer, item.answer, special=False)[: dataset_spec.max_dst_length]
+    input_ids = [*src, *dst, eos]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [IGNORE_INDEX] * len(src) + [*dst, eos],
+    }
+
+
+def tokenize_qa(items: Sequence[QAItem], tokenizer: _Tokenizer, dataset_spec: Dataset) -> list[dict[str, list[int]]]:
+    return [tokenize_item(item, tokenizer, dataset_spec) for item in items]
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Tokenized samples as a map-style dataset (Trainer needs `__len__` to plan its steps)."""
+
+    def __init__(self, features: Sequence[dict[str, list[int]]]) -> None:
+        self.features = list(features)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.features[index]
+
+
+@dataclass
+class QACollator:
+    """Right-pads a batch to its longest sample: `pad_id` for inputs, -100 for labels, 0 for the mask."""
+
+    pad_id: int
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(sample["input_ids"]) for sample in batch)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([s[key] + [value] * (width - len(s[key])) for s in batch], dtype=torch.long)
+
+        return {
+            "input_ids": pad("input_ids", self.pad_id),
+            "attention_mask": pad("attention_mask", 0),
+            "labels": pad("labels", IGNORE_INDEX),
+        }
+
+
+def collator_for(tokenizer: _Tokenizer) -> QACollator:
+    """Pads with the tokenizer's pad token, or EOS when it has none (padding is masked out anyway)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("the tokenizer has neither a PAD nor an EOS token to pad batches with")
+    return QACollator(pad_id=pad)
