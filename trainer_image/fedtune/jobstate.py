@@ -60,7 +60,6 @@ def redis_client(address: str, password: str | None, *, timeout_s: float = 10.0)
         password=password or None,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry_on_timeout=False,
     )
 
 

@@ -1,0 +1,26 @@
+"""Fixtures every test folder shares: a real redis-server and a tiny GLM model built from the bundled poems."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+POEMS = REPO / "examples" / "data" / "poems"
+
+
+@pytest.fixture
+def redis_server() -> Iterator:
+    from fedtune.launcher import RedisServer
+
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedtune.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm", [POEMS])

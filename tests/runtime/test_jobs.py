@@ -1,0 +1,166 @@
+"""Whole federated jobs through real processes, real gRPC and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.launcher import LocalJob
+from fedtune.spec import load_job
+
+from support.jobs import POEMS, PTUNING, adapter_tensors, run_cli, write_job
+
+pytestmark = pytest.mark.slow
+PARTIES = ("assist_trainer", "node-1", "node-2")
+
+
+def run_job(job: Path, out: Path) -> tuple[int, str, dict]:
+    done = run_cli("run", str(job), "--output", str(out))
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return done.returncode, done.stdout + done.stderr, summary
+
+
+def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
+    reference = adapter_tensors(out / PARTIES[0] / checkpoint)
+    assert reference, "empty adapter"
+    for party in PARTIES[1:]:
+        other = adapter_tensors(out / party / checkpoint)
+        assert other.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(tensor, other[name]), f"{party}/{checkpoint}: {name} differs"
+    return reference
+
+
+def assert_loss_falls(summary: dict) -> None:
+    for party in PARTIES:
+        losses = [loss for _, loss in summary["parties"][party]["losses"]]
+        assert len(losses) >= 4, f"{party}: too few losses logged"
+        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{party}: loss did not fall: {losses}"
+
+
+def test_lora_job_completes_identical_and_learning(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model, epochs=3)
+    code, output, summary = run_job(job, tmp_path / "out")
+    assert code == 0, output
+    assert summary["phase"] == "Succeeded"
+    for party in PARTIES:
+        assert sorted(p.name for p in (tmp_path / "out" / party).glob("checkpoint-*")) == [
+            "checkpoint-0.5", "checkpoint-1"]
+        assert not (tmp_path / "out" / party / ".fedtune-state").exists()
+        assert [r["round"] for r in summary["parties"][party]["rounds"]] == [1, 2]
+    final = assert_identical_adapters(tmp_path / "out", "checkpoint-1")
+    assert_identical_adapters(tmp_path / "out", "checkpoint-0.5")
+    assert all("lora_" in name for name in final)
+    assert {"q_proj", "k_proj", "v_proj"} <= {part for name in final for part in name.split(".")}
+    assert_loss_falls(summary)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "out" / "node-1" / "checkpoint-1"))
+    weights = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert len(weights) == len(final)
+
+
+def test_ptuning_job_completes_with_prefix_only(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model, peft=PTUNING, epochs=3)
+    code, output, summary = run_job(job, tmp_path / "out")
+    assert code == 0, output
+    final = assert_identical_adapters(tmp_path / "out", "checkpoint-1")
+    assert final and all("lm_head" not in name for name in final)
+    assert sum(t.numel() for t in final.values()) < 10_000  # the prefix alone, not the head
+    assert_loss_falls(summary)
+    chat = run_cli("chat", "--model", str(tiny_model), "--adapter", str(tmp_path / "out" / "node-2" / "checkpoint-1"),
+                   "--prompt", "根据提示词，写一首藏头诗。：\\n问：春夏秋冬\\n答：", "--max-new-tokens", "8")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) -> None:
+    # node-1 holds most data, so it is the slowest: the others wait for it at every round.
+    job_path = write_job(tmp_path / "job", tiny_model, sizes=(8, 160, 8), agg_steps=0.25, epochs=1)
+    local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
+    try:
+        local.start()
+        wait_until(lambda: local.status().parties.get("node-1") is not None
+                   and local.status().parties["node-1"].round >= 1, 240, "node-1 to finish round 1")
+        assert local.status().parties["node-1"].round < 4, "node-1 finished before it could be killed"
+        local.kill_role("node-1", signal.SIGKILL)
+        local.start_role("node-1")
+        wait_until(local.finished, 300, "the job to finish after the restart")
+        assert local.failed_role() is None
+        assert local.status().phase == "Succeeded"
+    finally:
+        local.stop()
+    for party in PARTIES:
+        names = sorted(p.name for p in (tmp_path / "out" / party).glob("checkpoint-*"))
+        assert names == ["checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1"]
+    assert_identical_adapters(tmp_path / "out", "checkpoint-1")
+    log = (tmp_path / "out" / ".fedtune" / "logs" / "node-1.log").read_text()
+    assert "resum" in log.lower()
+
+
+def assert_nothing_written(out: Path) -> None:
+    leftovers = [p for p in out.rglob("*") if p.name.startswith("checkpoint-") or ".tmp" in p.name]
+    assert not leftovers, leftovers
+
+
+def test_malformed_dataset_names_the_file(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model)
+    (tmp_path / "job" / "share-2.json").write_text('{"instruction": "x", "instances": [', encoding="utf-8")
+    code, output, summary = run_job(job, tmp_path / "out")
+    assert code != 0
+    assert "share-2.json" in output
+    assert summary["phase"] == "Failed" and "share-2.json" in summary["error"]
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_missing_key_query_names_key_and_file(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model, dataset={"key_query": "question"})
+    code, output, _ = run_job(job, tmp_path / "out")
+    assert code != 0
+    assert "question" in output and "share-" in output
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_missing_model_path_names_the_field(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tmp_path / "no-such-model")
+    code, output, _ = run_job(job, tmp_path / "out")
+    assert code == 2
+    assert "spec.input.pretrained_model.path" in output and "no-such-model" in output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_agg_steps_too_small_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model, agg_steps=0.1, epochs=1)
+    code, output, _ = run_job(job, tmp_path / "out")
+    assert code != 0
+    assert "agg_steps is too small" in output
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_parties_with_mismatched_adapters_are_refused(tmp_path: Path, tiny_model: Path) -> None:
+    from fedtune.tinymodel import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "wider", [POEMS], hidden_size=32)
+    job = write_job(tmp_path / "job", tiny_model, party_overrides={"node-2": {"pretrained_model": {"path": str(other)}}})
+    code, output, _ = run_job(job, tmp_path / "out")
+    assert code != 0
+    assert "adapters do not match" in output and "node-2" in output
+    assert_nothing_written(tmp_path / "out")

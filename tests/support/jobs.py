@@ -1,0 +1,68 @@
+"""Small federated jobs for the multi-process tests (runtime, secure aggregation, cluster)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+POEMS = REPO / "examples" / "data" / "poems"
+
+LORA = {"LORA": {"task_type": "CAUSAL_LM", "r": 4, "target_modules": ["query_key_value"], "lora_alpha": 16,
+                 "lora_dropout": 0.0, "bias": "none"}}
+PTUNING = {"PREFIX_TUNING": {"task_type": "CAUSAL_LM", "pre_seq_len": 4, "prefix_projection": False}}
+
+
+def write_share(folder: Path, part: int, count: int) -> Path:
+    """The first `count` instances of one bundled poems part, as a QA file of its own."""
+    source = json.loads((POEMS / f"part-{part}.json").read_text(encoding="utf-8"))
+    instances = (source["instances"] * (count // len(source["instances"]) + 1))[:count]
+    path = folder / f"share-{part}.json"
+    path.write_text(json.dumps({"instruction": source["instruction"], "instances": instances}, ensure_ascii=False),
+                    encoding="utf-8")
+    return path
+
+
+def write_job(folder: Path, model: Path, *, sizes: tuple[int, int, int] = (12, 20, 16), peft: dict | None = None,
+              encryption: dict | None = None, agg_steps: float = 0.5, epochs: float = 2, name: str = "job",
+              party_overrides: dict[str, dict] | None = None, **spec_overrides: Any) -> Path:
+    """A 3-party job (assist_trainer with data, node-1, node-2) over shares of the bundled poems."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shares = [write_share(folder, part, n) for part, n in enumerate(sizes)]
+    spec: dict[str, Any] = {
+        "input": {"pretrained_model": {"path": str(model)}},
+        "aggregation": {"agg_steps": agg_steps, "round_timeout_s": 120},
+        "encryption": encryption or {"plain": {}},
+        "peft": peft or LORA,
+        "trainer": {"per_device_train_batch_size": 4, "learning_rate": 1e-2, "num_train_epochs": epochs,
+                    "no_cuda": True, "seed": 7},
+        "dataset": {"max_src_length": 32, "max_dst_length": 32},
+        "parties": [
+            {"name": "assist_trainer", "role": "assist_trainer", "trainset": [{"path": str(shares[0])}]},
+            {"name": "node-1", "role": "label_trainer", "trainset": [{"path": str(shares[1])}]},
+            {"name": "node-2", "role": "label_trainer", "trainset": [{"path": str(shares[2])}]},
+        ],
+    }
+    for party in spec["parties"]:
+        party.update((party_overrides or {}).get(party["name"], {}))
+    spec.update(spec_overrides)
+    job = {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedFineTune", "metadata": {"name": name},
+           "spec": spec}
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def adapter_tensors(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "adapter_model.safetensors"))
