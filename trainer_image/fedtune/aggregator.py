@@ -136,10 +136,12 @@ class AggregatorService(pb_grpc.AggregatorServicer):
 class AggregatorClient:
     """A label_trainer's side: submit its protected update, fetch the global adapter."""
 
-    def __init__(self, address: str, party: str, tls: transport.TlsMaterial | None, *, deadline_s: float) -> None:
+    def __init__(self, address: str, party: str, tls: transport.TlsMaterial | None, *, deadline_s: float,
+                 server_name: str = "assist_trainer") -> None:
         self.party = party
         self.deadline_s = deadline_s
-        self.stub = pb_grpc.AggregatorStub(transport.make_channel(address, tls, server_name="assist_trainer"))
+        # Under mTLS the server must present the assist_trainer's own certificate, whatever the address.
+        self.stub = pb_grpc.AggregatorStub(transport.make_channel(address, tls, server_name=server_name))
 
     def submit(self, round_: int, blob: bytes) -> None:
         header = pb.BlobHeader(party=self.party, round=round_)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedtune import files
+from fedtune import certs, files
 from fedtune.jobstate import JobState, JobStatus
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, resolve_path
 
@@ -168,15 +168,26 @@ class LocalJob:
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
 
-    def start(self) -> None:
+    def make_certificates(self) -> None:
+        """A throwaway CA for this run and a certificate per role, each naming its role."""
+        ca = certs.make_ca(self.job.job_id)
+        for name in self.roles:
+            issued = certs.issue(ca, name, dns_names=["localhost"], ips=[LOOPBACK])
+            certs.write_bundle(self.run_dir / "tls" / name, ca.cert_pem, issued)
+
+    def start(self, *, skip: tuple[str, ...] = ()) -> None:
+        """Start Redis and every role but those in `skip` (tests start those themselves)."""
         self.output.mkdir(parents=True, exist_ok=True)
+        if self.job.spec.tls.enabled:
+            self.make_certificates()
         self.redis.start()
         self.resolved = with_local_addresses(self.job, self.redis.address, self.roles)
         files.write_atomic(self.job_file, dump_job(self.resolved))
         self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
         self.started = time.time()
         for role in self.roles.values():
-            self.start_role(role.name)
+            if role.name not in skip:
+                self.start_role(role.name)
 
     def start_role(self, name: str) -> None:
         role = self.roles[name]
@@ -186,6 +197,8 @@ class LocalJob:
             command += ["--party", name]
         if role.listen_port:
             command += ["--listen", f"{LOOPBACK}:{role.listen_port}"]
+        if self.job.spec.tls.enabled:
+            command += ["--tls-dir", str(self.run_dir / "tls" / name)]
         env = {**os.environ, "FEDTUNE_REDIS_PASSWORD": self.redis.password,
                "FEDTUNE_TORCH_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
         role.log_path = self.run_dir / "logs" / f"{name}.log"
@@ -281,6 +294,9 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
     error = ""
     print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
           f"output {output}", file=stream)
+    if not job.spec.tls.enabled:
+        print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the ports "
+              "can join; keep it for debugging on one machine only", file=sys.stderr)
     try:
         local.start()
         while not local.finished():

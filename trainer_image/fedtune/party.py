@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune import files, transport
+from fedtune import certs, files, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -141,6 +141,10 @@ class Party:
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
         if self.codec.needs_keys and not self.is_assist:
             request.public_key = self.codec.public_key(self._private_key())
+            if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
+                request.certificate = self.ctx.tls.cert
+                request.public_key_signature = certs.sign_public_key(self.ctx.tls.key, self.ctx.job.job_id,
+                                                                     self.ctx.name, request.public_key)
         return request
 
     def _private_key(self) -> bytes:
@@ -156,14 +160,23 @@ class Party:
         self.weight = start.weights.get(self.ctx.name, 0.0)
         if self.codec.needs_keys and not self.is_assist:
             private = self._private_key()
-            self.secrets = {peer: self.codec.shared_secret(private, key, peer)
-                            for peer, key in start.public_keys.items() if peer != self.ctx.name}
+            peers = [p for p in start.public_keys if p != self.ctx.name]
+            for peer in peers:
+                self._verify_peer_key(start, peer)
+            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
         if self.aggregator is not None:
             self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
         else:
             address = self._address(self.spec.assist_trainer.address, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
+                                                      server_name=self.spec.assist_trainer.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+
+    def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
+        if self.ctx.tls is None:
+            return
+        certs.verify_public_key(self.ctx.tls.ca, start.certificates.get(peer, b""), self.ctx.job.job_id, peer,
+                                start.public_keys[peer], start.public_key_signatures.get(peer, b""))
 
     def _start_aggregator(self) -> Any:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),

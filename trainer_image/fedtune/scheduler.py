@@ -89,6 +89,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             "schema": json.loads(request.adapter_schema_json or "[]"),
             "public_key": base64.b64encode(request.public_key).decode(),
             "signature": base64.b64encode(request.public_key_signature).decode(),
+            "certificate": base64.b64encode(request.certificate).decode(),
         }
         with self.lock:
             ready: dict[str, Any] = self.state.get_json("ready") or {}
@@ -108,6 +109,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             weights=start["weights"],
             public_keys={k: base64.b64decode(v["public_key"]) for k, v in start["keys"].items()},
             public_key_signatures={k: base64.b64decode(v["signature"]) for k, v in start["keys"].items()},
+            certificates={k: base64.b64decode(v["certificate"]) for k, v in start["keys"].items()},
         )
 
     def Report(self, request: pb.StatusReport, context: grpc.ServicerContext) -> pb.JobPhase:
@@ -165,11 +167,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         else:
             total = sum(training.values())
             weights = {name: n / total for name, n in training.items()}
-        keys = {name: {"public_key": e["public_key"], "signature": e["signature"]}
+        keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
                 for name, e in ready.items() if e["public_key"]}
         if spec.encryption.scheme == "otp" and len(spec.label_trainers) == 1:
             warning = ("encryption.otp with a single label_trainer: pairwise masks cannot hide its update "
                        "from the aggregator")
+            log.warning("%s", warning)
+            self.state.add_warning(warning)
+        if spec.encryption.scheme == "otp" and not spec.tls.enabled:
+            warning = "encryption.otp without TLS: key-agreement values are not authenticated (tls.enabled is false)"
             log.warning("%s", warning)
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})

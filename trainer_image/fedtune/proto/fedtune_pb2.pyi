@@ -29,7 +29,7 @@ class JoinReply(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., job_id: _Optional[str] = ..., shared_config_json: _Optional[str] = ...) -> None: ...
 
 class ReadyRequest(_message.Message):
-    __slots__ = ("party", "samples", "max_steps", "adapter_schema_json", "public_key", "public_key_signature", "wait_s")
+    __slots__ = ("party", "samples", "max_steps", "adapter_schema_json", "public_key", "public_key_signature", "wait_s", "certificate")
     PARTY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ReadyRequest(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     party: str
     samples: int
     max_steps: int
@@ -44,10 +45,11 @@ class ReadyRequest(_message.Message):
     public_key: bytes
     public_key_signature: bytes
     wait_s: float
-    def __init__(self, party: _Optional[str] = ..., samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., adapter_schema_json: _Optional[str] = ..., public_key: _Optional[bytes] = ..., public_key_signature: _Optional[bytes] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, party: _Optional[str] = ..., samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., adapter_schema_json: _Optional[str] = ..., public_key: _Optional[bytes] = ..., public_key_signature: _Optional[bytes] = ..., wait_s: _Optional[float] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class StartInfo(_message.Message):
-    __slots__ = ("ready", "rounds", "weights", "public_keys", "public_key_signatures")
+    __slots__ = ("ready", "rounds", "weights", "public_keys", "public_key_signatures", "certificates")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,17 +71,26 @@ class StartInfo(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class CertificatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     rounds: int
     weights: _containers.ScalarMap[str, float]
     public_keys: _containers.ScalarMap[str, bytes]
     public_key_signatures: _containers.ScalarMap[str, bytes]
-    def __init__(self, ready: _Optional[bool] = ..., rounds: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ..., public_key_signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    certificates: _containers.ScalarMap[str, bytes]
+    def __init__(self, ready: _Optional[bool] = ..., rounds: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ..., public_key_signatures: _Optional[_Mapping[str, bytes]] = ..., certificates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("party", "state", "round", "step", "max_steps", "has_loss", "loss", "error", "round_wait_s")
