@@ -1,0 +1,141 @@
+"""kopf handlers: thin triggers for `Reconciler.reconcile`.
+
+- FederatedFineTune created, resumed (operator start) or updated -> reconcile it.
+- A pod of a job changed or vanished -> reconcile its job (pods carry `fedtune.io/job`).
+- Every `FEDTUNE_RESYNC_SECONDS` the unfinished jobs are reconciled once more: that
+  mirrors round and loss from Redis, which sends no Kubernetes events.
+
+No handler needs a finalizer (no timers, daemons or mandatory delete handlers): children
+go with their owner through garbage collection, so deleting a resource works even when
+the operator is not running.
+
+Run with `fedtune-operator` (see `main.py`) or `kopf run -m fedtune_operator.handlers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, ClassVar
+
+import kopf
+import kubernetes
+
+from . import crdgen, resources
+from .reconcile import Reconciler, Retry
+
+log = logging.getLogger(__name__)
+
+FFT = (crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL)
+POD_LABELS = {resources.LABEL_PART_OF: resources.PART_OF, resources.LABEL_JOB: kopf.PRESENT}
+
+
+class _State:
+    """The operator process's shared state (one reconciler, the jobs it knows)."""
+
+    reconciler: Reconciler | None = None
+    jobs: ClassVar[set[tuple[str, str]]] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+    resync: threading.Thread | None = None
+
+
+def _api_client() -> kubernetes.client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG, as kopf itself logs in."""
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)
+    # Handlers run in a thread pool; let each of them hold a connection.
+    config.connection_pool_maxsize = 32
+    return kubernetes.client.ApiClient(config)
+
+
+def _reconciler() -> Reconciler:
+    if _State.reconciler is None:
+        _State.reconciler = Reconciler(_api_client())
+    return _State.reconciler
+
+
+def _track(namespace: str, name: str, phase: str | None) -> None:
+    with _State.lock:
+        if phase in (None, "Succeeded", "Failed"):
+            _State.jobs.discard((namespace, name))
+        else:
+            _State.jobs.add((namespace, name))
+
+
+def _run(namespace: str, name: str) -> None:
+    try:
+        phase = _reconciler().reconcile(namespace, name)
+    except Retry as err:
+        raise kopf.TemporaryError(str(err), delay=err.delay) from None
+    if phase != Reconciler.BUSY:
+        _track(namespace, name, phase)
+
+
+def _resync_loop(interval: float) -> None:
+    while not _State.stop.wait(interval):
+        with _State.lock:
+            jobs = sorted(_State.jobs)
+        for namespace, name in jobs:
+            try:
+                phase = _reconciler().reconcile(namespace, name)
+                if phase != Reconciler.BUSY:
+                    _track(namespace, name, phase)
+            except Exception as err:  # keep resyncing the others
+                log.warning("resync of %s/%s failed: %s", namespace, name, err)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations: `status` is ours alone.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedtune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedtune.io", key="last-handled")
+    settings.posting.level = logging.WARNING  # handler chatter is not worth an Event
+    settings.execution.max_workers = int(os.environ.get("FEDTUNE_OPERATOR_WORKERS", "16"))
+    timeout = os.environ.get("FEDTUNE_WATCH_TIMEOUT")
+    if timeout:  # tests: short watch requests, so a stopping operator does not hang
+        settings.watching.server_timeout = int(timeout)
+        settings.watching.client_timeout = int(timeout) + 5
+    _State.stop.clear()
+    _reconciler()
+    interval = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "10"))
+    _State.resync = threading.Thread(target=_resync_loop, args=(interval,), name="fedtune-resync", daemon=True)
+    _State.resync.start()
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    _State.stop.set()
+    if _State.resync is not None:
+        _State.resync.join(timeout=10)
+    _State.resync = None
+    _State.reconciler = None
+    with _State.lock:
+        _State.jobs.clear()
+
+
+@kopf.on.create(*FFT)
+@kopf.on.resume(*FFT)
+@kopf.on.update(*FFT)
+def reconcile_job(namespace: str, name: str, **_: Any) -> None:
+    _run(namespace, name)
+
+
+@kopf.on.event(*FFT)
+def forget_deleted_job(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        _track(namespace, name, None)
+        _reconciler().forget(namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels=POD_LABELS)
+def pod_changed(event: dict[str, Any], body: kopf.Body, namespace: str, **_: Any) -> None:
+    job = body["metadata"]["labels"][resources.LABEL_JOB]
+    try:
+        _run(namespace, job)
+    except kopf.TemporaryError as err:
+        log.info("job %s/%s: %s (the resync retries)", namespace, job, err)

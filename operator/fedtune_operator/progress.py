@@ -1,0 +1,59 @@
+"""Round and loss of a running job, read from the runtime's job state in Redis.
+
+Best effort by design: Redis may not be up yet, may be restarting, or (in the cluster
+tests, with no kubelet) never run at all. A read never blocks a handler for longer than
+`timeout_s`; a failed read returns None and the status keeps its last known values.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from dataclasses import asdict
+
+from .status import Progress
+
+log = logging.getLogger(__name__)
+
+try:  # the runtime's module; the operator imports nothing else of the runtime but the spec
+    from fedtune.jobstate import JobState
+except ImportError:  # pragma: no cover - only while the runtime lacks it
+    JobState = None  # type: ignore[assignment,misc]
+
+# A few threads at most: a read stuck in connect() occupies one until its socket times out.
+_POOL_SIZE = 4
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="fedtune-progress")
+        return _pool
+
+
+def _snapshot(address: str, password: str, job_id: str, timeout_s: float) -> Progress:
+    state = JobState.connect(address, password, job_id, timeout_s=timeout_s)
+    try:
+        snap = state.snapshot()
+    finally:
+        state.r.close()
+    parties = {name: asdict(p) for name, p in snap.parties.items()}
+    return Progress(round=snap.round, rounds=snap.rounds, loss=snap.loss, error=snap.error, parties=parties)
+
+
+def read_progress(address: str, password: str, job_id: str, timeout_s: float = 1.0) -> Progress | None:
+    """The job's progress, or None when Redis cannot answer within `timeout_s`."""
+    if JobState is None:
+        return None
+    future = _executor().submit(_snapshot, address, password, job_id, timeout_s)
+    try:
+        return future.result(timeout=timeout_s * 2)
+    except concurrent.futures.TimeoutError:
+        log.debug("job state of %s: redis at %s did not answer in time", job_id, address)
+    except Exception as err:  # any Redis or decoding error: keep the last known status
+        log.debug("job state of %s: cannot read redis at %s: %s", job_id, address, err)
+    return None

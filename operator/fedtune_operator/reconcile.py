@@ -1,0 +1,306 @@
+"""The reconciler: reads a FederatedFineTune and its children, makes them match, writes status.
+
+One pass (`Reconciler.reconcile`) is idempotent and safe to repeat at any time:
+- it re-reads the resource (never trusts a handler's possibly stale body),
+- creates only children that are missing; names are deterministic, so a create that
+  races another pass (or a restarted operator) is a 409 and never a duplicate,
+- writes the status before acting on pods, so a crash between the two never counts a
+  failure twice (see `status.plan`).
+
+Passes for one resource never overlap: a pass requested while one runs marks the job
+dirty and the running pass goes round once more (bursts of pod events coalesce).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedtune.spec import SpecError, parse_job
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from . import crdgen, resources, status
+from .progress import read_progress
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "fedtune-operator"
+Key = tuple[str, str]  # (namespace, name)
+
+
+class Retry(Exception):
+    """A pass that cannot finish now (e.g. a name held by an object being deleted)."""
+
+    def __init__(self, message: str, delay: float = 5.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+@dataclass
+class _Gate:
+    running: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class Reconciler:
+    api: client.ApiClient
+    progress_timeout_s: float = 1.0
+    _gates: dict[Key, _Gate] = field(default_factory=dict)
+    _mutex: threading.Lock = field(default_factory=threading.Lock)
+    _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
+
+    def __post_init__(self) -> None:
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    # --- entry point ----------------------------------------------------------------------
+
+    BUSY = "busy"
+
+    def reconcile(self, namespace: str, name: str) -> str | None:
+        """Run passes until the job is clean; returns the phase (None once the job is gone).
+
+        Returns `BUSY` when another thread's pass for this job is running: it goes round
+        again for this request.
+        """
+        key = (namespace, name)
+        with self._mutex:
+            gate = self._gates.setdefault(key, _Gate())
+            if gate.running:
+                gate.dirty = True
+                return self.BUSY
+            gate.running = True
+        try:
+            while True:
+                with self._mutex:
+                    gate.dirty = False
+                phase = self._pass(namespace, name)
+                with self._mutex:
+                    if not gate.dirty:
+                        return phase
+        finally:
+            with self._mutex:
+                gate.running = False
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._mutex:
+            self._gates.pop((namespace, name), None)
+
+    # --- one pass -------------------------------------------------------------------------------
+
+    def _pass(self, namespace: str, name: str) -> str | None:
+        body = self._get_job(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # garbage collection removes the children
+        prev = body.get("status") or {}
+        document = {
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": body.get("spec") or {},
+        }
+        try:
+            model = parse_job(document, f"{crdgen.PLURAL}/{name}")
+        except SpecError as err:
+            return self._invalid(body, prev, str(err))
+        job = resources.Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
+        problems = resources.name_problems(job)
+        if problems:
+            return self._invalid(body, prev, "; ".join(problems))
+
+        if prev.get("phase") not in status.FINAL:
+            self._ensure_static(job)
+        pods = {
+            p["metadata"]["name"]: status.pod_view(p)
+            for p in self._list("pod", namespace, name)
+            if owned_by(p, job.uid)
+        }
+        redis_name = resources.child_name(name, "redis")
+        progress = self._progress(job, pods.get(redis_name))
+        plan = status.plan(
+            workloads=resources.workloads(job),
+            pods=pods,
+            redis_pod_name=redis_name,
+            prev=prev,
+            backoff_limit=job.spec.backoffLimit,
+            rounds=len(job.spec.fractions()),
+            output=resources.output_location(job),
+            now=now_iso(),
+            progress=progress,
+        )
+        plan.status["observedGeneration"] = body["metadata"].get("generation")
+        if plan.status != prev:
+            self._patch_status(namespace, name, plan.status)
+        for pod_name in plan.delete:
+            self._delete_pod(namespace, pod_name)
+        if plan.create_redis:
+            self._create(resources.redis_pod(job))
+        for workload in plan.create:
+            self._create(resources.role_pod(job, workload))
+        for type_, reason, message in plan.events:
+            self.event(body, type_, reason, message)
+        return plan.status["phase"]
+
+    def _invalid(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
+        new = status.invalid_status(prev, message, now_iso())
+        if new != prev:
+            meta = body["metadata"]
+            self._patch_status(meta["namespace"], meta["name"], new)
+            self.event(body, "Warning", "SpecInvalid", message)
+        return status.FAILED
+
+    # --- children ---------------------------------------------------------------------------------
+
+    def _ensure_static(self, job: resources.Job) -> None:
+        password = self._password(job)
+        existing: dict[tuple[str, str], dict[str, Any]] = {}
+        for kind in ("configmap", "service", "pvc"):
+            for obj in self._list(kind, job.namespace, job.name):
+                existing[(kind, obj["metadata"]["name"])] = obj
+        for manifest in resources.static_children(job, password):
+            kind = _KINDS[manifest["kind"]]
+            if kind == "secret":
+                continue  # made by _password
+            found = existing.get((kind, manifest["metadata"]["name"]))
+            if found is not None and owned_by(found, job.uid):
+                continue
+            self._create(manifest)
+
+    def _password(self, job: resources.Job) -> str:
+        """The job's Redis password: the Secret's, made (once) when there is none."""
+        if job.uid in self._passwords:
+            return self._passwords[job.uid]
+        name = resources.child_name(job.name, "redis")
+        try:
+            secret = self.core.read_namespaced_secret(name, job.namespace)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            password = secrets.token_urlsafe(24)
+            self._create(resources.redis_secret(job, password))
+            # Another pass (or operator) may have won the race: the stored one counts.
+            secret = self.core.read_namespaced_secret(name, job.namespace)
+        if not owned_by(self.api.sanitize_for_serialization(secret), job.uid):
+            raise Retry(f"Secret {name} exists but does not belong to this job (is an old one being deleted?)")
+        password = base64.b64decode(secret.data["password"]).decode()
+        self._passwords[job.uid] = password
+        return password
+
+    def _create(self, manifest: dict[str, Any]) -> None:
+        kind = _KINDS[manifest["kind"]]
+        meta = manifest["metadata"]
+        create = getattr(self.core, f"create_namespaced_{_API_NAMES[kind]}")
+        try:
+            create(meta["namespace"], manifest)
+            log.info("created %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            # Already there: made by an earlier pass, or an old object not yet garbage-collected;
+            # the next pass sees which (it only counts children owned by this job).
+            log.debug("%s %s/%s already exists", manifest["kind"], meta["namespace"], meta["name"])
+
+    def _delete_pod(self, namespace: str, name: str) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace)
+            log.info("deleted pod %s/%s", namespace, name)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def _list(self, kind: str, namespace: str, job: str) -> list[dict[str, Any]]:
+        lister = getattr(self.core, f"list_namespaced_{_API_NAMES[kind]}")
+        result = lister(namespace, label_selector=resources.selector(job))
+        return self.api.sanitize_for_serialization(result).get("items", [])
+
+    # --- the resource itself ------------------------------------------------------------------------
+
+    def _get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                crdgen.GROUP, crdgen.VERSION, namespace, crdgen.PLURAL, name
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def _patch_status(self, namespace: str, name: str, new: dict[str, Any]) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                crdgen.GROUP, crdgen.VERSION, namespace, crdgen.PLURAL, name, {"status": new}
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+
+    def _progress(self, job: resources.Job, redis: status.PodView | None) -> status.Progress | None:
+        """Ask Redis only when its pod runs and has an address (never in a kubelet-less cluster)."""
+        if redis is None or redis.phase != status.RUNNING or not redis.ip or redis.deleting:
+            return None
+        password = self._passwords.get(job.uid)
+        if password is None:
+            return None
+        host = f"[{redis.ip}]" if ":" in redis.ip else redis.ip
+        return read_progress(f"{host}:{resources.REDIS_PORT}", password, job.name, self.progress_timeout_s)
+
+    def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the resource (`kubectl describe fft` shows them)."""
+        meta = body["metadata"]
+        stamp = now_iso()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": COMPONENT,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as err:  # events are a courtesy: never fail a pass over one
+            log.warning("cannot post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason)
+
+
+_KINDS = {
+    "Secret": "secret",
+    "ConfigMap": "configmap",
+    "Service": "service",
+    "PersistentVolumeClaim": "pvc",
+    "Pod": "pod",
+}
+_API_NAMES = {
+    "secret": "secret",
+    "configmap": "config_map",
+    "service": "service",
+    "pvc": "persistent_volume_claim",
+    "pod": "pod",
+}

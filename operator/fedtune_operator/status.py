@@ -1,0 +1,259 @@
+"""Status logic: observed pods + the previous status -> the next status and what to do.
+
+Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Rules:
+- The scheduler and each local party run as a bare Pod (restartPolicy Never). A pod that
+  disappears or fails is recreated; each failure counts against `spec.backoffLimit`, and
+  one failure past it makes the resource Failed with a condition naming the party, its
+  reason, exit code and message (then the job's other running pods are stopped).
+- Phase: any role Running -> Running; the scheduler and every local party Succeeded ->
+  Succeeded; Succeeded and Failed are final.
+- Round and loss come from the runtime's job state in Redis (`Progress`), when it could
+  be read; otherwise the last known values stay.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from .resources import SCHEDULER, Workload
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+FINAL = (SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the status logic reads of one pod."""
+
+    name: str
+    uid: str
+    phase: str
+    deleting: bool = False
+    ip: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The runtime's view, read from Redis (`fedtune.jobstate.JobStatus`)."""
+
+    round: int
+    rounds: int
+    loss: float | None = None
+    error: str = ""
+    parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[Workload] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)  # pod names
+    create_redis: bool = False
+    # (type, reason, message) for Kubernetes Events on the resource.
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    """Read a pod (as the API returns it, camelCase keys) into a `PodView`."""
+    meta = pod.get("metadata", {})
+    status = pod.get("status") or {}
+    exit_code = reason = message = None
+    for cs in status.get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = terminated.get("exitCode")
+            reason = terminated.get("reason")
+            message = terminated.get("message")
+    # Pod-level reasons (Evicted, DeadlineExceeded) when no container said more.
+    reason = reason or status.get("reason")
+    message = message or status.get("message")
+    return PodView(
+        name=meta["name"],
+        uid=meta.get("uid", ""),
+        phase=status.get("phase") or PENDING,
+        deleting=bool(meta.get("deletionTimestamp")),
+        ip=status.get("podIP"),
+        exit_code=exit_code,
+        reason=reason,
+        message=(message or "").strip()[-1024:] or None,  # keep status small: the tail says most
+    )
+
+
+def set_condition(
+    conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: str
+) -> list[dict[str, Any]]:
+    """Upsert a condition; lastTransitionTime moves only when `status` flips."""
+    out = [c for c in conditions if c.get("type") != type_]
+    old = next((c for c in conditions if c.get("type") == type_), None)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now
+    out.append({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
+    return out
+
+
+def invalid_status(prev: dict[str, Any], message: str, now: str) -> dict[str, Any]:
+    """A spec the operator cannot run (kube-apiserver let it through): Failed, nothing created."""
+    status = copy.deepcopy(prev)
+    status["phase"] = FAILED
+    status.setdefault("completionTime", now)
+    conditions = set_condition(status.get("conditions", []), "SpecValid", "False", "SpecInvalid", message, now)
+    status["conditions"] = set_condition(conditions, FAILED, "True", "SpecInvalid", message, now)
+    return status
+
+
+def describe_failure(key: str, rec: dict[str, Any]) -> str:
+    what = "scheduler" if key == SCHEDULER else f"party `{key}`"
+    parts = []
+    if rec.get("exitCode") is not None:
+        parts.append(f"exit code {rec['exitCode']}")
+    if rec.get("reason"):
+        parts.append(f"reason {rec['reason']}")
+    detail = ", ".join(parts) or "no exit code"
+    tail = f": {rec['message']}" if rec.get("message") else ""
+    return f"{what} failed ({detail}){tail}"
+
+
+def _record(prev: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    rec = copy.deepcopy(prev) if prev else {}
+    rec.setdefault("state", PENDING)
+    rec.setdefault("restarts", 0)
+    rec.setdefault("failures", 0)
+    rec["role"] = workload.role
+    rec["pod"] = workload.pod_name
+    return rec
+
+
+def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backoff_limit: int, plan: Plan) -> bool:
+    """Advance one role's record from its pod; returns True when it exhausted its retries."""
+    if pod is None:
+        if rec["state"] == SUCCEEDED:
+            return False  # done: a pod removed after success is not run again
+        if rec.get("podUID"):
+            # The pod we saw is gone (we deleted it after a failure, or someone else did).
+            rec["restarts"] += 1
+            cause = "after a failure" if rec["state"] in (FAILED, "Restarting") else "after it was deleted"
+            plan.events.append(("Normal", "Recreating", f"recreating pod {w.pod_name} {cause}"))
+            rec["podUID"] = None
+        rec["state"] = PENDING
+        plan.create.append(w)
+        return False
+    rec["podUID"] = pod.uid
+    if pod.deleting:
+        rec["state"] = "Terminating" if rec["state"] not in (FAILED, "Restarting") else "Restarting"
+        return False
+    if pod.phase == FAILED:
+        if rec.get("failedUID") != pod.uid:  # count each failed pod once, whatever happens next
+            rec["failedUID"] = pod.uid
+            rec["failures"] += 1
+            rec.update(exitCode=pod.exit_code, reason=pod.reason, message=pod.message)
+            plan.events.append(("Warning", "PodFailed", describe_failure(w.key, rec)))
+        if rec["failures"] > backoff_limit:
+            rec["state"] = FAILED
+            return True
+        rec["state"] = "Restarting"
+        plan.delete.append(pod.name)
+        return False
+    rec["state"] = pod.phase if pod.phase in (PENDING, RUNNING, SUCCEEDED) else "Unknown"
+    if pod.phase == SUCCEEDED:
+        rec["exitCode"] = 0
+    return False
+
+
+def plan(
+    *,
+    workloads: list[Workload],
+    pods: dict[str, PodView],
+    redis_pod_name: str,
+    prev: dict[str, Any],
+    backoff_limit: int,
+    rounds: int,
+    output: str,
+    now: str,
+    progress: Progress | None = None,
+) -> Plan:
+    """The next status of one resource and the pod actions that lead there."""
+    status = copy.deepcopy(prev)
+    result = Plan(status=status)
+    prev_phase = prev.get("phase")
+    final = prev_phase in FINAL
+
+    records: dict[str, dict[str, Any]] = {}
+    exhausted: list[str] = []
+    for w in workloads:
+        old = prev.get("scheduler") if w.key == SCHEDULER else (prev.get("parties") or {}).get(w.key)
+        rec = records[w.key] = _record(old or {}, w)
+        if final:
+            pod = pods.get(w.pod_name)
+            if pod is not None and not pod.deleting and pod.phase in FINAL:
+                rec["state"] = pod.phase
+            continue
+        if _step_workload(rec, pods.get(w.pod_name), w, backoff_limit, result):
+            exhausted.append(w.key)
+
+    status["scheduler"] = records.pop(SCHEDULER)
+    status["parties"] = records
+    status["output"] = output
+    conditions = set_condition(prev.get("conditions", []), "SpecValid", "True", "Valid", "spec accepted", now)
+
+    # --- phase ---------------------------------------------------------------------------
+    roles = [status["scheduler"], *records.values()]
+    if final:
+        phase = prev_phase
+    elif exhausted:
+        phase = FAILED
+        key = exhausted[0]
+        rec = status["scheduler"] if key == SCHEDULER else records[key]
+        message = f"{describe_failure(key, rec)}; {rec['failures']} failures, backoffLimit {backoff_limit}"
+        conditions = set_condition(conditions, FAILED, "True", "BackoffLimitExceeded", message, now)
+        status["message"] = message
+        result.events.append(("Warning", "BackoffLimitExceeded", message))
+    elif all(r["state"] == SUCCEEDED for r in roles):
+        phase = SUCCEEDED
+        message = "the scheduler and every local party succeeded"
+        conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
+        status["message"] = f"adapters in {output}"
+        result.events.append(("Normal", "Succeeded", f"{message}; adapters in {output}"))
+    elif any(r["state"] == RUNNING for r in roles):
+        phase = RUNNING
+    else:
+        phase = PENDING
+    status["phase"] = phase
+    if phase == RUNNING:
+        status.setdefault("startTime", now)
+    if phase in FINAL:
+        status.setdefault("completionTime", now)
+    running = "True" if phase == RUNNING else "False"
+    conditions = set_condition(conditions, RUNNING, running, phase, f"job is {phase.lower()}", now)
+    status["conditions"] = conditions
+
+    # --- progress from the runtime -----------------------------------------------------------
+    if progress is not None:
+        status["round"] = f"{progress.round}/{progress.rounds or rounds}"
+        if progress.loss is not None:
+            status["loss"] = progress.loss
+        if progress.error and phase != SUCCEEDED:
+            status["message"] = progress.error
+        for name, info in progress.parties.items():
+            if name in records:
+                records[name].update({k: v for k, v in info.items() if k in ("round", "step", "loss")})
+    status.setdefault("round", f"0/{rounds}")
+
+    # --- pods to stop or start ------------------------------------------------------------------
+    redis = pods.get(redis_pod_name)
+    if phase in FINAL:
+        # A finished job holds no resources: stop whatever still runs (Redis included);
+        # finished pods stay for `kubectl logs`.
+        result.create.clear()
+        result.delete = [p.name for p in pods.values() if not p.deleting and p.phase not in FINAL]
+    elif redis is None:
+        result.create_redis = True
+    elif not redis.deleting and redis.phase in FINAL:
+        # Redis serves until the job ends; when it stops, start it again (persistence keeps state).
+        result.delete.append(redis.name)
+        message = f"redis pod {redis.name} ended ({redis.phase}); restarting it"
+        result.events.append(("Warning", "RedisRestart", message))
+    return result
