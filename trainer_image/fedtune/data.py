@@ -99,7 +99,8 @@ def load_file(path: Path, dataset_spec: Dataset) -> list[QAItem]:
     """One QA json file; an empty `instances` list is allowed here (the whole trainset may not be empty)."""
     document = _read_json(path)
     if not isinstance(document, dict):
-        raise DataError(f"{path}: expected a JSON object with `instruction` and `instances`, got {type(document).__name__}")
+        raise DataError(f"{path}: expected a JSON object with `instruction` and `instances`, "
+                        f"got {type(document).__name__}")
     instruction = _string_field(document, "instruction", str(path), "the task instruction")
     if "instances" not in document:
         raise DataError(f"{path}: missing key `instances` (the list of QA pairs)")

@@ -1,0 +1,355 @@
+"""Base models from local folders, LoRA / P-tuning v2 adapters, and the adapter weights that travel.
+
+Only adapter weights ever leave a party: `adapter_state` is exactly the trainable parameters
+(LoRA matrices, or the P-tuning prefix encoder), `load_adapter_state` copies a received state into
+those same parameter tensors (so an optimizer holding them keeps working), and `save_checkpoint`
+writes a checkpoint atomically.
+
+Checkpoint format (`save_checkpoint`):
+- LoRA: peft's own (`adapter_config.json`, `adapter_model.safetensors`): `PeftModel.from_pretrained`.
+- P-tuning v2: peft's own as well (`PeftModel.from_pretrained` loads it; `fedtune chat` does), plus
+  `pytorch_model.bin` holding the raw prefix-encoder weights under `transformer.prefix_encoder.*`,
+  the reference's layout (its inference snippet loads it into a ChatGLM-6B), which is also what
+  continuing training reads (peft's file keeps only the projected prefix when
+  `prefix_projection` is on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fedtune.spec import Lora, Peft, PrefixTuning
+
+AdapterKind = Literal["LORA", "PREFIX_TUNING"]
+REFERENCE_PREFIX = "transformer.prefix_encoder."  # key prefix of the reference's P-tuning file
+PREFIX_WEIGHTS = "pytorch_model.bin"
+
+# ChatGLM's module names (what the reference's configs target) and what native models call them.
+# Each alternative is tried in order; the first whose modules all exist in the model wins.
+TARGET_ALIASES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "query_key_value": (
+        ("q_proj", "k_proj", "v_proj"), ("qkv_proj",), ("Wqkv",), ("query", "key", "value"), ("c_attn",),
+    ),
+    "dense": (("o_proj",), ("out_proj",)),
+    "dense_h_to_4h": (("gate_up_proj",), ("gate_proj", "up_proj"), ("fc1",)),
+    "dense_4h_to_h": (("down_proj",), ("fc2",)),
+}
+
+# transformers 5 renamed the forward's `past_key_values` to `cache`; peft still passes the old
+# name for the prefix, which transformers accepts with this warning on every step.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+# peft 0.21 still asks transformers 5 models the old name of this property.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class ModelError(ValueError):
+    """A model, adapter or adapter state that cannot be used; the message names the path, key or tensor."""
+
+
+# --- base model ---------------------------------------------------------------------------
+
+
+def has_remote_code(folder: Path) -> bool:
+    """A real ChatGLM checkpoint carries its modelling code (`modeling_chatglm.py`, ...) beside the weights."""
+    return any(folder.glob("*.py"))
+
+
+def load_base_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a local folder; nothing is downloaded."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: pretrained model folder not found")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: no config.json: not a transformers model folder")
+    remote = has_remote_code(folder)
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": remote}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **common)
+        except ValueError:
+            if not remote:
+                raise
+            # ChatGLM-6B (v1) maps only AutoModel to its causal-LM class.
+            model = AutoModel.from_pretrained(folder, dtype=dtype, **common)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelError(f"{folder}: cannot load the model: {err}") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id will do
+    return model.to(device), tokenizer
+
+
+# --- adapters -----------------------------------------------------------------------------
+
+
+def _module_names(model: nn.Module) -> set[str]:
+    """Last name component of every linear-like module (what LoRA `target_modules` match against)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear | Conv1D)}
+
+
+def map_target_modules(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str]]:
+    """Map ChatGLM module names onto the model's own; returns (targets, notes on what was mapped)."""
+    present = _module_names(model)
+    mapped: list[str] = []
+    notes: list[str] = []
+    for target in targets:
+        if target in present:
+            mapped.append(target)
+            continue
+        group = next((g for g in TARGET_ALIASES.get(target, ()) if all(m in present for m in g)), None)
+        if group is None:
+            raise ModelError(
+                f"peft.LORA.target_modules: `{target}` is not a module of {type(model).__name__} "
+                f"(its linear layers: {', '.join(sorted(present))})"
+            )
+        mapped.extend(m for m in group if m not in mapped)
+        notes.append(f"{target} -> {', '.join(group)}")
+    return mapped, notes
+
+
+def lora_config(model: nn.Module, spec: Lora) -> tuple[Any, list[str]]:
+    from peft import LoraConfig
+
+    options = spec.model_dump()
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key in options:
+        if key not in known:
+            raise ModelError(f"peft.LORA.{key}: not an option of peft's LoraConfig")
+    notes: list[str] = []
+    if isinstance(options["target_modules"], list):
+        options["target_modules"], notes = map_target_modules(model, options["target_modules"])
+    try:
+        return LoraConfig(**options), notes
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"peft.LORA: {err}") from None
+
+
+def prefix_config(model: nn.Module, spec: PrefixTuning) -> Any:
+    """P-tuning v2 as ChatGLM-6B does it: `pre_seq_len` trainable key/value prefixes in every layer."""
+    from peft import PrefixTuningConfig
+
+    hidden = spec.prefix_hidden_size or getattr(model.config, "hidden_size", None)
+    return PrefixTuningConfig(
+        task_type=spec.task_type,
+        num_virtual_tokens=spec.pre_seq_len,
+        prefix_projection=spec.prefix_projection,
+        encoder_hidden_size=hidden,
+    )
+
+
+def saved_adapter_kind(adapter_dir: str | Path) -> AdapterKind:
+    """LORA or PREFIX_TUNING, from a saved adapter's `adapter_config.json`."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    try:
+        peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+    except FileNotFoundError:
+        raise ModelError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"{config_file}: unreadable: {err}") from None
+    if peft_type not in ("LORA", "PREFIX_TUNING"):
+        raise ModelError(f"{config_file}: peft_type {peft_type!r} is neither LORA nor PREFIX_TUNING")
+    return peft_type
+
+
+def apply_adapter(model: nn.Module, peft_spec: Peft, adapter_path: str | Path | None = None) -> tuple[Any, str]:
+    """Wrap the base model in a trainable peft adapter; returns (peft_model, a line saying what was built)."""
+    from peft import get_peft_model
+
+    if adapter_path is not None and saved_adapter_kind(adapter_path) != peft_spec.kind:
+        raise ModelError(f"input.adapter_model.path: {adapter_path} holds a {saved_adapter_kind(adapter_path)} "
+                         f"adapter but peft.{peft_spec.kind} is configured")
+    notes: list[str] = []
+    if peft_spec.LORA is not None and adapter_path is not None:
+        peft_model = _continue_lora(model, adapter_path)
+        notes.append(f"continuing from {adapter_path} with its own LoraConfig")
+    else:
+        if peft_spec.LORA is not None:
+            config, notes = lora_config(model, peft_spec.LORA)
+        else:
+            assert peft_spec.PREFIX_TUNING is not None
+            config = prefix_config(model, peft_spec.PREFIX_TUNING)
+        try:
+            peft_model = get_peft_model(model, config)
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ModelError(f"peft.{peft_spec.kind}: cannot apply to {type(model).__name__}: {err}") from None
+        if adapter_path is not None:
+            _load_prefix_weights(peft_model, Path(adapter_path))
+            notes.append(f"continuing from {adapter_path}")
+    return peft_model, describe(peft_model, notes)
+
+
+def _continue_lora(model: nn.Module, adapter_path: str | Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelError(f"input.adapter_model.path: {adapter_path}: cannot load the LoRA adapter: {err}") from None
+
+
+def _load_prefix_weights(peft_model: Any, adapter_dir: Path) -> None:
+    """Continue P-tuning from a saved adapter; its prefix encoder must match the configured one."""
+    state = _saved_prefix_state(peft_model, adapter_dir)
+    params = dict(_prefix_encoder(peft_model).named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ModelError(f"{adapter_dir}: tensor `{REFERENCE_PREFIX}{_to_reference_key(unknown[0])}` is not part of "
+                         "the configured prefix encoder (check peft.PREFIX_TUNING)")
+    load_adapter_state(peft_model, {_encoder_param_name(peft_model, k): v for k, v in state.items()})
+
+
+def _saved_prefix_state(peft_model: Any, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The raw encoder weights if saved, else peft's flattened prefix (which has no projection MLP)."""
+    raw = adapter_dir / PREFIX_WEIGHTS
+    if raw.is_file():
+        saved = torch.load(raw, map_location="cpu", weights_only=True)
+        return {_from_reference_key(k): v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
+    from safetensors.torch import load_file
+
+    flat = load_file(adapter_dir / "adapter_model.safetensors").get("prompt_embeddings")
+    if flat is None or peft_model.active_peft_config.prefix_projection:
+        raise ModelError(f"input.adapter_model.path: {adapter_dir}: no {PREFIX_WEIGHTS} with the prefix encoder's "
+                         "weights (peft's own file cannot restore a prefix_projection encoder)")
+    return {"embedding.weight": flat}
+
+
+def _prefix_encoder(peft_model: Any) -> nn.Module:
+    return peft_model.prompt_encoder[peft_model.active_adapter]
+
+
+def _encoder_param_name(peft_model: Any, key: str) -> str:
+    return f"prompt_encoder.{peft_model.active_adapter}.{key}"
+
+
+# peft calls the projection MLP `transform`, ChatGLM-6B `trans`; the layer indices agree.
+def _to_reference_key(key: str) -> str:
+    return key.replace("transform.", "trans.", 1) if key.startswith("transform.") else key
+
+
+def _from_reference_key(key: str) -> str:
+    key = key[len(REFERENCE_PREFIX):]
+    return key.replace("trans.", "transform.", 1) if key.startswith("trans.") else key
+
+
+def adapter_kind(model: Any) -> AdapterKind:
+    peft_type = str(getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type))
+    if peft_type not in ("LORA", "PREFIX_TUNING"):
+        raise ModelError(f"unsupported adapter type {peft_type}")
+    return peft_type
+
+
+def describe(model: Any, notes: Iterable[str] = ()) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = model.active_peft_config
+    if adapter_kind(model) == "LORA":
+        targets = config.target_modules
+        shown = ", ".join(sorted(targets)) if isinstance(targets, set | list | tuple) else str(targets)
+        what = f"LoRA r={config.r} alpha={config.lora_alpha:g} on {shown}"
+    else:
+        projection = f", projection {config.encoder_hidden_size}" if config.prefix_projection else ""
+        what = (f"P-tuning v2: {config.num_virtual_tokens} prefix tokens in each of {config.num_layers} layers"
+                f"{projection}")
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    return f"{what}{extra}; {trainable:,} trainable weights"
+
+
+# --- adapter weights ----------------------------------------------------------------------
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The adapter's parameters, in registration order (the same on every party with the same config)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached float32 CPU copies of exactly the trainable adapter weights."""
+    return {name: p.detach().to(device="cpu", dtype=torch.float32, copy=True) for name, p in _trainable(model)}
+
+
+def adapter_schema(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(p.shape)) for name, p in _trainable(model)]
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the adapter's parameters in place; every name and shape must match, checked first."""
+    params = _trainable(model)
+    names = {name for name, _ in params}
+    missing = [name for name, _ in params if name not in state]
+    if missing:
+        raise ModelError(f"adapter tensor `{missing[0]}` is missing from the adapter state ({len(missing)} missing)")
+    unknown = sorted(set(state) - names)
+    if unknown:
+        raise ModelError(f"adapter tensor `{unknown[0]}` is not part of this model's adapter")
+    for name, p in params:
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise ModelError(f"adapter tensor `{name}` has shape {tuple(state[name].shape)}, "
+                             f"the model's is {tuple(p.shape)}")
+    with torch.no_grad():
+        for name, p in params:
+            p.copy_(state[name].to(device=p.device, dtype=p.dtype))
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def save_checkpoint(model: Any, dest_dir: str | Path) -> Path:
+    """Write the adapter to `dest_dir` atomically: a temporary sibling folder, then a rename.
+
+    An existing `dest_dir` is replaced whole: it is moved aside before the new one takes its
+    name and deleted only afterwards, so at no point is a half-written checkpoint in its place.
+    """
+    dest = Path(dest_dir).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(str(staging))
+        if adapter_kind(model) == "PREFIX_TUNING":
+            encoder = _prefix_encoder(model)
+            raw = {f"{REFERENCE_PREFIX}{_to_reference_key(k)}": v.detach().cpu().contiguous()
+                   for k, v in encoder.state_dict().items()}
+            torch.save(raw, staging / PREFIX_WEIGHTS)
+        _fsync_tree(staging)
+        replace_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files to disk before the rename publishes them (a crash must not expose empty files)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`; an existing `dest` is moved aside first and deleted only afterwards."""
+    os.chmod(new, 0o755)  # mkdtemp creates 0700
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, aside / dest.name)
+    os.rename(new, dest)
+    shutil.rmtree(aside, ignore_errors=True)

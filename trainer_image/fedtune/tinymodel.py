@@ -1,0 +1,150 @@
+"""A tiny GLM-architecture model and a character-level tokenizer trained on local data.
+
+Tests, the demo and the benchmark need a real transformers GLM (`GlmForCausalLM`, or
+`Glm4ForCausalLM`) without downloading anything: this builds one with random weights, sized
+to a tokenizer whose vocabulary is every character of the given QA json files (plus ASCII and
+common CJK punctuation, so prompts and answers round-trip).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from fedtune.models import replace_dir
+from fedtune.spec import Dataset
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3, in this order
+# Characters every prompt may use even when the data lacks them: the default prompt pattern,
+# ASCII and the usual full-width punctuation.
+_ALWAYS = Dataset().prompt_pattern + string.printable + "，。、；：？！“”‘’（）《》【】…—·「」『』"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a json value (keys included: a custom key_query may hold any text)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _json_files(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(path.rglob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such data file or folder")
+    if not files:
+        raise ValueError(f"no *.json data in {', '.join(str(p) for p in paths)}")
+    return files
+
+
+def corpus_characters(data_paths: Iterable[str | Path]) -> list[str]:
+    """The sorted character set of the data (sorted so the same data always gives the same ids)."""
+    chars = set(_ALWAYS)
+    for path in _json_files(data_paths):
+        for text in _strings(json.loads(path.read_text(encoding="utf-8"))):
+            chars.update(text)
+    return sorted(chars)
+
+
+def build_tokenizer(chars: Sequence[str]) -> PreTrainedTokenizerFast:
+    """One token per character; `<bos>` is prepended to every encoded text, as GLM tokenizers add their prefix."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *(c for c in chars if c not in SPECIALS)])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # `[\s\S]` (not `.`) so that newlines in the prompt pattern are tokens too.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        clean_up_tokenization_spaces=False, model_max_length=4096,
+    )
+
+
+def build_config(
+    vocab_size: int, *, hidden_size: int, num_layers: int, heads: int, kv_heads: int,
+    kind: Literal["glm", "glm4"], intermediate_size: int | None = None, max_positions: int = 1024,
+) -> Any:
+    from transformers import Glm4Config, GlmConfig
+
+    if hidden_size % heads or heads % kv_heads:
+        raise ValueError(f"hidden_size {hidden_size} must split into {heads} heads, and heads into {kv_heads} kv heads")
+    config_cls = {"glm": GlmConfig, "glm4": Glm4Config}[kind]
+    return config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,  # GlmConfig defaults to 128, which a small model must not use
+        max_position_embeddings=max_positions,
+        pad_token_id=SPECIALS.index(PAD),
+        bos_token_id=SPECIALS.index(BOS),
+        eos_token_id=SPECIALS.index(EOS),
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    data_paths: Sequence[str | Path],
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+    kind: Literal["glm", "glm4"] = "glm",
+    overwrite: bool = False,
+) -> Path:
+    """Build, save (safetensors) and return `out_dir`; written to a temporary folder, then renamed.
+
+    An existing `out_dir` is refused unless `overwrite`; then the new model replaces it whole.
+    """
+    from transformers import Glm4ForCausalLM, GlmForCausalLM
+
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
+    tokenizer = build_tokenizer(corpus_characters(data_paths))
+    config = build_config(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, heads=heads,
+                          kv_heads=kv_heads, kind=kind, intermediate_size=intermediate_size)
+    model_cls = {"glm": GlmForCausalLM, "glm4": Glm4ForCausalLM}[kind]
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
