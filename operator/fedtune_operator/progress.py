@@ -12,6 +12,10 @@ import logging
 import threading
 from dataclasses import asdict
 
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from .status import Progress
 
 log = logging.getLogger(__name__)
@@ -35,12 +39,25 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
+def _client(address: str, password: str, timeout_s: float) -> redis.Redis:
+    # No retries: the next reconcile pass is the retry, and a pass must not wait on this one.
+    host, _, port = address.rpartition(":")
+    return redis.Redis(
+        host=host.strip("[]"),
+        port=int(port),
+        password=password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def _snapshot(address: str, password: str, job_id: str, timeout_s: float) -> Progress:
-    state = JobState.connect(address, password, job_id, timeout_s=timeout_s)
+    client = _client(address, password, timeout_s)
     try:
-        snap = state.snapshot()
+        snap = JobState(client, job_id).snapshot()
     finally:
-        state.r.close()
+        client.close()
     parties = {name: asdict(p) for name, p in snap.parties.items()}
     return Progress(round=snap.round, rounds=snap.rounds, loss=snap.loss, error=snap.error, parties=parties)
 

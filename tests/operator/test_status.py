@@ -1,0 +1,232 @@
+"""Status logic: phases, retries against backoffLimit, conditions, progress (pure, no cluster)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fedtune_operator import resources as r
+from fedtune_operator import status as s
+
+from .test_resources import make_job
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
+_uids = itertools.count(1)
+
+
+class World:
+    """Pods as the API server would hold them, and the status the operator last wrote."""
+
+    def __init__(self, backoff_limit: int = 2) -> None:
+        doc = yaml.safe_load(EXAMPLE.read_text())
+        doc["spec"]["backoffLimit"] = backoff_limit
+        self.job = make_job(doc)
+        self.pods: dict[str, s.PodView] = {}
+        self.status: dict[str, Any] = {}
+        self.events: list[tuple[str, str, str]] = []
+
+    def step(self, progress: s.Progress | None = None) -> s.Plan:
+        plan = s.plan(
+            workloads=r.workloads(self.job),
+            pods=self.pods,
+            redis_pod_name="poems-lora-redis",
+            prev=self.status,
+            backoff_limit=self.job.spec.backoffLimit,
+            rounds=len(self.job.spec.fractions()),
+            output=r.output_location(self.job),
+            now="2026-01-01T00:00:00Z",
+            progress=progress,
+        )
+        self.status = plan.status
+        self.events += plan.events
+        for name in plan.delete:
+            self.pods.pop(name)  # no kubelet: deletion is immediate
+        if plan.create_redis:
+            self.pods["poems-lora-redis"] = s.PodView("poems-lora-redis", f"uid-{next(_uids)}", "Pending")
+        for w in plan.create:
+            assert w.pod_name not in self.pods, "created a pod that exists"
+            self.pods[w.pod_name] = s.PodView(w.pod_name, f"uid-{next(_uids)}", "Pending")
+        return plan
+
+    def set_phase(self, name: str, phase: str, **kw: Any) -> None:
+        pod = self.pods[name]
+        self.pods[name] = s.PodView(pod.name, pod.uid, phase, **kw)
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.status.get("conditions", []) if c["type"] == type_), None)
+
+
+ROLE_PODS = ["poems-lora-scheduler", "poems-lora-assist-trainer", "poems-lora-node-1", "poems-lora-node-2"]
+
+
+@pytest.fixture
+def world() -> World:
+    w = World()
+    w.step()
+    return w
+
+
+def test_first_pass_creates_every_pod_and_reports_pending(world) -> None:
+    assert set(world.pods) == {"poems-lora-redis", *ROLE_PODS}
+    assert world.status["phase"] == "Pending"
+    assert world.status["round"] == "0/5"
+    assert world.status["output"] == "pvc://poems-lora-output/"
+    assert set(world.status["parties"]) == {"assist_trainer", "node-1", "node-2"}
+    assert world.status["scheduler"]["pod"] == "poems-lora-scheduler"
+    assert world.condition("SpecValid")["status"] == "True"
+    # Passes with nothing changed create nothing and, once the pods were seen, change nothing.
+    world.step()
+    before = dict(world.status)
+    plan = world.step()
+    assert not plan.create and not plan.delete and not plan.create_redis
+    assert world.status == before
+
+
+def test_running_then_succeeded(world) -> None:
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    assert world.status["phase"] == "Running"
+    assert world.condition("Running")["status"] == "True"
+    assert world.status["startTime"]
+    for name in ROLE_PODS:
+        world.set_phase(name, "Succeeded", exit_code=0)
+    world.step()
+    assert world.status["phase"] == "Succeeded"
+    assert world.condition("Succeeded")["status"] == "True"
+    assert world.condition("Running")["status"] == "False"
+    assert all(p["state"] == "Succeeded" for p in world.status["parties"].values())
+    # Redis is stopped once the job is done; the finished pods stay for their logs.
+    assert "poems-lora-redis" not in world.pods and set(ROLE_PODS) <= set(world.pods)
+    # Final: a deleted finished pod is never run again.
+    world.pods.pop("poems-lora-node-1")
+    plan = world.step()
+    assert not plan.create and world.status["phase"] == "Succeeded"
+
+
+def test_a_party_that_finishes_early_is_not_rerun_when_its_pod_goes(world) -> None:
+    world.set_phase("poems-lora-node-2", "Succeeded", exit_code=0)
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    world.pods.pop("poems-lora-node-2")
+    plan = world.step()
+    assert not plan.create
+    assert world.status["parties"]["node-2"]["state"] == "Succeeded"
+
+
+def test_failures_are_retried_then_fail_the_job_with_the_reason(world) -> None:
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    for attempt in (1, 2):  # backoffLimit 2: two retries
+        world.set_phase("poems-lora-node-1", "Failed", exit_code=3, reason="Error", message="bad dataset x.json")
+        plan = world.step()
+        assert plan.delete == ["poems-lora-node-1"]
+        rec = world.status["parties"]["node-1"]
+        assert rec["failures"] == attempt and rec["state"] == "Restarting"
+        world.step()  # pod gone: recreated
+        assert world.status["parties"]["node-1"]["restarts"] == attempt
+        assert world.pods["poems-lora-node-1"].phase == "Pending"
+        assert world.status["phase"] != "Failed"
+    world.set_phase("poems-lora-node-2", "Running")
+    world.set_phase("poems-lora-node-1", "Failed", exit_code=3, reason="Error", message="bad dataset x.json")
+    world.step()
+    assert world.status["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    for needle in ("node-1", "exit code 3", "Error", "bad dataset x.json", "backoffLimit 2"):
+        assert needle in failed["message"]
+    # The rest of the job is stopped; the failed pod stays for `kubectl logs`.
+    assert "poems-lora-node-2" not in world.pods and "poems-lora-redis" not in world.pods
+    assert world.pods["poems-lora-node-1"].phase == "Failed"
+    assert ("Warning", "BackoffLimitExceeded", failed["message"]) in world.events
+
+
+def test_a_failed_pod_seen_twice_counts_once(world) -> None:
+    world.set_phase("poems-lora-node-1", "Failed", exit_code=1)
+    prev = world.status
+    first = s.plan(
+        workloads=r.workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=prev,
+        backoff_limit=2, rounds=5, output="pvc://x/", now="t",
+    )  # fmt: skip
+    # The delete did not happen (operator restarted): the next pass sees the same pod.
+    again = s.plan(
+        workloads=r.workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=first.status,
+        backoff_limit=2, rounds=5, output="pvc://x/", now="t",
+    )  # fmt: skip
+    assert again.status["parties"]["node-1"]["failures"] == 1
+    assert again.delete == ["poems-lora-node-1"]
+
+
+def test_deleted_pods_are_recreated_and_counted_as_restarts(world) -> None:
+    world.set_phase("poems-lora-scheduler", "Running")
+    world.step()
+    world.pods.pop("poems-lora-scheduler")
+    plan = world.step()
+    assert [w.key for w in plan.create] == ["scheduler"]
+    assert world.status["scheduler"]["restarts"] == 1 and world.status["scheduler"]["failures"] == 0
+    assert any(e[1] == "Recreating" for e in world.events)
+
+
+def test_terminating_pod_is_waited_for(world) -> None:
+    pod = world.pods["poems-lora-node-1"]
+    world.pods["poems-lora-node-1"] = s.PodView(pod.name, pod.uid, "Running", deleting=True)
+    plan = world.step()
+    assert not plan.create and not plan.delete
+
+
+def test_redis_is_restarted_without_counting_against_the_job(world) -> None:
+    world.set_phase("poems-lora-redis", "Failed", exit_code=137)
+    plan = world.step()
+    assert plan.delete == ["poems-lora-redis"]
+    plan = world.step()
+    assert plan.create_redis and world.status["phase"] == "Pending"
+
+
+def test_progress_sets_round_and_loss_and_keeps_them(world) -> None:
+    world.set_phase("poems-lora-node-1", "Running")
+    progress = s.Progress(round=2, rounds=5, loss=1.25, parties={"node-1": {"round": 2, "step": 40, "loss": 1.3}})
+    world.step(progress)
+    assert world.status["round"] == "2/5" and world.status["loss"] == 1.25
+    assert world.status["parties"]["node-1"]["step"] == 40
+    world.step(None)  # Redis unreachable: the last known values stay
+    assert world.status["round"] == "2/5" and world.status["loss"] == 1.25
+
+
+def test_conditions_keep_their_transition_time() -> None:
+    conds = s.set_condition([], "Running", "False", "Pending", "m", "t1")
+    conds = s.set_condition(conds, "Running", "False", "Pending", "m2", "t2")
+    assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["message"] == "m2"
+    conds = s.set_condition(conds, "Running", "True", "Running", "m3", "t3")
+    assert conds[0]["lastTransitionTime"] == "t3"
+
+
+def test_invalid_spec_status() -> None:
+    st = s.invalid_status({}, "spec.parties: exactly one assist_trainer", "t")
+    assert st["phase"] == "Failed"
+    reasons = {c["type"]: c["reason"] for c in st["conditions"]}
+    assert reasons == {"SpecValid": "SpecInvalid", "Failed": "SpecInvalid"}
+
+
+def test_pod_view_reads_termination_details() -> None:
+    pod = {
+        "metadata": {"name": "p", "uid": "u", "deletionTimestamp": None},
+        "status": {
+            "phase": "Failed",
+            "podIP": "10.1.2.3",
+            "containerStatuses": [
+                {"name": "c", "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": "boom\n"}}}
+            ],
+        },
+    }
+    view = s.pod_view(pod)
+    assert (view.phase, view.exit_code, view.reason, view.message, view.ip) == (
+        "Failed",
+        2,
+        "Error",
+        "boom",
+        "10.1.2.3",
+    )
+    evicted = s.pod_view({"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted"}})
+    assert evicted.reason == "Evicted" and evicted.exit_code is None
