@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = sub.add_parser("validate", help="check a job YAML and print what it will do")
     validate.add_argument("job", type=Path)
+
+    certs = sub.add_parser("certs", help="make and inspect the federation's CA and party certificates")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    ca = certs_sub.add_parser("ca", help="create a federation CA: OUT/ca.crt and OUT/ca.key")
+    ca.add_argument("--out", required=True, type=Path)
+    ca.add_argument("--name", default="federation")
+    issue = certs_sub.add_parser("issue", help="issue a party certificate: OUT/ca.crt, OUT/tls.crt, OUT/tls.key")
+    issue.add_argument("--ca", required=True, type=Path, help="folder holding ca.crt and ca.key")
+    issue.add_argument("--name", required=True, help="the party's name, exactly as in spec.parties")
+    issue.add_argument("--out", required=True, type=Path)
+    issue.add_argument("--dns", action="append", default=[], help="extra DNS name the party serves under")
+    issue.add_argument("--ip", action="append", default=[], help="extra IP address the party serves under")
+    show = certs_sub.add_parser("show", help="print a certificate's subject, names and validity")
+    show.add_argument("cert", type=Path)
     return parser
 
 
@@ -181,9 +195,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedtune import certs, files
+
+    if args.certs_command == "ca":
+        ca = certs.make_ca(args.name)
+        files.write_atomic(args.out / certs.CA_FILE, ca.cert_pem)
+        files.write_atomic(args.out / "ca.key", ca.key_pem, mode=0o600)
+        print(f"wrote {args.out / certs.CA_FILE} (share it) and {args.out / 'ca.key'} (keep it secret)")
+    elif args.certs_command == "issue":
+        try:
+            ca = certs.Issued((args.ca / certs.CA_FILE).read_bytes(), (args.ca / "ca.key").read_bytes())
+        except FileNotFoundError as err:
+            raise SpecError(f"--ca {args.ca}: missing {Path(err.filename).name}") from None
+        issued = certs.issue(ca, args.name, dns_names=args.dns, ips=args.ip)
+        certs.write_bundle(args.out, ca.cert_pem, issued)
+        print(f"wrote {args.out}/{{ca.crt,tls.crt,tls.key}} for party {args.name}")
+    else:
+        print(certs.describe(args.cert.read_bytes()))
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run, "scheduler": cmd_scheduler, "assist-trainer": cmd_party, "label-trainer": cmd_party,
     "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
+    "certs": cmd_certs,
 }
 
 

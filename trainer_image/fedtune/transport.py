@@ -89,7 +89,8 @@ def call_with_retry(fn: Callable[[], T], *, what: str, deadline_s: float) -> T:
             if code not in _TRANSIENT:
                 raise TransportError(f"{what}: {code.name}: {err.details()}") from None
             if time.monotonic() + delay > deadline:
-                raise TransportError(f"{what}: gave up after {deadline_s:.0f} s: {err.details()}") from None
+                hint = " (is the peer up, and does it accept this party's certificate?)" if code.name == "UNAVAILABLE" else ""
+                raise TransportError(f"{what}: gave up after {deadline_s:.0f} s: {err.details()}{hint}") from None
             log.debug("%s: %s, retrying in %.1f s", what, code.name, delay)
         time.sleep(delay)
         delay = min(delay * 1.5, 3.0)
@@ -145,5 +146,6 @@ class PeerIdentity:
         names = peer_names(context)
         if party not in names:
             shown = ", ".join(sorted(names & self.parties)) or "no party of this job"
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"the caller's certificate names {shown}; it may not act for `{party}`")
+            message = f"the caller's certificate names {shown}; it may not act for `{party}`"
+            log.warning("refused a call from %s: %s", context.peer(), message)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
