@@ -9,9 +9,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from fedtune import certs, transport
 from fedtune.aggregator import AggregatorService
 from fedtune.jobstate import JobState
@@ -20,6 +17,8 @@ from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.secagg import make_codec
 from fedtune.spec import load_job
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
 

@@ -89,7 +89,8 @@ def call_with_retry(fn: Callable[[], T], *, what: str, deadline_s: float) -> T:
             if code not in _TRANSIENT:
                 raise TransportError(f"{what}: {code.name}: {err.details()}") from None
             if time.monotonic() + delay > deadline:
-                hint = " (is the peer up, and does it accept this party's certificate?)" if code.name == "UNAVAILABLE" else ""
+                unavailable = code == grpc.StatusCode.UNAVAILABLE
+                hint = " (is the peer up, and does it accept this party's certificate?)" if unavailable else ""
                 raise TransportError(f"{what}: gave up after {deadline_s:.0f} s: {err.details()}{hint}") from None
             log.debug("%s: %s, retrying in %.1f s", what, code.name, delay)
         time.sleep(delay)
