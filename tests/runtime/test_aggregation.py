@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from fedtune import transport
-from fedtune.aggregator import AggregatorClient, AggregatorService
+from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.jobstate import JobState
-from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.secagg import make_codec
 from fedtune.spec import Encryption
 
@@ -35,9 +34,7 @@ def test_round_is_the_sample_weighted_mean(redis_server, scheme: str) -> None:
     codec = make_codec(Encryption.model_validate(encryption))
     state = JobState.connect(redis_server.address, redis_server.password, "agg-test")
     service = AggregatorService(state, codec, rounds=1, round_timeout_s=30)
-    server, port = transport.make_server("127.0.0.1:0")
-    pb_grpc.add_AggregatorServicer_to_server(service, server)
-    server.start()
+    server, port = start_server(service, "127.0.0.1:0")
     try:
         service.configure(set(SAMPLES), own="assist_trainer")
         local = adapters(seed=3)
@@ -51,7 +48,8 @@ def test_round_is_the_sample_weighted_mean(redis_server, scheme: str) -> None:
             secrets = {peer: codec.shared_secret(keys[party], publics[peer], peer)
                        for peer in labels if peer != party and keys}
             protected = codec.protect(weighted, party=party, secrets=secrets, job_id="agg-test", round_=1)
-            AggregatorClient(f"127.0.0.1:{port}", party, None, deadline_s=30).submit(1, transport.pack_tensors(protected))
+            client = AggregatorClient(f"127.0.0.1:{port}", party, None, deadline_s=30)
+            client.submit(1, transport.pack_tensors(protected))
 
         threads = [threading.Thread(target=submit, args=(p,)) for p in labels]
         for thread in threads:

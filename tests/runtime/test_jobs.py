@@ -12,7 +12,6 @@ import torch
 
 from fedtune.launcher import LocalJob
 from fedtune.spec import load_job
-
 from support.jobs import POEMS, PTUNING, adapter_tensors, run_cli, write_job
 
 pytestmark = pytest.mark.slow
@@ -159,7 +158,8 @@ def test_parties_with_mismatched_adapters_are_refused(tmp_path: Path, tiny_model
     from fedtune.tinymodel import build_tiny_model
 
     other = build_tiny_model(tmp_path / "wider", [POEMS], hidden_size=32)
-    job = write_job(tmp_path / "job", tiny_model, party_overrides={"node-2": {"pretrained_model": {"path": str(other)}}})
+    wider = {"node-2": {"pretrained_model": {"path": str(other)}}}
+    job = write_job(tmp_path / "job", tiny_model, party_overrides=wider)
     code, output, _ = run_job(job, tmp_path / "out")
     assert code != 0
     assert "adapters do not match" in output and "node-2" in output

@@ -74,7 +74,7 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_job(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("spec: [unclosed\n")
-    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(SpecError, match=r"bad\.yaml: not valid YAML"):
         load_job(bad)
 
 

@@ -9,16 +9,17 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from fedtune import certs, transport
-from fedtune.aggregator import AggregatorService
+from fedtune.aggregator import AggregatorService, start_server
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.secagg import make_codec
 from fedtune.spec import load_job
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
 
@@ -47,10 +48,8 @@ def servers(redis_server, federation) -> Iterator[dict[str, int]]:
     pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state, identity), scheduler)
     aggregator = AggregatorService(state, make_codec(job.spec.encryption), 5, round_timeout_s=30, identity=identity)
     aggregator.configure({"assist_trainer", "node-1", "node-2"}, "assist_trainer")
-    agg_server, agg_port = transport.make_server("127.0.0.1:0", material(federation, "assist_trainer"))
-    pb_grpc.add_AggregatorServicer_to_server(aggregator, agg_server)
+    agg_server, agg_port = start_server(aggregator, "127.0.0.1:0", material(federation, "assist_trainer"))
     scheduler.start()
-    agg_server.start()
     yield {"scheduler": scheduler_port, "aggregator": agg_port}
     scheduler.stop(0)
     agg_server.stop(0)

@@ -133,6 +133,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         yield from transport.blob_chunks(header, blob or b"")
 
 
+def start_server(service: AggregatorService, listen: str,
+                 tls: transport.TlsMaterial | None = None) -> tuple[grpc.Server, int]:
+    server, port = transport.make_server(listen, tls)
+    pb_grpc.add_AggregatorServicer_to_server(service, server)
+    server.start()
+    return server, port
+
+
 class AggregatorClient:
     """A label_trainer's side: submit its protected update, fetch the global adapter."""
 

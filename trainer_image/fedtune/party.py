@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fedtune import certs, files, transport
-from fedtune.aggregator import AggregatorClient, AggregatorService
+from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
 from fedtune.models import (
@@ -32,7 +32,6 @@ from fedtune.models import (
     save_checkpoint,
 )
 from fedtune.proto import fedtune_pb2 as pb
-from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import make_codec
 from fedtune.spec import (
@@ -186,9 +185,7 @@ class Party:
                                             round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
-        server, port = transport.make_server(self.ctx.listen or "[::]:55004", self.ctx.tls)
-        pb_grpc.add_AggregatorServicer_to_server(self.aggregator, server)
-        server.start()
+        server, port = start_server(self.aggregator, self.ctx.listen or "[::]:55004", self.ctx.tls)
         log.info("aggregator listening on port %d", port)
         return server
 
