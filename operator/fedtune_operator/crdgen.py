@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from fedtune.spec import FederatedFineTune, JobSpec
 
 GROUP = "fedtune.io"

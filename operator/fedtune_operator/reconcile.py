@@ -21,9 +21,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedtune.spec import SpecError, parse_job
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from fedtune.spec import SpecError, parse_job
 
 from . import crdgen, resources, status
 from .progress import read_progress
@@ -209,6 +210,10 @@ class Reconciler:
             create(meta["namespace"], manifest)
             log.info("created %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
         except ApiException as err:
+            if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
+                # The namespace is going (and the job with it): nothing to recreate.
+                log.debug("namespace %s is terminating; not creating %s", meta["namespace"], meta["name"])
+                return
             if err.status != 409:
                 raise
             # Already there: made by an earlier pass, or an old object not yet garbage-collected;

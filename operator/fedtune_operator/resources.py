@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from fedtune.spec import FederatedFineTune, JobSpec, Party, Volume
 
 from . import crdgen

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from fedtune_operator import crdgen
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from fedtune.spec import parse_job
 from fedtune_operator import resources as r
 

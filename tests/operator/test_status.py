@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from fedtune_operator import resources as r
 from fedtune_operator import status as s
 

@@ -1,0 +1,61 @@
+{{/* The release's name for every object of the chart (at most 63 characters). */}}
+{{- define "fedtune-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fedtune-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "fedtune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fedtune
+{{- end -}}
+
+{{- define "fedtune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "fedtune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fedtune-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf):
+- watches and patches its resources (kopf keeps its bookkeeping in annotations) and writes
+  their status; `finalizers` is for the children's blockOwnerDeletion ownerReferences;
+- lists and creates the children; deletes pods (failed ones before a retry, and the rest
+  when a job ends); reads the Redis password Secret it generated (get, never list);
+- posts Events on its resources.
+*/}}
+{{- define "fedtune-operator.rules" -}}
+- apiGroups: ["fedtune.io"]
+  resources: ["federatedfinetunes"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["fedtune.io"]
+  resources: ["federatedfinetunes/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["fedtune.io"]
+  resources: ["federatedfinetunes/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps", "persistentvolumeclaims"]
+  verbs: ["list", "create"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}

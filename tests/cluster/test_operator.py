@@ -1,0 +1,550 @@
+"""The operator against a real kube-apiserver (devtools/cluster): chart, CRD, reconcile, status.
+
+The chart is installed with the project's helm; the operator runs as a subprocess
+(`python -m fedtune_operator.main`, kopf) with the chart's ServiceAccount token, so every
+API call it makes is checked against the chart's RBAC. There is no kubelet: the tests
+drive pod phases by patching `pods/status`, as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedtune.spec import parse_job
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fedtune-operator"
+EXAMPLES = REPO / "examples"
+RELEASE_NS = "fedtune-system"
+RELEASE = "fedtune"
+SA = "fedtune-fedtune-operator"
+KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims")
+WAIT_S = 30.0
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def example_documents() -> list[tuple[str, dict[str, Any]]]:
+    """Every FederatedFineTune in examples/ (a file may hold other kinds too, e.g. PVCs)."""
+    out = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
+                out.append((path.name, doc))
+    return out
+
+
+# --- cluster plumbing -----------------------------------------------------------------------
+
+
+class Api:
+    """The admin's view of the cluster, through the kubernetes client (fast, no subprocess)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        import kubernetes
+
+        self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.ApiException = kubernetes.client.exceptions.ApiException
+
+    def job(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object("fedtune.io", "v1alpha1", ns, "federatedfinetunes", name)
+        except self.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def status(self, ns: str, name: str) -> dict[str, Any]:
+        return (self.job(ns, name) or {}).get("status") or {}
+
+    def children(self, ns: str, job: str) -> dict[tuple[str, str], dict[str, Any]]:
+        selector = f"app.kubernetes.io/part-of=fedtune,fedtune.io/job={job}"
+        out = {}
+        for kind in KINDS:
+            lister = getattr(self.core, f"list_namespaced_{_API_NAMES[kind]}")
+            for item in self.client.sanitize_for_serialization(lister(ns, label_selector=selector))["items"]:
+                out[(item["kind"] if "kind" in item else _KIND_OF[kind], item["metadata"]["name"])] = item
+        return out
+
+    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.client.sanitize_for_serialization(self.core.read_namespaced_pod(name, ns))
+        except self.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def set_pod_phase(self, ns: str, name: str, phase: str, exit_code: int | None = None, **extra: Any) -> None:
+        """What a kubelet would report: phase and, for a finished pod, the container's end."""
+        pod = self.pod(ns, name)
+        assert pod is not None, f"pod {name} does not exist"
+        container = pod["spec"]["containers"][0]
+        state: dict[str, Any] = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+        if exit_code is not None:
+            state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}}
+            if extra.get("message"):
+                state["terminated"]["message"] = extra["message"]
+        status = {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": container["name"],
+                    "image": container["image"],
+                    "imageID": "",
+                    "ready": phase == "Running",
+                    "restartCount": 0,
+                    "state": state,
+                }
+            ],
+        }
+        if "ip" in extra:
+            status["podIP"] = extra["ip"]
+            status["podIPs"] = [{"ip": extra["ip"]}]
+        self.core.patch_namespaced_pod_status(name, ns, {"status": status})
+
+
+_API_NAMES = {
+    "pods": "pod",
+    "services": "service",
+    "configmaps": "config_map",
+    "secrets": "secret",
+    "persistentvolumeclaims": "persistent_volume_claim",
+}
+_KIND_OF = {
+    "pods": "Pod",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "secrets": "Secret",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+}
+
+
+class Operator:
+    """`python -m fedtune_operator.main` as a subprocess, logging to a file."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "FEDTUNE_WATCH_TIMEOUT": "20",
+            "FEDTUNE_RESYNC_SECONDS": "1",
+        }
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune_operator.main", "--all-namespaces", "--liveness", ""],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def denials(self) -> list[str]:
+        """Calls the chart's RBAC refused (the API server's wording for them)."""
+        return [line for line in self.log.read_text(errors="replace").splitlines() if "forbidden: User" in line]
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def subset(expected: Any, actual: Any, path: str = "") -> list[str]:
+    """Where `actual` differs from `expected`, ignoring what the API server adds (defaults)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected a mapping, got {actual!r}"]
+        return [d for k, v in expected.items() for d in subset(v, actual.get(k), f"{path}.{k}")]
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{path}: expected {expected!r}, got {actual!r}"]
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in subset(e, a, f"{path}[{i}]")]
+    return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
+
+
+def assert_no_rbac_denial(op: Operator) -> None:
+    """The chart's RBAC grants what the operator uses: none of its calls may be refused."""
+    assert not op.denials(), "\n".join(op.denials()[:5])
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(control_plane) -> Api:
+    return Api(control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def chart(control_plane, kubectl, helm) -> str:
+    """`helm install` of the chart (CRDs, RBAC, Deployment) into fedtune-system."""
+    result = helm(
+        "install", RELEASE, str(CHART),
+        "--kubeconfig", str(control_plane.kubeconfig),
+        "--namespace", RELEASE_NS, "--create-namespace",
+        "--set", "image.repository=fedtune/operator",
+        "--wait=false",
+    )  # fmt: skip
+    assert "STATUS: deployed" in result.stdout, result.stdout
+    return RELEASE
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(control_plane, kubectl, chart, tmp_path_factory) -> Path:
+    """A kubeconfig for the chart's ServiceAccount: the operator gets the chart's RBAC, no more."""
+    token = kubectl("create", "token", SA, "-n", RELEASE_NS, "--duration", "2h").stdout.strip()
+    admin = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "operator"}}],
+        "current-context": "operator",
+    }
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def operator(operator_kubeconfig, tmp_path_factory) -> Iterator[Operator]:
+    op = Operator(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log").start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        assert_no_rbac_denial(op)
+
+
+@pytest.fixture
+def namespace(api, kubectl) -> Iterator[str]:
+    name = f"fft-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false")
+
+
+def apply(kubectl, ns: str, doc: dict[str, Any], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=check)
+
+
+def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """What the resource builders say this resource must become (with its real uid, password)."""
+    import base64
+
+    from fedtune_operator import resources
+
+    live = api.job(ns, doc["metadata"]["name"])
+    assert live is not None
+    document = copy.deepcopy(doc)
+    document["metadata"]["namespace"] = ns
+    job = resources.Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
+    secret = api.core.read_namespaced_secret(resources.child_name(job.name, "redis"), ns)
+    password = base64.b64decode(secret.data["password"]).decode()
+    return {(c["kind"], c["metadata"]["name"]): c for c in resources.all_children(job, password)}
+
+
+def wait_for_children(api: Api, ns: str, doc: dict[str, Any], timeout: float = WAIT_S) -> dict:
+    name = doc["metadata"]["name"]
+    wait_for(f"the redis Secret of {name}", lambda: ("Secret", f"{name}-redis") in api.children(ns, name), timeout)
+    expected = expected_children(api, ns, doc)
+    wait_for(f"every child of {name}", lambda: set(api.children(ns, name)) >= set(expected), timeout)
+    return expected
+
+
+def small_job(name: str, backoff: int = 3) -> dict[str, Any]:
+    doc = yaml.safe_load((EXAMPLES / "lora-3party.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["backoffLimit"] = backoff
+    return doc
+
+
+ROLE_PODS = ("scheduler", "assist-trainer", "node-1", "node-2")
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
+    kubectl("wait", "--for=condition=Established", "crd/federatedfinetunes.fedtune.io", "--timeout=30s")
+    names = kubectl("get", "crd", "federatedfinetunes.fedtune.io", "-o", "jsonpath={.spec.names.shortNames}").stdout
+    assert "fft" in names
+    deployed = kubectl("get", "deployment,serviceaccount", "-n", RELEASE_NS, "-o", "name").stdout.split()
+    assert f"deployment.apps/{SA}" in deployed and f"serviceaccount/{SA}" in deployed
+    role = kubectl("get", "clusterrole", SA, "-o", "name").stdout.strip()
+    assert role == f"clusterrole.rbac.authorization.k8s.io/{SA}"
+    lint = helm("lint", str(CHART), "--strict")
+    assert "0 chart(s) failed" in lint.stdout
+
+
+@pytest.mark.parametrize(("source", "doc"), example_documents(), ids=[s for s, _ in example_documents()])
+def test_each_example_becomes_exactly_its_children(operator, api, kubectl, namespace, source, doc) -> None:
+    apply(kubectl, namespace, doc)
+    name = doc["metadata"]["name"]
+    expected = wait_for_children(api, namespace, doc)
+    live = api.children(namespace, name)
+    assert set(live) == set(expected), f"{source}: unexpected children {set(live) ^ set(expected)}"
+    for key, manifest in expected.items():
+        diffs = subset({k: manifest[k] for k in manifest if k not in ("apiVersion", "kind")}, live[key])
+        assert not diffs, f"{source}: {key} differs from the builders' manifest:\n" + "\n".join(diffs)
+    status = wait_for("status", lambda: api.status(namespace, name).get("phase"))
+    assert status == "Pending"
+    st = api.status(namespace, name)
+    parse = parse_job({**doc, "metadata": {"name": name}})
+    assert st["round"] == f"0/{len(parse.spec.fractions())}"
+    assert st["output"].startswith("pvc://")
+    columns = kubectl("get", "fft", name, "-n", namespace).stdout
+    assert "PHASE" in columns and "ROUND" in columns and "LOSS" in columns and "Pending" in columns
+
+
+INVALID = [
+    ("agg_steps", lambda s: s["aggregation"].update(agg_steps=1.5), "spec.aggregation.agg_steps"),
+    ("agg_steps-zero", lambda s: s["aggregation"].update(agg_steps=0), "spec.aggregation.agg_steps"),
+    (
+        "dh-bits",
+        lambda s: s.update(encryption={"otp": {"key_exchange": {"key_bitlength": 1024}}}),
+        "spec.encryption.otp.key_exchange.key_bitlength",
+    ),
+    ("otp-bits", lambda s: s.update(encryption={"otp": {"key_bitlength": 96}}), "spec.encryption.otp.key_bitlength"),
+    ("role", lambda s: s["parties"][1].update(role="boss"), "spec.parties[1].role"),
+    ("gpu", lambda s: s["parties"][2].update(resources={"gpu": -1}), "spec.parties[2].resources.gpu"),
+    ("unknown-key", lambda s: s["aggregation"].update(agg_step=0.5), 'unknown field "spec.aggregation.agg_step"'),
+    ("no-peft", lambda s: s.pop("peft"), "spec.peft"),
+    ("two-adapters", lambda s: s["peft"].update(PREFIX_TUNING={"pre_seq_len": 8}), "spec.peft"),
+    ("two-assist", lambda s: s["parties"][1].update(role="assist_trainer"), "spec.parties"),
+    ("one-party", lambda s: s.update(parties=s["parties"][:1]), "spec.parties"),
+    ("lr", lambda s: s["trainer"].update(learning_rate=-1), "spec.trainer.learning_rate"),
+    ("reserved-party", lambda s: s["parties"][1].update(name="scheduler"), "spec.parties"),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "field"), INVALID, ids=[c for c, _, _ in INVALID])
+def test_invalid_specs_are_rejected_by_the_api_server(chart, kubectl, case, mutate, field) -> None:
+    doc = small_job(f"bad-{case}")
+    mutate(doc["spec"])
+    result = apply(kubectl, "default", doc, check=False)
+    assert result.returncode != 0, f"{case}: accepted\n{result.stdout}"
+    assert field in result.stderr, f"{case}: the error does not name {field}:\n{result.stderr}"
+
+
+def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> None:
+    doc = small_job("fixed")
+    apply(kubectl, namespace, doc)
+    doc["spec"]["backoffLimit"] = 7
+    result = apply(kubectl, namespace, doc, check=False)
+    assert result.returncode != 0 and "immutable" in result.stderr
+
+
+def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, namespace) -> None:
+    doc = small_job("runs")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    api.set_pod_phase(namespace, "runs-redis", "Running")
+    api.set_pod_phase(namespace, "runs-node-1", "Running")
+    wait_for("phase Running", lambda: api.status(namespace, "runs").get("phase") == "Running")
+    st = api.status(namespace, "runs")
+    assert st["parties"]["node-1"]["state"] == "Running" and st["startTime"]
+    running = next(c for c in st["conditions"] if c["type"] == "Running")
+    assert running["status"] == "True"
+    for suffix in ROLE_PODS:
+        api.set_pod_phase(namespace, f"runs-{suffix}", "Running")
+    for suffix in ROLE_PODS:
+        api.set_pod_phase(namespace, f"runs-{suffix}", "Succeeded", exit_code=0)
+    wait_for("phase Succeeded", lambda: api.status(namespace, "runs").get("phase") == "Succeeded")
+    st = api.status(namespace, "runs")
+    assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in st["conditions"])
+    assert st["completionTime"] and st["output"] == "pvc://runs-output/"
+    # Redis is stopped once the job is done; finished pods stay for `kubectl logs`.
+    wait_for("redis stopped", lambda: api.pod(namespace, "runs-redis") is None)
+    assert all(api.pod(namespace, f"runs-{s}") for s in ROLE_PODS)
+    events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=runs").stdout
+    assert "Succeeded" in events
+
+
+def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator, api, kubectl, namespace) -> None:
+    doc = small_job("flaky", backoff=1)
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in ("redis", *ROLE_PODS):
+        api.set_pod_phase(namespace, f"flaky-{suffix}", "Running")
+    wait_for("phase Running", lambda: api.status(namespace, "flaky").get("phase") == "Running")
+
+    first_uid = api.pod(namespace, "flaky-node-1")["metadata"]["uid"]
+    api.set_pod_phase(namespace, "flaky-node-1", "Failed", exit_code=2, message="data/poems/part-1.json: line 3")
+
+    def recreated() -> bool:
+        pod = api.pod(namespace, "flaky-node-1")
+        return pod is not None and pod["metadata"]["uid"] != first_uid
+
+    wait_for("node-1 recreated after its first failure", recreated)
+    st = wait_for("restart counted", lambda: api.status(namespace, "flaky")["parties"]["node-1"].get("restarts") == 1)
+    st = api.status(namespace, "flaky")
+    assert st["parties"]["node-1"]["failures"] == 1 and st["phase"] != "Failed"
+
+    api.set_pod_phase(namespace, "flaky-node-1", "Failed", exit_code=2, message="data/poems/part-1.json: line 3")
+    wait_for("phase Failed", lambda: api.status(namespace, "flaky").get("phase") == "Failed")
+    st = api.status(namespace, "flaky")
+    failed = next(c for c in st["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    for needle in ("node-1", "exit code 2", "data/poems/part-1.json: line 3", "backoffLimit 1"):
+        assert needle in failed["message"], failed["message"]
+    # The others are stopped; the failed pod stays for its logs and is not run again.
+    wait_for("others stopped", lambda: api.pod(namespace, "flaky-node-2") is None)
+    assert api.pod(namespace, "flaky-node-1")["status"]["phase"] == "Failed"
+    time.sleep(1.5)  # a resync later, still nothing recreated
+    assert api.pod(namespace, "flaky-node-2") is None and api.pod(namespace, "flaky-redis") is None
+
+
+def test_a_deleted_pod_is_recreated(operator, api, kubectl, namespace) -> None:
+    doc = small_job("again")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    api.set_pod_phase(namespace, "again-scheduler", "Running")
+    wait_for("phase Running", lambda: api.status(namespace, "again").get("phase") == "Running")
+    uid = api.pod(namespace, "again-scheduler")["metadata"]["uid"]
+    kubectl("delete", "pod", "again-scheduler", "-n", namespace)
+    wait_for(
+        "scheduler recreated",
+        lambda: (p := api.pod(namespace, "again-scheduler")) is not None and p["metadata"]["uid"] != uid,
+    )
+    st = wait_for("restart counted", lambda: api.status(namespace, "again")["scheduler"].get("restarts") == 1)
+    assert api.status(namespace, "again")["scheduler"]["failures"] == 0 and st
+
+
+def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:
+    doc = small_job("gone")
+    doc["spec"]["redis"] = {"persistence": True}
+    apply(kubectl, namespace, doc)
+    expected = wait_for_children(api, namespace, doc)
+    assert ("PersistentVolumeClaim", "gone-redis-data") in expected
+    kubectl("delete", "fft", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
+    # kube-controller-manager's garbage collector follows the ownerReferences.
+    wait_for("every child gone", lambda: not api.children(namespace, "gone"), timeout=60)
+
+
+def test_progress_is_mirrored_from_the_jobs_redis(operator, api, kubectl, namespace, tmp_path) -> None:
+    """A real redis-server stands in for the Redis pod (at the 127/8 address its status names)."""
+    import base64
+    import random
+    import shutil
+
+    from fedtune.jobstate import JobState
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("redis-server is not installed")
+    doc = small_job("tracked")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    secret = api.core.read_namespaced_secret("tracked-redis", namespace)
+    password = base64.b64decode(secret.data["password"]).decode()
+    host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f'bind {host}\nport 6379\nrequirepass {password}\nsave ""\nappendonly no\ndir {tmp_path}\n')
+    proc = subprocess.Popen([redis_server, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        state = wait_for("redis up", lambda: _connect(JobState, host, password))
+        state.init(5, {"assist_trainer": "assist_trainer", "node-1": "label_trainer", "node-2": "label_trainer"})
+        state.put_global(3, b"adapter")
+        state.update_party("node-1", round=3, step=30, loss=0.75)
+        api.set_pod_phase(namespace, "tracked-redis", "Running", ip=host)
+        api.set_pod_phase(namespace, "tracked-node-1", "Running")
+        st = wait_for("round 3/5", lambda: (s := api.status(namespace, "tracked")).get("round") == "3/5" and s)
+        assert st["loss"] == pytest.approx(0.75)
+        assert st["parties"]["node-1"]["step"] == 30
+        assert "3/5" in kubectl("get", "fft", "tracked", "-n", namespace).stdout
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _connect(job_state: Any, host: str, password: str) -> Any:
+    try:
+        state = job_state.connect(f"{host}:6379", password, "tracked", timeout_s=1.0)
+        state.r.ping()
+        return state
+    except Exception:
+        return None
+
+
+def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
+    operator_kubeconfig, operator, api, kubectl, namespace, tmp_path
+) -> None:
+    docs = [small_job(f"burst-{i}") for i in range(8)]
+    text = "\n---\n".join(yaml.safe_dump(d) for d in docs)
+    operator.stop()  # the shared one: this test runs its own, killed mid-reconcile
+    try:
+        first = Operator(operator_kubeconfig, tmp_path / "first.log").start()
+        kubectl("apply", "-n", namespace, "-f", "-", input=text)
+        wait_for("the first children", lambda: any(api.children(namespace, d["metadata"]["name"]) for d in docs))
+        first.stop(signal.SIGKILL)  # no clean shutdown: whatever it was doing is cut off
+        second = Operator(operator_kubeconfig, tmp_path / "second.log").start()
+        try:
+            expected = {d["metadata"]["name"]: wait_for_children(api, namespace, d) for d in docs}
+            uids_before = {}
+            for name, want in expected.items():
+                live = api.children(namespace, name)
+                assert set(live) == set(want), f"{name}: {set(live) ^ set(want)}"
+                uids_before.update({k: v["metadata"]["uid"] for k, v in live.items()})
+            # One Secret each, never regenerated: the password the pods were given still holds.
+            for name in expected:
+                secrets = api.core.list_namespaced_secret(namespace, label_selector=f"fedtune.io/job={name}").items
+                assert len(secrets) == 1
+        finally:
+            second.stop()
+            assert_no_rbac_denial(first)
+            assert_no_rbac_denial(second)
+        third = Operator(operator_kubeconfig, tmp_path / "third.log").start()
+        try:
+            time.sleep(3)  # resumed, resynced: nothing is created again
+            uids_after = {}
+            for name in expected:
+                uids_after.update({k: v["metadata"]["uid"] for k, v in api.children(namespace, name).items()})
+            assert uids_after == uids_before
+        finally:
+            third.stop()
+            assert_no_rbac_denial(third)
+    finally:
+        operator.start()
