@@ -1,0 +1,271 @@
+"""Secure-aggregation benchmark (issue 3): the cost of `otp` against `plain`, measured side by side.
+
+For a ChatGLM-6B LoRA adapter (r=8 on query_key_value: 3,670,016 weights in 56 tensors) and a
+P-tuning v2 prefix (pre_seq_len 20: 4,587,520 weights in one tensor), for 2, 4, 8 and 16 parties,
+each mask generator and 64/128-bit encodings, it times
+
+- per party: encode + mask (`protect`) of one label_trainer, which masks against every other one;
+- aggregator: sum + decode (`combine`) of all the parties' protected updates;
+
+next to `plain` (float32 copy; float64 sum) in the same run, and prints the bytes each party
+sends. All times are single-threaded wall clock, best of --repeat runs. The aggregator's work
+does not depend on the generator, so it is timed once per (adapter, parties, bits).
+
+    python bench/secagg.py           # the full matrix (several minutes, mostly HMAC_DRBG)
+    python bench/secagg.py --quick   # LoRA only, 2 and 8 parties (about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cryptography
+import numpy as np
+from cryptography.hazmat.backends.openssl import backend as openssl_backend
+
+from fedtune.secagg import Tensors, UpdateCodec, make_codec
+from fedtune.secagg.streams import make_generator, mask_info
+
+GOAL_SPEEDUP = 20.0  # fast generator vs HMAC_DRBG
+GOAL_MASK_GBPS = 1.0  # mask bytes per second and core
+GOAL_ADDED_S = 1.0  # added per round and party, 8 parties
+
+
+def lora_shapes() -> dict[str, tuple[int, ...]]:
+    """ChatGLM-6B, LoRA r=8 on query_key_value: 28 layers x (A: 8x4096, B: 12288x8)."""
+    shapes = {}
+    for layer in range(28):
+        prefix = f"base_model.model.transformer.layers.{layer}.attention.query_key_value"
+        shapes[f"{prefix}.lora_A.weight"] = (8, 4096)
+        shapes[f"{prefix}.lora_B.weight"] = (12288, 8)
+    return shapes
+
+
+def ptuning_shapes() -> dict[str, tuple[int, ...]]:
+    """ChatGLM-6B P-tuning v2, pre_seq_len 20: one embedding of 20 x (28 layers x 2 x 4096)."""
+    return {"transformer.prefix_encoder.embedding.weight": (20, 28 * 2 * 4096)}
+
+
+ADAPTERS = {"lora-r8": lora_shapes, "ptuning-v2": ptuning_shapes}
+
+
+def machine() -> str:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return "\n".join(
+        [
+            f"platform:     {platform.platform()}",
+            f"cpu:          {model}, {os.cpu_count()} logical cores ({usable} usable); this benchmark uses one",
+            f"python:       {platform.python_version()}, numpy {np.__version__}, "
+            f"cryptography {cryptography.__version__}",
+            f"openssl:      {openssl_backend.openssl_version_text()} (cryptography), {ssl.OPENSSL_VERSION} (hashlib)",
+        ]
+    )
+
+
+def best_of(repeat: int, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def secrets_for(parties: list[str]) -> dict[str, dict[str, bytes]]:
+    """Pair secrets as a 3072-bit key agreement would give them (their value does not change the cost)."""
+    out: dict[str, dict[str, bytes]] = {p: {} for p in parties}
+    for i, a in enumerate(parties):
+        for b in parties[i + 1 :]:
+            out[a][b] = out[b][a] = hashlib.shake_256(f"{a}|{b}".encode()).digest(384)
+    return out
+
+
+def updates_for(shapes: dict[str, tuple[int, ...]], parties: list[str]) -> dict[str, Tensors]:
+    """Weighted updates (FedAvg with equal weights) of a realistic magnitude."""
+    rng = np.random.default_rng(0)
+    return {
+        p: {
+            name: (rng.standard_normal(shape, dtype=np.float32) * (0.01 / len(parties)))
+            for name, shape in shapes.items()
+        }
+        for p in parties
+    }
+
+
+def otp(bits: int, generator: str) -> UpdateCodec:
+    csprng = {"name": generator, "method": "sha512"}
+    return make_codec({"otp": {"key_bitlength": bits, "key_exchange": {"key_bitlength": 3072}, "csprng": csprng}})
+
+
+def protect_one(codec: UpdateCodec, update: Tensors, party: str, secrets: dict[str, bytes]) -> Tensors:
+    return codec.protect(update, party=party, secrets=secrets, job_id="bench", round_=1)
+
+
+# --- generator throughput --------------------------------------------------------------------------
+
+
+def generator_throughput(megabytes: int) -> dict[str, float]:
+    """Bytes per second of mask from one stream, read as the codec reads it (64 KiB at a time)."""
+    rates = {}
+    buffer = bytearray(1 << 16)
+    view = memoryview(buffer)
+    for label, name, method, size in [
+        ("hmac_drbg/sha256", "hmac_drbg", "sha256", megabytes // 4),
+        ("hmac_drbg/sha512", "hmac_drbg", "sha512", megabytes // 4),
+        ("chacha20", "chacha20", "sha512", megabytes * 8),
+    ]:
+        generator = make_generator(name, method)
+        chunks = max(1, (size << 20) // len(buffer))
+
+        def run(generator=generator, chunks=chunks) -> None:
+            stream = generator.stream(bytes(384), mask_info("bench", 0, "w", 0))
+            for _ in range(chunks):
+                stream.read_into(view)
+
+        seconds, _ = best_of(2, run)
+        rates[label] = chunks * len(buffer) / seconds
+    return rates
+
+
+# --- the matrix -----------------------------------------------------------------------------------
+
+
+def bench_adapter(
+    adapter: str, party_counts: list[int], bits_list: list[int], generators: list[str], repeat: int
+) -> list[dict]:
+    shapes = ADAPTERS[adapter]()
+    weights = sum(int(np.prod(s)) for s in shapes.values())
+    rows = []
+    plain = make_codec({"plain": {}})
+    for n in party_counts:
+        parties = [f"node-{i:02d}" for i in range(n)]
+        updates, secrets = updates_for(shapes, parties), secrets_for(parties)
+        me = parties[0]
+        plain_party, _ = best_of(repeat, protect_one, plain, updates[me], me, {})
+        plain_updates = {p: protect_one(plain, updates[p], p, {}) for p in parties}
+        plain_agg, _ = best_of(repeat, plain.combine, plain_updates, {})
+        for bits in bits_list:
+            # The aggregator's inputs: every party's update, masked with the fast generator.
+            fast = otp(bits, "chacha20")
+            protected = {p: protect_one(fast, updates[p], p, secrets[p]) for p in parties}
+            agg, total = best_of(repeat, fast.combine, protected, {})
+            exact = sum(u[next(iter(shapes))].astype(np.float64) for u in updates.values())
+            error = float(np.abs(total[next(iter(shapes))] - exact).max())
+            sent = sum(t.nbytes for t in protected[me].values())
+            del protected
+            for generator in generators:
+                codec = otp(bits, generator)
+                # HMAC_DRBG runs take seconds and vary little: one run each
+                runs = repeat if generator == "chacha20" else 1
+                party_s, _ = best_of(runs, protect_one, codec, updates[me], me, secrets[me])
+                mask_bytes = (n - 1) * weights * bits // 8
+                rows.append(
+                    {
+                        "adapter": adapter,
+                        "weights": weights,
+                        "parties": n,
+                        "bits": bits,
+                        "generator": generator,
+                        "party_s": party_s,
+                        "plain_party_s": plain_party,
+                        "agg_s": agg,
+                        "plain_agg_s": plain_agg,
+                        "sent": sent,
+                        "plain_sent": weights * 4,
+                        "mask_gbps": mask_bytes / party_s / 1e9 if n > 1 else float("nan"),
+                        "max_error": error,
+                    }
+                )
+                print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'adapter':<11}{'parties':>7}{'bits':>5} {'generator':<10}"
+    f"{'party s':>9}{'x plain':>9}{'added s':>9}{'mask GB/s':>10}"
+    f"{'agg s':>8}{'x plain':>9}{'MB sent':>9}{'x plain':>8}{'max err':>10}"
+)
+
+
+def format_row(r: dict) -> str:
+    return (
+        f"{r['adapter']:<11}{r['parties']:>7}{r['bits']:>5} {r['generator']:<10}"
+        f"{r['party_s']:>9.3f}{r['party_s'] / r['plain_party_s']:>9.1f}{r['party_s'] - r['plain_party_s']:>9.3f}"
+        f"{r['mask_gbps']:>10.2f}{r['agg_s']:>8.3f}{r['agg_s'] / r['plain_agg_s']:>9.1f}"
+        f"{r['sent'] / 1e6:>9.1f}{r['sent'] / r['plain_sent']:>8.1f}{r['max_error']:>10.1e}"
+    )
+
+
+def verdicts(rates: dict[str, float], rows: list[dict]) -> list[str]:
+    out = []
+    for method in ("sha256", "sha512"):
+        speedup = rates["chacha20"] / rates[f"hmac_drbg/{method}"]
+        ok = "met" if speedup >= GOAL_SPEEDUP else "MISSED"
+        out.append(f"chacha20 vs hmac_drbg/{method}: {speedup:.0f}x (goal >= {GOAL_SPEEDUP:.0f}x): {ok}")
+    gbps = rates["chacha20"] / 1e9
+    ok = "met" if gbps >= GOAL_MASK_GBPS else "MISSED"
+    out.append(f"chacha20 mask stream: {gbps:.2f} GB/s on one core (goal >= {GOAL_MASK_GBPS:.0f} GB/s): {ok}")
+    for r in rows:
+        if r["parties"] == 8:
+            added = r["party_s"] - r["plain_party_s"]
+            ok = "met" if added < GOAL_ADDED_S else "missed"
+            out.append(
+                f"8 parties, {r['adapter']}, {r['bits']}-bit {r['generator']}: adds {added:.3f} s per label_trainer "
+                f"and round (goal < {GOAL_ADDED_S:.0f} s): {ok}; "
+                f"the aggregator adds {r['agg_s'] - r['plain_agg_s']:.3f} s"
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="LoRA adapter, 2 and 8 parties only")
+    parser.add_argument("--repeat", type=int, default=None, help="best of N runs per measurement (default 3, quick 1)")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (1 if args.quick else 3)
+    adapters = ["lora-r8"] if args.quick else list(ADAPTERS)
+    party_counts = [2, 8] if args.quick else [2, 4, 8, 16]
+
+    print(machine())
+    print()
+    rates = generator_throughput(16 if args.quick else 64)
+    print("mask generator throughput (one stream, one core):")
+    for label, rate in rates.items():
+        print(f"  {label:<18}{rate / 1e6:>10.1f} MB/s")
+    print()
+    print("per party: encode + mask of one label_trainer's update against all other label_trainers;")
+    print("added s = party s - plain party s; agg: sum + decode of all parties' updates (same for each generator);")
+    print("mask GB/s = mask bytes generated and applied per second; max err = |otp sum - float64 sum| on one tensor.")
+    print(HEADER)
+    rows = []
+    for adapter in adapters:
+        rows += bench_adapter(adapter, party_counts, [64, 128], ["chacha20", "hmac_drbg"], repeat)
+    print()
+    print("goals (issue 3):")
+    for line in verdicts(rates, rows):
+        print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
