@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -113,6 +115,28 @@ def test_unknown_generator_or_key_length_is_refused_naming_the_field(otp: dict, 
         Encryption.model_validate({"otp": otp})
     with pytest.raises(SecAggError, match=re.escape(f"encryption: {field}: ")):
         make_codec({"otp": otp})
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_encoding_is_exactly_trunc_of_the_scaled_value(bits: int, dtype) -> None:
+    """trunc(x · 2^(bits/2)) mod 2^bits, computed with exact rationals, for values across many magnitudes."""
+    fixed = FixedPoint(bits)
+    rng = np.random.default_rng(bits)
+    edge = [0.0, -0.0, 1.0, -1.0, -0.75, 2.0**-40, -(2.0**-60), -(2.0**-64), -3 * 2.0**-65, -1e-30, 32767.5, -32767.5]
+    scattered = rng.standard_normal(20_000) * np.exp2(rng.integers(-80, 14, 20_000))  # spans several blocks
+    values = np.concatenate([edge, scattered]).astype(dtype)
+    encoded = fixed.encode(values, "t")
+    for i in [*range(len(edge)), *rng.integers(len(edge), len(values), 500)]:
+        word = sum(int(encoded[limb, i]) << (64 * limb) for limb in range(fixed.limbs))
+        assert word == math.trunc(Fraction(float(values[i])) * 2 ** (bits // 2)) % 2**bits, values[i]
+    # decoding loses at most the truncation and the rounding to float32; at 128 bits a float32 of
+    # magnitude >= 2^-40 has no bits below 2^-64 and comes back exactly
+    decoded = fixed.decode(encoded, 1, "t")
+    assert np.all(np.abs(decoded - values) <= 2.0 ** -(bits // 2) + np.abs(values) * 2.0**-24)
+    if bits == 128 and dtype == np.float32:
+        representable = np.abs(values) >= 2.0**-40
+        assert np.array_equal(decoded[representable], values[representable])
 
 
 def test_fixed_point_range_and_resolution() -> None:

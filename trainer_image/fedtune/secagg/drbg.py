@@ -26,14 +26,14 @@ class _Hmac:
         if len(key) > block:
             key = hashlib.new(method, key).digest()
         key = key.ljust(block, b"\0")
-        self._inner: Any = hashlib.new(method, bytes(b ^ 0x36 for b in key))
-        self._outer: Any = hashlib.new(method, bytes(b ^ 0x5C for b in key))
+        self.inner: Any = hashlib.new(method, bytes(b ^ 0x36 for b in key))
+        self.outer: Any = hashlib.new(method, bytes(b ^ 0x5C for b in key))
 
     def __call__(self, *parts: bytes) -> bytes:
-        inner = self._inner.copy()
+        inner = self.inner.copy()
         for part in parts:
             inner.update(part)
-        outer = self._outer.copy()
+        outer = self.outer.copy()
         outer.update(inner.digest())
         return outer.digest()
 
@@ -73,9 +73,14 @@ class HmacDrbg:
             raise SecAggError("HMAC_DRBG reached its reseed interval (2^48 requests)")
         if additional_input:
             self._update(additional_input)
-        mac, v, blocks = self._mac, self._v, []
+        # The hot loop of mask generation: V = HMAC(Key, V), with the HMAC inlined.
+        inner, outer, v, blocks = self._mac.inner, self._mac.outer, self._v, []
         for _ in range(-(-n_bytes // self.outlen)):
-            v = mac(v)
+            h = inner.copy()
+            h.update(v)
+            o = outer.copy()
+            o.update(h.digest())
+            v = o.digest()
             blocks.append(v)
         self._v = v
         self._update(additional_input)

@@ -28,29 +28,6 @@ MAX_CONTRIBUTIONS = 1 << HEADROOM_BITS
 ENCODE_BLOCK = 1 << 14  # elements per block: a few float64/uint64 scratch arrays stay in L2
 
 
-class _Scratch:
-    """Reusable block-sized temporaries for encoding."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._f = np.empty((2, size), dtype=np.float64)
-        self._u = np.empty((2, size), dtype=np.uint64)
-        self._b = np.empty(size, dtype=bool)
-
-    def sized(self, n: int) -> _Scratch:
-        if n == self.size:
-            return self
-        view = object.__new__(_Scratch)
-        view.size, view._f, view._u, view._b = n, self._f[:, :n], self._u[:, :n], self._b[:n]
-        return view
-
-    f1 = property(lambda self: self._f[0])
-    f2 = property(lambda self: self._f[1])
-    u1 = property(lambda self: self._u[0])
-    u2 = property(lambda self: self._u[1])
-    b1 = property(lambda self: self._b)
-
-
 @dataclass(frozen=True)
 class FixedPoint:
     bits: int  # 64 or 128
@@ -101,44 +78,50 @@ class FixedPoint:
         out = np.empty((self.limbs, flat.size), dtype=np.uint64)
         # Work through cache-sized blocks with reused scratch: whole-tensor temporaries would make
         # this memory-bound (and page-fault-bound) rather than compute-bound.
-        scratch = _Scratch(min(flat.size, ENCODE_BLOCK))
-        encode_block = self._encode_64 if self.limbs == 1 else self._encode_128
+        block = min(flat.size, ENCODE_BLOCK)
+        floats, words, flags = np.empty((2, block)), np.empty((2, block), np.uint64), np.empty(block, bool)
         for start in range(0, flat.size, ENCODE_BLOCK):
             stop = min(flat.size, start + ENCODE_BLOCK)
-            encode_block(flat[start:stop], out[:, start:stop], scratch.sized(stop - start))
+            k = stop - start
+            if self.limbs == 1:
+                self._encode_64(flat[start:stop], out[:, start:stop], floats[0, :k])
+            else:
+                self._encode_128(flat[start:stop], out[:, start:stop], floats[:, :k], words[:, :k], flags[:k])
         return out
 
     @staticmethod
-    def _encode_64(values: np.ndarray, out: np.ndarray, s: _Scratch) -> None:
+    def _encode_64(values: np.ndarray, out: np.ndarray, scaled: np.ndarray) -> None:
         # Scaling by a power of two is exact in float64 for float32 and float64 inputs; the C cast to
         # int64 truncates toward zero, and its two's complement bits are the value mod 2^64.
-        np.multiply(values, 2.0**32, out=s.f1)
-        np.copyto(out[0].view(np.int64), s.f1, casting="unsafe")
+        np.multiply(values, 2.0**32, out=scaled)
+        np.copyto(out[0].view(np.int64), scaled, casting="unsafe")
 
     @staticmethod
-    def _encode_128(values: np.ndarray, out: np.ndarray, s: _Scratch) -> None:
+    def _encode_128(
+        values: np.ndarray, out: np.ndarray, floats: np.ndarray, words: np.ndarray, flags: np.ndarray
+    ) -> None:
         # |x|·2^64 splits exactly into floor(|x|) (high limb) and frac(|x|)·2^64 (low limb): for a
         # non-negative float both parts keep a subset of its mantissa bits. Flooring the low part
         # truncates |x|·2^64; negating in two's complement then gives trunc(x·2^64).
-        magnitude, high = s.f1, s.f2
+        magnitude, high = floats
         np.abs(values, out=magnitude)
         np.floor(magnitude, out=high)
         np.subtract(magnitude, high, out=magnitude)
         magnitude *= 2.0**64
         np.floor(magnitude, out=magnitude)
-        lo, hi = out[0], out[1]
+        lo, hi = out
         np.copyto(hi, high, casting="unsafe")
         np.copyto(lo, magnitude, casting="unsafe")
         # Branch-free conditional negation: -v = (v XOR all-ones) + 1, the +1 carrying into the high limb.
-        negative, flip, carry = s.u1, s.u2, s.b1
-        np.signbit(values, out=carry)
-        np.copyto(negative, carry)
+        negative, flip = words
+        np.signbit(values, out=flags)
+        np.copyto(negative, flags)
         np.negative(negative, out=flip)  # all ones where negative, else 0
         np.bitwise_xor(lo, flip, out=lo)
         np.add(lo, negative, out=lo)
-        np.less(lo, negative, out=carry)  # the +1 wrapped the low limb
+        np.less(lo, negative, out=flags)  # the +1 wrapped the low limb
         np.bitwise_xor(hi, flip, out=hi)
-        np.add(hi, carry, out=hi)
+        np.add(hi, flags, out=hi)
 
     # --- decode --------------------------------------------------------------------------
 
@@ -147,9 +130,7 @@ class FixedPoint:
         if self.limbs == 1:
             values = encoded[0].view(np.int64).astype(np.float64) * self.resolution
         else:
-            # value = hi·2^64 + lo with hi signed; in units of 2^-64 that is hi + lo·2^-64.
-            values = encoded[1].view(np.int64).astype(np.float64)
-            values += encoded[0].astype(np.float64) * 2.0**-64
+            values = self._decode_128(encoded)
         bound = contributions * self.limit
         if values.size and float(np.abs(values).max()) > bound:
             raise SecAggError(
@@ -158,3 +139,20 @@ class FixedPoint:
                 "masked for another job, round or set of peers)"
             )
         return values.astype(np.float32)
+
+    @staticmethod
+    def _decode_128(encoded: np.ndarray) -> np.ndarray:
+        # Convert the magnitude and then apply the sign: hi + lo·2^-64 computed on the two's complement
+        # limbs of a small negative value would cancel (-1 + 0.999...) and lose its low bits.
+        lo, hi = encoded
+        negative = hi >> np.uint64(63)
+        flip = np.negative(negative)
+        magnitude_lo = np.bitwise_xor(lo, flip)
+        magnitude_lo += negative
+        carry = np.less(magnitude_lo, negative)
+        magnitude_hi = np.bitwise_xor(hi, flip)
+        magnitude_hi += carry
+        values = magnitude_hi.astype(np.float64)
+        values += magnitude_lo.astype(np.float64) * 2.0**-64
+        values *= 1.0 - 2.0 * negative
+        return values
