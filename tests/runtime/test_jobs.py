@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from fedtune.launcher import LocalJob
 from fedtune.spec import load_job
-from support.jobs import POEMS, PTUNING, adapter_tensors, run_cli, write_job
+from support.jobs import POEMS, PTUNING, adapter_tensors, kill_after_first_round, run_cli, wait_until, write_job
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2")
@@ -82,27 +80,14 @@ def test_ptuning_job_completes_with_prefix_only(tmp_path: Path, tiny_model: Path
     assert chat.stdout.strip()
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) -> None:
     # node-1 holds most data, so it is the slowest: the others wait for it at every round.
-    job_path = write_job(tmp_path / "job", tiny_model, sizes=(8, 160, 8), agg_steps=0.25, epochs=1)
+    job_path = write_job(tmp_path / "job", tiny_model, sizes=(16, 160, 16), agg_steps=0.25, epochs=1)
     local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
     try:
         local.start()
-        wait_until(lambda: local.status().parties.get("node-1") is not None
-                   and local.status().parties["node-1"].round >= 1, 240, "node-1 to finish round 1")
-        assert local.status().parties["node-1"].round < 4, "node-1 finished before it could be killed"
-        local.kill_role("node-1", signal.SIGKILL)
-        local.start_role("node-1")
-        wait_until(local.finished, 300, "the job to finish after the restart")
+        kill_after_first_round(local)
+        wait_until(local.finished, 300, "the job to finish after the restart", local)
         assert local.failed_role() is None
         assert local.status().phase == "Succeeded"
     finally:

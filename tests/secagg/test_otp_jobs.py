@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +12,17 @@ from fedtune.launcher import LocalJob
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.spec import load_job
-from support.jobs import adapter_tensors, run_cli, write_job
+from support.jobs import adapter_tensors, kill_after_first_round, run_cli, wait_until, write_job
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2")
-OTP = {"otp": {"key_bitlength": 64, "key_exchange": {"key_bitlength": 2048, "optimized": True},
-               "csprng": {"name": "hmac_drbg", "method": "sha512"}}}
+OTP = {
+    "otp": {
+        "key_bitlength": 64,
+        "key_exchange": {"key_bitlength": 2048, "optimized": True},
+        "csprng": {"name": "hmac_drbg", "method": "sha512"},
+    }
+}
 OTP_FAST = {"otp": {"key_bitlength": 128, "key_exchange": {"curve": "x25519"}, "csprng": {"name": "chacha20"}}}
 # Round 1's global adapter: the fixed-point sum of 3 updates is off by at most 3 * 2^-32 per weight before
 # it is rounded to float32, so the two results differ by at most that plus float32 rounding of the value.
@@ -50,26 +53,15 @@ def test_otp_job_matches_plain_within_fixed_point_precision(tmp_path: Path, tiny
         assert all(np.array_equal(final[0][k].numpy(), other[k].numpy()) for k in final[0])
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_label_trainer_restarted_under_otp_still_decodes(tmp_path: Path, tiny_model: Path) -> None:
-    job_path = write_job(tmp_path / "job", tiny_model, encryption=OTP_FAST, sizes=(8, 160, 8), agg_steps=0.25,
-                         epochs=1)
+    job_path = write_job(
+        tmp_path / "job", tiny_model, encryption=OTP_FAST, sizes=(16, 160, 16), agg_steps=0.25, epochs=1
+    )
     local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
     try:
         local.start()
-        wait_until(lambda: (p := local.status().parties.get("node-1")) is not None and p.round >= 1, 240,
-                   "node-1 to finish round 1")
-        local.kill_role("node-1", signal.SIGKILL)
-        local.start_role("node-1")
-        wait_until(local.finished, 300, "the job to finish after the restart")
+        kill_after_first_round(local)
+        wait_until(local.finished, 300, "the job to finish after the restart", local)
         assert local.status().phase == "Succeeded"
     finally:
         local.stop()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +68,28 @@ def adapter_tensors(checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(checkpoint / "adapter_model.safetensors"))
+
+
+def wait_until(predicate, timeout: float, what: str, local=None) -> None:
+    """Poll `predicate`; fail at once, with its log, if any role of `local` (a LocalJob) dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        failed = local.failed_role() if local is not None else None
+        if failed is not None:
+            raise AssertionError(f"{failed.name} failed while waiting for {what}:\n{failed.log_tail(30)}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_after_first_round(local, party: str = "node-1") -> None:
+    """SIGKILL `party` once it has saved its resumable state after round 1, then start it again."""
+    from fedtune.party import STATE_DIR
+    from fedtune.training import latest_state
+
+    state_dir = local.output / party / STATE_DIR / "trainer"
+    wait_until(lambda: latest_state(state_dir) is not None, 240, f"{party} to save its state after round 1", local)
+    assert local.status().parties[party].state != "succeeded", f"{party} finished before it could be killed"
+    local.kill_role(party, signal.SIGKILL)
+    local.start_role(party)

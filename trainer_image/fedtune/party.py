@@ -43,7 +43,7 @@ from fedtune.spec import (
     resolve_path,
     shared_config,
 )
-from fedtune.training import plan_max_steps, train
+from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,13 @@ class Party:
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
 
+        state_dir = self.state_dir / "trainer"
+        resume = latest_state(state_dir)
+        if resume is not None:
+            log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
         self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log, state_dir=self.state_dir / "trainer")
+              on_round=self._exchange, on_log=on_log, state_dir=state_dir)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:
