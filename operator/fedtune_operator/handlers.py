@@ -2,6 +2,7 @@
 
 - FederatedFineTune created, resumed (operator start) or updated -> reconcile it.
 - A pod of a job changed or vanished -> reconcile its job (pods carry `fedtune.io/job`).
+- A Service, ConfigMap or claim of a job was deleted -> reconcile its job, which makes it again.
 - Every `FEDTUNE_RESYNC_SECONDS` the unfinished jobs are reconciled once more: that
   mirrors round and loss from Redis, which sends no Kubernetes events.
 
@@ -135,10 +136,27 @@ def forget_deleted_job(event: dict[str, Any], namespace: str, name: str, **_: An
         _reconciler().forget(namespace, name)
 
 
-@kopf.on.event("", "v1", "pods", labels=POD_LABELS)
-def pod_changed(event: dict[str, Any], body: kopf.Body, namespace: str, **_: Any) -> None:
+def _run_for_child(body: kopf.Body, namespace: str) -> None:
     job = body["metadata"]["labels"][resources.LABEL_JOB]
     try:
         _run(namespace, job)
     except kopf.TemporaryError as err:
         log.info("job %s/%s: %s (the resync retries)", namespace, job, err)
+
+
+@kopf.on.event("", "v1", "pods", labels=POD_LABELS)
+def pod_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+    _run_for_child(body, namespace)
+
+
+@kopf.on.event("", "v1", "services", labels=POD_LABELS)
+@kopf.on.event("", "v1", "configmaps", labels=POD_LABELS)
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=POD_LABELS)
+def static_child_changed(event: dict[str, Any], body: kopf.Body, namespace: str, **_: Any) -> None:
+    """Someone deleted a Service, ConfigMap or claim of a job: make it again."""
+    if event.get("type") != "DELETED":
+        return
+    for ref in body["metadata"].get("ownerReferences") or []:
+        if ref.get("kind") == crdgen.KIND:
+            _reconciler().static_changed(ref["uid"])
+    _run_for_child(body, namespace)

@@ -7,6 +7,10 @@ One pass (`Reconciler.reconcile`) is idempotent and safe to repeat at any time:
 - writes the status before acting on pods, so a crash between the two never counts a
   failure twice (see `status.plan`).
 
+The static children (Secret, ConfigMap, Services, PVCs) are checked on a job's first
+pass in this process and again whenever one of them is deleted (`static_changed`); pod
+events, the frequent ones, only look at pods.
+
 Passes for one resource never overlap: a pass requested while one runs marks the job
 dirty and the running pass goes round once more (bursts of pod events coalesce).
 """
@@ -22,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from fedtune.spec import SpecError, parse_job
 
 from . import crdgen, resources, status
+from .kube import ApiError, Kube
 from .progress import read_progress
 
 log = logging.getLogger(__name__)
@@ -64,14 +68,14 @@ class Reconciler:
     _gates: dict[Key, _Gate] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
-
-    def __post_init__(self) -> None:
-        self.core = client.CoreV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-
-    # --- entry point ----------------------------------------------------------------------
+    _static_ok: set[str] = field(default_factory=set)  # job uids whose static children all exist
 
     BUSY = "busy"
+
+    def __post_init__(self) -> None:
+        self.kube = Kube(self.api)
+
+    # --- entry points ---------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str) -> str | None:
         """Run passes until the job is clean; returns the phase (None once the job is gone).
@@ -98,6 +102,11 @@ class Reconciler:
             with self._mutex:
                 gate.running = False
 
+    def static_changed(self, owner_uid: str) -> None:
+        """A Service, ConfigMap or PVC of this job went away: check them all on the next pass."""
+        with self._mutex:
+            self._static_ok.discard(owner_uid)
+
     def forget(self, namespace: str, name: str) -> None:
         with self._mutex:
             self._gates.pop((namespace, name), None)
@@ -105,7 +114,7 @@ class Reconciler:
     # --- one pass -------------------------------------------------------------------------------
 
     def _pass(self, namespace: str, name: str) -> str | None:
-        body = self._get_job(namespace, name)
+        body = self.kube.get_custom(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children
         prev = body.get("status") or {}
@@ -124,11 +133,11 @@ class Reconciler:
         if problems:
             return self._invalid(body, prev, "; ".join(problems))
 
-        if prev.get("phase") not in status.FINAL:
+        if prev.get("phase") not in status.FINAL and job.uid not in self._static_ok:
             self._ensure_static(job)
         pods = {
             p["metadata"]["name"]: status.pod_view(p)
-            for p in self._list("pod", namespace, name)
+            for p in self.kube.list("Pod", namespace, resources.selector(name))
             if owned_by(p, job.uid)
         }
         redis_name = resources.child_name(name, "redis")
@@ -146,9 +155,10 @@ class Reconciler:
         )
         plan.status["observedGeneration"] = body["metadata"].get("generation")
         if plan.status != prev:
-            self._patch_status(namespace, name, plan.status)
+            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, namespace, name, plan.status)
         for pod_name in plan.delete:
-            self._delete_pod(namespace, pod_name)
+            self.kube.delete("Pod", namespace, pod_name)
+            log.info("deleted pod %s/%s", namespace, pod_name)
         if plan.create_redis:
             self._create(resources.redis_pod(job))
         for workload in plan.create:
@@ -161,98 +171,68 @@ class Reconciler:
         new = status.invalid_status(prev, message, now_iso())
         if new != prev:
             meta = body["metadata"]
-            self._patch_status(meta["namespace"], meta["name"], new)
+            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
             self.event(body, "Warning", "SpecInvalid", message)
         return status.FAILED
 
     # --- children ---------------------------------------------------------------------------------
 
     def _ensure_static(self, job: resources.Job) -> None:
+        """Create the missing static children; remember the job once all are its own."""
         password = self._password(job)
         existing: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind in ("configmap", "service", "pvc"):
-            for obj in self._list(kind, job.namespace, job.name):
+        for kind in ("ConfigMap", "Service", "PersistentVolumeClaim"):
+            for obj in self.kube.list(kind, job.namespace, resources.selector(job.name)):
                 existing[(kind, obj["metadata"]["name"])] = obj
+        complete = True
         for manifest in resources.static_children(job, password):
-            kind = _KINDS[manifest["kind"]]
-            if kind == "secret":
+            if manifest["kind"] == "Secret":
                 continue  # made by _password
-            found = existing.get((kind, manifest["metadata"]["name"]))
+            found = existing.get((manifest["kind"], manifest["metadata"]["name"]))
             if found is not None and owned_by(found, job.uid):
                 continue
-            self._create(manifest)
+            complete = self._create(manifest) and complete
+        if not complete:
+            # A name is held by an object of an earlier job of the same name that garbage
+            # collection has not removed yet: try again shortly.
+            raise Retry(f"children of an earlier {job.name} are still being deleted", delay=2.0)
+        with self._mutex:
+            self._static_ok.add(job.uid)
 
     def _password(self, job: resources.Job) -> str:
         """The job's Redis password: the Secret's, made (once) when there is none."""
         if job.uid in self._passwords:
             return self._passwords[job.uid]
         name = resources.child_name(job.name, "redis")
-        try:
-            secret = self.core.read_namespaced_secret(name, job.namespace)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-            password = secrets.token_urlsafe(24)
-            self._create(resources.redis_secret(job, password))
+        secret = self.kube.get("Secret", job.namespace, name)
+        if secret is None:
+            self._create(resources.redis_secret(job, secrets.token_urlsafe(24)))
             # Another pass (or operator) may have won the race: the stored one counts.
-            secret = self.core.read_namespaced_secret(name, job.namespace)
-        if not owned_by(self.api.sanitize_for_serialization(secret), job.uid):
-            raise Retry(f"Secret {name} exists but does not belong to this job (is an old one being deleted?)")
-        password = base64.b64decode(secret.data["password"]).decode()
+            secret = self.kube.get("Secret", job.namespace, name)
+        if secret is None or not owned_by(secret, job.uid):
+            raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
+        password = base64.b64decode(secret["data"]["password"]).decode()
         self._passwords[job.uid] = password
         return password
 
-    def _create(self, manifest: dict[str, Any]) -> None:
-        kind = _KINDS[manifest["kind"]]
+    def _create(self, manifest: dict[str, Any]) -> bool:
+        """Create a child; False when its name is taken (by an earlier pass, or an old object)."""
         meta = manifest["metadata"]
-        create = getattr(self.core, f"create_namespaced_{_API_NAMES[kind]}")
         try:
-            create(meta["namespace"], manifest)
+            self.kube.create(manifest)
             log.info("created %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
-        except ApiException as err:
-            if err.status == 403 and "NamespaceTerminating" in (err.body or ""):
+            return True
+        except ApiError as err:
+            if err.status == 403 and "NamespaceTerminating" in err.body:
                 # The namespace is going (and the job with it): nothing to recreate.
                 log.debug("namespace %s is terminating; not creating %s", meta["namespace"], meta["name"])
-                return
+                return True
             if err.status != 409:
                 raise
-            # Already there: made by an earlier pass, or an old object not yet garbage-collected;
-            # the next pass sees which (it only counts children owned by this job).
             log.debug("%s %s/%s already exists", manifest["kind"], meta["namespace"], meta["name"])
+            return False
 
-    def _delete_pod(self, namespace: str, name: str) -> None:
-        try:
-            self.core.delete_namespaced_pod(name, namespace)
-            log.info("deleted pod %s/%s", namespace, name)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-
-    def _list(self, kind: str, namespace: str, job: str) -> list[dict[str, Any]]:
-        lister = getattr(self.core, f"list_namespaced_{_API_NAMES[kind]}")
-        result = lister(namespace, label_selector=resources.selector(job))
-        return self.api.sanitize_for_serialization(result).get("items", [])
-
-    # --- the resource itself ------------------------------------------------------------------------
-
-    def _get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(
-                crdgen.GROUP, crdgen.VERSION, namespace, crdgen.PLURAL, name
-            )
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-
-    def _patch_status(self, namespace: str, name: str, new: dict[str, Any]) -> None:
-        try:
-            self.custom.patch_namespaced_custom_object_status(
-                crdgen.GROUP, crdgen.VERSION, namespace, crdgen.PLURAL, name, {"status": new}
-            )
-        except ApiException as err:
-            if err.status != 404:
-                raise
+    # --- progress and events ------------------------------------------------------------------------
 
     def _progress(self, job: resources.Job, redis: status.PodView | None) -> status.Progress | None:
         """Ask Redis only when its pod runs and has an address (never in a kubelet-less cluster)."""
@@ -290,22 +270,6 @@ class Reconciler:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], event)
-        except ApiException as err:  # events are a courtesy: never fail a pass over one
-            log.warning("cannot post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason)
-
-
-_KINDS = {
-    "Secret": "secret",
-    "ConfigMap": "configmap",
-    "Service": "service",
-    "PersistentVolumeClaim": "pvc",
-    "Pod": "pod",
-}
-_API_NAMES = {
-    "secret": "secret",
-    "configmap": "config_map",
-    "service": "service",
-    "pvc": "persistent_volume_claim",
-    "pod": "pod",
-}
+            self.kube.create(event)
+        except ApiError as err:  # events are a courtesy: never fail a pass over one
+            log.warning("cannot post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.message)

@@ -437,7 +437,7 @@ def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator,
     assert api.pod(namespace, "flaky-node-2") is None and api.pod(namespace, "flaky-redis") is None
 
 
-def test_a_deleted_pod_is_recreated(operator, api, kubectl, namespace) -> None:
+def test_deleted_children_are_recreated(operator, api, kubectl, namespace) -> None:
     doc = small_job("again")
     apply(kubectl, namespace, doc)
     wait_for_children(api, namespace, doc)
@@ -451,6 +451,13 @@ def test_a_deleted_pod_is_recreated(operator, api, kubectl, namespace) -> None:
     )
     st = wait_for("restart counted", lambda: api.status(namespace, "again")["scheduler"].get("restarts") == 1)
     assert api.status(namespace, "again")["scheduler"]["failures"] == 0 and st
+    # Static children too: a deleted Service or ConfigMap is made again.
+    kubectl("delete", "service", "again-node-1", "-n", namespace)
+    kubectl("delete", "configmap", "again-job", "-n", namespace)
+    wait_for(
+        "service and configmap recreated",
+        lambda: {("Service", "again-node-1"), ("ConfigMap", "again-job")} <= set(api.children(namespace, "again")),
+    )
 
 
 def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:

@@ -32,7 +32,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf):
 - watches and patches its resources (kopf keeps its bookkeeping in annotations) and writes
   their status; `finalizers` is for the children's blockOwnerDeletion ownerReferences;
-- lists and creates the children; deletes pods (failed ones before a retry, and the rest
+- lists, watches (to notice deletions) and creates the children; deletes pods (failed ones before a retry, and the rest
   when a job ends); reads the Redis password Secret it generated (get, never list);
 - posts Events on its resources.
 */}}
@@ -51,7 +51,7 @@ What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
-  verbs: ["list", "create"]
+  verbs: ["list", "watch", "create"]
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create"]

@@ -1,0 +1,125 @@
+"""A thin JSON client for the few Kubernetes calls the operator makes.
+
+It reuses the official client's configuration, authentication and connection pool
+(`kubernetes.client.ApiClient`) but sends and returns plain dicts: the generated API
+classes validate and build model objects for every item, which costs more than the
+request itself when a pass lists a job's pods (and the operator only needs dicts).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from kubernetes import client
+
+# Core kinds the operator touches: kind -> URL segment.
+PLURALS = {
+    "Pod": "pods",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Event": "events",
+}
+
+
+class ApiError(Exception):
+    """A Kubernetes API answer with an error status; `body` is the Status object's text."""
+
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        super().__init__(f"{status} {reason}: {body[:500]}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+
+    @property
+    def message(self) -> str:
+        try:
+            return str(json.loads(self.body).get("message", self.body))
+        except ValueError:
+            return self.body
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, timeout_s: float = 30.0) -> None:
+        self.api = api
+        self.timeout_s = timeout_s
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        _, url, headers, payload, _ = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list((query or {}).items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method, url, header_params=headers, body=payload, _request_timeout=self.timeout_s)
+        data = response.read()
+        if response.status >= 400:
+            raise ApiError(response.status, response.reason or "", data.decode("utf-8", "replace"))
+        return json.loads(data) if data else {}
+
+    # --- core objects -----------------------------------------------------------------------
+
+    @staticmethod
+    def path(kind: str, namespace: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{quote(namespace)}/{PLURALS[kind]}"
+        return base if name is None else f"{base}/{quote(name)}"
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.path(kind, namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return self.request("GET", self.path(kind, namespace), query={"labelSelector": selector}).get("items", [])
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        return self.request("POST", self.path(manifest["kind"], meta["namespace"]), body=manifest)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self.request("DELETE", self.path(kind, namespace, name))
+        except ApiError as err:
+            if err.status != 404:
+                raise
+
+    # --- the custom resource ------------------------------------------------------------------
+
+    @staticmethod
+    def custom_path(group: str, version: str, plural: str, namespace: str, name: str) -> str:
+        return f"/apis/{group}/{version}/namespaces/{quote(namespace)}/{plural}/{quote(name)}"
+
+    def get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.custom_path(group, version, plural, namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str, status: dict) -> None:
+        path = self.custom_path(group, version, plural, namespace, name) + "/status"
+        try:
+            self.request("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
+        except ApiError as err:
+            if err.status != 404:
+                raise
