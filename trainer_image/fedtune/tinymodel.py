@@ -4,6 +4,10 @@ Tests, the demo and the benchmark need a real transformers GLM (`GlmForCausalLM`
 `Glm4ForCausalLM`) without downloading anything: this builds one with random weights, sized
 to a tokenizer whose vocabulary is every character of the given QA json files (plus ASCII and
 common CJK punctuation, so prompts and answers round-trip).
+
+`pretrain_steps > 0` then trains the whole model briefly as a plain language model on the texts
+of the data (no prompts), standing in for a real pretrained base: adapters on a random-weight
+model barely move the loss, since the frozen random output layer dominates it.
 """
 
 from __future__ import annotations
@@ -30,17 +34,18 @@ SPECIALS = (PAD, UNK, BOS, EOS)  # ids 0..3, in this order
 _ALWAYS = Dataset().prompt_pattern + string.printable + "，。、；：？！“”‘’（）《》【】…—·「」『』"
 
 
-def _strings(value: Any) -> Iterator[str]:
-    """Every string inside a json value (keys included: a custom key_query may hold any text)."""
+def _strings(value: Any, *, keys: bool = True) -> Iterator[str]:
+    """Every string inside a json value (keys too, by default: a custom key_query may hold any text)."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield key
-            yield from _strings(item)
+            if keys:
+                yield key
+            yield from _strings(item, keys=keys)
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item)
+            yield from _strings(item, keys=keys)
 
 
 def _json_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -56,6 +61,12 @@ def _json_files(paths: Iterable[str | Path]) -> list[Path]:
     if not files:
         raise ValueError(f"no *.json data in {', '.join(str(p) for p in paths)}")
     return files
+
+
+def corpus_texts(data_paths: Iterable[str | Path]) -> list[str]:
+    """The string values of the data files, in file order."""
+    return [text for path in _json_files(data_paths)
+            for text in _strings(json.loads(path.read_text(encoding="utf-8")), keys=False)]
 
 
 def corpus_characters(data_paths: Iterable[str | Path]) -> list[str]:
@@ -119,11 +130,13 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     seed: int = 0,
     kind: Literal["glm", "glm4"] = "glm",
+    pretrain_steps: int = 0,
     overwrite: bool = False,
 ) -> Path:
     """Build, save (safetensors) and return `out_dir`; written to a temporary folder, then renamed.
 
-    An existing `out_dir` is refused unless `overwrite`; then the new model replaces it whole.
+    The same arguments and data always give the same weights. An existing `out_dir` is refused
+    unless `overwrite`; then the new model replaces it whole.
     """
     from transformers import Glm4ForCausalLM, GlmForCausalLM
 
@@ -137,6 +150,8 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = model_cls(config)
+        if pretrain_steps > 0:
+            pretrain(model, tokenizer, corpus_texts(data_paths), steps=pretrain_steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -148,3 +163,25 @@ def build_tiny_model(
         raise
     return out
 
+
+
+def pretrain(model: Any, tokenizer: Any, texts: Sequence[str], *, steps: int, batch: int = 8, length: int = 64,
+             lr: float = 3e-3) -> float:
+    """Plain next-character training on random windows of the texts; returns the last loss."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor(stream)
+    length = min(length, len(ids) - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - length, (batch,)).tolist()
+        windows = torch.stack([ids[s : s + length] for s in starts])
+        loss = model(input_ids=windows, labels=windows).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss.item()

@@ -1,0 +1,92 @@
+"""Answer a prompt with a base model and a fine-tuned adapter: the reference's inference snippet as a function.
+
+The adapter folder says what it is (`adapter_config.json`): LoRA or P-tuning v2, both loaded
+with `PeftModel.from_pretrained`. Decoding is greedy, so the same adapter always gives the same
+answer.
+
+P-tuning needs its own decoding loop: with transformers 5 and peft 0.21, `generate()` on a
+prefix-tuned model silently drops the prefix (transformers passes its own empty `cache`, which
+wins over the `past_key_values` peft injects), so the answer would be the base model's. Here
+the prefix is put into the cache explicitly, exactly as in a training forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.models import ModelError, load_base_model, saved_adapter_kind
+
+
+def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode: the base alone, or with the adapter found in `adapter_path`."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base_model(model_path, device=device)
+    if adapter_path is not None:
+        saved_adapter_kind(adapter_path)  # a clear error for a folder that holds no adapter
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_path)).to(device)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelError(f"{adapter_path}: cannot load the adapter onto {model_path}: {err}") from None
+    return model.eval(), tokenizer
+
+
+def _is_prefix_tuned(model: Any) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return config is not None and str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING"
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
+    ids = model.config.eos_token_id if hasattr(model, "config") else None
+    stop = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    return stop
+
+
+@torch.no_grad()
+def _greedy_with_prefix(model: Any, input_ids: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy decoding with the P-tuning prefix in the KV cache (positions continue after it, as in training)."""
+    base = model.get_base_model()
+    cache = model.get_prompt(batch_size=1)  # a DynamicCache that already holds the prefix keys/values
+    # transformers 5 calls the argument `cache`; older versions `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    prefix_len = model.active_peft_config.num_virtual_tokens
+    mask = torch.ones(1, prefix_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    step_input, answer = input_ids, []
+    for _ in range(max_new_tokens):
+        logits = base(input_ids=step_input, attention_mask=mask, use_cache=True, **{cache_arg: cache}).logits
+        token = int(logits[0, -1].argmax())
+        if token in stop:
+            break
+        answer.append(token)
+        step_input = torch.tensor([[token]], device=input_ids.device)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+    return answer
+
+
+@torch.no_grad()
+def answer_ids(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> list[int]:
+    """The generated token ids after `prompt` (encoded as in training: with the tokenizer's special tokens)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)
+    stop = _stop_ids(tokenizer, model)
+    if _is_prefix_tuned(model):
+        return _greedy_with_prefix(model, input_ids, max_new_tokens, stop)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                            max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None, pad_token_id=pad)
+    answer = output[0, input_ids.shape[1]:].tolist()
+    end = next((i for i, t in enumerate(answer) if t in stop), len(answer))  # generate() pads after EOS
+    return answer[:end]
+
+
+def generate(model_path: str | Path, adapter_path: str | Path | None, prompt: str, max_new_tokens: int = 64,
+             *, device: str = "cpu") -> str:
+    """Load base (+ adapter) and return the decoded answer to `prompt` (the full prompt text)."""
+    model, tokenizer = load_for_chat(model_path, adapter_path, device)
+    return tokenizer.decode(answer_ids(model, tokenizer, prompt, max_new_tokens), skip_special_tokens=True).strip()

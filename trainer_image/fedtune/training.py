@@ -1,0 +1,266 @@
+"""Local training with transformers' Trainer + peft, stopping at aggregation points.
+
+`train` runs one party's local fine-tuning. At each step listed in `agg_steps` it calls
+`on_round(index, step)` from the Trainer's `on_step_end`: the caller sends the adapter away and
+loads the global one into the model in place (the optimizer keeps the same parameter tensors).
+Right after, the Trainer saves a resumable state into `state_dir` (adapter, optimizer, scheduler,
+RNG, trainer state: adapter-sized, never the base model), keeping only the latest. A `train`
+that finds such a state resumes from it: rounds up to that step are not repeated, the data order
+is the same as without the interruption. A party killed after `on_round(k)` returned but before
+its state was saved redoes round k (`on_round(k)` is called again on restart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from fedtune.data import FeatureDataset, collator_for
+from fedtune.models import adapter_state, load_adapter_state, replace_dir
+from fedtune.spec import MANAGED_TRAINER_KEYS
+
+CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's own folder naming, kept so its resume logic applies
+ADAPTER_STATE_FILE = "adapter_state.safetensors"
+STAGING = ".staging"  # Trainer writes a state here; it becomes visible by a rename when complete
+
+OnRound = Callable[[int, int], None]
+OnLog = Callable[[int, float], None]
+
+
+@dataclass
+class TrainResult:
+    max_steps: int
+    start_step: int  # global step this call began at: > 0 when it resumed a saved state
+    global_step: int = 0
+    losses: dict[int, float] = field(default_factory=dict)  # global step -> training loss
+    rounds: list[int] = field(default_factory=list)  # round indices on_round was called for in this call
+    train_seconds: float = 0.0  # wall time of the whole Trainer.train()
+    step_seconds: list[float] = field(default_factory=list)  # each optimizer step: forward, backward, update
+    round_seconds: list[float] = field(default_factory=list)  # time spent inside on_round
+    save_seconds: list[float] = field(default_factory=list)  # writing the resumable state
+
+    @property
+    def mean_step_seconds(self) -> float:
+        return sum(self.step_seconds) / len(self.step_seconds) if self.step_seconds else 0.0
+
+
+# --- planning -----------------------------------------------------------------------------
+
+
+def _devices(trainer_args: dict[str, Any]) -> int:
+    """Trainer multiplies the batch by the GPU count (DataParallel) unless it runs on the CPU."""
+    if trainer_args.get("no_cuda") or trainer_args.get("use_cpu") or not torch.cuda.is_available():
+        return 1
+    return max(torch.cuda.device_count(), 1)
+
+
+def plan_max_steps(n_samples: int, trainer_args: dict[str, Any]) -> int:
+    """The optimizer steps Trainer will take: `max_steps` if set, else epochs x updates per epoch."""
+    if n_samples < 1:
+        raise ValueError("no training samples: nothing to plan")
+    if int(trainer_args.get("max_steps", -1)) > 0:
+        return int(trainer_args["max_steps"])
+    batch = int(trainer_args.get("per_device_train_batch_size", 8)) * _devices(trainer_args)
+    batches = n_samples // batch if trainer_args.get("dataloader_drop_last") else math.ceil(n_samples / batch)
+    if batches < 1:
+        raise ValueError(f"{n_samples} samples make no full batch of {batch} with dataloader_drop_last")
+    accumulation = int(trainer_args.get("gradient_accumulation_steps", 1))
+    per_epoch = max(math.ceil(batches / accumulation), 1)
+    return math.ceil(float(trainer_args.get("num_train_epochs", 3.0)) * per_epoch)
+
+
+def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: Path) -> TrainingArguments:
+    """The spec's trainer keys as TrainingArguments, with what fedtune manages fixed."""
+    args = dict(trainer_args)
+    if args.pop("no_cuda", False):
+        args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way
+    args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
+    for key in MANAGED_TRAINER_KEYS:
+        if key in args:
+            raise ValueError(f"trainer.{key}: managed by fedtune (checkpoints follow aggregation.agg_steps)")
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in args:
+        if key not in known:
+            raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
+    args.update(
+        output_dir=str(state_dir),
+        max_steps=max_steps,  # the planned count, so Trainer and the aggregation points agree
+        save_strategy="no",  # the round callback asks for each save
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    try:
+        return TrainingArguments(**args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"trainer: {err}") from None
+
+
+# --- resumable state ----------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> int:
+    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def latest_state(state_dir: Path) -> Path | None:
+    """The newest saved state (folders appear by rename, so any that exists is complete)."""
+    if not state_dir.is_dir():
+        return None
+    states = [p for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and _step_of(p) >= 0]
+    return max(states, key=_step_of, default=None)
+
+
+def _check_state(state: Path, max_steps: int) -> None:
+    try:
+        saved = json.loads((state / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{state}: unreadable training state ({err}); remove it to start over") from None
+    if saved.get("max_steps") != max_steps:
+        raise ValueError(f"{state}: saved training state is for {saved.get('max_steps')} steps but this run plans "
+                         f"{max_steps} (different data or trainer settings?); remove {state.parent} to start over")
+
+
+class _FederatedTrainer(Trainer):
+    """Trainer whose checkpoints hold only the adapter and appear atomically, one at a time."""
+
+    def __init__(self, *args: Any, state_dir: Path, result: TrainResult, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state_dir = state_dir
+        self.result = result
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self.state_dir / STAGING)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.perf_counter()
+        staging = self.state_dir / STAGING
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
+        super()._save_checkpoint(model, trial)
+        written = staging / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        _fsync_files(written)
+        final = self.state_dir / written.name
+        replace_dir(written, final)
+        for old in self.state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        self.result.save_seconds.append(time.perf_counter() - started)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Only the adapter: the base model is read-only input and the tokenizer never changes.
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(adapter_state(self.model), str(out / ADAPTER_STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        state = load_file(str(Path(resume_from_checkpoint) / ADAPTER_STATE_FILE))
+        load_adapter_state(model if model is not None else self.model, state)
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+# --- the rounds ---------------------------------------------------------------------------
+
+
+class _RoundCallback(TrainerCallback):
+    def __init__(self, agg_steps: Sequence[int], on_round: OnRound, on_log: OnLog | None, result: TrainResult) -> None:
+        self.agg_steps = list(agg_steps)
+        self.on_round = on_round
+        self.on_log_fn = on_log
+        self.result = result
+        self.next_round = 0
+        self.step_started = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # After a resume `state.global_step` is the saved step: its rounds are done already.
+        self.next_round = sum(1 for step in self.agg_steps if step <= state.global_step)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.result.step_seconds.append(time.perf_counter() - self.step_started)
+        while self.next_round < len(self.agg_steps) and self.agg_steps[self.next_round] <= state.global_step:
+            started = time.perf_counter()
+            self.on_round(self.next_round, state.global_step)
+            self.result.round_seconds.append(time.perf_counter() - started)
+            self.result.rounds.append(self.next_round)
+            self.next_round += 1
+            control.should_save = True  # Trainer saves right after this callback returns
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.result.losses[state.global_step] = float(logs["loss"])
+            if self.on_log_fn is not None:
+                self.on_log_fn(state.global_step, float(logs["loss"]))
+
+
+def _check_agg_steps(agg_steps: Sequence[int], max_steps: int) -> None:
+    previous = 0
+    for step in agg_steps:
+        if not previous < step <= max_steps:
+            raise ValueError(f"aggregation steps {list(agg_steps)} must rise strictly within 1..{max_steps}")
+        previous = step
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    features: Sequence[dict[str, list[int]]],
+    trainer_args: dict[str, Any],
+    *,
+    agg_steps: Sequence[int],
+    on_round: OnRound,
+    on_log: OnLog | None = None,
+    state_dir: Path,
+) -> TrainResult:
+    """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step."""
+    max_steps = plan_max_steps(len(features), trainer_args)
+    _check_agg_steps(agg_steps, max_steps)
+    state_dir = Path(state_dir)
+    resume = latest_state(state_dir)
+    if resume is not None:
+        _check_state(resume, max_steps)
+    result = TrainResult(max_steps=max_steps, start_step=_step_of(resume) if resume else 0)
+    trainer = _FederatedTrainer(
+        model=model,
+        args=training_arguments(trainer_args, max_steps, state_dir),
+        train_dataset=FeatureDataset(features),
+        data_collator=collator_for(tokenizer),
+        callbacks=[_RoundCallback(agg_steps, on_round, on_log, result)],
+        state_dir=state_dir,
+        result=result,
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes through on_log, not stdout
+    started = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        result.train_seconds = time.perf_counter() - started
+        result.global_step = trainer.state.global_step
+        shutil.rmtree(state_dir / STAGING, ignore_errors=True)
+    return result
