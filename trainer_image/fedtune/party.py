@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
 from fedtune import certs, files, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
@@ -115,6 +116,7 @@ class Party:
         shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
 
     def _build_model(self) -> tuple[Any, Any]:
+        transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
         model_path = resolve_path(self.spec.pretrained_model(self.me), self.ctx.base_dir)
         model, tokenizer = load_base_model(str(model_path), device=self._device())
         adapter = self.spec.input.adapter_model
