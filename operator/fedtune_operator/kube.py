@@ -55,8 +55,9 @@ class Kube:
         query: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         _, url, headers, payload, _ = self.api.param_serialize(

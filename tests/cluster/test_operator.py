@@ -51,10 +51,12 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, inter
 def example_documents() -> list[tuple[str, dict[str, Any]]]:
     """Every FederatedFineTune in examples/ (a file may hold other kinds too, e.g. PVCs)."""
     out = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        if {"data", "models"} & set(path.relative_to(EXAMPLES).parts[:-1]):
+            continue
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
-                out.append((path.name, doc))
+                out.append((str(path.relative_to(EXAMPLES)), doc))
     return out
 
 
