@@ -164,7 +164,9 @@ class LocalJob:
                 port = free_port() if party.role == "assist_trainer" else None
                 self.roles[party.name] = Role(party.name, command, port)
         training = sum(1 for p in job.spec.parties if p.remote is None and job.spec.trainset(p))
-        self.torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // max(training, 1))
+        # Parties share this machine's cores instead of each claiming all of them.
+        self.torch_threads = (torch_threads or int(os.environ.get("FEDTUNE_TORCH_THREADS", "0"))
+                              or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
 
