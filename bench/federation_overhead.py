@@ -25,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine
 
 REPO = Path(__file__).resolve().parents[1]
 POEMS = REPO / "examples" / "data" / "poems"
@@ -76,7 +76,9 @@ def standalone(job_file: Path, party: str, threads: int) -> None:
                              learning_rate=trainer_args["learning_rate"], max_steps=steps, use_cpu=True,
                              save_strategy="no", logging_steps=1, report_to="none", disable_tqdm=True,
                              remove_unused_columns=False, seed=trainer_args["seed"])
-    Trainer(model=model, args=args, train_dataset=FeatureDataset(features), data_collator=collator_for(tokenizer)).train()
+    trainer = Trainer(model=model, args=args, train_dataset=FeatureDataset(features),
+                      data_collator=collator_for(tokenizer))
+    trainer.train()
     model.save_pretrained(out)  # what a standalone run ends with: its adapter on disk
     print(json.dumps({"party": party, "steps": steps}))
 

@@ -78,6 +78,7 @@ def machine() -> str:
             f"python:       {platform.python_version()}, numpy {np.__version__}, "
             f"cryptography {cryptography.__version__}",
             f"openssl:      {openssl_backend.openssl_version_text()} (cryptography), {ssl.OPENSSL_VERSION} (hashlib)",
+            f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine skews times)",
         ]
     )
 
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     for adapter in adapters:
         rows += bench_adapter(adapter, party_counts, [64, 128], ["chacha20", "hmac_drbg"], repeat)
     print()
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("goals (issue 3):")
     for line in verdicts(rates, rows):
         print(f"  {line}")

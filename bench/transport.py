@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import chatglm_lora_adapter, machine  # noqa: E402
+from common import chatglm_lora_adapter, machine
 
-from fedtune import certs, transport  # noqa: E402
-from fedtune.aggregator import AggregatorClient, AggregatorService, start_server  # noqa: E402
-from fedtune.jobstate import JobState  # noqa: E402
-from fedtune.launcher import RedisServer  # noqa: E402
-from fedtune.secagg import make_codec  # noqa: E402
-from fedtune.spec import Encryption  # noqa: E402
+from fedtune import certs, transport
+from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
+from fedtune.jobstate import JobState
+from fedtune.launcher import RedisServer
+from fedtune.secagg import make_codec
+from fedtune.spec import Encryption
 
 PARTIES = ("assist_trainer", "node-1", "node-2")
 
