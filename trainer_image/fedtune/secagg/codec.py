@@ -204,19 +204,16 @@ class OtpCodec:
         out: Tensors = {}
         for name, array in tensors.items():
             encoded = self.fixed.encode(array, f"{who}: tensor `{name}`")
-            masks = [
-                (
-                    party < peer,
-                    [
-                        self.generator.stream(secrets[peer], mask_info(job_id, round_, name, limb))
-                        for limb in range(self.fixed.limbs)
-                    ],
-                )
-                for peer in peers
-            ]
-            _apply_masks(encoded, masks)
+            _apply_masks(encoded, [self._pair_mask(party, peer, secrets[peer], job_id, round_, name) for peer in peers])
             out[name] = self._wire(encoded, array.shape)
         return out
+
+    def _pair_mask(
+        self, party: str, peer: str, secret: bytes, job_id: str, round_: int, tensor: str
+    ) -> tuple[bool, list[MaskStream]]:
+        """Whether `party` adds (True) or subtracts the pair's mask, and its stream for each 64-bit limb."""
+        limbs = range(self.fixed.limbs)
+        return party < peer, [self.generator.stream(secret, mask_info(job_id, round_, tensor, limb)) for limb in limbs]
 
     def encode_plain(self, update: Tensors) -> Tensors:
         tensors = _float_tensors(update, "plaintext update")
