@@ -24,6 +24,7 @@ import kopf
 import kubernetes
 
 from . import crdgen, resources
+from .kube import ApiError
 from .reconcile import Reconciler, Retry
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def _run(namespace: str, name: str) -> None:
         phase = _reconciler().reconcile(namespace, name)
     except Retry as err:
         raise kopf.TemporaryError(str(err), delay=err.delay) from None
+    except ApiError as err:
+        # The API server refused or failed a call (overload, quota, a webhook): retry soon.
+        raise kopf.TemporaryError(f"{err.status} {err.reason}: {err.message}", delay=5) from None
     if phase != Reconciler.BUSY:
         _track(namespace, name, phase)
 

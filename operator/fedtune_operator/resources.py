@@ -290,7 +290,11 @@ def _service(job: Job, name: str, component: str, port: int, port_name: str, par
         "kind": "Service",
         "metadata": _metadata(job, name, component, party),
         "spec": {
-            "type": "ClusterIP",
+            # Headless, one pod behind each, as training operators do: the name resolves to
+            # the pod itself, and a job of many parties takes no ClusterIPs from the range.
+            "clusterIP": "None",
+            # Resolvable as soon as the pod has an address: the roles retry until peers serve.
+            "publishNotReadyAddresses": True,
             "selector": labels(job.name, component, party),
             "ports": [{"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}],
         },
@@ -337,11 +341,9 @@ def _claim_mounts(volumes: list[Volume], prefix: str) -> tuple[list[dict[str, An
                 "name": f"{prefix}-{len(pod_volumes)}",
                 "persistentVolumeClaim": {"claimName": vol.claimName},
             }
-        mount: dict[str, Any] = {
-            "name": pod_volumes[vol.claimName]["name"],
-            "mountPath": vol.mountPath,
-            "readOnly": vol.readOnly,
-        }
+        mount: dict[str, Any] = {"name": pod_volumes[vol.claimName]["name"], "mountPath": vol.mountPath}
+        if vol.readOnly:  # the API server omits the default (false)
+            mount["readOnly"] = True
         if vol.subPath:
             mount["subPath"] = vol.subPath
         mounts.append(mount)
@@ -379,7 +381,7 @@ def _resources(party: Party | None) -> dict[str, Any]:
         out["requests"] = requests
     if res.gpu > 0:
         # Extended resources are set as limits (requests default to them).
-        out["limits"] = {"nvidia.com/gpu": res.gpu}
+        out["limits"] = {"nvidia.com/gpu": str(res.gpu)}  # quantities are strings in the API
     return out
 
 

@@ -462,17 +462,6 @@ def test_deleted_children_are_recreated(operator, api, kubectl, namespace) -> No
     )
 
 
-def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:
-    doc = small_job("gone")
-    doc["spec"]["redis"] = {"persistence": True}
-    apply(kubectl, namespace, doc)
-    expected = wait_for_children(api, namespace, doc)
-    assert ("PersistentVolumeClaim", "gone-redis-data") in expected
-    kubectl("delete", "fft", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
-    # kube-controller-manager's garbage collector follows the ownerReferences.
-    wait_for("every child gone", lambda: not api.children(namespace, "gone"), timeout=60)
-
-
 def test_progress_is_mirrored_from_the_jobs_redis(operator, api, kubectl, namespace, tmp_path) -> None:
     """A real redis-server stands in for the Redis pod (at the 127/8 address its status names)."""
     import base64
@@ -557,3 +546,77 @@ def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
             assert_no_rbac_denial(third)
     finally:
         operator.start()
+
+
+def test_namespaced_install_needs_only_its_roles(
+    control_plane, api, kubectl, helm, chart, operator, namespace, tmp_path
+) -> None:
+    """`watchNamespaces`: Role + RoleBinding in each namespace, nothing cluster-wide, and enough."""
+    operator.stop()  # the cluster-wide one would do the work instead
+    release = f"scoped-{namespace[-4:]}"
+    helm(
+        "install", release, str(CHART),
+        "--kubeconfig", str(control_plane.kubeconfig),
+        "--namespace", RELEASE_NS,
+        "--set", f"watchNamespaces={{{namespace}}}",
+        "--wait=false",
+    )  # fmt: skip
+    sa = f"{release}-fedtune-operator"
+    try:
+        assert kubectl("get", "clusterrole", sa, check=False).returncode != 0
+        assert kubectl("get", "role", sa, "-n", namespace, "-o", "name").stdout.strip()
+        allowed = kubectl(
+            "auth", "can-i", "list", "pods", "--as", f"system:serviceaccount:{RELEASE_NS}:{sa}", "-A", check=False
+        )
+        assert allowed.stdout.strip() == "no"
+        token = kubectl("create", "token", sa, "-n", RELEASE_NS, "--duration", "1h").stdout.strip()
+        admin = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
+        cluster = admin["clusters"][0]
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [cluster],
+                    "users": [{"name": "op", "user": {"token": token}}],
+                    "contexts": [{"name": "op", "context": {"cluster": cluster["name"], "user": "op"}}],
+                    "current-context": "op",
+                }
+            )
+        )
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "20"}
+        log = tmp_path / "scoped.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune_operator.main", "--namespace", namespace, "--liveness", ""],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        scoped = Operator(kubeconfig, log)
+        scoped.proc = proc
+        try:
+            doc = small_job("scoped")
+            apply(kubectl, namespace, doc)
+            wait_for_children(api, namespace, doc)
+            wait_for("status", lambda: api.status(namespace, "scoped").get("phase") == "Pending")
+        finally:
+            scoped.stop()
+        assert_no_rbac_denial(scoped)
+    finally:
+        helm("uninstall", release, "--kubeconfig", str(control_plane.kubeconfig), "--namespace", RELEASE_NS)
+        operator.start()
+
+
+# Last: kube-controller-manager's garbage collector finds a new CRD's kind at its periodic
+# discovery (30 s); by now it has, so this measures the collection, not the discovery.
+def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:
+    doc = small_job("gone")
+    doc["spec"]["redis"] = {"persistence": True}
+    apply(kubectl, namespace, doc)
+    expected = wait_for_children(api, namespace, doc)
+    assert ("PersistentVolumeClaim", "gone-redis-data") in expected
+    kubectl("delete", "fft", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
+    # kube-controller-manager's garbage collector follows the ownerReferences.
+    wait_for("every child gone", lambda: not api.children(namespace, "gone"), timeout=60)

@@ -130,7 +130,10 @@ def test_role_commands_env_and_mounts(job) -> None:
         assert c["workingDir"] == "/workspace"
         assert c["image"] == "fedtune/trainer:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        assert mounts == {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp"}
+        expected = {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp"}
+        if party != "scheduler":  # the example's workspace claim (spec.storage.volumes): parties only
+            expected["/workspace"] = "shared-0"
+        assert mounts == expected
         volumes = {v["name"]: v for v in pods[name]["spec"]["volumes"]}
         assert volumes["job"]["configMap"]["name"] == "poems-lora-job"
         assert volumes["output"]["persistentVolumeClaim"]["claimName"] == "poems-lora-output"
@@ -165,7 +168,7 @@ def test_gpu_cpu_memory_and_claims(example) -> None:
     job = make_job(example)
     node1 = r.role_pod(job, r.workloads(job)[2])
     c = container(node1)
-    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": 2}}
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": "2"}}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/workspace/models"]["subPath"] == "glm" and mounts["/workspace/models"]["readOnly"] is True
     assert mounts["/workspace/data"]["name"] == mounts["/workspace/models"]["name"]  # one volume per claim
