@@ -1,0 +1,102 @@
+"""The Helm chart renders what the operator needs in both scopes (helm template, no cluster)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fedtune-operator"
+
+
+def _helm() -> str:
+    cache = Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
+    built = cache / "bin" / "helm"
+    found = str(built) if built.exists() else shutil.which("helm")
+    if found is None:
+        pytest.skip("helm not built (devtools/cluster/build.sh) nor on PATH")
+    return found
+
+
+def render(*values: str) -> list[dict[str, Any]]:
+    args = [_helm(), "template", "fedtune", str(CHART), "--namespace", "fedtune-system", "--kube-version", "1.34.0"]
+    for value in values:
+        args += ["--set", value]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_lint_is_clean() -> None:
+    result = subprocess.run([_helm(), "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cluster_wide_by_default() -> None:
+    docs = render()
+    (role,) = by_kind(docs, "ClusterRole")
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert not by_kind(docs, "Role")
+    sa = {"kind": "ServiceAccount", "name": "fedtune-fedtune-operator", "namespace": "fedtune-system"}
+    assert binding["subjects"] == [sa]
+    (deploy,) = by_kind(docs, "Deployment")
+    assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Least privilege: no wildcard, never list/watch Secrets, nothing outside the job's kinds.
+    rules = role["rules"]
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+    secrets = next(r for r in rules if r["resources"] == ["secrets"])
+    assert secrets["verbs"] == ["get", "create"]
+    kinds = {res for r in rules for res in r["resources"]}
+    assert kinds == {
+        "federatedfinetunes", "federatedfinetunes/status", "federatedfinetunes/finalizers",
+        "pods", "services", "configmaps", "persistentvolumeclaims", "secrets", "events",
+    }  # fmt: skip
+
+
+def test_namespaced_install_grants_only_those_namespaces() -> None:
+    docs = render("watchNamespaces={team-a,team-b}")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    assert roles[0]["rules"] == by_kind(render(), "ClusterRole")[0]["rules"]
+    (deploy,) = by_kind(docs, "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_deployment_is_hardened() -> None:
+    (deploy,) = by_kind(render("image.tag=1.2.3", "logLevel=DEBUG"), "Deployment")
+    spec = deploy["spec"]["template"]["spec"]
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    assert container["image"] == "fedtune/operator:1.2.3"
+    assert "--log-level=DEBUG" in container["args"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_values_schema_rejects_a_bad_namespace() -> None:
+    args = [_helm(), "template", "x", str(CHART), "--kube-version", "1.34.0", "--set", "watchNamespaces={Bad_NS}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "watchNamespaces" in result.stderr
+
+
+def test_chart_crd_is_the_generated_one() -> None:
+    from fedtune_operator import crdgen
+
+    assert (CHART / "crds" / crdgen.CRD_FILE).read_text() == crdgen.render()
