@@ -8,9 +8,13 @@
 #
 #   devtools/cluster/build.sh            # build whatever is missing
 #   FEDTUNE_K8S_VERSION=v1.34.3 devtools/cluster/build.sh
+#   devtools/cluster/build.sh versions   # print the versions it would build
 #
 # Why from source: no Docker and no download site is reachable here, only the
 # Go module proxy. See devtools/cluster/README.md for the details and timings.
+
+# The builds run in ( subshells ) on purpose so their GOFLAGS stay local.
+# shellcheck disable=SC2030,SC2031
 set -euo pipefail
 
 K8S_VERSION="${FEDTUNE_K8S_VERSION:-v1.34.4}"
@@ -147,6 +151,10 @@ build_helm() {
 }
 
 main() {
+    if [[ "${1:-}" == versions ]]; then
+        printf 'kubernetes=%s\netcd=%s\nhelm=%s\n' "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION"
+        return 0
+    fi
     command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
     mkdir -p "$BIN" "$SRC"
     local start=$SECONDS

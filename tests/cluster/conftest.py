@@ -1,0 +1,111 @@
+"""Fixtures for tests that need a real Kubernetes control plane.
+
+The control plane (etcd, kube-apiserver, kube-controller-manager) is built by
+devtools/cluster/build.sh into ${FEDTUNE_CACHE:-~/.cache/fedtune}/bin. Without
+those binaries the cluster tests skip, unless FEDTUNE_REQUIRE_CLUSTER is set
+(CI): then a missing control plane is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEVCLUSTER_PATH = REPO_ROOT / "devtools" / "cluster" / "devcluster.py"
+
+Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def _load_devcluster() -> ModuleType:
+    """Import devtools/cluster/devcluster.py, which is a script, not a package."""
+    spec = importlib.util.spec_from_file_location("devcluster", DEVCLUSTER_PATH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the module executes.
+    sys.modules["devcluster"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+devcluster = _load_devcluster()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: needs the local Kubernetes control plane (devtools/cluster)")
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail when the environment says the cluster is required."""
+    if os.environ.get("FEDTUNE_REQUIRE_CLUSTER"):
+        pytest.fail(f"{reason} (FEDTUNE_REQUIRE_CLUSTER is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def devcluster_module() -> ModuleType:
+    return devcluster
+
+
+@pytest.fixture(scope="session")
+def expected_versions() -> dict[str, str]:
+    """The versions build.sh builds: what the binaries must report."""
+    return devcluster.expected_versions()
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[object]:
+    missing = devcluster.missing_binaries()
+    if missing:
+        _unavailable(
+            f"control-plane binaries not built ({', '.join(missing)} missing in {devcluster.bin_dir()}); "
+            "run devtools/cluster/build.sh (or make dev-cluster)"
+        )
+    plane = devcluster.ControlPlane()
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+def _runner(argv: list[str], timeout: float) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """A function running `argv + args`, raising with stderr on failure unless check=False."""
+
+    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*argv, *args], input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{Path(argv[0]).name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def helm() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the helm that build.sh built (not whatever helm is on PATH)."""
+    binary = devcluster.bin_dir() / "helm"
+    if not binary.exists():
+        _unavailable(f"helm not built at {binary}; run devtools/cluster/build.sh")
+    return _runner([str(binary)], timeout=180)
+
+
+@pytest.fixture(scope="session")
+def kubectl(control_plane: object) -> Kubectl:
+    """Run `kubectl --kubeconfig <control plane> ARGS...`; returns the CompletedProcess."""
+    binary = shutil.which("kubectl")
+    if binary is None:
+        _unavailable("kubectl is not on PATH")
+    return _runner([binary, "--kubeconfig", str(control_plane.kubeconfig)], timeout=60)  # type: ignore[attr-defined]
