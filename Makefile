@@ -24,7 +24,7 @@ demo: install $(TINY_MODEL)/config.json
 	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT)
 
 test: install dev-cluster-build
-	$(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
+	FEDTUNE_REQUIRE_CLUSTER=1 $(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Everything but the Kubernetes control-plane tests.
 test-fast: install
