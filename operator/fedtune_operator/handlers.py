@@ -134,10 +134,10 @@ def reconcile_job(namespace: str, name: str, **_: Any) -> None:
 
 
 @kopf.on.event(*FFT)
-def forget_deleted_job(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+def forget_deleted_job(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED":
         _track(namespace, name, None)
-        _reconciler().forget(namespace, name)
+        _reconciler().forget(namespace, name, body["metadata"].get("uid"))
 
 
 def _run_for_child(body: kopf.Body, namespace: str) -> None:

@@ -107,9 +107,13 @@ class Reconciler:
         with self._mutex:
             self._static_ok.discard(owner_uid)
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """The resource is gone: drop what this process remembered of it."""
         with self._mutex:
             self._gates.pop((namespace, name), None)
+            if uid is not None:
+                self._passwords.pop(uid, None)
+                self._static_ok.discard(uid)
 
     # --- one pass -------------------------------------------------------------------------------
 
