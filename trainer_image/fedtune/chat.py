@@ -4,10 +4,12 @@ The adapter folder says what it is (`adapter_config.json`): LoRA or P-tuning v2,
 with `PeftModel.from_pretrained`. Decoding is greedy, so the same adapter always gives the same
 answer.
 
-P-tuning needs its own decoding loop: with transformers 5 and peft 0.21, `generate()` on a
-prefix-tuned model silently drops the prefix (transformers passes its own empty `cache`, which
-wins over the `past_key_values` peft injects), so the answer would be the base model's. Here
-the prefix is put into the cache explicitly, exactly as in a training forward pass.
+Decoding is a small greedy loop over the model's forward with a KV cache, not `generate()`:
+with transformers 5 and peft 0.21, `generate()` on a prefix-tuned model silently drops the
+prefix (transformers passes its own empty `cache`, which wins over the `past_key_values` peft
+injects), so the answer would be the base model's. The loop puts the prefix into the cache
+explicitly, exactly as a training forward pass does, and serves LoRA and the bare base the
+same way. Checkpoints with their own modelling code (ChatGLM) use their own `generate()`.
 """
 
 from __future__ import annotations
@@ -48,19 +50,33 @@ def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
     return stop
 
 
+def _uses_remote_code(model: Any) -> bool:
+    return bool(getattr(getattr(model, "config", None), "auto_map", None))
+
+
+def _next_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)  # transformers 5; `past_key_values` before
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
-def _greedy_with_prefix(model: Any, input_ids: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy decoding with the P-tuning prefix in the KV cache (positions continue after it, as in training)."""
-    base = model.get_base_model()
-    cache = model.get_prompt(batch_size=1)  # a DynamicCache that already holds the prefix keys/values
-    # transformers 5 calls the argument `cache`; older versions `past_key_values`.
+def _greedy(model: Any, input_ids: torch.Tensor, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy decoding with a KV cache that starts with the P-tuning prefix, if any.
+
+    Positions continue after the prefix and the mask covers it, exactly as in a training forward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers are inside
+    cache, prefix_len = None, 0
+    if _is_prefix_tuned(model):
+        cache = model.get_prompt(batch_size=1)  # a DynamicCache already holding the prefix keys/values
+        prefix_len = model.active_peft_config.num_virtual_tokens
     cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    prefix_len = model.active_peft_config.num_virtual_tokens
     mask = torch.ones(1, prefix_len + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
     step_input, answer = input_ids, []
     for _ in range(max_new_tokens):
-        logits = base(input_ids=step_input, attention_mask=mask, use_cache=True, **{cache_arg: cache}).logits
-        token = int(logits[0, -1].argmax())
+        output = base(input_ids=step_input, attention_mask=mask, use_cache=True, **{cache_arg: cache})
+        cache = _next_cache(output)
+        token = int(output.logits[0, -1].argmax())
         if token in stop:
             break
         answer.append(token)
@@ -70,19 +86,26 @@ def _greedy_with_prefix(model: Any, input_ids: torch.Tensor, max_new_tokens: int
 
 
 @torch.no_grad()
-def answer_ids(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64) -> list[int]:
-    """The generated token ids after `prompt` (encoded as in training: with the tokenizer's special tokens)."""
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)
-    stop = _stop_ids(tokenizer, model)
-    if _is_prefix_tuned(model):
-        return _greedy_with_prefix(model, input_ids, max_new_tokens, stop)
+def _remote_generate(model: Any, tokenizer: Any, input_ids: torch.Tensor, max_new_tokens: int,
+                     stop: set[int]) -> list[int]:
+    """A checkpoint with its own modelling code decodes through its own `generate`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                             max_new_tokens=max_new_tokens, eos_token_id=sorted(stop) or None, pad_token_id=pad)
     answer = output[0, input_ids.shape[1]:].tolist()
     end = next((i for i, t in enumerate(answer) if t in stop), len(answer))  # generate() pads after EOS
     return answer[:end]
+
+
+def answer_ids(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, *,
+               stop_at_eos: bool = True) -> list[int]:
+    """The generated token ids after `prompt` (encoded as in training: with the tokenizer's special tokens)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)
+    stop = _stop_ids(tokenizer, model) if stop_at_eos else set()
+    if _uses_remote_code(model) and not _is_prefix_tuned(model):
+        return _remote_generate(model, tokenizer, input_ids, max_new_tokens, stop)
+    return _greedy(model, input_ids, max_new_tokens, stop)
 
 
 def generate(model_path: str | Path, adapter_path: str | Path | None, prompt: str, max_new_tokens: int = 64,

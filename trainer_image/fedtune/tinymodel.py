@@ -5,9 +5,10 @@ Tests, the demo and the benchmark need a real transformers GLM (`GlmForCausalLM`
 to a tokenizer whose vocabulary is every character of the given QA json files (plus ASCII and
 common CJK punctuation, so prompts and answers round-trip).
 
-`pretrain_steps > 0` then trains the whole model briefly as a plain language model on the texts
-of the data (no prompts), standing in for a real pretrained base: adapters on a random-weight
-model barely move the loss, since the frozen random output layer dominates it.
+Then (`pretrain_steps`, 200 by default; 0 keeps the random weights) the whole model trains
+briefly as a plain language model on the texts of the data (no prompts), standing in for a real
+pretrained base: adapters on a random-weight model barely move the loss (P-tuning not at all),
+since the frozen random layers dominate it. It takes a few seconds for the default size.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def build_tiny_model(
     intermediate_size: int | None = None,
     seed: int = 0,
     kind: Literal["glm", "glm4"] = "glm",
-    pretrain_steps: int = 0,
+    pretrain_steps: int = 200,
     overwrite: bool = False,
 ) -> Path:
     """Build, save (safetensors) and return `out_dir`; written to a temporary folder, then renamed.
