@@ -47,6 +47,25 @@ def test_tokenization_matches_the_reference_rule_by_hand(tokenizer) -> None:
     }
 
 
+class SuffixSpecials:
+    """A ChatGLM-6B-like tokenizer: one id per character, `[gMASK] <sop>` (ids 1, 2) appended."""
+
+    eos_token_id = 3
+    pad_token_id = 0
+
+    def __call__(self, text: str, *, add_special_tokens: bool = True) -> dict:
+        ids = [10 + ord(c) % 1000 for c in text]
+        return {"input_ids": [*ids, 1, 2] if add_special_tokens else ids}
+
+
+def test_truncation_keeps_specials_that_come_last() -> None:
+    item = QAItem(instruction="写诗", query="春", answer="晓", source="x.json", index=0)
+    sample = tokenize_item(item, SuffixSpecials(), Dataset(max_src_length=5))
+    text_ids = SuffixSpecials()("写诗：", add_special_tokens=False)["input_ids"]
+    assert sample["input_ids"][:5] == [*text_ids, 1, 2]  # three characters, then [gMASK] <sop>
+    assert sample["labels"] == [-100] * 5 + [10 + ord("晓") % 1000, 3]
+
+
 def test_untruncated_sample_holds_the_whole_prompt_and_answer(tokenizer) -> None:
     item = QAItem("写诗", "春", "春眠", "x.json", 0)
     sample = tokenize_item(item, tokenizer, Dataset())

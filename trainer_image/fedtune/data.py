@@ -4,7 +4,8 @@ A trainset entry points to one such file or to a folder of them (`*.json`, sorte
 run sees the same order). Each instance becomes one training sample:
 
     prompt  = dataset.prompt_pattern.format(instruction, instance[dataset.key_query])
-    src     = tokens(prompt)[:max_src_length]            (with the tokenizer's own special tokens)
+    src     = tokens(prompt)[:max_src_length]            (with the tokenizer's own special tokens,
+                                                          which truncation never cuts off)
     dst     = tokens(answer)[:max_dst_length]            (no special tokens)
     input   = src + dst + [eos]
     labels  = [-100] * len(src) + dst + [eos]            (only the answer is learned)
@@ -134,12 +135,29 @@ def _ids(tokenizer: _Tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def truncate_keeping_specials(tokenizer: _Tokenizer, text: str, limit: int) -> list[int]:
+    """`text` with the tokenizer's special tokens, at most `limit` tokens, cutting the text, not the specials.
+
+    GLM-4 / ChatGLM2-3 tokenizers (and the tiny one) put their specials first, where this is simply
+    the first `limit` tokens; ChatGLM-6B puts `[gMASK] <sop>` last, which a plain cut would drop.
+    """
+    full = _ids(tokenizer, text, special=True)
+    if len(full) <= limit:
+        return full
+    content = _ids(tokenizer, text, special=False)
+    extra = len(full) - len(content)
+    start = next((i for i in range(extra + 1) if full[i : i + len(content)] == content), None)
+    if start is None or extra >= limit:  # specials interleaved with the text: no clean split
+        return full[:limit]
+    return full[:start] + content[: limit - extra] + full[start + len(content) :]
+
+
 def tokenize_item(item: QAItem, tokenizer: _Tokenizer, dataset_spec: Dataset) -> dict[str, list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token: cannot mark where answers end")
     prompt = build_prompt(item.instruction, item.query, dataset_spec)
-    src = _ids(tokenizer, prompt, special=True)[: dataset_spec.max_src_length]
+    src = truncate_keeping_specials(tokenizer, prompt, dataset_spec.max_src_length)
     dst = _ids(tokenizer, item.answer, special=False)[: dataset_spec.max_dst_length]
     input_ids = [*src, *dst, eos]
     return {
