@@ -1,0 +1,702 @@
+"""Whole jobs on the local control plane: `kubectl apply` -> pods run -> Succeeded.
+
+The node agent (devtools/nodeagent) is the cluster's only node: it binds pods and runs
+their containers as processes in per-pod network and mount namespaces, so the
+operator's pods really run `fedtune <role>`, talk gRPC over the operator's Services and
+write adapters into the output claim, a folder on the node. The operator runs as a
+subprocess with the admin kubeconfig (its RBAC is test_operator.py's business).
+
+Needs root, iproute2 and util-linux (installed with apt-get when missing) and overlayfs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+POEMS = EXAMPLES / "data" / "poems"
+CRD = REPO / "crds" / "federatedfinetune.yaml"
+WORKSPACE_PVC = EXAMPLES / "k8s" / "workspace-pvc.yaml"
+PARTIES = ("assist_trainer", "node-1", "node-2")
+ROLE_PODS = ("scheduler", "assist-trainer", "node-1", "node-2")
+# Names no dev cluster uses, so a test agent never cleans up a developer's running node.
+PREFIX, POD_CIDR, NODE = "ftt", "10.201.0.0/24", "fedtune-test-node"
+# Every namespace the module uses: the agent and the operator touch nothing else.
+NS = {
+    key: f"jobs-{key}"
+    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "malformed", "delete")
+}
+HOST_TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount"}
+JOB_TIMEOUT_S = 420.0
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, describe: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    detail = f"\n{describe()}" if describe is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){detail}")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("FEDTUNE_REQUIRE_CLUSTER"):
+        pytest.fail(f"{reason} (FEDTUNE_REQUIRE_CLUSTER is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+def ensure_host_tools() -> None:
+    """Root, `ip`, `nsenter`, `unshare`, `mount` (apt-get them if missing) and overlayfs."""
+    if os.geteuid() != 0:
+        _unavailable("the node agent needs root (network and mount namespaces)")
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    if missing and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False, capture_output=True)
+    still = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
+    if still:
+        _unavailable(f"the node agent needs {', '.join(still)} (apt-get install iproute2 util-linux mount)")
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        _unavailable("the node agent needs overlayfs (modprobe overlay)")
+
+
+def netns_list(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{prefix}-")]
+
+
+def links(prefix: str) -> list[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines()]
+    return [n for n in names if n.startswith(f"{prefix}-")]
+
+
+def netns_pids(netns: str) -> set[int]:
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout
+    return {int(p) for p in out.split()}
+
+
+def netns_with_address(prefix: str, address: str) -> str | None:
+    for netns in netns_list(prefix):
+        shown = subprocess.run(["ip", "-n", netns, "-4", "addr"], capture_output=True, text=True, check=False)
+        if f"inet {address}/" in shown.stdout:
+            return netns
+    return None
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The pids still running (a zombie has ended; its reaping is its new parent's business)."""
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state not in ("Z", "X"):
+                out.add(pid)
+    return out
+
+
+class Api:
+    """The admin's view through the kubernetes client, as plain dicts."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        import kubernetes
+
+        self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self.ApiException = kubernetes.client.exceptions.ApiException
+
+    def _get(self, call: Callable[[], Any]) -> dict[str, Any] | None:
+        try:
+            return self.client.sanitize_for_serialization(call())
+        except self.ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def job(self, ns: str, name: str) -> dict[str, Any] | None:
+        return self._get(lambda: self.custom.get_namespaced_custom_object(
+            "fedtune.io", "v1alpha1", ns, "federatedfinetunes", name))  # fmt: skip
+
+    def status(self, ns: str, name: str) -> dict[str, Any]:
+        return (self.job(ns, name) or {}).get("status") or {}
+
+    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
+        return self._get(lambda: self.core.read_namespaced_pod(name, ns))
+
+    def pods(self, ns: str) -> list[dict[str, Any]]:
+        return self.client.sanitize_for_serialization(self.core.list_namespaced_pod(ns))["items"]
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        return self._get(lambda: self.core.read_node(name))
+
+
+class NodeAgent:
+    """`python -m devtools.nodeagent run` as a subprocess."""
+
+    def __init__(self, kubeconfig: Path, data_dir: Path, namespaces: list[str], *, prefix: str = PREFIX,
+                 cidr: str = POD_CIDR, node: str = NODE) -> None:  # fmt: skip
+        self.kubeconfig, self.data_dir, self.namespaces = kubeconfig, data_dir, namespaces
+        self.prefix, self.cidr, self.node = prefix, cidr, node
+        self.log = data_dir.parent / f"{data_dir.name}-agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, api: Api) -> NodeAgent:
+        argv = [
+            sys.executable, "-m", "devtools.nodeagent", "run",
+            "--kubeconfig", str(self.kubeconfig), "--data-dir", str(self.data_dir),
+            "--node-name", self.node, "--prefix", self.prefix, "--pod-cidr", self.cidr,
+            "--restart-backoff", "1", "--log-level", "DEBUG",
+            *(arg for ns in self.namespaces for arg in ("--namespace", ns)),
+        ]  # fmt: skip
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, f"node agent exited:\n{self.tail()}"
+            with self.log.open("rb") as log:  # this run's output only: an earlier run said "ready" too
+                log.seek(offset)
+                said_ready = f"node {self.node} ready\n".encode() in log.read()
+            node = api.node(self.node)
+            conditions = ((node or {}).get("status") or {}).get("conditions") or []
+            return said_ready and any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_for(f"node {self.node} to be Ready", ready, 60, self.tail)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def claim(self, ns: str, claim: str) -> Path:
+        return self.data_dir / "volumes" / ns / claim
+
+    def container_logs(self, ns: str, lines: int = 15) -> str:
+        out = []
+        for log in sorted((self.data_dir / "pods").glob(f"{ns}_*/*/*.log")):
+            text = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+            out.append(f"--- {log.parent.parent.name.split('_')[1]}/{log.parent.name} {log.name}\n{text}")
+        return "\n".join(out)
+
+
+class Operator:
+    """`python -m fedtune_operator.main` for the module's namespaces, as a subprocess."""
+
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.kubeconfig, self.log = kubeconfig, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "20",
+               "FEDTUNE_RESYNC_SECONDS": "1"}  # fmt: skip
+        namespaces = [arg for ns in NS.values() if ns != NS["agent"] for arg in ("--namespace", ns)]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune_operator.main", *namespaces, "--liveness", ""],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 25) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api(control_plane) -> Api:
+    return Api(control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def node(control_plane, api, kubectl, tmp_path_factory) -> Iterator[NodeAgent]:
+    ensure_host_tools()
+    for ns in NS.values():
+        kubectl("create", "namespace", ns)
+    agent = NodeAgent(control_plane.kubeconfig, tmp_path_factory.mktemp("node") / "data", list(NS.values()))
+    agent.data_dir.mkdir()
+    agent.start(api)
+    try:
+        yield agent
+    finally:
+        for ns in NS.values():
+            kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        agent.stop()
+        # Everything the agent did to the host is undone, and its Node is gone.
+        assert not netns_list(PREFIX) and not links(PREFIX), (netns_list(PREFIX), links(PREFIX), agent.tail())
+        assert api.node(NODE) is None
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[Operator]:
+    kubectl("apply", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/federatedfinetunes.fedtune.io", "--timeout=60s")
+    op = Operator(control_plane.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        # Leave the cluster as test_operator.py expects it: the chart installs the CRD.
+        kubectl("delete", "-f", str(CRD), "--wait=true", "--timeout=120s", check=False)
+
+
+def fill_workspace(node: NodeAgent, ns: str, tiny_model: Path) -> Path:
+    """The workspace claim of the examples, holding the tiny model and the poems."""
+    folder = node.claim(ns, "fedtune-workspace")
+    shutil.copytree(tiny_model, folder / "models" / "tiny-glm", dirs_exist_ok=True)
+    shutil.copytree(POEMS, folder / "data" / "poems", dirs_exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def workspace(node, kubectl, tiny_model) -> Callable[[str], Path]:
+    """Make the example's workspace claim in a namespace and fill its folder on the node."""
+
+    def make(ns: str) -> Path:
+        wait_for(f"the default ServiceAccount of {ns}",
+                 lambda: kubectl("get", "serviceaccount", "default", "-n", ns, check=False).returncode == 0, 60)
+        kubectl("apply", "-n", ns, "-f", str(WORKSPACE_PVC))
+        return fill_workspace(node, ns, tiny_model)
+
+    return make
+
+
+def example(path: Path, name: str | None = None, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    if name:
+        doc["metadata"]["name"] = name
+    doc["spec"].update(copy.deepcopy(spec))
+    return doc
+
+
+def apply(kubectl, ns: str, doc: dict[str, Any]) -> None:
+    kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc, allow_unicode=True))
+
+
+def diagnose(api: Api, node: NodeAgent, operator: Operator | None, ns: str, job: str = "") -> Callable[[], str]:
+    def text() -> str:
+        parts = []
+        if job:
+            parts.append(f"status: {api.status(ns, job)}")
+        for pod in api.pods(ns):
+            statuses = [(c["name"], c.get("state"), c.get("restartCount")) for c in
+                        pod["status"].get("containerStatuses") or []]  # fmt: skip
+            parts.append(f"pod {pod['metadata']['name']}: {pod['status'].get('phase')} {statuses}")
+        parts += [f"container logs:\n{node.container_logs(ns)}", f"node agent:\n{node.tail(20)}"]
+        if operator is not None:
+            parts.append(f"operator:\n{operator.tail()}")
+        return "\n".join(parts)
+
+    return text
+
+
+Hook = Callable[[dict[str, Any]], None]
+
+
+def run_to_phase(api: Api, ns: str, name: str, phases: tuple[str, ...], describe: Callable[[], str],
+                 during: Hook | None = None) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """Poll the resource until its phase is one of `phases`; returns the status and every round seen."""
+    rounds: list[str] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = api.status(ns, name)
+        if status.get("round") and (not rounds or rounds[-1] != status["round"]):
+            rounds.append(status["round"])
+        if status.get("phase") in phases:
+            return status, rounds
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"{name} ended {status['phase']}: {status.get('message')}\n{describe()}")
+        if during is not None:
+            during(status)
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not reach {phases} in {JOB_TIMEOUT_S:.0f}s\n{describe()}")
+
+
+def adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def assert_identical_final_adapters(output: Path) -> dict:
+    import torch
+
+    reference = adapter(output / PARTIES[0] / "checkpoint-1")
+    assert reference
+    for party in PARTIES[1:]:
+        other = adapter(output / party / "checkpoint-1")
+        assert other.keys() == reference.keys()
+        for key, tensor in reference.items():
+            assert torch.equal(tensor, other[key]), f"{party}: {key} differs from {PARTIES[0]}'s"
+    return reference
+
+
+def checkpoints(output: Path, party: str) -> list[str]:
+    return sorted(p.name for p in (output / party).glob("checkpoint-*"))
+
+
+def assert_every_round(status: dict[str, Any], rounds_seen: list[str], output: Path, fractions: list[str]) -> None:
+    total = len(fractions)
+    assert status["round"] == f"{total}/{total}", status
+    # Round k of K as status moved on: never backwards, ending at K.
+    numbers = [int(r.split("/")[0]) for r in rounds_seen]
+    assert numbers == sorted(numbers) and numbers[-1] == total, rounds_seen
+    for party in PARTIES:
+        assert status["parties"][party]["round"] == total, status["parties"][party]
+        assert checkpoints(output, party) == [f"checkpoint-{f}" for f in fractions], party
+
+
+def role_pid_sets(api: Api, ns: str) -> dict[str, set[int]]:
+    """pod name -> the processes in its network namespace (found through its address)."""
+    out = {}
+    for pod in api.pods(ns):
+        ip = pod["status"].get("podIP")
+        netns = netns_with_address(PREFIX, ip) if ip else None
+        if netns is not None and pod["status"].get("phase") == "Running":
+            out[pod["metadata"]["name"]] = netns_pids(netns)
+    return out
+
+
+# --- the node agent on its own ------------------------------------------------------------------
+
+
+WRITER = """
+echo "greeting: $(cat /etc/cfg/greeting.txt)" > /data/greeting.txt
+echo "$SECRET_PW" > /data/secret.txt
+echo "$POD_NAME $POD_NAMESPACE $POD_IP $(hostname)" > /data/identity.txt
+echo "about to fail on purpose"
+exit 7
+"""
+
+ECHO_SERVER = """
+import socket, sys
+srv = socket.create_server(("0.0.0.0", 7000))
+print("listening", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.sendall(socket.gethostname().encode())
+    conn.close()
+"""
+
+# Fails on its first run (OnFailure restarts it in place), then asks the Service.
+ECHO_CLIENT = """
+import os, pathlib, socket, sys
+marker = pathlib.Path("/data/client-ran-once")
+if not marker.exists():
+    marker.write_text("1")
+    sys.exit(3)
+answers = []
+for name in ("echo", "echo.{ns}.svc.cluster.local"):
+    with socket.create_connection((name, 7000), timeout=10) as conn:
+        answers.append(conn.recv(100).decode())
+pathlib.Path("/data/answers.txt").write_text(" ".join(answers))
+"""
+
+
+def agent_manifests(ns: str) -> list[dict[str, Any]]:
+    data = {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"greeting.txt": "hello"}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec"},
+         "data": {"password": base64.b64encode(b"s3cret").decode()}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "writer"}, "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "busybox", "command": ["sh", "-c", WRITER],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "SECRET_PW", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "password"}}},
+                ],
+                "volumeMounts": [{"name": "cfg", "mountPath": "/etc/cfg", "readOnly": True},
+                                 {"name": "data", "mountPath": "/data"}],
+            }],
+            "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}, data],
+        }},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo-server", "labels": {"app": "echo"}}, "spec": {
+            "restartPolicy": "Always",
+            "containers": [{"name": "main", "image": "python", "command": ["python3", "-c", ECHO_SERVER]}],
+        }},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+         "spec": {"selector": {"app": "echo"}, "ports": [{"port": 7000}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo-client"}, "spec": {
+            "restartPolicy": "OnFailure",
+            "containers": [{"name": "main", "image": "python",
+                            "command": ["python3", "-c", ECHO_CLIENT.replace("{ns}", ns)],
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [data],
+        }},
+    ]  # fmt: skip
+
+
+def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> None:
+    ns = NS["agent"]
+    wait_for("the default ServiceAccount", lambda: kubectl("get", "sa", "default", "-n", ns, check=False)
+             .returncode == 0, 60)  # fmt: skip
+    kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(agent_manifests(ns)))
+    describe = diagnose(api, node, None, ns)
+    claim = node.claim(ns, "data")
+
+    writer = wait_for("writer to fail", lambda: (p := api.pod(ns, "writer")) and
+                      p["status"].get("phase") == "Failed" and p, 60, describe)  # fmt: skip
+    ended = writer["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert ended["exitCode"] == 7 and ended["reason"] == "Error", ended
+    assert "about to fail on purpose" in ended["message"]  # FallbackToLogsOnError
+    assert (claim / "greeting.txt").read_text() == "greeting: hello\n"
+    assert (claim / "secret.txt").read_text() == "s3cret\n"
+    assert (claim / "identity.txt").read_text() == f"writer {ns} {writer['status']['podIP']} writer\n"
+
+    client = wait_for("echo-client to succeed", lambda: (p := api.pod(ns, "echo-client")) and
+                      p["status"].get("phase") == "Succeeded" and p, 60, describe)  # fmt: skip
+    assert client["status"]["containerStatuses"][0]["restartCount"] == 1  # OnFailure: restarted in place
+    assert (claim / "answers.txt").read_text() == "echo-server echo-server"
+
+    server = api.pod(ns, "echo-server")
+    assert server is not None and server["status"]["phase"] == "Running"
+    netns = netns_with_address(PREFIX, server["status"]["podIP"])
+    assert netns is not None
+    pids = netns_pids(netns)
+    assert pids
+    kubectl("delete", "pod", "echo-server", "-n", ns, "--timeout=60s")  # waits until the object is gone
+    assert not alive(pids), "the deleted pod's processes still run"
+    assert netns not in netns_list(PREFIX)
+
+
+def test_agent_crash_leftovers_are_cleaned_up_on_restart(control_plane, api, kubectl, tmp_path) -> None:
+    ensure_host_tools()
+    ns, prefix = "jobs-crash", "ftc"
+    kubectl("create", "namespace", ns)
+    agent = NodeAgent(control_plane.kubeconfig, tmp_path / "data", [ns], prefix=prefix, cidr="10.202.0.0/24",
+                      node="fedtune-crash-node")  # fmt: skip
+    agent.data_dir.mkdir()
+    try:
+        agent.start(api)
+        wait_for("the default ServiceAccount", lambda: kubectl("get", "sa", "default", "-n", ns, check=False)
+                 .returncode == 0, 60)  # fmt: skip
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"}, "spec": {"containers": [
+            {"name": "main", "image": "busybox", "command": ["sh", "-c", "sleep 600 & sleep 600"]}]}}  # fmt: skip
+        apply(kubectl, ns, pod)
+        running = wait_for("sleeper to run", lambda: (p := api.pod(ns, "sleeper")) and
+                           p["status"].get("phase") == "Running" and p, 60, agent.tail)  # fmt: skip
+        netns = netns_with_address(prefix, running["status"]["podIP"])
+        assert netns is not None
+        pids = wait_for("both sleeps", lambda: len(netns_pids(netns)) >= 3 and netns_pids(netns), 10)
+
+        agent.stop(signal.SIGKILL)  # a crash: no cleanup runs
+        assert netns_list(prefix) and alive(pids)  # the background sleep outlives its shell
+
+        agent.start(api)  # cleans up by prefix, then runs the pod again (restartPolicy Always)
+        assert not alive(pids)
+        restarted = wait_for("sleeper to run again", lambda: (p := api.pod(ns, "sleeper")) and
+                             p["status"]["containerStatuses"][0]["restartCount"] == 1 and
+                             p["status"].get("phase") == "Running" and p, 60, agent.tail)  # fmt: skip
+        assert restarted["metadata"]["uid"] == running["metadata"]["uid"]
+    finally:
+        agent.stop()
+        kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    assert not netns_list(prefix) and not links(prefix), agent.tail()
+    assert api.node("fedtune-crash-node") is None
+
+
+# --- jobs through the operator ------------------------------------------------------------------
+
+
+def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    loaded = PeftModel.from_pretrained(base, str(checkpoint))
+    assert len([n for n, _ in loaded.named_parameters() if "lora_" in n]) == len(final)
+
+
+def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
+    ns = NS["lora"]
+    folder = workspace(ns)
+    kubectl("apply", "-n", ns, "-f", str(EXAMPLES / "lora-3party.yaml"))
+    describe = diagnose(api, node, operator, ns, "poems-lora")
+    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
+
+    output = node.claim(ns, "poems-lora-output")
+    assert status["output"] == "pvc://poems-lora-output/"
+    assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    final = assert_identical_final_adapters(output)
+    assert all("lora_" in key for key in final)
+    assert_lora_loads(folder / "models" / "tiny-glm", output / "node-1" / "checkpoint-1", final)
+    # A finished job holds no processes and no addresses: Redis was stopped, the roles exited.
+    addresses = [p["status"].get("podIP") for p in api.pods(ns)]
+    assert not [a for a in addresses if a and netns_with_address(PREFIX, a)], addresses
+
+
+def test_ptuning_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
+    ns = NS["ptuning"]
+    folder = workspace(ns)
+    kubectl("apply", "-n", ns, "-f", str(EXAMPLES / "k8s" / "ptuning-3party.yaml"))
+    describe = diagnose(api, node, operator, ns, "poems-ptuning")
+    status, rounds = run_to_phase(api, ns, "poems-ptuning", ("Succeeded",), describe)
+
+    output = node.claim(ns, "poems-ptuning-output")
+    assert_every_round(status, rounds, output, ["0.5", "1"])
+    final = assert_identical_final_adapters(output)
+    assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
+
+    from fedtune.chat import load_for_chat
+
+    model, _ = load_for_chat(folder / "models" / "tiny-glm", output / "node-2" / "checkpoint-1")
+    assert type(model).__name__.startswith("Peft")
+
+
+def state_saved(output: Path, party: str) -> bool:
+    from fedtune.party import STATE_DIR
+    from fedtune.training import latest_state
+
+    return latest_state(output / party / STATE_DIR / "trainer") is not None
+
+
+def delete_pod_when(api: Api, kubectl, ns: str, pod: str, ready: Callable[[], bool], deleted: list[str]) -> Callable:
+    """A `during` hook: once `ready()`, delete `pod` (once), recording its uid."""
+
+    def hook(_status: dict[str, Any]) -> None:
+        if deleted or not ready():
+            return
+        live = api.pod(ns, pod)
+        assert live is not None and live["status"].get("phase") == "Running", f"{pod} is not running: {live}"
+        deleted.append(live["metadata"]["uid"])
+        kubectl("delete", "pod", pod, "-n", ns, "--wait=false")
+
+    return hook
+
+
+def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kubectl, workspace) -> None:
+    ns, name = NS["party-restart"], "poems-party-restart"
+    workspace(ns)
+    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name))
+    output = node.claim(ns, f"{name}-output")
+    deleted: list[str] = []
+    hook = delete_pod_when(api, kubectl, ns, f"{name}-node-1", lambda: state_saved(output, "node-1"), deleted)
+    status, rounds = run_to_phase(api, ns, name, ("Succeeded",), diagnose(api, node, operator, ns, name), hook)
+
+    assert deleted, "the job ended before node-1 could be deleted"
+    assert status["parties"]["node-1"]["restarts"] >= 1
+    assert status["parties"]["node-1"]["podUID"] != deleted[0]
+    assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    assert_identical_final_adapters(output)
+
+
+def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, workspace) -> None:
+    ns, name = NS["scheduler-restart"], "poems-scheduler-restart"
+    workspace(ns)
+    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name, redis={"persistence": True}))
+    output = node.claim(ns, f"{name}-output")
+    scheduler: list[str] = []
+    redis: list[str] = []
+    kill_scheduler = delete_pod_when(api, kubectl, ns, f"{name}-scheduler", lambda: state_saved(output, "node-1"),
+                                     scheduler)  # fmt: skip
+
+    def scheduler_back_and_round_2() -> bool:
+        """Redis goes once the recreated scheduler runs and the job has moved on a round."""
+        status = api.status(ns, name)
+        uid = (status.get("scheduler") or {}).get("podUID")
+        return bool(scheduler) and uid not in (None, *scheduler) and int(status["round"].split("/")[0]) >= 2
+
+    kill_redis = delete_pod_when(api, kubectl, ns, f"{name}-redis", scheduler_back_and_round_2, redis)
+
+    def during(status: dict[str, Any]) -> None:
+        kill_scheduler(status)
+        kill_redis(status)
+
+    status, rounds = run_to_phase(api, ns, name, ("Succeeded",), diagnose(api, node, operator, ns, name), during)
+    assert scheduler and redis, f"the job ended too soon (scheduler deleted: {bool(scheduler)}, redis: {bool(redis)})"
+    assert status["scheduler"]["restarts"] >= 1
+    assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    assert_identical_final_adapters(output)
+
+
+def test_malformed_dataset_fails_naming_the_file(node, operator, api, kubectl, workspace) -> None:
+    ns, name = NS["malformed"], "poems-malformed"
+    folder = workspace(ns)
+    (folder / "data" / "broken").mkdir()
+    (folder / "data" / "broken" / "part-2.json").write_text('{"instruction": "x", "instances": [', encoding="utf-8")
+    doc = example(EXAMPLES / "lora-3party.yaml", name, backoffLimit=1)
+    doc["spec"]["parties"][2]["trainset"] = [{"type": "QA", "path": "data/broken/part-2.json"}]
+    apply(kubectl, ns, doc)
+    status, _ = run_to_phase(api, ns, name, ("Failed",), diagnose(api, node, operator, ns, name))
+
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    assert "data/broken/part-2.json" in failed["message"], failed
+    assert status["parties"]["node-2"]["failures"] == 2  # backoffLimit 1: one retry, then no more
+    # No endless restarts: nothing is started again and nothing keeps running.
+    time.sleep(3)
+    pods = api.pods(ns)
+    assert all(p["status"].get("phase") in ("Succeeded", "Failed") for p in pods), [
+        (p["metadata"]["name"], p["status"].get("phase")) for p in pods]  # fmt: skip
+    assert len([p for p in pods if p["metadata"]["name"] == f"{name}-node-2"]) <= 1
+
+
+def test_deleting_a_running_job_stops_every_process(node, operator, api, kubectl, workspace) -> None:
+    ns, name = NS["delete"], "poems-delete"
+    workspace(ns)
+    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name))
+    describe = diagnose(api, node, operator, ns, name)
+    expected = {f"{name}-{suffix}" for suffix in (*ROLE_PODS, "redis")}
+    pids = wait_for("every pod of the job to run", lambda: (found := role_pid_sets(api, ns)).keys() == expected
+                    and all(found.values()) and found, 120, describe)  # fmt: skip
+    every = set().union(*pids.values())
+
+    kubectl("delete", "fft", name, "-n", ns, "--wait=false")
+    wait_for("the job's pods to go", lambda: not api.pods(ns), 120, describe)
+    wait_for("every process of the job to end", lambda: not alive(every), 30, describe)
+    assert not [n for n in netns_list(PREFIX) if netns_pids(n) & every]
