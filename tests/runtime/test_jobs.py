@@ -37,8 +37,10 @@ def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
 def assert_loss_falls(summary: dict) -> None:
     for party in PARTIES:
         losses = [loss for _, loss in summary["parties"][party]["losses"]]
-        assert len(losses) >= 4, f"{party}: too few losses logged"
-        assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, f"{party}: loss did not fall: {losses}"
+        assert len(losses) >= 6, f"{party}: too few losses logged"
+        third = len(losses) // 3  # whole thirds of training: single batches differ too much to compare
+        first, last = sum(losses[:third]) / third, sum(losses[-third:]) / third
+        assert last < first, f"{party}: loss did not fall: {losses}"
 
 
 def test_lora_job_completes_identical_and_learning(tmp_path: Path, tiny_model: Path) -> None:
@@ -67,7 +69,8 @@ def test_lora_job_completes_identical_and_learning(tmp_path: Path, tiny_model: P
 
 
 def test_ptuning_job_completes_with_prefix_only(tmp_path: Path, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", tiny_model, peft=PTUNING, epochs=3)
+    trainer = {"per_device_train_batch_size": 4, "learning_rate": 3e-2, "num_train_epochs": 3, "no_cuda": True}
+    job = write_job(tmp_path / "job", tiny_model, peft=PTUNING, trainer=trainer)  # P-tuning's usual rate
     code, output, summary = run_job(job, tmp_path / "out")
     assert code == 0, output
     final = assert_identical_adapters(tmp_path / "out", "checkpoint-1")

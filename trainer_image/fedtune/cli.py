@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--kind", choices=["glm", "glm4"], default="glm")
+    tiny.add_argument("--pretrain-steps", type=int, default=200,
+                      help="steps of language-model training on the data's texts (0: random weights)")
 
     xfl = sub.add_parser("import-xfl", help="turn an XFL config folder into a job YAML")
     xfl.add_argument("config_dir", type=Path)
@@ -164,7 +166,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from fedtune.tinymodel import build_tiny_model
 
-    out = build_tiny_model(args.out, args.data, hidden_size=args.hidden_size, num_layers=args.layers, kind=args.kind)
+    out = build_tiny_model(args.out, args.data, hidden_size=args.hidden_size, num_layers=args.layers, kind=args.kind,
+                           pretrain_steps=args.pretrain_steps)
     print(out)
     return 0
 
