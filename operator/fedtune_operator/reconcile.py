@@ -18,6 +18,7 @@ dirty and the running pass goes round once more (bursts of pod events coalesce).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime
 import logging
 import secrets
@@ -53,6 +54,19 @@ def now_iso() -> str:
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _create_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Shared by all passes; creates are short, and the API server bounds them anyway."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="fedtune-create")
+        return _pool
 
 
 @dataclass
@@ -163,10 +177,10 @@ class Reconciler:
         for pod_name in plan.delete:
             self.kube.delete("Pod", namespace, pod_name)
             log.info("deleted pod %s/%s", namespace, pod_name)
+        pods_to_create = [resources.role_pod(job, w) for w in plan.create]
         if plan.create_redis:
-            self._create(resources.redis_pod(job))
-        for workload in plan.create:
-            self._create(resources.role_pod(job, workload))
+            pods_to_create.insert(0, resources.redis_pod(job))
+        self._create_all(pods_to_create)
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
         return plan.status["phase"]
@@ -188,15 +202,14 @@ class Reconciler:
         for kind in ("ConfigMap", "Service", "PersistentVolumeClaim"):
             for obj in self.kube.list(kind, job.namespace, resources.selector(job.name)):
                 existing[(kind, obj["metadata"]["name"])] = obj
-        complete = True
+        missing = []
         for manifest in resources.static_children(job, password):
             if manifest["kind"] == "Secret":
                 continue  # made by _password
             found = existing.get((manifest["kind"], manifest["metadata"]["name"]))
-            if found is not None and owned_by(found, job.uid):
-                continue
-            complete = self._create(manifest) and complete
-        if not complete:
+            if found is None or not owned_by(found, job.uid):
+                missing.append(manifest)
+        if not all(self._create_all(missing)):
             # A name is held by an object of an earlier job of the same name that garbage
             # collection has not removed yet: try again shortly.
             raise Retry(f"children of an earlier {job.name} are still being deleted", delay=2.0)
@@ -204,20 +217,25 @@ class Reconciler:
             self._static_ok.add(job.uid)
 
     def _password(self, job: resources.Job) -> str:
-        """The job's Redis password: the Secret's, made (once) when there is none."""
+        """The job's Redis password: a new one in a new Secret, or the stored one."""
         if job.uid in self._passwords:
             return self._passwords[job.uid]
         name = resources.child_name(job.name, "redis")
-        secret = self.kube.get("Secret", job.namespace, name)
-        if secret is None:
-            self._create(resources.redis_secret(job, secrets.token_urlsafe(24)))
-            # Another pass (or operator) may have won the race: the stored one counts.
+        password = secrets.token_urlsafe(24)
+        if not self._create(resources.redis_secret(job, password)):
+            # Made earlier (by a pass before an operator restart): the stored one counts.
             secret = self.kube.get("Secret", job.namespace, name)
-        if secret is None or not owned_by(secret, job.uid):
-            raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
-        password = base64.b64decode(secret["data"]["password"]).decode()
+            if secret is None or not owned_by(secret, job.uid):
+                raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
+            password = base64.b64decode(secret["data"]["password"]).decode()
         self._passwords[job.uid] = password
         return password
+
+    def _create_all(self, manifests: list[dict[str, Any]]) -> list[bool]:
+        """Create independent children side by side: a pass waits for one round trip, not ten."""
+        if len(manifests) <= 1:
+            return [self._create(m) for m in manifests]
+        return list(_create_pool().map(self._create, manifests))
 
     def _create(self, manifest: dict[str, Any]) -> bool:
         """Create a child; False when its name is taken (by an earlier pass, or an old object)."""

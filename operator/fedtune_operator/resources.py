@@ -418,6 +418,9 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         "resources": _resources(party),
         "securityContext": _restricted_container_security(TRAINER_UID),
         "volumeMounts": mounts,
+        # A failed role's last log lines (which name the bad file or field) become the
+        # pod's termination message, and so the resource's Failed condition.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {
         "apiVersion": "v1",

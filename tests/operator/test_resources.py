@@ -128,6 +128,7 @@ def test_role_commands_env_and_mounts(job) -> None:
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert c["workingDir"] == "/workspace"
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert c["image"] == "fedtune/trainer:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         expected = {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp"}
