@@ -21,7 +21,7 @@ $(TINY_MODEL)/config.json: | install
 	$(PYTHON) -m fedtune tiny-model $(TINY_MODEL) --data $(EXAMPLES)/data/poems
 
 demo: install $(TINY_MODEL)/config.json
-	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT)
+	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT) --overwrite
 
 test: install dev-cluster-build
 	FEDTUNE_REQUIRE_CLUSTER=1 $(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)

@@ -152,3 +152,13 @@ def test_parties_with_mismatched_adapters_are_refused(tmp_path: Path, tiny_model
     assert code != 0
     assert "adapters do not match" in output and "node-2" in output
     assert_nothing_written(tmp_path / "out")
+
+
+def test_rerun_into_used_output_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    job = write_job(tmp_path / "job", tiny_model)
+    (tmp_path / "out" / "node-1" / "checkpoint-1").mkdir(parents=True)
+    marker = tmp_path / "out" / "node-1" / "checkpoint-1" / "adapter_model.safetensors"
+    marker.write_bytes(b"earlier run")
+    code, output, _ = run_job(job, tmp_path / "out")
+    assert code == 2 and "already holds a run's results" in output and "--overwrite" in output
+    assert marker.read_bytes() == b"earlier run"

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, default=Path("fedtune-output"), help="adapters land in OUTPUT/<party>/")
     run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
     run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
 
     _role_args(sub.add_parser("scheduler", help="run the scheduler role"), party=False)
     _role_args(sub.add_parser("assist-trainer", help="run the assist_trainer (aggregator) role"), party=True)
@@ -122,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     base_dir = (args.base_dir or args.job.parent).resolve()
-    return run_job(job, args.output.resolve(), base_dir, timeout_s=args.timeout)
+    return run_job(job, args.output.resolve(), base_dir, timeout_s=args.timeout, overwrite=args.overwrite)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:

@@ -135,6 +135,19 @@ def preflight(job: FederatedFineTune, base_dir: Path) -> None:
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
 
 
+def claim_output(output: Path, job: FederatedFineTune, *, overwrite: bool) -> None:
+    """A new run never mixes its rounds with an earlier run's: refuse, or clear explicitly."""
+    earlier = [output / "summary.json", output / ".fedtune"] + [output / p.name for p in job.spec.parties]
+    present = [p for p in earlier if p.exists()]
+    if not present:
+        return
+    if not overwrite:
+        raise SpecError(f"--output {output} already holds a run's results ({present[0].name}); choose another folder "
+                        "or pass --overwrite to replace them")
+    for path in present:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def with_local_addresses(job: FederatedFineTune, redis_address: str, roles: dict[str, Role]) -> FederatedFineTune:
     data = job.model_dump(mode="json", exclude_none=True)
     spec = data["spec"]
@@ -287,9 +300,19 @@ class Progress:
         self.stream.flush()
 
 
+def loss_trend(party: dict[str, Any]) -> str:
+    """Mean training loss over the first and the last fifth of a party's steps."""
+    losses = [loss for _, loss in party.get("losses", [])]
+    fifth = len(losses) // 5
+    if fifth == 0:
+        return ""
+    return f"  (loss {sum(losses[:fifth]) / fifth:.3f} -> {sum(losses[-fifth:]) / fifth:.3f})"
+
+
 def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: float = 24 * 3600,
-            stream: IO[str] = sys.stdout) -> int:
+            overwrite: bool = False, stream: IO[str] = sys.stdout) -> int:
     preflight(job, base_dir)
+    claim_output(output, job, overwrite=overwrite)
     local = LocalJob(job, output, base_dir)
     progress = Progress(stream)
     start = time.monotonic()
@@ -325,7 +348,7 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
     last = checkpoint_name(job.spec.fractions()[-1])
     for name in local.roles:
         if name != "scheduler":
-            print(f"  {output / name / last}", file=stream)
+            print(f"  {output / name / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
     first = next(n for n in local.roles if n != "scheduler")
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
     print(f"chat with it:\n  fedtune chat --model {model} --adapter {output / first / last}", file=stream)
