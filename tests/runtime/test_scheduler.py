@@ -1,0 +1,93 @@
+"""The scheduler's decisions, through real gRPC and a real Redis."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from fedtune import transport
+from fedtune.jobstate import JobState
+from fedtune.proto import fedtune_pb2 as pb
+from fedtune.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.scheduler import SchedulerService
+from fedtune.spec import parse_job
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
+SCHEMA = [["lora_A", [4, 16]], ["lora_B", [16, 4]]]
+
+
+def serve(redis_server, document: dict) -> Iterator[tuple[pb_grpc.SchedulerStub, JobState]]:
+    job = parse_job(document)
+    state = JobState.connect(redis_server.address, redis_server.password, job.job_id)
+    state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
+    server, port = transport.make_server("127.0.0.1:0")
+    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state), server)
+    server.start()
+    try:
+        yield pb_grpc.SchedulerStub(transport.make_channel(f"127.0.0.1:{port}")), state
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def document() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def ready(stub: pb_grpc.SchedulerStub, party: str, samples: int, schema=SCHEMA, wait_s: float = 0) -> pb.StartInfo:
+    return stub.Ready(pb.ReadyRequest(party=party, samples=samples, max_steps=samples,
+                                      adapter_schema_json=json.dumps(schema), public_key=b"k-" + party.encode(),
+                                      wait_s=wait_s), timeout=10)
+
+
+def test_start_weights_follow_sample_counts(redis_server, document) -> None:
+    for stub, state in serve(redis_server, document):
+        ready(stub, "assist_trainer", 10)
+        ready(stub, "node-1", 30)
+        start = ready(stub, "node-2", 60)
+        assert start.ready and start.rounds == 5
+        assert dict(start.weights) == pytest.approx({"assist_trainer": 0.1, "node-1": 0.3, "node-2": 0.6})
+        assert state.phase() == "Running"
+
+
+def test_uniform_weighting_is_the_plain_mean(redis_server, document) -> None:
+    document["spec"]["aggregation"]["weighting"] = "uniform"
+    for stub, _ in serve(redis_server, document):
+        ready(stub, "assist_trainer", 10)
+        ready(stub, "node-1", 30)
+        start = ready(stub, "node-2", 60)
+        assert list(start.weights.values()) == pytest.approx([1 / 3] * 3)
+
+
+def test_mismatched_adapters_fail_the_job_naming_tensor_and_parties(redis_server, document) -> None:
+    for stub, state in serve(redis_server, document):
+        ready(stub, "node-1", 30)
+        with pytest.raises(grpc.RpcError) as info:
+            ready(stub, "node-2", 30, schema=[["lora_A", [8, 16]], ["lora_B", [16, 8]]])
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "adapters do not match: `lora_A` is [8, 16] at node-2 but [4, 16] at node-1" in info.value.details()
+        assert state.phase() == "Failed" and "lora_A" in state.error()
+
+
+def test_single_label_trainer_under_otp_is_loud(redis_server, document) -> None:
+    two = copy.deepcopy(document)
+    two["spec"]["parties"] = two["spec"]["parties"][:2]
+    two["spec"]["encryption"] = {"otp": {"csprng": {"name": "chacha20"}}}
+    for stub, state in serve(redis_server, two):
+        ready(stub, "assist_trainer", 10)
+        ready(stub, "node-1", 30)
+        assert any("single label_trainer" in w for w in state.snapshot().warnings)
+
+
+def test_joining_under_the_wrong_role_is_refused(redis_server, document) -> None:
+    for stub, _ in serve(redis_server, document):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Join(pb.JoinRequest(party="node-1", role="assist_trainer", wait_s=0), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "lists it as label_trainer" in info.value.details()
