@@ -5,8 +5,8 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
   disappears or fails is recreated; each failure counts against `spec.backoffLimit`, and
   one failure past it makes the resource Failed with a condition naming the party, its
   reason, exit code and message (then the job's other running pods are stopped).
-- Phase: any role Running -> Running; the scheduler and every local party Succeeded ->
-  Succeeded; Succeeded and Failed are final.
+- Phase: any role Running -> Running (and it stays Running while a role restarts); the
+  scheduler and every local party Succeeded -> Succeeded; Succeeded and Failed are final.
 - Round and loss come from the runtime's job state in Redis (`Progress`), when it could
   be read; otherwise the last known values stay.
 """
@@ -217,7 +217,8 @@ def plan(
         conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
         status["message"] = f"adapters in {output}"
         result.events.append(("Normal", "Succeeded", f"{message}; adapters in {output}"))
-    elif any(r["state"] == RUNNING for r in roles):
+    elif any(r["state"] == RUNNING for r in roles) or prev_phase == RUNNING:
+        # Once started, a job stays Running while a role restarts or waits for the others.
         phase = RUNNING
     else:
         phase = PENDING

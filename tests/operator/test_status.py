@@ -160,6 +160,16 @@ def test_a_failed_pod_seen_twice_counts_once(world) -> None:
     assert again.delete == ["poems-lora-node-1"]
 
 
+def test_a_started_job_stays_running_while_a_role_restarts(world) -> None:
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    world.set_phase("poems-lora-node-1", "Failed", exit_code=137)
+    world.step()
+    world.step()  # recreated, Pending again
+    assert world.pods["poems-lora-node-1"].phase == "Pending"
+    assert world.status["phase"] == "Running"
+
+
 def test_deleted_pods_are_recreated_and_counted_as_restarts(world) -> None:
     world.set_phase("poems-lora-scheduler", "Running")
     world.step()
