@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hosts, podspec
+from .apirelay import ApiRelay
 from .containers import Container
 from .kubeapi import ApiError, Informer, Kube, Obj, core_path, now_rfc3339, pod_path
 from .network import Network, NetworkError
@@ -118,6 +119,7 @@ class Agent:
         self._boot_id = str(uuid.uuid4())
         self._node_since = now_rfc3339()
         self._binding: set[str] = set()  # pods a Binding was sent for
+        self.relay: ApiRelay | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -127,12 +129,23 @@ class Agent:
         shutil.rmtree(self.data_dir / "pods", ignore_errors=True)
         self.network.setup()
         self.register_node()
+        self.relay = self._api_relay()
         for path in self._watched("pods") + self._watched("services") + self._watched("persistentvolumeclaims"):
             handler = {"pods": self._on_pod, "services": self._on_service}.get(path.rsplit("/", 1)[-1], self._on_claim)
             self._informers.append(Informer(self.kube, path, handler, self.stop_event).start())
         for informer in self._informers:
             informer.synced.wait(30)
         log.info("node %s ready: pods on %s, data in %s", self.config.node_name, self.network.cidr, self.data_dir)
+
+    def _api_relay(self) -> ApiRelay | None:
+        """The `kubernetes` Service's ClusterIP, relayed to the API server from every pod."""
+        service = self.kube.get(core_path("services", "default", "kubernetes"))
+        if not service or not (service.get("spec") or {}).get("clusterIP"):
+            log.warning("no `kubernetes` Service: pods get no in-cluster API access")
+            return None
+        port = next((p["port"] for p in service["spec"].get("ports") or [] if p.get("name") == "https"), 443)
+        endpoint = self.kube.endpoint
+        return ApiRelay(service["spec"]["clusterIP"], int(port), (endpoint.host, endpoint.port))
 
     def _watched(self, plural: str) -> list[str]:
         if not self.config.namespaces:
@@ -165,6 +178,9 @@ class Agent:
             threads.append(thread)
         for thread in threads:
             thread.join(30)
+        for run in self.runs.values():
+            if run.netns is not None and self.relay is not None:
+                self.relay.remove_pod(run.netns)
         self.network.cleanup()
         shutil.rmtree(self.data_dir / "pods", ignore_errors=True)
         if self.config.delete_node_on_exit:
@@ -431,6 +447,11 @@ class Agent:
             run.sandbox_message = str(err)
             log.warning("pod %s/%s: %s", run.namespace, run.name, err)
             return False
+        if self.relay is not None:
+            try:
+                self.relay.add_pod(run.netns)
+            except (NetworkError, OSError) as err:
+                log.warning("pod %s/%s: no API relay: %s", run.namespace, run.name, err)
         run.folder.mkdir(parents=True, exist_ok=True)
         run.start_time = now_rfc3339()
         hostname = run.pod["spec"].get("hostname") or run.name
@@ -442,6 +463,8 @@ class Agent:
 
     def _remove_sandbox(self, run: PodRun) -> None:
         if run.netns is not None:
+            if self.relay is not None:
+                self.relay.remove_pod(run.netns)  # its socket would keep the namespace alive
             self.network.remove_pod(run.netns)
             run.netns = None
 
@@ -535,6 +558,8 @@ class Agent:
             "HOSTNAME": run.pod["spec"].get("hostname") or run.name,
             "HOME": "/root",
         }
+        if self.relay is not None:
+            env.update(self.relay.env())
         for name in ("LANG", "LC_ALL", "PYENV_ROOT", "VIRTUAL_ENV"):
             if name in os.environ:
                 env[name] = os.environ[name]
@@ -692,6 +717,8 @@ class Agent:
             # The running one first, then the newest.
             best = max(matches, key=lambda r: (r.phase == "Running", r.pod["metadata"].get("creationTimestamp", "")))
             out.append(hosts.ServiceAddress(meta["namespace"], meta["name"], str(best.ip)))
+        if self.relay is not None:
+            out.append(hosts.ServiceAddress("default", "kubernetes", self.relay.service_ip))
         return out
 
     def _hosts_text(self, run: PodRun, services: list[hosts.ServiceAddress] | None = None) -> str:

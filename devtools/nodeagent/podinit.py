@@ -70,6 +70,30 @@ def host_submounts() -> list[str]:
     return points
 
 
+def in_root(root: Path, path: str, depth: int = 0) -> Path:
+    """`path` inside `root` with symlinks resolved as the container will see them.
+
+    `/var/run` is a symlink to `/run`: joined naively, a mount at
+    `/var/run/secrets/...` would follow it out of the root onto the host's `/run`.
+    """
+    if depth > 40:
+        raise SetupError(f"too many symlinks in {path}")
+    current = root
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for index, part in enumerate(parts):
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            target = os.readlink(candidate)
+            rest = "/".join(parts[index + 1 :])
+            base = "" if target.startswith("/") else str(current.relative_to(root))
+            return in_root(root, f"{base}/{target}/{rest}", depth + 1)
+        current = candidate
+    return current
+
+
 def ensure(path: Path, is_file: bool) -> None:
     """Make a mount point; inside the overlay this never reaches the host."""
     if is_file:
@@ -129,9 +153,9 @@ def setup(config: dict) -> None:
     make_dev(root, config.get("devices", []))
     # Parents before children: /workspace before /workspace/models.
     for m in sorted(config["mounts"], key=lambda m: m["target"].rstrip("/").count("/")):
-        bind(m["source"], root / m["target"].lstrip("/"), m.get("readOnly", False), m.get("file", False))
+        bind(m["source"], in_root(root, m["target"]), m.get("readOnly", False), m.get("file", False))
     workdir = config.get("workingDir") or "/"
-    (root / workdir.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    in_root(root, workdir).mkdir(parents=True, exist_ok=True)
     if config.get("readOnlyRootFilesystem"):
         mount("-o", "remount,ro", str(root))
     os.chroot(root)
