@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) 
     assert_identical_adapters(tmp_path / "out", "checkpoint-1")
     log = (tmp_path / "out" / ".fedtune" / "logs" / "node-1.log").read_text()
     assert "resum" in log.lower()
+
+
+def test_assist_trainer_and_scheduler_killed_mid_job_rejoin(tmp_path: Path, tiny_model: Path) -> None:
+    # The assist_trainer holds most data: the others wait on its aggregator while it is down.
+    job_path = write_job(tmp_path / "job", tiny_model, sizes=(160, 16, 16), agg_steps=0.25, epochs=1)
+    local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
+    try:
+        local.start()
+        kill_after_first_round(local, "assist_trainer")
+        local.kill_role("scheduler", signal.SIGKILL)
+        local.start_role("scheduler")
+        wait_until(local.finished, 300, "the job to finish after the restarts", local)
+        assert local.status().phase == "Succeeded"
+    finally:
+        local.stop()
+    for party in PARTIES:
+        names = sorted(p.name for p in (tmp_path / "out" / party).glob("checkpoint-*"))
+        assert names == ["checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1"]
+    assert_identical_adapters(tmp_path / "out", "checkpoint-1")
 
 
 def assert_nothing_written(out: Path) -> None:

@@ -78,7 +78,6 @@ class Party:
         self.aggregator_client: AggregatorClient | None = None
         self.secrets: dict[str, bytes] = {}
         self.weight = 0.0
-        self.round_started = 0.0
 
     @staticmethod
     def _address(value: str | None, field: str) -> str:
