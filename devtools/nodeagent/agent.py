@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from . import hosts, podspec
 from .apirelay import ApiRelay
 from .containers import Container
 from .kubeapi import ApiError, Informer, Kube, Obj, core_path, now_rfc3339, pod_path
+from .logserver import LogServer
 from .network import Network, NetworkError
 from .podspec import ConfigError
 from .volumes import VolumePreparer, claim_dir, container_mounts
@@ -120,6 +122,7 @@ class Agent:
         self._node_since = now_rfc3339()
         self._binding: set[str] = set()  # pods a Binding was sent for
         self.relay: ApiRelay | None = None
+        self.logs: LogServer | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -128,6 +131,7 @@ class Agent:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.data_dir / "pods", ignore_errors=True)
         self.network.setup()
+        self.logs = LogServer(str(self.network.gateway), self.data_dir / "pki", self._log_of).start()
         self.register_node()
         self.relay = self._api_relay()
         for path in self._watched("pods") + self._watched("services") + self._watched("persistentvolumeclaims"):
@@ -181,6 +185,8 @@ class Agent:
         for run in self.runs.values():
             if run.netns is not None and self.relay is not None:
                 self.relay.remove_pod(run.netns)
+        if self.logs is not None:
+            self.logs.stop()
         self.network.cleanup()
         shutil.rmtree(self.data_dir / "pods", ignore_errors=True)
         if self.config.delete_node_on_exit:
@@ -257,6 +263,7 @@ class Agent:
             ],
             # InternalIP only: the API server would try a Hostname address first, and no DNS knows ours.
             "addresses": [{"type": "InternalIP", "address": str(self.network.gateway)}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.logs.port if self.logs else 0}},
             "nodeInfo": {
                 "machineID": self._boot_id.replace("-", ""),
                 "systemUUID": self._boot_id,
@@ -731,6 +738,22 @@ class Agent:
             fresh = run.ip and run.netns and not run.terminating
             if fresh and hosts.write_in_place(run.folder / "hosts", self._hosts_text(run, services)):
                 log.debug("pod %s/%s: hosts updated", run.namespace, run.name)
+
+    # --- kubectl logs -----------------------------------------------------------------------------
+
+    def _log_of(self, namespace: str, pod: str, name: str, previous: bool) -> tuple[Path, Callable[[], bool]] | None:
+        """Runs in the log server's threads: reads a snapshot, changes nothing."""
+        runs = [r for r in list(self.runs.values()) if r.namespace == namespace and r.name == pod]
+        for run in sorted(runs, key=lambda r: r.terminating):
+            for container in run.all_containers():
+                if container.name != name:
+                    continue
+                index = container.restart_count - 1 if previous else container.restart_count
+                path = container.folder / f"{index}.log"
+                if index < 0 or not path.exists():
+                    return None
+                return path, lambda c=container: c.state == "running" and not previous
+        return None
 
     # --- lookups for env and volumes -------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import importlib
 import ipaddress
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-pytestmark = pytest.mark.cluster
+cluster = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -455,6 +456,72 @@ def role_pid_sets(api: Api, node: NodeAgent, ns: str) -> dict[str, set[int]]:
     return out
 
 
+# --- the node agent's rules, without a cluster ----------------------------------------------------
+
+
+def nodeagent_module(name: str) -> Any:
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module(f"devtools.nodeagent.{name}")
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def test_env_resolution_and_expansion() -> None:
+    podspec = nodeagent_module("podspec")
+    pod = {"metadata": {"name": "p", "namespace": "ns", "labels": {"app": "x"}}, "spec": {"nodeName": "n"},
+           "status": {"podIP": "10.1.2.3"}}  # fmt: skip
+    objects = {("Secret", "ns", "s"): {"data": {"pw": base64.b64encode(b"hunter2").decode()}},
+               ("ConfigMap", "ns", "c"): {"data": {"k": "v", "other": "o"}}}  # fmt: skip
+    container = {"name": "main", "envFrom": [{"configMapRef": {"name": "c"}, "prefix": "CM_"}], "env": [
+        {"name": "A", "value": "a"},
+        {"name": "B", "value": "$(A)-$(UNKNOWN)-$$(A)"},
+        {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+        {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+        {"name": "K", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+        {"name": "GONE", "valueFrom": {"secretKeyRef": {"name": "missing", "key": "x", "optional": True}}},
+    ], "command": ["echo", "$(PW)"], "args": ["$(B)"]}  # fmt: skip
+    env = podspec.container_env(pod, container, lambda *key: objects.get(key), {"PATH": "/bin"}, {})
+    assert env == {"PATH": "/bin", "CM_k": "v", "CM_other": "o", "A": "a", "B": "a-$(UNKNOWN)-$(A)",
+                   "IP": "10.1.2.3", "APP": "x", "PW": "hunter2", "K": "v"}  # fmt: skip
+    assert podspec.container_argv(container, env, {}) == ["echo", "hunter2", "a-$(UNKNOWN)-$(A)"]
+    with pytest.raises(podspec.ConfigError, match='secret "missing" not found'):
+        bad = {"name": "m", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "missing", "key": "x"}}}]}
+        podspec.container_env(pod, bad, lambda *key: None, {}, {})
+    # No command: the image's entrypoint, when the agent knows it.
+    assert podspec.container_argv({"name": "r", "image": "redis:7.2-alpine", "args": ["--port", "1"]}, {},
+                                  {"redis": ["redis-server"]}) == ["redis-server", "--port", "1"]  # fmt: skip
+
+
+def test_pod_phase_follows_the_containers() -> None:
+    phase = nodeagent_module("podspec").pod_phase
+    assert phase([("running", None), ("terminated", 0)]) == "Running"
+    assert phase([("terminated", 0), ("terminated", 0)]) == "Succeeded"
+    assert phase([("terminated", 0), ("terminated", 2)]) == "Failed"
+    assert phase([("waiting", None)]) == "Running"  # restart back-off after a run
+
+
+def test_hosts_file_names_every_service() -> None:
+    hosts = nodeagent_module("hosts")
+    services = [hosts.ServiceAddress("a", "redis", "10.9.0.2"), hosts.ServiceAddress("b", "web", "10.9.0.3")]
+    text = hosts.hosts_file("p", "a", "10.9.0.4", services)
+    assert "10.9.0.2\tredis redis.a redis.a.svc redis.a.svc.cluster.local\n" in text
+    assert "10.9.0.3\tweb.b web.b.svc web.b.svc.cluster.local\n" in text  # no short name across namespaces
+    assert "10.9.0.4\tp\n" in text
+
+
+def test_mount_targets_resolve_symlinks_inside_the_root(tmp_path: Path) -> None:
+    podinit = nodeagent_module("podinit")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to("/run")  # absolute, as on Debian
+    (tmp_path / "etc").symlink_to("run/etc")  # relative
+    assert podinit.in_root(tmp_path, "/var/run/secrets/token") == tmp_path / "run" / "secrets" / "token"
+    assert podinit.in_root(tmp_path, "/etc/hosts") == tmp_path / "run" / "etc" / "hosts"
+    assert podinit.in_root(tmp_path, "/../../x") == tmp_path / "x"
+
+
 # --- the node agent on its own ------------------------------------------------------------------
 
 
@@ -491,6 +558,23 @@ pathlib.Path("/data/answers.txt").write_text(" ".join(answers))
 """
 
 
+# In-cluster API access as a client library does it: the Service's env, the token, the CA.
+API_CLIENT = """
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+url = "https://kubernetes.default.svc:" + os.environ["KUBERNETES_SERVICE_PORT"]
+url += "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode()
+token = open(sa + "/token").read()
+request = urllib.request.Request(url, data=body, method="POST", headers={
+    "Authorization": "Bearer " + token, "Content-Type": "application/json"})
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+    print("I am", json.load(answer)["status"]["userInfo"]["username"])
+print("host", os.environ["KUBERNETES_SERVICE_HOST"], open(sa + "/namespace").read())
+"""
+
+
 def agent_manifests(ns: str) -> list[dict[str, Any]]:
     data = {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}
     return [
@@ -521,6 +605,10 @@ def agent_manifests(ns: str) -> list[dict[str, Any]]:
         }},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
          "spec": {"selector": {"app": "echo"}, "ports": [{"port": 7000}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-client"}, "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "python", "command": ["python3", "-c", API_CLIENT]}],
+        }},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo-client"}, "spec": {
             "restartPolicy": "OnFailure",
             "containers": [{"name": "main", "image": "python",
@@ -531,6 +619,7 @@ def agent_manifests(ns: str) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+@cluster
 def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> None:
     ns = NS["agent"]
     wait_for("the default ServiceAccount", lambda: kubectl("get", "sa", "default", "-n", ns, check=False)
@@ -553,6 +642,14 @@ def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> 
     assert client["status"]["containerStatuses"][0]["restartCount"] == 1  # OnFailure: restarted in place
     assert (claim / "answers.txt").read_text() == "echo-server echo-server"
 
+    # The `kubernetes` Service from inside a pod, with its projected token; and `kubectl logs`.
+    wait_for("api-client to succeed", lambda: (p := api.pod(ns, "api-client")) and
+             p["status"].get("phase") == "Succeeded", 60, describe)  # fmt: skip
+    logs = kubectl("logs", "api-client", "-n", ns).stdout
+    assert f"I am system:serviceaccount:{ns}:default" in logs, logs
+    assert f"host 10.0.0.1 {ns}" in logs, logs
+    assert "about to fail on purpose" in kubectl("logs", "writer", "-n", ns, "--tail", "1").stdout
+
     server = api.pod(ns, "echo-server")
     assert server is not None and server["status"]["phase"] == "Running"
     netns = netns_with_address(node.prefix, server["status"]["podIP"])
@@ -564,6 +661,7 @@ def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> 
     assert netns not in netns_list(node.prefix)
 
 
+@cluster
 def test_agent_crash_leftovers_are_cleaned_up_on_restart(control_plane, api, kubectl, tmp_path) -> None:
     ensure_host_tools()
     ns, prefix = "jobs-crash", session_prefix("c")
@@ -611,6 +709,7 @@ def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
     assert len([n for n, _ in loaded.named_parameters() if "lora_" in n]) == len(final)
 
 
+@cluster
 def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["lora"]
     folder = workspace(ns)
@@ -629,6 +728,7 @@ def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl
     assert not [a for a in addresses if a and netns_with_address(node.prefix, a)], addresses
 
 
+@cluster
 def test_ptuning_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["ptuning"]
     folder = workspace(ns)
@@ -668,6 +768,7 @@ def delete_pod_when(api: Api, kubectl, ns: str, pod: str, ready: Callable[[], bo
     return hook
 
 
+@cluster
 def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["party-restart"], "poems-party-restart"
     workspace(ns)
@@ -684,6 +785,7 @@ def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kub
     assert_identical_final_adapters(output)
 
 
+@cluster
 def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["scheduler-restart"], "poems-scheduler-restart"
     workspace(ns)
@@ -713,6 +815,7 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     assert_identical_final_adapters(output)
 
 
+@cluster
 def test_malformed_dataset_fails_naming_the_file(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["malformed"], "poems-malformed"
     folder = workspace(ns)
@@ -737,6 +840,7 @@ def test_malformed_dataset_fails_naming_the_file(node, operator, api, kubectl, w
     assert len([p for p in pods if p["metadata"]["name"] == f"{name}-node-2"]) <= 1
 
 
+@cluster
 def test_deleting_a_running_job_stops_every_process(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["delete"], "poems-delete"
     workspace(ns)
