@@ -5,8 +5,8 @@ a running one), with the operator running as it does in tests (kopf, subprocess)
 
 - operator: 1, then 50 resources created at once (POSTed as `kubectl apply` would, but
   in-process so no kubectl start-up is timed) -> time until every child of every
-  resource exists (Secret, ConfigMap, PVC, 5 Services, 5 pods each for the
-  3-party example);
+  resource exists (Secrets for Redis, the CA and each role's certificate, ConfigMap,
+  PVC, 5 Services, NetworkPolicy, 5 pods each for the 3-party example);
 - baseline, side by side: exactly those children's manifests POSTed straight to the API
   server from 16 threads (the operator's worker count), no operator in between: what
   the API server itself needs to store them. The ratio is the operator's overhead
@@ -46,7 +46,7 @@ from fedtune_operator.kube import Kube
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lora-3party.yaml"
 CRD = REPO / "crds" / "federatedfinetune.yaml"
-KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims")
+KINDS = ("Pod", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "NetworkPolicy")
 SELECTOR = "app.kubernetes.io/part-of=fedtune"
 # The operator's default thread pool (FEDTUNE_OPERATOR_WORKERS).
 WORKERS = 16
@@ -134,7 +134,7 @@ class Cluster:
         for kind in KINDS:
             items = self.kube.request(
                 "GET",
-                f"/api/v1/namespaces/{namespace}/{kind}",
+                Kube.path(kind, namespace),
                 query={"labelSelector": SELECTOR},
                 accept=METADATA_ONLY,
             ).get("items", [])

@@ -2,7 +2,8 @@
 
 - FederatedFineTune created, resumed (operator start) or updated -> reconcile it.
 - A pod of a job changed or vanished -> reconcile its job (pods carry `fedtune.io/job`).
-- A Service, ConfigMap or claim of a job was deleted -> reconcile its job, which makes it again.
+- A Service, ConfigMap, claim or NetworkPolicy of a job was deleted -> reconcile its job,
+  which makes it again.
 - Every `FEDTUNE_RESYNC_SECONDS` the unfinished jobs are reconciled once more: that
   mirrors round and loss from Redis, which sends no Kubernetes events.
 
@@ -156,8 +157,9 @@ def pod_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
 @kopf.on.event("", "v1", "services", labels=POD_LABELS)
 @kopf.on.event("", "v1", "configmaps", labels=POD_LABELS)
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels=POD_LABELS)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=POD_LABELS)
 def static_child_changed(event: dict[str, Any], body: kopf.Body, namespace: str, **_: Any) -> None:
-    """Someone deleted a Service, ConfigMap or claim of a job: make it again."""
+    """Someone deleted a Service, ConfigMap, claim or NetworkPolicy of a job: make it again."""
     if event.get("type") != "DELETED":
         return
     for ref in body["metadata"].get("ownerReferences") or []:

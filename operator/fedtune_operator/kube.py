@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from kubernetes import client
 
-# Core kinds the operator touches: kind -> URL segment.
+# Kinds the operator touches: kind -> URL segment.
 PLURALS = {
     "Pod": "pods",
     "Service": "services",
@@ -22,7 +22,10 @@ PLURALS = {
     "Secret": "secrets",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Event": "events",
+    "NetworkPolicy": "networkpolicies",
 }
+# The API group and version of kinds outside the core group.
+GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1"}
 
 
 class ApiError(Exception):
@@ -78,7 +81,8 @@ class Kube:
 
     @staticmethod
     def path(kind: str, namespace: str, name: str | None = None) -> str:
-        base = f"/api/v1/namespaces/{quote(namespace)}/{PLURALS[kind]}"
+        prefix = f"/apis/{GROUP_VERSIONS[kind]}" if kind in GROUP_VERSIONS else "/api/v1"
+        base = f"{prefix}/namespaces/{quote(namespace)}/{PLURALS[kind]}"
         return base if name is None else f"{base}/{quote(name)}"
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -7,9 +7,13 @@ One pass (`Reconciler.reconcile`) is idempotent and safe to repeat at any time:
 - writes the status before acting on pods, so a crash between the two never counts a
   failure twice (see `status.plan`).
 
-The static children (Secret, ConfigMap, Services, PVCs) are checked on a job's first
-pass in this process and again whenever one of them is deleted (`static_changed`); pod
-events, the frequent ones, only look at pods.
+The static children (Secrets, ConfigMap, Services, PVCs, NetworkPolicy) are checked on a
+job's first pass in this process and again whenever one of them is deleted
+(`static_changed`); pod events, the frequent ones, only look at pods.
+
+Secrets are made once and never rewritten: the Redis password and every certificate a
+pod was given stay valid across passes and operator restarts. The operator may only get
+and create Secrets (never list or update them), so it reads each by name.
 
 Passes for one resource never overlap: a pass requested while one runs marks the job
 dirty and the running pass goes round once more (bursts of pod events coalesce).
@@ -21,16 +25,19 @@ import base64
 import concurrent.futures
 import datetime
 import logging
+import os
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes import client
 
+from fedtune import certs
 from fedtune.spec import SpecError, parse_job
 
-from . import crdgen, resources, status
+from . import crdgen, resources, status, tls
 from .kube import ApiError, Kube
 from .progress import read_progress
 
@@ -79,6 +86,8 @@ class _Gate:
 class Reconciler:
     api: client.ApiClient
     progress_timeout_s: float = 1.0
+    # The operator's own pod (from the chart's env), let through the jobs' NetworkPolicies to Redis.
+    operator: resources.OperatorPeer | None = field(default_factory=lambda: resources.operator_peer(dict(os.environ)))
     _gates: dict[Key, _Gate] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
@@ -152,14 +161,17 @@ class Reconciler:
             return self._invalid(body, prev, "; ".join(problems))
 
         if prev.get("phase") not in status.FINAL and job.uid not in self._static_ok:
-            self._ensure_static(job)
+            try:
+                self._ensure_static(job)
+            except tls.TlsUnavailable as err:
+                return self._tls_unavailable(body, prev, str(err))
         pods = {
             p["metadata"]["name"]: status.pod_view(p)
             for p in self.kube.list("Pod", namespace, resources.selector(name))
             if owned_by(p, job.uid)
         }
-        redis_name = resources.child_name(name, "redis")
-        progress = self._progress(job, pods.get(redis_name))
+        redis_name = resources.redis_pod_name(job)
+        progress = self._progress(job, pods.get(redis_name) if redis_name else None)
         plan = status.plan(
             workloads=resources.workloads(job),
             pods=pods,
@@ -170,6 +182,7 @@ class Reconciler:
             output=resources.output_location(job),
             now=now_iso(),
             progress=progress,
+            tls=status.Tls(tls.enabled(job), f"Secret {tls.ca_secret_name(job)}"),
         )
         plan.status["observedGeneration"] = body["metadata"].get("generation")
         if plan.status != prev:
@@ -185,6 +198,16 @@ class Reconciler:
             self.event(body, type_, reason, message)
         return plan.status["phase"]
 
+    def _tls_unavailable(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
+        """The job's CA Secret is missing or unusable: say so and wait (the resync looks again)."""
+        new, events = status.tls_unavailable_status(prev, message, now_iso())
+        if new != prev:
+            meta = body["metadata"]
+            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
+        for type_, reason, text in events:
+            self.event(body, type_, reason, text)
+        return new["phase"]
+
     def _invalid(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
         new = status.invalid_status(prev, message, now_iso())
         if new != prev:
@@ -197,15 +220,18 @@ class Reconciler:
 
     def _ensure_static(self, job: resources.Job) -> None:
         """Create the missing static children; remember the job once all are its own."""
-        password = self._password(job)
-        existing: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind in ("ConfigMap", "Service", "PersistentVolumeClaim"):
-            for obj in self.kube.list(kind, job.namespace, resources.selector(job.name)):
-                existing[(kind, obj["metadata"]["name"])] = obj
+        pool = _create_pool()
+        # Side by side: the listings, the Redis Secret, then the certificates in this thread
+        # (which uses the pool itself; nothing waits on the pool from inside it).
+        kinds = ("ConfigMap", "Service", "PersistentVolumeClaim", "NetworkPolicy")
+        listings = [pool.submit(self.kube.list, kind, job.namespace, resources.selector(job.name)) for kind in kinds]
+        password = pool.submit(self._password, job) if resources.hosts_federation(job.spec) else None
+        self._ensure_tls(job)
+        if password is not None:
+            password.result()
+        existing = {(kind, obj["metadata"]["name"]): obj for kind, f in zip(kinds, listings) for obj in f.result()}
         missing = []
-        for manifest in resources.static_children(job, password):
-            if manifest["kind"] == "Secret":
-                continue  # made by _password
+        for manifest in resources.plain_children(job, self.operator):
             found = existing.get((manifest["kind"], manifest["metadata"]["name"]))
             if found is None or not owned_by(found, job.uid):
                 missing.append(manifest)
@@ -224,12 +250,60 @@ class Reconciler:
         password = secrets.token_urlsafe(24)
         if not self._create(resources.redis_secret(job, password)):
             # Made earlier (by a pass before an operator restart): the stored one counts.
-            secret = self.kube.get("Secret", job.namespace, name)
-            if secret is None or not owned_by(secret, job.uid):
-                raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
-            password = base64.b64decode(secret["data"]["password"]).decode()
+            password = base64.b64decode(self._own_secret(job, name)["data"]["password"]).decode()
         self._passwords[job.uid] = password
         return password
+
+    def _own_secret(self, job: resources.Job, name: str) -> dict[str, Any]:
+        """A Secret this job made; Retry while the name is held by an earlier job's being deleted."""
+        secret = self.kube.get("Secret", job.namespace, name)
+        if secret is None or not owned_by(secret, job.uid):
+            raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
+        return secret
+
+    def _ensure_tls(self, job: resources.Job) -> None:
+        """Every local role's certificate Secret: the existing ones as they are, the missing ones made.
+
+        A job's first pass makes its CA and every certificate at once. Later passes (after an
+        operator restart) read the certificates by name and need the CA only when one is
+        missing, so a job whose Secrets all exist runs on even if its named CA has gone.
+        """
+        if not tls.enabled(job):
+            return
+        wanted = resources.workloads(job)
+        if tls.generates_ca(job):
+            ca = tls.new_ca(job)
+            if self._create(resources.ca_secret(job, ca)):
+                self._create_certificates(job, wanted, ca)  # a new CA: nothing it signed exists yet
+                return
+        found = self._map(lambda w: self.kube.get("Secret", job.namespace, tls.role_secret_name(job, w)), wanted)
+        for w, secret in zip(wanted, found):
+            if secret is not None and not owned_by(secret, job.uid):
+                name = tls.role_secret_name(job, w)
+                raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
+        missing = [w for w, secret in zip(wanted, found) if secret is None]
+        if missing:
+            self._create_certificates(job, missing, self._ca(job))
+
+    def _create_certificates(self, job: resources.Job, wanted: list[resources.Workload], ca: certs.Issued) -> None:
+        material = tls.new_material(job, wanted, ca)
+        if not all(self._create_all([resources.tls_secret(job, w, material) for w in wanted])):
+            # Made meanwhile by another pass, or left by an earlier job of this name: look again.
+            raise Retry(f"a certificate Secret of {job.name} already exists; checking again", delay=1.0)
+
+    def _ca(self, job: resources.Job) -> certs.Issued:
+        """The CA that signs the job's certificates: the user's (spec.tls.caSecret) or the job's own."""
+        name = tls.ca_secret_name(job)
+        if not tls.generates_ca(job):
+            return tls.read_ca(self.kube.get("Secret", job.namespace, name), f"spec.tls.caSecret `{name}`")
+        # Made by an earlier pass (before an operator restart): that one signed the others.
+        return tls.read_ca(self._own_secret(job, name), f"Secret {name}")
+
+    def _map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """`fn` over `items` side by side (API reads: one round trip, not one per item)."""
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        return list(_create_pool().map(fn, items))
 
     def _create_all(self, manifests: list[dict[str, Any]]) -> list[bool]:
         """Create independent children side by side: a pass waits for one round trip, not ten."""

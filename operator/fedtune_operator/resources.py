@@ -4,15 +4,24 @@ Pure functions (no API calls), so every manifest is unit-tested without a cluste
 Children of a resource J in namespace N all carry an ownerReference to J and the labels
 `app.kubernetes.io/part-of: fedtune`, `fedtune.io/job: J`, `fedtune.io/component: ...`:
 
-    Secret    J-redis          generated Redis password (key `password`)
-    Pod       J-redis          redis-server --requirepass, Service J-redis:6379
+    Secret    J-redis          generated Redis password (key `password`) and the redis.conf
+                               that carries it (key `redis.conf`)
+    Pod       J-redis          `redis-server /etc/redis/redis.conf`, Service J-redis:6379
     PVC       J-redis-data     only with spec.redis.persistence (appendonly)
     ConfigMap J-job            job.yaml: the spec as given, addresses filled in
     Pod       J-scheduler      `fedtune scheduler`, Service J-scheduler:55005
     Pod       J-<party>        one per local party, Service J-<party>:55004/55006
     PVC       J-output         adapters land here (unless spec.storage.output.claimName)
+    Secret    J-ca, J-tls-<role>   the federation's CA and each role's certificate (`tls.py`)
+    NetworkPolicy J-network    ingress to the job's pods: Redis from the roles that use it and
+                               the operator, gRPC from the job's pods; nothing else
 
 Names are deterministic, so creating a child twice is a 409 and never a duplicate.
+
+Pods run as non-root users with every capability dropped, no privilege escalation,
+seccomp RuntimeDefault, a read-only root filesystem (caches go to a /tmp emptyDir) and no
+service-account token; secrets reach them as mounted files or secretKeyRefs, never as
+literal values in the manifest.
 """
 
 from __future__ import annotations
@@ -25,9 +34,10 @@ from typing import Any
 
 import yaml
 
+from fedtune import certs
 from fedtune.spec import FederatedFineTune, JobSpec, Party, Volume
 
-from . import crdgen
+from . import crdgen, tls
 
 PART_OF = "fedtune"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
@@ -45,11 +55,42 @@ CONFIG_DIR = "/etc/fedtune"
 JOB_FILE = f"{CONFIG_DIR}/job.yaml"
 OUTPUT_DIR = "/fedtune/output"
 REDIS_DATA_DIR = "/data"
+REDIS_CONFIG_DIR = "/etc/redis"
+REDIS_CONFIG = "redis.conf"
 PASSWORD_ENV = "FEDTUNE_REDIS_PASSWORD"
+# Secret volumes: owner and group (fsGroup) may read, nobody else.
+SECRET_MODE = 0o440
 
-# The trainer image runs as this user (trainer_image/Dockerfile); the Redis image's own user.
-TRAINER_UID = 1000
-REDIS_UID = 999
+# High uids, distinct from any host user's (trainer_image/Dockerfile makes 10001 its user);
+# Redis runs as a uid of its own, so a role cannot read its files even on a shared node.
+TRAINER_UID = 10001
+REDIS_UID = 10002
+
+# Where the role containers keep caches: the root filesystem is read-only, /tmp is an
+# emptyDir. transformers (HF_HOME: remote-code modules of ChatGLM, hub metadata), torch
+# (TORCH_HOME, TORCHINDUCTOR_CACHE_DIR under torch_compile), Triton's kernel cache, the
+# CUDA JIT cache and matplotlib (imported by transformers' integrations) all write there.
+SCRATCH = "/tmp"
+CACHE_ENV = {
+    "HOME": SCRATCH,
+    "TMPDIR": SCRATCH,
+    "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
+    "HF_HOME": f"{SCRATCH}/.cache/huggingface",
+    "TORCH_HOME": f"{SCRATCH}/.cache/torch",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/.cache/torchinductor",
+    "TRITON_CACHE_DIR": f"{SCRATCH}/.cache/triton",
+    "CUDA_CACHE_PATH": f"{SCRATCH}/.cache/nv",
+    "MPLCONFIGDIR": f"{SCRATCH}/.cache/matplotlib",
+}
+
+# Requests every pod makes, and memory limits that bound them. A party's
+# `resources.memory` is both its request and its limit; a party that names none gets a
+# small request (so a job fits a small cluster) and a cap.
+REDIS_RESOURCES = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "2Gi"}}
+SCHEDULER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+PARTY_CPU_REQUEST = "250m"
+PARTY_MEMORY_REQUEST = "1Gi"
+PARTY_MEMORY_LIMIT = "4Gi"
 
 # Party names that would make `J-<party>` collide with the job's own pods and Services.
 RESERVED_PARTY_NAMES = ("scheduler", "redis")
@@ -71,6 +112,14 @@ class Job:
     @property
     def spec(self) -> JobSpec:
         return self.model.spec
+
+
+@dataclass(frozen=True)
+class OperatorPeer:
+    """Where the operator's own pod runs: it reads each job's Redis for status."""
+
+    namespace: str
+    labels: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -105,6 +154,32 @@ def name_problems(job: Job) -> list[str]:
                 f"child name `{name}` is not a valid Service name (a DNS label: a letter first, "
                 f"at most {_MAX_DNS_LABEL} characters); shorten metadata.name or the party name"
             )
+    return problems + tls.name_problems(job, workloads(job)) + _federation_problems(job)
+
+
+def _federation_problems(job: Job) -> list[str]:
+    """Cross-silo rules: other organisations reach this job's ports, so they need mTLS and a shared CA."""
+    spec = job.spec
+    remote = [p.name for p in spec.parties if p.remote is not None]
+    if not remote:
+        return []
+    who = ", ".join(f"`{n}`" for n in remote)
+    problems = []
+    if not hosts_federation(spec) and not spec.scheduler.address:
+        problems.append(
+            f"the assist_trainer `{spec.assist_trainer.name}` is remote, and the scheduler runs with it: set "
+            "spec.scheduler.address to the host:port where that organisation serves it"
+        )
+    if not spec.tls.enabled:
+        problems.append(
+            f"spec.tls.enabled is false but parties {who} are remote: their gRPC traffic would cross "
+            "organisations unencrypted and unauthenticated; keep TLS on"
+        )
+    elif not spec.tls.caSecret:
+        problems.append(
+            f"parties {who} are remote: set spec.tls.caSecret to a CA Secret (ca.crt, ca.key) that every "
+            "organisation of the federation shares, or their certificates cannot verify each other"
+        )
     return problems
 
 
@@ -151,10 +226,24 @@ def component_of(role: str) -> str:
     return role.replace("_", "-")
 
 
+def hosts_federation(spec: JobSpec) -> bool:
+    """The scheduler and Redis run where the assist_trainer runs.
+
+    When another organisation runs the assist_trainer (`remote`), it hosts the federation:
+    this cluster runs only its own label_trainers, which call that scheduler
+    (`spec.scheduler.address`) and that aggregator (the assist_trainer's `remote.address`).
+    """
+    return spec.assist_trainer.remote is None
+
+
 def workloads(job: Job) -> list[Workload]:
-    out = [Workload(SCHEDULER, SCHEDULER, child_name(job.name, SCHEDULER))]
+    out = [Workload(SCHEDULER, SCHEDULER, child_name(job.name, SCHEDULER))] if hosts_federation(job.spec) else []
     out += [Workload(p.name, p.role, party_object_name(job.name, p)) for p in local_parties(job.spec)]
     return out
+
+
+def redis_pod_name(job: Job) -> str | None:
+    return child_name(job.name, "redis") if hosts_federation(job.spec) else None
 
 
 def output_claim(job: Job) -> str:
@@ -174,8 +263,10 @@ def job_document(job: Job) -> dict[str, Any]:
     Short Service names: every pod runs in the job's namespace.
     """
     spec = copy.deepcopy(job.document)
-    spec.setdefault("scheduler", {})["address"] = f"{child_name(job.name, SCHEDULER)}:{PORTS[SCHEDULER]}"
-    spec.setdefault("redis", {})["address"] = f"{child_name(job.name, 'redis')}:{REDIS_PORT}"
+    if hosts_federation(job.spec):
+        spec.setdefault("scheduler", {})["address"] = f"{child_name(job.name, SCHEDULER)}:{PORTS[SCHEDULER]}"
+        spec.setdefault("redis", {})["address"] = f"{child_name(job.name, 'redis')}:{REDIS_PORT}"
+    # Otherwise spec.scheduler.address is the hosting organisation's, as the user gave it.
     for raw, party in zip(spec["parties"], job.spec.parties):
         if party.role == "assist_trainer" and party.remote is None:
             raw["address"] = f"{party_object_name(job.name, party)}:{PORTS['assist_trainer']}"
@@ -202,18 +293,39 @@ def job_configmap(job: Job) -> dict[str, Any]:
 # --- Redis --------------------------------------------------------------------------------
 
 
+def redis_config(job: Job, password: str) -> str:
+    """redis.conf: the password lives in this file, in the Secret, never on a command line."""
+    lines = [
+        f"port {REDIS_PORT}",
+        f"requirepass {password}",
+        f"dir {REDIS_DATA_DIR}",
+        'save ""',  # no RDB snapshots: append-only persistence or none
+    ]
+    if job.spec.redis.persistence:
+        lines += ["appendonly yes", "appendfsync everysec"]
+    else:
+        lines += ["appendonly no"]
+    return "\n".join(lines) + "\n"
+
+
 def redis_secret(job: Job, password: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _metadata(job, child_name(job.name, "redis"), "redis"),
         "type": "Opaque",
-        "data": {"password": base64.b64encode(password.encode()).decode()},
+        "data": {
+            "password": base64.b64encode(password.encode()).decode(),
+            REDIS_CONFIG: base64.b64encode(redis_config(job, password).encode()).decode(),
+        },
     }
 
 
-def _password_env() -> dict[str, Any]:
-    return {"name": PASSWORD_ENV, "valueFrom": {"secretKeyRef": {"name": "", "key": "password"}}}
+def _secret_volume(name: str, secret: str, keys: list[str] | None = None) -> dict[str, Any]:
+    source: dict[str, Any] = {"secretName": secret, "defaultMode": SECRET_MODE}
+    if keys is not None:  # only these keys become files
+        source["items"] = [{"key": k, "path": k} for k in keys]
+    return {"name": name, "secret": source}
 
 
 def _restricted_container_security(uid: int) -> dict[str, Any]:
@@ -241,9 +353,6 @@ def _pod_security(uid: int) -> dict[str, Any]:
 def redis_pod(job: Job) -> dict[str, Any]:
     redis = job.spec.redis
     name = child_name(job.name, "redis")
-    password = _password_env()
-    password["valueFrom"]["secretKeyRef"]["name"] = name
-    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if redis.persistence else ["--appendonly", "no"]
     if redis.persistence:
         data = {"name": "data", "persistentVolumeClaim": {"claimName": child_name(job.name, "redis-data")}}
     else:
@@ -262,26 +371,22 @@ def redis_pod(job: Job) -> dict[str, Any]:
                     "name": "redis",
                     "image": redis.image,
                     "imagePullPolicy": job.spec.imagePullPolicy,
-                    # `$(VAR)` is expanded by the kubelet from env: the password never sits in the spec.
-                    "command": ["redis-server"],
-                    "args": [
-                        "--port", str(REDIS_PORT),
-                        "--requirepass", f"$({PASSWORD_ENV})",
-                        "--dir", REDIS_DATA_DIR,
-                        "--save", "",
-                        *persistence,
-                    ],
-                    "env": [password],
+                    # Everything, the password included, comes from the mounted redis.conf:
+                    # nothing secret in the command line, the environment or `ps`.
+                    "command": ["redis-server", f"{REDIS_CONFIG_DIR}/{REDIS_CONFIG}"],
                     "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
                     "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5},
-                    "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+                    "resources": copy.deepcopy(REDIS_RESOURCES),
                     "securityContext": _restricted_container_security(REDIS_UID),
-                    "volumeMounts": [{"name": "data", "mountPath": REDIS_DATA_DIR}],
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": REDIS_DATA_DIR},
+                        {"name": "config", "mountPath": REDIS_CONFIG_DIR, "readOnly": True},
+                    ],
                 }
             ],
-            "volumes": [data],
+            "volumes": [data, _secret_volume("config", name, [REDIS_CONFIG])],
         },
-    }  # fmt: skip
+    }
 
 
 def _service(job: Job, name: str, component: str, port: int, port_name: str, party: str | None = None) -> dict:
@@ -357,32 +462,42 @@ def _role_command(job: Job, role: str, party: str | None) -> list[str]:
     return [*command, "--base-dir", job.spec.workingDir, "--output", OUTPUT_DIR]
 
 
-def _role_env(job: Job, party: str) -> list[dict[str, Any]]:
-    password = _password_env()
-    password["valueFrom"]["secretKeyRef"]["name"] = child_name(job.name, "redis")
-    return [
-        password,
-        {"name": "FEDTUNE_PARTY", "value": party},
+def uses_redis(role: str) -> bool:
+    """The scheduler keeps the job state and the assist_trainer aggregates through Redis;
+    label_trainers only speak gRPC, so they get neither its password nor its port."""
+    return role in (SCHEDULER, "assist_trainer")
+
+
+def _role_env(job: Job, workload: Workload) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if uses_redis(workload.role):
+        # A secretKeyRef: the pod spec names the Secret, never the value. The runtime reads
+        # the password from this variable, as under `fedtune run`.
+        ref = {"name": child_name(job.name, "redis"), "key": "password"}
+        env.append({"name": PASSWORD_ENV, "valueFrom": {"secretKeyRef": ref}})
+    if tls.enabled(job):
+        env.append({"name": tls.TLS_DIR_ENV, "value": tls.TLS_DIR})
+    env += [
+        {"name": "FEDTUNE_PARTY", "value": workload.key},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        # The root filesystem is read-only: caches (HF, torch, matplotlib) go to the /tmp emptyDir.
-        {"name": "HOME", "value": "/tmp"},
+        *({"name": k, "value": v} for k, v in CACHE_ENV.items()),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
     ]
+    return env
 
 
 def _resources(party: Party | None) -> dict[str, Any]:
     if party is None:
-        return {"requests": {"cpu": "100m", "memory": "256Mi"}}
+        return copy.deepcopy(SCHEDULER_RESOURCES)
     res = party.resources
-    requests = {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
+    requests = {"cpu": res.cpu or PARTY_CPU_REQUEST, "memory": res.memory or PARTY_MEMORY_REQUEST}
+    limits = {"memory": res.memory or PARTY_MEMORY_LIMIT}
     if res.gpu > 0:
         # Extended resources are set as limits (requests default to them).
-        out["limits"] = {"nvidia.com/gpu": str(res.gpu)}  # quantities are strings in the API
-    return out
+        limits["nvidia.com/gpu"] = str(res.gpu)  # quantities are strings in the API
+    return {"requests": requests, "limits": limits}
 
 
 def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
@@ -398,8 +513,12 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
     mounts: list[dict[str, Any]] = [
         {"name": "job", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "output", "mountPath": OUTPUT_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tmp", "mountPath": SCRATCH},
     ]
+    if tls.enabled(job):
+        # This role's own certificate and key, nobody else's (and never the CA's key).
+        volumes.append(_secret_volume("tls", tls.role_secret_name(job, workload)))
+        mounts.append({"name": "tls", "mountPath": tls.TLS_DIR, "readOnly": True})
     if party is not None:
         # Shared claims (the pretrained model) in every party pod, then the party's own.
         shared_vols, shared_mounts = _claim_mounts(spec.storage.volumes, "shared")
@@ -413,7 +532,7 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         "imagePullPolicy": spec.imagePullPolicy,
         "command": _role_command(job, workload.role, None if party is None else party.name),
         "workingDir": spec.workingDir,
-        "env": _role_env(job, workload.key),
+        "env": _role_env(job, workload),
         "ports": [{"name": "grpc", "containerPort": port}],
         "resources": _resources(party),
         "securityContext": _restricted_container_security(TRAINER_UID),
@@ -443,17 +562,124 @@ def role_service(job: Job, workload: Workload) -> dict[str, Any]:
     return _service(job, workload.pod_name, component_of(workload.role), PORTS[workload.role], "grpc", party)
 
 
+# --- network ------------------------------------------------------------------------------
+
+
+def operator_peer(environ: dict[str, str]) -> OperatorPeer | None:
+    """The operator's pod, as the chart describes it (FEDTUNE_OPERATOR_NAMESPACE and
+    FEDTUNE_OPERATOR_POD_LABELS `k=v,k=v`); None when it runs outside the cluster."""
+    namespace = environ.get("FEDTUNE_OPERATOR_NAMESPACE", "").strip()
+    pairs = [p.split("=", 1) for p in environ.get("FEDTUNE_OPERATOR_POD_LABELS", "").split(",") if "=" in p]
+    labels = {k.strip(): v.strip() for k, v in pairs if k.strip()}
+    if not namespace or not labels:
+        return None
+    return OperatorPeer(namespace, labels)
+
+
+def served_ports(job: Job) -> list[int]:
+    """gRPC ports a local role listens on: the scheduler's and the assist_trainer's
+    (label_trainers only call out)."""
+    return sorted({PORTS[w.role] for w in workloads(job) if w.role != "label_trainer"})
+
+
+def network_policy(job: Job, operator: OperatorPeer | None = None) -> dict[str, Any]:
+    """Default-deny ingress to the job's pods, but for what the job itself needs.
+
+    - Redis (6379): from the scheduler and the assist_trainer, which keep state there, and
+      from the operator's pod, which reads round and loss for the status;
+    - gRPC: from the job's own pods; when parties are remote, from anywhere, since another
+      organisation's parties call in (mutual TLS, required then, decides who may).
+    Egress stays open: the roles resolve names and the operator's pod may be anywhere.
+    """
+    job_pods = {"matchLabels": {LABEL_PART_OF: PART_OF, LABEL_JOB: job.name}}
+    redis_clients = {
+        "matchLabels": {LABEL_PART_OF: PART_OF, LABEL_JOB: job.name},
+        "matchExpressions": [
+            {"key": LABEL_COMPONENT, "operator": "In", "values": [component_of(SCHEDULER), "assist-trainer"]}
+        ],
+    }
+    redis_from: list[dict[str, Any]] = [{"podSelector": redis_clients}]
+    if operator is not None:
+        redis_from.append(
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator.namespace}},
+                "podSelector": {"matchLabels": dict(operator.labels)},
+            }
+        )
+    rules: list[dict[str, Any]] = []
+    if hosts_federation(job.spec):
+        rules.append({"from": redis_from, "ports": [{"protocol": "TCP", "port": REDIS_PORT}]})
+    grpc = served_ports(job)
+    if grpc:
+        rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": port} for port in grpc]}
+        if all(p.remote is None for p in job.spec.parties):
+            rule = {"from": [{"podSelector": job_pods}], **rule}
+        rules.append(rule)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, child_name(job.name, "network"), "network"),
+        "spec": {"podSelector": job_pods, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
+# --- TLS Secrets ------------------------------------------------------------------------------
+
+
+def ca_secret(job: Job, ca: certs.Issued) -> dict[str, Any]:
+    """The generated CA (`tls.generates_ca`); its key stays in this Secret, mounted nowhere."""
+    return tls.ca_secret(job, ca, _metadata(job, tls.ca_secret_name(job), "tls"))
+
+
+def tls_secret(job: Job, workload: Workload, material: tls.Material) -> dict[str, Any]:
+    party = None if workload.role == SCHEDULER else workload.key
+    meta = _metadata(job, tls.role_secret_name(job, workload), "tls", party)
+    return tls.role_secret(material.ca.cert_pem, material.roles[workload.key], meta)
+
+
+def tls_secrets(job: Job, material: tls.Material) -> list[dict[str, Any]]:
+    """The CA Secret (when generated) and every local role's certificate Secret."""
+    if not tls.enabled(job):
+        return []
+    out = [ca_secret(job, material.ca)] if tls.generates_ca(job) else []
+    return out + [tls_secret(job, w, material) for w in workloads(job)]
+
+
 # --- everything at once ---------------------------------------------------------------------
 
 
-def static_children(job: Job, password: str) -> list[dict[str, Any]]:
+def secrets(job: Job, password: str, material: tls.Material | None = None) -> list[dict[str, Any]]:
+    """The Redis Secret and the TLS Secrets.
+
+    Without `material`, a TLS job gets a fresh CA and certificates (tests, benchmarks).
+    """
+    if material is None and tls.enabled(job):
+        material = tls.new_material(job, workloads(job))
+    out = [redis_secret(job, password)] if hosts_federation(job.spec) else []
+    return out + (tls_secrets(job, material) if material is not None else [])
+
+
+def plain_children(job: Job, operator: OperatorPeer | None = None) -> list[dict[str, Any]]:
+    """The static children that hold no secret: ConfigMap, claims, Services, NetworkPolicy."""
+    hosts = hosts_federation(job.spec)
+    out = [job_configmap(job)]
+    out += [pvc for pvc in (output_pvc(job), redis_pvc(job) if hosts else None) if pvc is not None]
+    out += [redis_service(job)] if hosts else []
+    out += [role_service(job, w) for w in workloads(job)]
+    return [*out, network_policy(job, operator)]
+
+
+def static_children(
+    job: Job, password: str, material: tls.Material | None = None, operator: OperatorPeer | None = None
+) -> list[dict[str, Any]]:
     """Every child except the role pods (those follow the retry logic in `status`)."""
-    out = [redis_secret(job, password), job_configmap(job)]
-    out += [pvc for pvc in (output_pvc(job), redis_pvc(job)) if pvc is not None]
-    out += [redis_service(job)] + [role_service(job, w) for w in workloads(job)]
-    return out
+    return [*secrets(job, password, material), *plain_children(job, operator)]
 
 
-def all_children(job: Job, password: str) -> list[dict[str, Any]]:
+def all_children(
+    job: Job, password: str, material: tls.Material | None = None, operator: OperatorPeer | None = None
+) -> list[dict[str, Any]]:
     """The complete desired set (the benchmark and tests compare a cluster against this)."""
-    return [*static_children(job, password), redis_pod(job), *(role_pod(job, w) for w in workloads(job))]
+    pods = [redis_pod(job)] if hosts_federation(job.spec) else []
+    pods += [role_pod(job, w) for w in workloads(job)]
+    return [*static_children(job, password, material, operator), *pods]

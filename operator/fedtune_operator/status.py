@@ -9,6 +9,10 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
   scheduler and every local party Succeeded -> Succeeded; Succeeded and Failed are final.
 - Round and loss come from the runtime's job state in Redis (`Progress`), when it could
   be read; otherwise the last known values stay.
+- Condition `TLS` says how the roles authenticate each other; a job with
+  `spec.tls.enabled: false` gets it False with a Warning event, once.
+- A job whose assist_trainer is remote (another organisation hosts the federation) runs
+  no scheduler and no Redis here: `redis_pod_name` is None and no scheduler workload.
 """
 
 from __future__ import annotations
@@ -46,6 +50,20 @@ class Progress:
     loss: float | None = None
     error: str = ""
     parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How the job's roles authenticate each other, for the `TLS` condition."""
+
+    enabled: bool = True
+    ca: str = ""  # where the certificates come from, e.g. "Secret poems-lora-ca"
+
+
+TLS_DISABLED_MESSAGE = (
+    "spec.tls.enabled is false: the roles talk gRPC in the clear, and anyone who reaches their ports "
+    "can join the federation or act for a party; remove it to turn mutual TLS back on"
+)
 
 
 @dataclass
@@ -93,6 +111,27 @@ def set_condition(
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
     out.append({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
     return out
+
+
+def tls_condition(conditions: list[dict[str, Any]], tls: Tls, now: str) -> tuple[list[dict[str, Any]], list]:
+    """The `TLS` condition, and the Warning event when TLS has just been found off."""
+    if tls.enabled:
+        message = f"mutual TLS: every role has its own certificate from {tls.ca or 'the federation CA'}"
+        return set_condition(conditions, "TLS", "True", "MutualTLS", message, now), []
+    old = next((c for c in conditions if c.get("type") == "TLS"), None)
+    events = [] if old and old.get("reason") == "TLSDisabled" else [("Warning", "TLSDisabled", TLS_DISABLED_MESSAGE)]
+    return set_condition(conditions, "TLS", "False", "TLSDisabled", TLS_DISABLED_MESSAGE, now), events
+
+
+def tls_unavailable_status(prev: dict[str, Any], message: str, now: str) -> tuple[dict[str, Any], list]:
+    """The CA the job names cannot be used (yet): the job waits, saying why, and nothing starts."""
+    status = copy.deepcopy(prev)
+    status.setdefault("phase", PENDING)
+    old = next((c for c in status.get("conditions", []) if c.get("type") == "TLS"), None)
+    status["conditions"] = set_condition(status.get("conditions", []), "TLS", "False", "CAUnavailable", message, now)
+    status["message"] = message
+    same = old is not None and old.get("reason") == "CAUnavailable" and old.get("message") == message
+    return status, [] if same else [("Warning", "CAUnavailable", message)]
 
 
 def invalid_status(prev: dict[str, Any], message: str, now: str) -> dict[str, Any]:
@@ -167,13 +206,14 @@ def plan(
     *,
     workloads: list[Workload],
     pods: dict[str, PodView],
-    redis_pod_name: str,
+    redis_pod_name: str | None,
     prev: dict[str, Any],
     backoff_limit: int,
     rounds: int,
     output: str,
     now: str,
     progress: Progress | None = None,
+    tls: Tls = Tls(),
 ) -> Plan:
     """The next status of one resource and the pod actions that lead there."""
     status = copy.deepcopy(prev)
@@ -194,26 +234,30 @@ def plan(
         if _step_workload(rec, pods.get(w.pod_name), w, backoff_limit, result):
             exhausted.append(w.key)
 
-    status["scheduler"] = records.pop(SCHEDULER)
+    scheduler = records.pop(SCHEDULER, None)
+    if scheduler is not None:  # none here when another organisation hosts the federation
+        status["scheduler"] = scheduler
     status["parties"] = records
     status["output"] = output
     conditions = set_condition(prev.get("conditions", []), "SpecValid", "True", "Valid", "spec accepted", now)
+    conditions, tls_events = tls_condition(conditions, tls, now)
+    result.events += tls_events
 
     # --- phase ---------------------------------------------------------------------------
-    roles = [status["scheduler"], *records.values()]
+    roles = [*([scheduler] if scheduler is not None else []), *records.values()]
     if final:
         phase = prev_phase
     elif exhausted:
         phase = FAILED
         key = exhausted[0]
-        rec = status["scheduler"] if key == SCHEDULER else records[key]
+        rec = scheduler if key == SCHEDULER else records[key]
         message = f"{describe_failure(key, rec)}; {rec['failures']} failures, backoffLimit {backoff_limit}"
         conditions = set_condition(conditions, FAILED, "True", "BackoffLimitExceeded", message, now)
         status["message"] = message
         result.events.append(("Warning", "BackoffLimitExceeded", message))
     elif all(r["state"] == SUCCEEDED for r in roles):
         phase = SUCCEEDED
-        message = "the scheduler and every local party succeeded"
+        message = "every local role succeeded" if scheduler is None else "the scheduler and every local party succeeded"
         conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
         status["message"] = f"adapters in {output}"
         result.events.append(("Normal", "Succeeded", f"{message}; adapters in {output}"))
@@ -244,12 +288,14 @@ def plan(
     status.setdefault("round", f"0/{rounds}")
 
     # --- pods to stop or start ------------------------------------------------------------------
-    redis = pods.get(redis_pod_name)
+    redis = pods.get(redis_pod_name) if redis_pod_name else None
     if phase in FINAL:
         # A finished job holds no resources: stop whatever still runs (Redis included);
         # finished pods stay for `kubectl logs`.
         result.create.clear()
         result.delete = [p.name for p in pods.values() if not p.deleting and p.phase not in FINAL]
+    elif redis_pod_name is None:
+        pass  # Redis runs with the remote assist_trainer
     elif redis is None:
         result.create_redis = True
     elif not redis.deleting and redis.phase in FINAL:

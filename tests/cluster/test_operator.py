@@ -8,6 +8,7 @@ drive pod phases by patching `pods/status`, as a kubelet would.
 
 from __future__ import annotations
 
+import base64
 import copy
 import os
 import signal
@@ -32,7 +33,7 @@ EXAMPLES = REPO / "examples"
 RELEASE_NS = "fedtune-system"
 RELEASE = "fedtune"
 SA = "fedtune-fedtune-operator"
-KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims")
+KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies")
 WAIT_S = 30.0
 
 
@@ -71,6 +72,7 @@ class Api:
 
         self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
         self.core = kubernetes.client.CoreV1Api(self.client)
+        self.networking = kubernetes.client.NetworkingV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
         self.ApiException = kubernetes.client.exceptions.ApiException
 
@@ -89,7 +91,8 @@ class Api:
         selector = f"app.kubernetes.io/part-of=fedtune,fedtune.io/job={job}"
         out = {}
         for kind in KINDS:
-            lister = getattr(self.core, f"list_namespaced_{_API_NAMES[kind]}")
+            api = self.networking if kind == "networkpolicies" else self.core
+            lister = getattr(api, f"list_namespaced_{_API_NAMES[kind]}")
             for item in self.client.sanitize_for_serialization(lister(ns, label_selector=selector))["items"]:
                 out[(item["kind"] if "kind" in item else _KIND_OF[kind], item["metadata"]["name"])] = item
         return out
@@ -137,6 +140,7 @@ _API_NAMES = {
     "configmaps": "config_map",
     "secrets": "secret",
     "persistentvolumeclaims": "persistent_volume_claim",
+    "networkpolicies": "network_policy",
 }
 _KIND_OF = {
     "pods": "Pod",
@@ -144,6 +148,7 @@ _KIND_OF = {
     "configmaps": "ConfigMap",
     "secrets": "Secret",
     "persistentvolumeclaims": "PersistentVolumeClaim",
+    "networkpolicies": "NetworkPolicy",
 }
 
 
@@ -272,25 +277,60 @@ def apply(kubectl, ns: str, doc: dict[str, Any], check: bool = True) -> subproce
     return kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc), check=check)
 
 
-def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """What the resource builders say this resource must become (with its real uid, password)."""
-    import base64
-
+def live_job(api: Api, ns: str, doc: dict[str, Any]) -> Any:
     from fedtune_operator import resources
 
     live = api.job(ns, doc["metadata"]["name"])
     assert live is not None
     document = copy.deepcopy(doc)
     document["metadata"]["namespace"] = ns
-    job = resources.Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
-    secret = api.core.read_namespaced_secret(resources.child_name(job.name, "redis"), ns)
-    password = base64.b64decode(secret.data["password"]).decode()
-    return {(c["kind"], c["metadata"]["name"]): c for c in resources.all_children(job, password)}
+    return resources.Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
+
+
+def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (api.core.read_namespaced_secret(name, ns).data or {}).items()}
+
+
+def live_material(api: Api, ns: str, job: Any) -> Any:
+    """The job's CA and certificates as the operator stored them."""
+    from fedtune import certs
+    from fedtune_operator import resources, tls
+
+    if not tls.enabled(job):
+        return None
+    ca = secret_data(api, ns, tls.ca_secret_name(job))
+    roles = {}
+    for w in resources.workloads(job):
+        data = secret_data(api, ns, tls.role_secret_name(job, w))
+        roles[w.key] = certs.Issued(data["tls.crt"], data["tls.key"])
+    return tls.Material(certs.Issued(ca["ca.crt"], ca.get("ca.key", b"")), roles)
+
+
+def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """What the resource builders say this resource must become (with its real uid, password, certificates)."""
+    from fedtune_operator import resources
+
+    job = live_job(api, ns, doc)
+    password = ""
+    if resources.hosts_federation(job.spec):
+        password = secret_data(api, ns, resources.child_name(job.name, "redis"))["password"].decode()
+    children = resources.all_children(job, password, live_material(api, ns, job))
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def secret_names(api: Api, ns: str, doc: dict[str, Any]) -> set[tuple[str, str]]:
+    """The Secrets the operator makes for this resource (the Redis one, the CA, the certificates)."""
+    from fedtune_operator import resources
+
+    job = live_job(api, ns, doc)
+    return {("Secret", s["metadata"]["name"]) for s in resources.secrets(job, "")}
 
 
 def wait_for_children(api: Api, ns: str, doc: dict[str, Any], timeout: float = WAIT_S) -> dict:
     name = doc["metadata"]["name"]
-    wait_for(f"the redis Secret of {name}", lambda: ("Secret", f"{name}-redis") in api.children(ns, name), timeout)
+    # The Secrets first: the builders need what they hold to say what the rest must be.
+    secrets = wait_for("the resource", lambda: api.job(ns, name) and secret_names(api, ns, doc), timeout)
+    wait_for(f"the Secrets of {name}", lambda: set(api.children(ns, name)) >= secrets, timeout)
     expected = expected_children(api, ns, doc)
     wait_for(f"every child of {name}", lambda: set(api.children(ns, name)) >= set(expected), timeout)
     return expected
@@ -321,8 +361,36 @@ def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
     assert "0 chart(s) failed" in lint.stdout
 
 
+def create_ca_secret(api: Api, ns: str, name: str) -> Any:
+    """A federation CA the user brings (spec.tls.caSecret), as `kubectl create secret generic` makes it."""
+    from fedtune import certs
+
+    ca = certs.make_ca("federation")
+    data = {"ca.crt": base64.b64encode(ca.cert_pem).decode(), "ca.key": base64.b64encode(ca.key_pem).decode()}
+    api.core.create_namespaced_secret(ns, {"metadata": {"name": name}, "data": data})
+    return ca
+
+
+def assert_certificates_chain_to(api: Api, ns: str, doc: dict[str, Any], ca_pem: bytes) -> None:
+    from cryptography import x509
+
+    from fedtune import certs
+    from fedtune_operator import resources, tls
+
+    job = live_job(api, ns, doc)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    for w in resources.workloads(job):
+        data = secret_data(api, ns, tls.role_secret_name(job, w))
+        assert data["ca.crt"] == ca_pem
+        x509.load_pem_x509_certificate(data["tls.crt"]).verify_directly_issued_by(ca)
+        assert certs.common_name(data["tls.crt"]) == w.key
+
+
 @pytest.mark.parametrize(("source", "doc"), example_documents(), ids=[s for s, _ in example_documents()])
 def test_each_example_becomes_exactly_its_children(operator, api, kubectl, namespace, source, doc) -> None:
+    user_ca = None
+    if (doc["spec"].get("tls") or {}).get("caSecret"):  # the cross-silo example names the federation's CA
+        user_ca = create_ca_secret(api, namespace, doc["spec"]["tls"]["caSecret"])
     apply(kubectl, namespace, doc)
     name = doc["metadata"]["name"]
     expected = wait_for_children(api, namespace, doc)
@@ -331,6 +399,8 @@ def test_each_example_becomes_exactly_its_children(operator, api, kubectl, names
     for key, manifest in expected.items():
         diffs = subset({k: manifest[k] for k in manifest if k not in ("apiVersion", "kind")}, live[key])
         assert not diffs, f"{source}: {key} differs from the builders' manifest:\n" + "\n".join(diffs)
+    ca_pem = user_ca.cert_pem if user_ca else secret_data(api, namespace, f"{name}-ca")["ca.crt"]
+    assert_certificates_chain_to(api, namespace, doc, ca_pem)
     status = wait_for("status", lambda: api.status(namespace, name).get("phase"))
     assert status == "Pending"
     st = api.status(namespace, name)
@@ -439,6 +509,166 @@ def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator,
     assert api.pod(namespace, "flaky-node-2") is None and api.pod(namespace, "flaky-redis") is None
 
 
+def pod_secrets(pod: dict[str, Any]) -> set[str]:
+    """Every Secret a pod reads, as a volume or an env secretKeyRef."""
+    names = {v["secret"]["secretName"] for v in pod["spec"].get("volumes") or [] if v.get("secret")}
+    for container in pod["spec"]["containers"]:
+        for env in container.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+    return names
+
+
+def test_pods_are_locked_down_and_read_only_their_own_secrets(operator, api, kubectl, namespace) -> None:
+    doc = small_job("locked")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    live = api.children(namespace, "locked")
+    password = secret_data(api, namespace, "locked-redis")["password"].decode()
+    own = {
+        "locked-redis": {"locked-redis"},  # its redis.conf
+        "locked-scheduler": {"locked-tls-scheduler", "locked-redis"},
+        "locked-assist-trainer": {"locked-tls-assist-trainer", "locked-redis"},
+        "locked-node-1": {"locked-tls-node-1"},  # a label_trainer never talks to Redis
+        "locked-node-2": {"locked-tls-node-2"},
+    }
+    pods = {name: obj for (kind, name), obj in live.items() if kind == "Pod"}
+    assert set(pods) == set(own)
+    for name, pod in pods.items():
+        spec = pod["spec"]
+        assert pod_secrets(pod) == own[name], name
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] >= 10000
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        (container,) = spec["containers"]
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and container["resources"]["limits"]
+        stated = [*(container.get("command") or []), *(container.get("args") or [])]
+        stated += [e.get("value") or "" for e in container.get("env") or []]
+        assert not any(password in v for v in stated), f"{name} states the Redis password"
+    redis = pods["locked-redis"]["spec"]["containers"][0]
+    assert redis["command"] == ["redis-server", "/etc/redis/redis.conf"] and not redis.get("env")
+    assert f"requirepass {password}" in secret_data(api, namespace, "locked-redis")["redis.conf"].decode()
+    # The TLS Secret is mounted read-only where FEDTUNE_TLS_DIR says.
+    node1 = pods["locked-node-1"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in node1["env"]}
+    assert {"name": "tls", "mountPath": env["FEDTUNE_TLS_DIR"], "readOnly": True} in node1["volumeMounts"]
+
+
+def test_network_policy_selects_the_jobs_pods_and_admits_redis_clients_only(operator, api, kubectl, namespace):
+    doc = small_job("fenced")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    policy = api.client.sanitize_for_serialization(
+        api.networking.read_namespaced_network_policy("fenced-network", namespace)
+    )
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+
+    def selected(selector: dict[str, Any]) -> set[str]:
+        terms = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+        terms += [f"{e['key']} in ({','.join(e['values'])})" for e in selector.get("matchExpressions") or []]
+        return {p.metadata.name for p in api.core.list_namespaced_pod(namespace, label_selector=",".join(terms)).items}
+
+    everyone = {f"fenced-{s}" for s in ("redis", *ROLE_PODS)}
+    assert selected(spec["podSelector"]) == everyone
+    redis, grpc = spec["ingress"]
+    assert [p["port"] for p in redis["ports"]] == [6379]
+    (clients,) = redis["from"]  # the operator runs outside the cluster here: no rule for its pod
+    assert selected(clients["podSelector"]) == {"fenced-scheduler", "fenced-assist-trainer"}
+    assert sorted(p["port"] for p in grpc["ports"]) == [55004, 55005]
+    (peers,) = grpc["from"]
+    assert selected(peers["podSelector"]) == everyone
+    # Deleted, it is made again.
+    kubectl("delete", "networkpolicy", "fenced-network", "-n", namespace)
+    wait_for("policy recreated", lambda: ("NetworkPolicy", "fenced-network") in api.children(namespace, "fenced"))
+
+
+def events_of(api: Api, ns: str, name: str, reason: str) -> list[str]:
+    """`TYPE message` of each Event with this reason on the resource."""
+    selector = f"involvedObject.name={name},reason={reason}"
+    return [f"{e.type} {e.message}" for e in api.core.list_namespaced_event(ns, field_selector=selector).items]
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+def test_tls_turned_off_is_a_warning_and_a_condition(operator, api, kubectl, namespace) -> None:
+    doc = small_job("clear")
+    doc["spec"]["tls"] = {"enabled": False}
+    apply(kubectl, namespace, doc)
+    expected = wait_for_children(api, namespace, doc)
+    assert [n for k, n in expected if k == "Secret"] == ["clear-redis"]
+    tls_off = wait_for("TLS condition", lambda: condition(api.status(namespace, "clear"), "TLS"))
+    assert tls_off["status"] == "False" and tls_off["reason"] == "TLSDisabled"
+    assert "in the clear" in tls_off["message"]
+    warnings = wait_for("the warning", lambda: events_of(api, namespace, "clear", "TLSDisabled"))
+    assert warnings[0].startswith("Warning ") and "spec.tls.enabled is false" in warnings[0]
+    time.sleep(2)  # resyncs later: still one warning
+    assert len(events_of(api, namespace, "clear", "TLSDisabled")) == 1
+    assert all(p["kind"] != "Pod" or "tls" not in str(p["spec"]["volumes"]) for p in expected.values())
+
+
+def test_tls_on_by_default_says_where_certificates_come_from(operator, api, kubectl, namespace) -> None:
+    doc = small_job("secure")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    tls_on = wait_for("TLS condition", lambda: condition(api.status(namespace, "secure"), "TLS"))
+    assert tls_on["status"] == "True" and "secure-ca" in tls_on["message"]
+    assert not events_of(api, namespace, "secure", "TLSDisabled")
+
+
+def test_a_named_ca_secret_is_waited_for_then_used(operator, api, kubectl, namespace) -> None:
+    doc = small_job("fedca")
+    doc["spec"]["tls"] = {"caSecret": "federation-ca"}
+    apply(kubectl, namespace, doc)
+    waiting = wait_for(
+        "CAUnavailable",
+        lambda: (
+            condition(api.status(namespace, "fedca"), "TLS").get("reason") == "CAUnavailable"
+            and api.status(namespace, "fedca")
+        ),
+    )
+    assert waiting["phase"] == "Pending" and "federation-ca" in waiting["message"]
+    assert not [k for k in api.children(namespace, "fedca") if k[0] == "Pod"]  # nothing runs without certificates
+    assert events_of(api, namespace, "fedca", "CAUnavailable")
+    ca = create_ca_secret(api, namespace, "federation-ca")
+    expected = wait_for_children(api, namespace, doc)
+    assert ("Secret", "fedca-ca") not in expected
+    assert_certificates_chain_to(api, namespace, doc, ca.cert_pem)
+    wait_for("TLS condition True", lambda: condition(api.status(namespace, "fedca"), "TLS").get("status") == "True")
+    # The user's CA Secret is theirs: no owner reference was added to it.
+    assert not api.core.read_namespaced_secret("federation-ca", namespace).metadata.owner_references
+
+
+def test_a_guest_organisation_runs_only_its_own_parties(operator, api, kubectl, namespace) -> None:
+    """The assist_trainer, and with it the scheduler and Redis, run at another organisation."""
+    doc = small_job("guest")
+    spec = doc["spec"]
+    spec["parties"][0]["remote"] = {"address": "fedtune.host.example:55004"}
+    spec["parties"][1]["remote"] = {"address": "fedtune.bank-a.example:55006"}
+    spec["scheduler"] = {"address": "fedtune.host.example:55005"}
+    spec["tls"] = {"caSecret": "federation-ca"}
+    create_ca_secret(api, namespace, "federation-ca")
+    apply(kubectl, namespace, doc)
+    expected = wait_for_children(api, namespace, doc)
+    assert set(expected) == {
+        ("ConfigMap", "guest-job"), ("Secret", "guest-tls-node-2"), ("PersistentVolumeClaim", "guest-output"),
+        ("Service", "guest-node-2"), ("Pod", "guest-node-2"), ("NetworkPolicy", "guest-network"),
+    }  # fmt: skip
+    assert set(api.children(namespace, "guest")) == set(expected)
+    st = wait_for("status", lambda: (s := api.status(namespace, "guest")).get("phase") and s)
+    assert st["phase"] == "Pending" and "scheduler" not in st and set(st["parties"]) == {"node-2"}
+    api.set_pod_phase(namespace, "guest-node-2", "Running")
+    wait_for("Running", lambda: api.status(namespace, "guest").get("phase") == "Running")
+    api.set_pod_phase(namespace, "guest-node-2", "Succeeded", exit_code=0)
+    wait_for("Succeeded", lambda: api.status(namespace, "guest").get("phase") == "Succeeded")
+
+
 def test_deleted_children_are_recreated(operator, api, kubectl, namespace) -> None:
     doc = small_job("again")
     apply(kubectl, namespace, doc)
@@ -526,10 +756,15 @@ def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
                 live = api.children(namespace, name)
                 assert set(live) == set(want), f"{name}: {set(live) ^ set(want)}"
                 uids_before.update({k: v["metadata"]["uid"] for k, v in live.items()})
-            # One Secret each, never regenerated: the password the pods were given still holds.
-            for name in expected:
+            # Each Secret once, never regenerated: the password and certificates the pods were
+            # given still hold.
+            for name, doc in zip(expected, docs):
                 secrets = api.core.list_namespaced_secret(namespace, label_selector=f"fedtune.io/job={name}").items
-                assert len(secrets) == 1
+                assert {("Secret", s.metadata.name) for s in secrets} == secret_names(api, namespace, doc)
+            contents_before = {
+                s.metadata.name: s.data
+                for s in api.core.list_namespaced_secret(namespace, label_selector="fedtune.io/job").items
+            }
         finally:
             second.stop()
             assert_no_rbac_denial(first)
@@ -541,6 +776,11 @@ def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
             for name in expected:
                 uids_after.update({k: v["metadata"]["uid"] for k, v in api.children(namespace, name).items()})
             assert uids_after == uids_before
+            contents_after = {
+                s.metadata.name: s.data
+                for s in api.core.list_namespaced_secret(namespace, label_selector="fedtune.io/job").items
+            }
+            assert contents_after == contents_before
         finally:
             third.stop()
             assert_no_rbac_denial(third)

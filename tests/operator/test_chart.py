@@ -59,8 +59,10 @@ def test_cluster_wide_by_default() -> None:
     kinds = {res for r in rules for res in r["resources"]}
     assert kinds == {
         "federatedfinetunes", "federatedfinetunes/status", "federatedfinetunes/finalizers",
-        "pods", "services", "configmaps", "persistentvolumeclaims", "secrets", "events",
+        "pods", "services", "configmaps", "persistentvolumeclaims", "secrets", "events", "networkpolicies",
     }  # fmt: skip
+    policies = next(r for r in rules if r["resources"] == ["networkpolicies"])
+    assert policies["apiGroups"] == ["networking.k8s.io"] and policies["verbs"] == ["list", "watch", "create"]
 
 
 def test_namespaced_install_grants_only_those_namespaces() -> None:
@@ -88,6 +90,23 @@ def test_deployment_is_hardened() -> None:
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"]["requests"] and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_operator_says_who_it_is_and_takes_only_health_checks() -> None:
+    """Jobs' NetworkPolicies admit the operator's pod to Redis by these; its own admits only /healthz."""
+    docs = render()
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["FEDTUNE_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    pairs = dict(kv.split("=") for kv in env["FEDTUNE_OPERATOR_POD_LABELS"]["value"].split(","))
+    assert pairs == {"app.kubernetes.io/name": "fedtune-operator", "app.kubernetes.io/instance": "fedtune"}
+    assert all(pod["metadata"]["labels"][k] == v for k, v in pairs.items())
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == pairs
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    assert not by_kind(render("networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def test_values_schema_rejects_a_bad_namespace() -> None:

@@ -47,6 +47,12 @@ def test_example_becomes_exactly_the_documented_children(job) -> None:
     children = by_kind_name(r.all_children(job, "pw"))
     assert set(children) == {
         ("Secret", "poems-lora-redis"),
+        ("Secret", "poems-lora-ca"),
+        ("Secret", "poems-lora-tls-scheduler"),
+        ("Secret", "poems-lora-tls-assist-trainer"),
+        ("Secret", "poems-lora-tls-node-1"),
+        ("Secret", "poems-lora-tls-node-2"),
+        ("NetworkPolicy", "poems-lora-network"),
         ("ConfigMap", "poems-lora-job"),
         ("PersistentVolumeClaim", "poems-lora-output"),
         ("Pod", "poems-lora-redis"),
@@ -121,9 +127,13 @@ def test_role_commands_env_and_mounts(job) -> None:
     for name, party in [("poems-lora-scheduler", "scheduler"), ("poems-lora-node-1", "node-1")]:
         c = container(pods[name])
         env = {e["name"]: e for e in c["env"]}
-        assert env["FEDTUNE_REDIS_PASSWORD"]["valueFrom"] == {
-            "secretKeyRef": {"name": "poems-lora-redis", "key": "password"}
-        }
+        if party == "scheduler":  # the scheduler keeps the job state in Redis
+            assert env["FEDTUNE_REDIS_PASSWORD"]["valueFrom"] == {
+                "secretKeyRef": {"name": "poems-lora-redis", "key": "password"}
+            }
+        else:  # a label_trainer never talks to Redis: no password
+            assert "FEDTUNE_REDIS_PASSWORD" not in env
+        assert env["FEDTUNE_TLS_DIR"]["value"] == "/etc/fedtune-tls"
         assert env["FEDTUNE_PARTY"]["value"] == party
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -131,7 +141,7 @@ def test_role_commands_env_and_mounts(job) -> None:
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert c["image"] == "fedtune/trainer:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        expected = {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp"}
+        expected = {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp", "/etc/fedtune-tls": "tls"}
         if party != "scheduler":  # the example's workspace claim (spec.storage.volumes): parties only
             expected["/workspace"] = "shared-0"
         assert mounts == expected
@@ -169,7 +179,9 @@ def test_gpu_cpu_memory_and_claims(example) -> None:
     job = make_job(example)
     node1 = r.role_pod(job, r.workloads(job)[2])
     c = container(node1)
-    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"nvidia.com/gpu": "2"}}
+    # The party's memory is its request and its limit.
+    limits = {"memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": limits}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/workspace/models"]["subPath"] == "glm" and mounts["/workspace/models"]["readOnly"] is True
     assert mounts["/workspace/data"]["name"] == mounts["/workspace/models"]["name"]  # one volume per claim
@@ -178,7 +190,10 @@ def test_gpu_cpu_memory_and_claims(example) -> None:
     assert claims == {"poems-lora-output", "models", "bank-a-data"}
     # Only node-1 gets its own claim and a GPU; everyone gets the shared claim.
     node2 = r.role_pod(job, r.workloads(job)[3])
-    assert "limits" not in container(node2)["resources"]
+    assert container(node2)["resources"] == {  # unsized: a small request, a cap
+        "requests": {"cpu": "250m", "memory": "1Gi"},
+        "limits": {"memory": "4Gi"},
+    }
     assert "bank-a-data" not in str(node2["spec"]["volumes"]) and "models" in str(node2["spec"]["volumes"])
     scheduler = r.role_pod(job, r.workloads(job)[0])
     assert "models" not in str(scheduler["spec"]["volumes"])
@@ -205,15 +220,23 @@ def test_remote_parties_get_nothing_here(example) -> None:
     assert [w.key for w in r.workloads(job)] == ["scheduler", "assist_trainer", "node-1"]
 
 
+def redis_conf(job: r.Job, password: str) -> str:
+    return base64.b64decode(r.redis_secret(job, password)["data"]["redis.conf"]).decode()
+
+
 def test_redis_secret_and_persistence(example) -> None:
     job = make_job(example)
     secret = r.redis_secret(job, "s3cret")
     assert base64.b64decode(secret["data"]["password"]) == b"s3cret"
+    conf = redis_conf(job, "s3cret").splitlines()
+    assert "requirepass s3cret" in conf and "appendonly no" in conf and "dir /data" in conf
     pod = r.redis_pod(job)
     c = container(pod)
-    assert c["command"] == ["redis-server"]
-    assert c["args"][c["args"].index("--requirepass") + 1] == "$(FEDTUNE_REDIS_PASSWORD)"
-    assert c["args"][c["args"].index("--appendonly") + 1] == "no"
+    assert c["command"] == ["redis-server", "/etc/redis/redis.conf"]
+    assert {"name": "config", "mountPath": "/etc/redis", "readOnly": True} in c["volumeMounts"]
+    config = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    assert config["secret"]["secretName"] == "poems-lora-redis"
+    assert config["secret"]["items"] == [{"key": "redis.conf", "path": "redis.conf"}]
     assert r.redis_pvc(job) is None
     assert {"name": "data", "emptyDir": {}} in pod["spec"]["volumes"]
 
@@ -222,7 +245,7 @@ def test_redis_secret_and_persistence(example) -> None:
     pod = r.redis_pod(job)
     c = container(pod)
     assert c["image"] == "redis:7.4"
-    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    assert "appendonly yes" in redis_conf(job, "pw").splitlines()
     pvc = r.redis_pvc(job)
     assert pvc["metadata"]["name"] == "poems-lora-redis-data"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"

@@ -33,7 +33,8 @@ What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf
 - watches and patches its resources (kopf keeps its bookkeeping in annotations) and writes
   their status; `finalizers` is for the children's blockOwnerDeletion ownerReferences;
 - lists, watches (to notice deletions) and creates the children; deletes pods (failed ones before a retry, and the rest
-  when a job ends); reads the Redis password Secret it generated (get, never list);
+  when a job ends); reads by name the Secrets it generated (the Redis password, the job's CA and
+  certificates) and the CA Secret a job names in spec.tls.caSecret (get, never list);
 - posts Events on its resources.
 */}}
 {{- define "fedtune-operator.rules" -}}
@@ -51,6 +52,9 @@ What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
+  verbs: ["list", "watch", "create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
   verbs: ["list", "watch", "create"]
 - apiGroups: [""]
   resources: ["secrets"]

@@ -1,0 +1,89 @@
+"""checkov passes on the rendered chart and on what the operator creates for each example.
+
+The checks skipped, each with its reason, are in .checkov.yaml at the repository root; any
+other failed check fails these tests, naming the check and the resource.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fedtune.spec import parse_job
+from fedtune_operator import resources as r
+
+from .test_chart import CHART, _helm
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / ".checkov.yaml"
+EXAMPLES = REPO / "examples"
+# Jobs run in a namespace of their own (checkov flags the default one).
+NAMESPACE = "fedtune-jobs"
+OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("checkov") is None,
+    reason="checkov is not installed (pip install checkov, or the project's dev extra)",
+)
+
+
+def checkov(target: Path) -> list[str]:
+    """Failed checks under `target` as `CHECK resource (file)` lines; the summary must show it ran."""
+    args = [sys.executable, "-m", "checkov.main", "--config-file", str(CONFIG), "-o", "json", "-d", str(target)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    try:
+        report: Any = json.loads(result.stdout)
+    except ValueError:
+        raise AssertionError(f"checkov did not report ({result.returncode}):\n{result.stderr[-3000:]}") from None
+    reports = report if isinstance(report, list) else [report]
+    scanned = sum(rep.get("summary", {}).get("resource_count", 0) for rep in reports)
+    assert scanned > 0, f"checkov scanned nothing: {report}"
+    failed = []
+    for rep in reports:
+        for check in rep.get("results", {}).get("failed_checks", []):
+            failed.append(f"{check['check_id']} {check['check_name']}: {check['resource']} ({check['file_path']})")
+    return failed
+
+
+def example_jobs() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        if {"data", "models"} & set(path.relative_to(EXAMPLES).parts[:-1]):
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
+                out.append((str(path.relative_to(EXAMPLES)), doc))
+    return out
+
+
+def test_operator_manifests_for_every_example_pass(tmp_path) -> None:
+    jobs = example_jobs()
+    assert len(jobs) >= 3
+    for source, doc in jobs:
+        doc["metadata"]["namespace"] = NAMESPACE
+        job = r.Job(
+            doc["metadata"]["name"], NAMESPACE, "0b5e6f0e-0000-0000-0000-000000000001", doc["spec"], parse_job(doc)
+        )
+        assert r.name_problems(job) == [], source
+        children = r.all_children(job, "not-a-real-password", operator=OPERATOR)
+        (tmp_path / f"{job.name}.yaml").write_text(yaml.safe_dump_all(children, sort_keys=False))
+    failed = checkov(tmp_path)
+    assert not failed, "checkov failed on the operator's manifests:\n" + "\n".join(failed)
+
+
+@pytest.mark.parametrize("values", [[], ["watchNamespaces={team-a,team-b}"]], ids=["cluster-wide", "namespaced"])
+def test_rendered_chart_passes(tmp_path, values) -> None:
+    args = [_helm(), "template", "fedtune", str(CHART), "--namespace", "fedtune-system", "--kube-version", "1.34.0"]
+    for value in values:
+        args += ["--set", value]
+    rendered = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
+    (tmp_path / "chart.yaml").write_text(rendered)
+    failed = checkov(tmp_path)
+    assert not failed, "checkov failed on the chart:\n" + "\n".join(failed)
