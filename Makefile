@@ -56,8 +56,9 @@ proto:
 dev-cluster-build:
 	bash devtools/cluster/build.sh
 
+# Control plane plus a local node agent that runs pods as processes (needs root); prints the kubeconfig.
 dev-cluster: install dev-cluster-build
-	$(PYTHON) devtools/cluster/devcluster.py up
+	$(PYTHON) -m devtools.nodeagent dev-cluster
 
 bench: install dev-cluster-build
 	$(PYTHON) bench/federation_overhead.py
