@@ -526,7 +526,7 @@ def test_mount_targets_resolve_symlinks_inside_the_root(tmp_path: Path) -> None:
 
 
 WRITER = """
-echo "greeting: $(cat /etc/cfg/greeting.txt)" > /data/greeting.txt
+echo "greeting: $(cat /etc/cfg/greeting.txt) after $(cat /data/init.txt)" > /data/greeting.txt
 echo "$SECRET_PW" > /data/secret.txt
 echo "$POD_NAME $POD_NAMESPACE $POD_IP $(hostname)" > /data/identity.txt
 echo "about to fail on purpose"
@@ -585,6 +585,9 @@ def agent_manifests(ns: str) -> list[dict[str, Any]]:
          "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "writer"}, "spec": {
             "restartPolicy": "Never",
+            "initContainers": [{"name": "init", "image": "busybox",
+                                "command": ["sh", "-c", "echo init > /data/init.txt"],
+                                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
             "containers": [{
                 "name": "main", "image": "busybox", "command": ["sh", "-c", WRITER],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -605,6 +608,10 @@ def agent_manifests(ns: str) -> list[dict[str, Any]]:
         }},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
          "spec": {"selector": {"app": "echo"}, "ports": [{"port": 7000}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-hungry"}, "spec": {
+            "containers": [{"name": "main", "image": "cuda", "command": ["true"],
+                            "resources": {"limits": {"nvidia.com/gpu": 1}}}],
+        }},
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-client"}, "spec": {
             "restartPolicy": "Never",
             "containers": [{"name": "main", "image": "python", "command": ["python3", "-c", API_CLIENT]}],
@@ -633,7 +640,7 @@ def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> 
     ended = writer["status"]["containerStatuses"][0]["state"]["terminated"]
     assert ended["exitCode"] == 7 and ended["reason"] == "Error", ended
     assert "about to fail on purpose" in ended["message"]  # FallbackToLogsOnError
-    assert (claim / "greeting.txt").read_text() == "greeting: hello\n"
+    assert (claim / "greeting.txt").read_text() == "greeting: hello after init\n"  # the init container ran first
     assert (claim / "secret.txt").read_text() == "s3cret\n"
     assert (claim / "identity.txt").read_text() == f"writer {ns} {writer['status']['podIP']} writer\n"
 
@@ -649,6 +656,13 @@ def test_pod_runs_with_env_volumes_services_and_restarts(node, api, kubectl) -> 
     assert f"I am system:serviceaccount:{ns}:default" in logs, logs
     assert f"host 10.0.0.1 {ns}" in logs, logs
     assert "about to fail on purpose" in kubectl("logs", "writer", "-n", ns, "--tail", "1").stdout
+
+    # The node has no GPU (nvidia.com/gpu 0): a pod that wants one stays unscheduled, saying why.
+    assert (api.node(NODE) or {})["status"]["capacity"]["nvidia.com/gpu"] == "0"
+    hungry = api.pod(ns, "gpu-hungry") or {}
+    assert not hungry["spec"].get("nodeName")
+    scheduled = next(c for c in hungry["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert scheduled["status"] == "False" and "nvidia.com/gpu" in scheduled["message"], scheduled
 
     server = api.pod(ns, "echo-server")
     assert server is not None and server["status"]["phase"] == "Running"
