@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import importlib.util
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,18 @@ class Cluster:
         self.kubectl("apply", "-n", ns, "-f", str(WORKSPACE_PVC))
         shutil.copytree(workspace, self.volumes / ns / "fedtune-workspace", dirs_exist_ok=True)
 
+    def torch_threads(self, ns: str) -> str:
+        """What the party pods tell torch (FEDTUNE_TORCH_THREADS), as the operator made them."""
+        selector = "fedtune.io/component=label-trainer"
+        pods = json.loads(self.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))
+        values = {
+            var.get("value", "(from elsewhere)")
+            for pod in pods["items"]
+            for var in pod["spec"]["containers"][0].get("env") or []
+            if var["name"] == "FEDTUNE_TORCH_THREADS"
+        }
+        return ", ".join(sorted(values)) or "not set (torch uses every core)"
+
     def run_job(self, ns: str) -> float:
         """`kubectl apply` of the example to Succeeded, in seconds."""
         name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
@@ -213,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         workspace = build_workspace(work / "workspace")
         cluster_times: list[float] = []
         local_times: list[float] = []
+        threads = ""
         with dev_cluster(work) as cluster:
             for i in range(args.repeat):
                 ns = f"bench-{i}"
                 cluster.prepare_namespace(ns, workspace)
                 cluster_times.append(cluster.run_job(ns))
+                threads = threads or cluster.torch_threads(ns)
                 local_times.append(run_local(workspace, work / f"local-{i}"))
                 print(f"  run {i + 1}: kubectl apply {cluster_times[-1]:7.1f} s   fedtune run {local_times[-1]:7.1f} s",
                       flush=True)  # fmt: skip
@@ -227,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  fedtune run (local processes)     {local_median:7.1f} s")
     ratio = cluster_median / local_median
     print(f"  ratio cluster / local             {ratio:7.2f}   (goal <= 1.25: {'met' if ratio <= 1.25 else 'NOT met'})")
+    # The parties share this machine's cores either way; how many torch threads each runs
+    # decides most of the difference (3 parties x every core oversubscribes the CPU).
+    local_threads = max(1, (os.cpu_count() or 1) // 3)
+    print(f"  torch threads per party: pods {threads}; fedtune run {local_threads} (cores / training parties)")
     return 0
 
 

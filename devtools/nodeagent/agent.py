@@ -121,6 +121,9 @@ class Agent:
         self._boot_id = str(uuid.uuid4())
         self._node_since = now_rfc3339()
         self._binding: set[str] = set()  # pods a Binding was sent for
+        # Pods this agent stopped and deleted, until the informer stops showing them: the
+        # cache may still hold the object (deletionTimestamp set) for a moment.
+        self._finished: set[str] = set()
         self.relay: ApiRelay | None = None
         self.logs: LogServer | None = None
 
@@ -317,6 +320,7 @@ class Agent:
         with self._lock:
             pods = dict(self._pods)
         self._binding &= set(pods)
+        self._finished &= set(pods)
         self._provision_claims()
         for uid, pod in pods.items():
             node = pod["spec"].get("nodeName")
@@ -388,6 +392,8 @@ class Agent:
         run = self.runs.get(uid)
         if run is not None:
             run.pod = pod
+            return
+        if uid in self._finished:
             return
         if podspec.is_terminal(pod) and not pod["metadata"].get("deletionTimestamp"):
             return  # finished before this agent started: nothing to run
@@ -701,6 +707,7 @@ class Agent:
                     log.warning("cannot delete %s/%s: %s", meta["namespace"], meta["name"], err)
         shutil.rmtree(run.folder, ignore_errors=True)
         del self.runs[run.uid]
+        self._finished.add(run.uid)
         log.info("pod %s/%s: stopped and removed", run.namespace, run.name)
 
     # --- Services as hosts entries -----------------------------------------------------------------
