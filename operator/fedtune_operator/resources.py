@@ -62,7 +62,7 @@ PASSWORD_ENV = "FEDTUNE_REDIS_PASSWORD"
 SECRET_MODE = 0o440
 
 # High uids, distinct from any host user's (trainer_image/Dockerfile makes 10001 its user);
-# Redis runs as a uid of its own, so a role cannot read its files even on a shared node.
+# Redis runs as a uid of its own: its append-only files on a node's disk belong to no role's user.
 TRAINER_UID = 10001
 REDIS_UID = 10002
 
