@@ -142,7 +142,7 @@ def dev_cluster(args: argparse.Namespace) -> int:
             [
                 f"control plane at {plane.api_url}, node {args.node_name} (pods on {args.pod_cidr})",
                 f"kubeconfig: {plane.kubeconfig}",
-                f"volumes:    {data / 'volumes'}/<namespace>/<claim>/",
+                f"volumes:    {data / 'volumes'}  (a claim is <volumes>/<namespace>/<claim>/)",
                 f"logs:       {plane.log_dir}",
                 f"export KUBECONFIG={plane.kubeconfig}",
             ]

@@ -109,7 +109,7 @@ def clean_stale_sessions() -> None:
     """Remove what test agents of sessions that no longer run left on the host."""
     stale = set()
     for name in [*netns_list(""), *links("")]:
-        match = re.fullmatch(r"([tc])([0-9a-z]{1,5})-.*", name)
+        match = re.fullmatch(r"([tc])([0-9a-z]{1,5})-(br0|p\d+|v\d+)", name)
         if match and not Path(f"/proc/{int(match.group(2), 36)}").exists():
             stale.add(match.group(1) + match.group(2))
     for prefix in stale:
