@@ -7,8 +7,10 @@ DEMO_OUT ?= demo-output
 STAMP := .cache/install.stamp
 IMAGE_TAG ?= 0.1.0
 PYTEST_ARGS ?=
+HELM := $(FEDTUNE_CACHE)/bin/helm
+CHECKOV := $(FEDTUNE_CACHE)/checkov/bin/checkov
 
-.PHONY: install demo test test-fast lint proto crds chart images dev-cluster dev-cluster-build clean bench
+.PHONY: install demo test test-fast lint proto crds chart images dev-cluster dev-cluster-build checkov clean bench
 
 # Debian's redis-server plus the Python project with every extra; re-run when pyproject.toml changes.
 install: $(STAMP)
@@ -23,14 +25,18 @@ $(TINY_MODEL)/config.json: | install
 demo: install $(TINY_MODEL)/config.json
 	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT) --overwrite
 
-test: install dev-cluster-build
-	FEDTUNE_REQUIRE_CLUSTER=1 $(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
+test: install dev-cluster-build $(CHECKOV)
+	FEDTUNE_REQUIRE_CLUSTER=1 FEDTUNE_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Everything but the Kubernetes control-plane tests.
 test-fast: install
 	$(PYTHON) -m pytest -q -ra -m "not cluster" $(PYTEST_ARGS)
 
-HELM := $(FEDTUNE_CACHE)/bin/helm
+# checkov pins old versions of packages the training stack shares: it gets a virtual environment of its own.
+checkov: $(CHECKOV)
+$(CHECKOV):
+	$(PYTHON) -m venv $(FEDTUNE_CACHE)/checkov
+	$(FEDTUNE_CACHE)/checkov/bin/pip install -q checkov
 
 lint: install
 	$(PYTHON) -m ruff check .
