@@ -167,7 +167,7 @@ class Party:
         if self.aggregator is not None:
             self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
         else:
-            address = self._address(self.spec.assist_trainer.address, "spec.parties[assist_trainer].address")
+            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
                                                       server_name=self.spec.assist_trainer.name,
                                                       deadline_s=self.ctx.connect_deadline_s)

@@ -232,6 +232,11 @@ class Party(_Strict):
     address: str | None = None
 
     @property
+    def endpoint(self) -> str | None:
+        """Where to reach this party's gRPC server: filled in by the launcher, or its remote address."""
+        return self.address or (self.remote.address if self.remote else None)
+
+    @property
     def dns_name(self) -> str:
         """The party's name as a Kubernetes object name."""
         return self.name.lower().replace("_", "-").replace(".", "-")
