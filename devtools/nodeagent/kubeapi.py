@@ -91,6 +91,14 @@ class Kube:
         self.timeout_s = timeout_s
         self._local = threading.local()
 
+    def set_timeout(self, seconds: float) -> None:
+        """Later requests of this thread wait at most `seconds` (on a fresh connection)."""
+        self.timeout_s = seconds
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
     # --- plumbing ---------------------------------------------------------------------------
 
     def _connect(self, timeout_s: float) -> http.client.HTTPConnection:
@@ -127,11 +135,12 @@ class Kube:
                 response = conn.getresponse()
                 data = response.read()
                 break
-            except (http.client.HTTPException, OSError):
-                # A keep-alive connection the server closed: one fresh try.
+            except (http.client.HTTPException, OSError) as err:
+                # A keep-alive connection the server closed: one fresh try. A timeout is
+                # the server's silence, not a stale connection: no second wait.
                 conn.close()
                 self._local.conn = None
-                if attempt:
+                if attempt or isinstance(err, TimeoutError):
                     raise
         if response.status >= 400:
             raise ApiError(response.status, data.decode("utf-8", "replace"))
