@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -17,6 +18,7 @@ import platform
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +49,20 @@ DEFAULT_ENTRYPOINTS = {
     "redis": ["redis-server"],
 }
 VERSION = "0.1.0"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def default_image_paths() -> tuple[str, ...]:
+    """Host folders the containers' "image" is made of: this checkout, wherever the
+    project's packages are installed from (an editable install points into a checkout,
+    maybe another one), and the Python installation running the agent."""
+    paths = [REPO, Path(sys.prefix), Path(sys.base_prefix)]
+    for package in ("fedtune", "fedtune_operator"):
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(package)  # finds, does not import
+            if spec is not None and spec.submodule_search_locations:
+                paths.append(Path(next(iter(spec.submodule_search_locations))).parent)
+    return tuple(dict.fromkeys(str(p.resolve()) for p in paths))
 
 
 @dataclass
@@ -62,6 +78,7 @@ class AgentConfig:
     max_restart_backoff_s: float = 300.0
     entrypoints: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_ENTRYPOINTS))
     delete_node_on_exit: bool = True
+    image_paths: tuple[str, ...] = field(default_factory=default_image_paths)
 
 
 @dataclass
@@ -565,6 +582,7 @@ class Agent:
             "env": env,
             "readOnlyRootFilesystem": bool(security.get("readOnlyRootFilesystem")),
             "devices": devices,
+            "imagePaths": list(self.config.image_paths),
         }
 
     def _base_env(self, run: PodRun) -> dict[str, str]:

@@ -145,6 +145,31 @@ def make_dev(root: Path, devices: list[str]) -> None:
     mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev,size=512m", "fedtune-shm", str(dev / "shm"))
 
 
+def _under(path: str, folder: str) -> bool:
+    folder = folder.rstrip("/") or "/"
+    return path == folder or path.startswith(folder + "/") or folder == "/"
+
+
+def keep_image_visible(root: Path, mounts: list[dict], image_paths: list[str]) -> None:
+    """Bind host folders the "image" needs back over any volume that hides them.
+
+    The host is every container's image, and a project installed from, say, a clone in
+    /tmp (a CI checkout) lives in a folder that a pod's /tmp emptyDir would hide: the
+    container could no longer import its own program. A real image never keeps its code
+    under a volume's mount path, so re-exposing those folders (read-only) is what the
+    image would look like. A volume mounted exactly at such a folder is left alone.
+    """
+    targets = [m["target"] for m in mounts if not m.get("file")]
+    for path in image_paths:
+        covering = [t for t in targets if _under(path, t)]
+        if not covering or path in (t.rstrip("/") for t in covering) or not Path(path).is_dir():
+            continue
+        try:
+            bind(path, in_root(root, path), read_only=True, is_file=False)
+        except (SetupError, OSError) as err:  # e.g. a read-only volume: the mount point cannot be made
+            print(f"fedtune node agent: {path} stays hidden by a volume: {err}", file=sys.stderr)
+
+
 def setup(config: dict) -> None:
     socket.sethostname(config["hostname"])
     scratch = Path(config["scratch"])
@@ -154,6 +179,7 @@ def setup(config: dict) -> None:
     # Parents before children: /workspace before /workspace/models.
     for m in sorted(config["mounts"], key=lambda m: m["target"].rstrip("/").count("/")):
         bind(m["source"], in_root(root, m["target"]), m.get("readOnly", False), m.get("file", False))
+    keep_image_visible(root, config["mounts"], config.get("imagePaths", []))
     workdir = config.get("workingDir") or "/"
     in_root(root, workdir).mkdir(parents=True, exist_ok=True)
     if config.get("readOnlyRootFilesystem"):
