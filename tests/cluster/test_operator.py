@@ -34,7 +34,7 @@ RELEASE_NS = "fedtune-system"
 RELEASE = "fedtune"
 SA = "fedtune-fedtune-operator"
 KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies")
-WAIT_S = 30.0
+WAIT_S = 60.0  # generous: CI runs on 2 busy cores
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.1) -> Any:
