@@ -71,6 +71,7 @@ bench: install dev-cluster-build
 	$(PYTHON) bench/secagg.py --quick
 	$(PYTHON) bench/transport.py
 	$(PYTHON) bench/operator_reconcile.py
+	$(PYTHON) bench/cluster_job.py
 
 clean:
 	rm -rf $(DEMO_OUT) $(EXAMPLES)/models .pytest_cache

@@ -477,6 +477,10 @@ def _role_env(job: Job, workload: Workload) -> list[dict[str, Any]]:
         env.append({"name": PASSWORD_ENV, "valueFrom": {"secretKeyRef": ref}})
     if tls.enabled(job):
         env.append({"name": tls.TLS_DIR_ENV, "value": tls.TLS_DIR})
+    if workload.role != SCHEDULER:
+        # As many torch threads as CPUs requested (rounded up): pods sharing a node must not oversubscribe it.
+        cpus = {"resource": "requests.cpu", "divisor": "1"}
+        env.append({"name": "FEDTUNE_TORCH_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
     env += [
         {"name": "FEDTUNE_PARTY", "value": workload.key},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
