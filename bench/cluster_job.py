@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import ipaddress
 import json
 import os
@@ -41,28 +40,21 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import yaml
 from common import machine
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # devtools/ is not installed: import it from the checkout
+
+from devtools.cluster import devcluster  # noqa: E402
+
 EXAMPLE = REPO / "examples" / "lora-3party.yaml"
 WORKSPACE_PVC = REPO / "examples" / "k8s" / "workspace-pvc.yaml"
 CRD = REPO / "crds" / "federatedfinetune.yaml"
 POEMS = REPO / "examples" / "data" / "poems"
 PREFIX = "fbench"  # the node agent's netns/link prefix: apart from a dev cluster's (fta)
 TIMEOUT_S = 900.0
-
-
-def load_devcluster() -> ModuleType:
-    path = REPO / "devtools" / "cluster" / "devcluster.py"
-    spec = importlib.util.spec_from_file_location("devcluster", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["devcluster"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_pod_cidr() -> str:
@@ -189,7 +181,6 @@ def build_workspace(folder: Path) -> Path:
 @contextlib.contextmanager
 def dev_cluster(work: Path) -> Iterator[Cluster]:
     """Control plane + node agent + operator, all torn down afterwards."""
-    devcluster = load_devcluster()
     if devcluster.missing_binaries():
         raise SystemExit(f"control-plane binaries missing: run {REPO}/devtools/cluster/build.sh")
     plane = devcluster.ControlPlane().start()

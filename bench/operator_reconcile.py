@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -44,6 +43,10 @@ import yaml
 from fedtune_operator.kube import Kube
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # devtools/ is not installed: import it from the checkout
+
+from devtools.cluster import devcluster  # noqa: E402
+
 EXAMPLE = REPO / "examples" / "lora-3party.yaml"
 CRD = REPO / "crds" / "federatedfinetune.yaml"
 KINDS = ("Pod", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim", "NetworkPolicy")
@@ -53,22 +56,12 @@ WORKERS = 16
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
-def load_devcluster() -> Any:
-    path = REPO / "devtools" / "cluster" / "devcluster.py"
-    spec = importlib.util.spec_from_file_location("devcluster", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["devcluster"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @contextlib.contextmanager
 def control_plane(kubeconfig: str | None) -> Iterator[Path]:
     if kubeconfig:
         yield Path(kubeconfig)
         return
-    plane = load_devcluster().ControlPlane().start()
+    plane = devcluster.ControlPlane().start()
     try:
         yield plane.kubeconfig
     finally:

@@ -10,7 +10,6 @@ Needs root, iproute2 (`ip`) and util-linux (`nsenter`, `unshare`, `mount`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import ipaddress
 import logging
 import os
@@ -21,8 +20,9 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
 
+from ..cluster import devcluster
 from .agent import DEFAULT_ENTRYPOINTS, Agent, AgentConfig
 from .network import Network
 
@@ -118,19 +118,7 @@ def run_agent(config: AgentConfig, ready_message: str = "") -> int:
     return 0
 
 
-def _load_devcluster() -> ModuleType:
-    """devtools/cluster/devcluster.py is a script, not a package: load it by path."""
-    path = REPO / "devtools" / "cluster" / "devcluster.py"
-    spec = importlib.util.spec_from_file_location("devcluster", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["devcluster"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def dev_cluster(args: argparse.Namespace) -> int:
-    devcluster = _load_devcluster()
     if devcluster.missing_binaries():
         devcluster.build()
     base = args.dir.resolve() if args.dir else Path(tempfile.mkdtemp(prefix="fedtune-dev-cluster-"))

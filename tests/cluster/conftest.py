@@ -8,35 +8,22 @@ those binaries the cluster tests skip, unless FEDTUNE_REQUIRE_CLUSTER is set
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from devtools.cluster import devcluster
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEVCLUSTER_PATH = REPO_ROOT / "devtools" / "cluster" / "devcluster.py"
 
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def _load_devcluster() -> ModuleType:
-    """Import devtools/cluster/devcluster.py, which is a script, not a package."""
-    spec = importlib.util.spec_from_file_location("devcluster", DEVCLUSTER_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the module executes.
-    sys.modules["devcluster"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-devcluster = _load_devcluster()
 
 
 def pytest_configure(config: pytest.Config) -> None:
