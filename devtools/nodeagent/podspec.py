@@ -7,8 +7,10 @@ Lookups of Secrets and ConfigMaps come in as a function (`Lookup`).
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 Obj = dict[str, Any]
@@ -89,10 +91,26 @@ def _whole(lookup: Lookup, kind: str, namespace: str, ref: Obj) -> dict[str, str
 
 
 def resource_value(container: Obj, ref: Obj, node_capacity: dict[str, str]) -> str:
-    """resourceFieldRef: the container's limit (or request), else the node's capacity."""
+    """resourceFieldRef: the container's limit (or request), else the node's capacity, in units of
+    `divisor` rounded up, as the kubelet gives it (250m of CPU with divisor 1 is "1")."""
     kind, _, name = ref["resource"].partition(".")
     value = ((container.get("resources") or {}).get(kind) or {}).get(name) or node_capacity.get(name, "0")
-    return str(value)
+    units = parse_quantity(str(value)) / parse_quantity(str(ref.get("divisor") or "1"))
+    return str(math.ceil(units))
+
+
+_SUFFIXES = {"m": Decimal("0.001"), "": Decimal(1), "k": Decimal(10) ** 3, "M": Decimal(10) ** 6,
+             "G": Decimal(10) ** 9, "T": Decimal(10) ** 12, "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
+             "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40,
+             "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+
+
+def parse_quantity(quantity: str) -> Decimal:
+    """A Kubernetes resource quantity ("250m", "2", "1Gi", "1e3") as a number."""
+    match = re.fullmatch(r"([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?", quantity.strip())
+    if match is None:
+        raise ConfigError(f"not a resource quantity: {quantity!r}")
+    return Decimal(match.group(1)) * _SUFFIXES[match.group(2) or ""]
 
 
 def container_env(

@@ -489,6 +489,12 @@ def test_env_resolution_and_expansion() -> None:
     with pytest.raises(podspec.ConfigError, match='secret "missing" not found'):
         bad = {"name": "m", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "missing", "key": "x"}}}]}
         podspec.container_env(pod, bad, lambda *key: None, {}, {})
+    # resourceFieldRef: in units of the divisor, rounded up, as the kubelet gives it.
+    sized = {"name": "t", "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}}, "env": [
+        {"name": "THREADS", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}},
+        {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "requests.memory", "divisor": "1Mi"}}},
+    ]}  # fmt: skip
+    assert podspec.container_env(pod, sized, lambda *key: None, {}, {}) == {"THREADS": "1", "MEM_MI": "1024"}
     # No command: the image's entrypoint, when the agent knows it.
     assert podspec.container_argv({"name": "r", "image": "redis:7.2-alpine", "args": ["--port", "1"]}, {},
                                   {"redis": ["redis-server"]}) == ["redis-server", "--port", "1"]  # fmt: skip
