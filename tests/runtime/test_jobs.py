@@ -35,6 +35,14 @@ def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
     return reference
 
 
+def assert_every_quarter_round(out: Path) -> None:
+    """Every party holds all four rounds of an agg_steps 0.25 job, and they end identical."""
+    for party in PARTIES:
+        names = sorted(p.name for p in (out / party).glob("checkpoint-*"))
+        assert names == ["checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1"]
+    assert_identical_adapters(out, "checkpoint-1")
+
+
 def assert_loss_falls(summary: dict) -> None:
     for party in PARTIES:
         losses = [loss for _, loss in summary["parties"][party]["losses"]]
@@ -96,10 +104,7 @@ def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) 
         assert local.status().phase == "Succeeded"
     finally:
         local.stop()
-    for party in PARTIES:
-        names = sorted(p.name for p in (tmp_path / "out" / party).glob("checkpoint-*"))
-        assert names == ["checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1"]
-    assert_identical_adapters(tmp_path / "out", "checkpoint-1")
+    assert_every_quarter_round(tmp_path / "out")
     log = (tmp_path / "out" / ".fedtune" / "logs" / "node-1.log").read_text()
     assert "resum" in log.lower()
 
@@ -117,10 +122,7 @@ def test_assist_trainer_and_scheduler_killed_mid_job_rejoin(tmp_path: Path, tiny
         assert local.status().phase == "Succeeded"
     finally:
         local.stop()
-    for party in PARTIES:
-        names = sorted(p.name for p in (tmp_path / "out" / party).glob("checkpoint-*"))
-        assert names == ["checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1"]
-    assert_identical_adapters(tmp_path / "out", "checkpoint-1")
+    assert_every_quarter_round(tmp_path / "out")
 
 
 def assert_nothing_written(out: Path) -> None:
