@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from fedtune.spec import parse_job
+from support.jobs import example_documents
 
 pytestmark = pytest.mark.cluster
 
@@ -47,18 +48,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, inter
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def example_documents() -> list[tuple[str, dict[str, Any]]]:
-    """Every FederatedFineTune in examples/ (a file may hold other kinds too, e.g. PVCs)."""
-    out = []
-    for path in sorted(EXAMPLES.rglob("*.yaml")):
-        if {"data", "models"} & set(path.relative_to(EXAMPLES).parts[:-1]):
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
-                out.append((str(path.relative_to(EXAMPLES)), doc))
-    return out
 
 
 # --- cluster plumbing -----------------------------------------------------------------------

@@ -18,12 +18,12 @@ import yaml
 
 from fedtune.spec import parse_job
 from fedtune_operator import resources as r
+from support.jobs import example_documents
 
 from .test_chart import CHART, _helm
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / ".checkov.yaml"
-EXAMPLES = REPO / "examples"
 # Jobs run in a namespace of their own (checkov flags the default one).
 NAMESPACE = "fedtune-jobs"
 OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
@@ -54,19 +54,8 @@ def checkov(target: Path) -> list[str]:
     return failed
 
 
-def example_jobs() -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for path in sorted(EXAMPLES.rglob("*.yaml")):
-        if {"data", "models"} & set(path.relative_to(EXAMPLES).parts[:-1]):
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
-                out.append((str(path.relative_to(EXAMPLES)), doc))
-    return out
-
-
 def test_operator_manifests_for_every_example_pass(tmp_path) -> None:
-    jobs = example_jobs()
+    jobs = example_documents()
     assert len(jobs) >= 3
     for source, doc in jobs:
         doc["metadata"]["namespace"] = NAMESPACE

@@ -93,3 +93,18 @@ def kill_after_first_round(local, party: str = "node-1") -> None:
     assert local.status().parties[party].state != "succeeded", f"{party} finished before it could be killed"
     local.kill_role(party, signal.SIGKILL)
     local.start_role(party)
+
+
+EXAMPLES = REPO / "examples"
+
+
+def example_documents() -> list[tuple[str, dict[str, Any]]]:
+    """Every FederatedFineTune in examples/ (a file may hold other kinds too, e.g. PVCs)."""
+    out = []
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        if {"data", "models"} & set(path.relative_to(EXAMPLES).parts[:-1]):
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
+                out.append((str(path.relative_to(EXAMPLES)), doc))
+    return out
