@@ -78,12 +78,14 @@ def standalone(job_file: Path, party: str, threads: int) -> None:
                              remove_unused_columns=False, seed=trainer_args["seed"])
     trainer = Trainer(model=model, args=args, train_dataset=FeatureDataset(features),
                       data_collator=collator_for(tokenizer))
+    started = time.perf_counter()
     trainer.train()
+    train_s = time.perf_counter() - started
     model.save_pretrained(out)  # what a standalone run ends with: its adapter on disk
-    print(json.dumps({"party": party, "steps": steps}))
+    print(json.dumps({"party": party, "steps": steps, "train_s": train_s}))
 
 
-def run_standalone(job_file: Path, threads: int) -> tuple[float, int]:
+def run_standalone(job_file: Path, threads: int) -> tuple[float, int, float]:
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, __file__, "--standalone", str(job_file), party, str(threads)],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for party in PARTIES]
@@ -91,8 +93,8 @@ def run_standalone(job_file: Path, threads: int) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     if any(p.returncode for p in procs):
         raise SystemExit("a standalone run failed")
-    steps = sum(json.loads(out.strip().splitlines()[-1])["steps"] for out in outputs)
-    return elapsed, steps
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    return elapsed, sum(r["steps"] for r in results), max(r["train_s"] for r in results)
 
 
 def run_federated(job_file: Path, out: Path, threads: int) -> tuple[float, int, dict]:
@@ -131,12 +133,14 @@ def main() -> None:
 
     base_runs, fed_runs = [], []
     for i in range(args.repeats):  # interleaved, so a busy moment of the machine hits both alike
-        base_s, base_steps = run_standalone(job_file, args.threads)
+        base_s, base_steps, base_train_s = run_standalone(job_file, args.threads)
         fed_s, fed_steps, summary = run_federated(job_file, work / f"out-{i}", args.threads)
         assert base_steps == fed_steps, (base_steps, fed_steps)
         base_runs.append(base_s)
         fed_runs.append(fed_s)
-        print(f"run {i + 1}: standalone {base_s:.1f} s, federated {fed_s:.1f} s")
+        fed_train_s = max(p["timings"]["train_s"] for p in summary["parties"].values())
+        print(f"run {i + 1}: standalone {base_s:.1f} s, federated {fed_s:.1f} s; of which the training loop: "
+              f"standalone {base_train_s:.1f} s, federated {fed_train_s:.1f} s (the longest party)")
     base_s, fed_s = statistics.median(base_runs), statistics.median(fed_runs)
     step_ms = {name: 1000 * p["timings"]["train_s"] / max(p["max_steps"] - 1, 1)
                for name, p in summary["parties"].items()}

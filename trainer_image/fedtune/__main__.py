@@ -1,5 +1,3 @@
-import sys
+from fedtune.cli import entry
 
-from fedtune.cli import main
-
-sys.exit(main())
+entry()

@@ -335,7 +335,7 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
                 error = f"timed out after {timeout_s:.0f} s"
                 break
             progress.show(local.status())
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             progress.show(local.status())
         summary = local.summary(time.monotonic() - start, error)

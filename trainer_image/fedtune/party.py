@@ -261,7 +261,7 @@ class Party:
         """Keep serving the last global adapter until every party has it and the job is over."""
         assert self.aggregator is not None
         while self.aggregator.state.phase() not in ("Succeeded", "Failed"):
-            time.sleep(0.2)
+            time.sleep(0.05)
 
 
 def run_party(ctx: Context) -> int:

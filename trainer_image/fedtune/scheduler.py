@@ -245,8 +245,10 @@ def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.T
     log.info("scheduler of job %s listening on port %d", job.job_id, port)
     try:
         while state.phase() not in ("Succeeded", "Failed"):
-            time.sleep(0.2)
-        time.sleep(linger_s)  # parties still polling learn the outcome from us rather than from a closed port
+            time.sleep(0.05)
+        if state.phase() == "Failed":  # parties still polling learn why from us rather than from a closed port
+            time.sleep(linger_s)
+        # On success every party has reported its end already: nobody is left to tell.
     finally:
         server.stop(grace=1).wait()
     if state.phase() == "Failed":
