@@ -92,6 +92,8 @@ class Reconciler:
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
     _static_ok: set[str] = field(default_factory=set)  # job uids whose static children all exist
+    # Bumped by every deletion seen: a pass that listed before it must not mark the job complete.
+    _static_epoch: dict[str, int] = field(default_factory=dict)
 
     BUSY = "busy"
 
@@ -129,6 +131,7 @@ class Reconciler:
         """A Service, ConfigMap or PVC of this job went away: check them all on the next pass."""
         with self._mutex:
             self._static_ok.discard(owner_uid)
+            self._static_epoch[owner_uid] = self._static_epoch.get(owner_uid, 0) + 1
 
     def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
         """The resource is gone: drop what this process remembered of it."""
@@ -137,6 +140,7 @@ class Reconciler:
             if uid is not None:
                 self._passwords.pop(uid, None)
                 self._static_ok.discard(uid)
+                self._static_epoch.pop(uid, None)
 
     # --- one pass -------------------------------------------------------------------------------
 
@@ -220,6 +224,8 @@ class Reconciler:
 
     def _ensure_static(self, job: resources.Job) -> None:
         """Create the missing static children; remember the job once all are its own."""
+        with self._mutex:
+            epoch = self._static_epoch.get(job.uid, 0)
         pool = _create_pool()
         # Side by side: the listings, the Redis Secret, then the certificates in this thread
         # (which uses the pool itself; nothing waits on the pool from inside it).
@@ -240,7 +246,8 @@ class Reconciler:
             # collection has not removed yet: try again shortly.
             raise Retry(f"children of an earlier {job.name} are still being deleted", delay=2.0)
         with self._mutex:
-            self._static_ok.add(job.uid)
+            if self._static_epoch.get(job.uid, 0) == epoch:  # else a deletion raced our listing: look again
+                self._static_ok.add(job.uid)
 
     def _password(self, job: resources.Job) -> str:
         """The job's Redis password: a new one in a new Secret, or the stored one."""

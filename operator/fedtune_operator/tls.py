@@ -110,34 +110,20 @@ def new_material(job: Job, workloads: list[Workload], ca: certs.Issued | None = 
 # --- Secrets ------------------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def _secret(metadata: dict[str, Any], type_: str, data: dict[str, bytes]) -> dict[str, Any]:
+    encoded = {key: base64.b64encode(value).decode() for key, value in data.items()}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": type_, "data": encoded}
 
 
 def ca_secret(job: Job, ca: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata,
-        "type": "Opaque",
-        "data": {certs.CA_FILE: _b64(ca.cert_pem), CA_KEY_FILE: _b64(ca.key_pem)},
-    }
+    return _secret(metadata, "Opaque", {certs.CA_FILE: ca.cert_pem, CA_KEY_FILE: ca.key_pem})
 
 
 def role_secret(ca_pem: bytes, issued: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
     # kubernetes.io/tls: tools (cert-manager, ingress controllers, kubectl) know the layout;
     # ca.crt rides along, as cert-manager's Secrets carry it.
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata,
-        "type": "kubernetes.io/tls",
-        "data": {
-            certs.CA_FILE: _b64(ca_pem),
-            certs.CERT_FILE: _b64(issued.cert_pem),
-            certs.KEY_FILE: _b64(issued.key_pem),
-        },
-    }
+    return _secret(metadata, "kubernetes.io/tls",
+                   {certs.CA_FILE: ca_pem, certs.CERT_FILE: issued.cert_pem, certs.KEY_FILE: issued.key_pem})
 
 
 def read_ca(secret: dict[str, Any] | None, where: str) -> certs.Issued:

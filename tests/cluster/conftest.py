@@ -8,7 +8,6 @@ those binaries the cluster tests skip, unless FEDTUNE_REQUIRE_CLUSTER is set
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,23 +17,15 @@ from types import ModuleType
 import pytest
 
 from devtools.cluster import devcluster
+from support.kube import unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: needs the local Kubernetes control plane (devtools/cluster)")
-
-
-def _unavailable(reason: str) -> None:
-    """Skip, or fail when the environment says the cluster is required."""
-    if os.environ.get("FEDTUNE_REQUIRE_CLUSTER"):
-        pytest.fail(f"{reason} (FEDTUNE_REQUIRE_CLUSTER is set)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +43,7 @@ def expected_versions() -> dict[str, str]:
 def control_plane() -> Iterator[object]:
     missing = devcluster.missing_binaries()
     if missing:
-        _unavailable(
+        unavailable(
             f"control-plane binaries not built ({', '.join(missing)} missing in {devcluster.bin_dir()}); "
             "run devtools/cluster/build.sh (or make dev-cluster)"
         )
@@ -85,7 +76,7 @@ def helm() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the helm that build.sh built (not whatever helm is on PATH)."""
     binary = devcluster.bin_dir() / "helm"
     if not binary.exists():
-        _unavailable(f"helm not built at {binary}; run devtools/cluster/build.sh")
+        unavailable(f"helm not built at {binary}; run devtools/cluster/build.sh")
     return _runner([str(binary)], timeout=180)
 
 
@@ -94,5 +85,5 @@ def kubectl(control_plane: object) -> Kubectl:
     """Run `kubectl --kubeconfig <control plane> ARGS...`; returns the CompletedProcess."""
     binary = shutil.which("kubectl")
     if binary is None:
-        _unavailable("kubectl is not on PATH")
+        unavailable("kubectl is not on PATH")
     return _runner([binary, "--kubeconfig", str(control_plane.kubeconfig)], timeout=60)  # type: ignore[attr-defined]

@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from support.kube import Api, OperatorProcess, unavailable, wait_for
+
 cluster = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,37 +54,19 @@ JOB_TIMEOUT_S = 420.0
 # --- helpers --------------------------------------------------------------------------------
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, describe: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    detail = f"\n{describe()}" if describe is not None else ""
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){detail}")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("FEDTUNE_REQUIRE_CLUSTER"):
-        pytest.fail(f"{reason} (FEDTUNE_REQUIRE_CLUSTER is set)", pytrace=False)
-    pytest.skip(reason)
-
-
 def ensure_host_tools() -> None:
     """Root, `ip`, `nsenter`, `unshare`, `mount` (apt-get them if missing) and overlayfs."""
     if os.geteuid() != 0:
-        _unavailable("the node agent needs root (network and mount namespaces)")
+        unavailable("the node agent needs root (network and mount namespaces)")
     missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
     if missing and shutil.which("apt-get"):
         subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False, capture_output=True)
     still = [tool for tool in HOST_TOOLS if shutil.which(tool) is None]
     if still:
-        _unavailable(f"the node agent needs {', '.join(still)} (apt-get install iproute2 util-linux mount)")
+        unavailable(f"the node agent needs {', '.join(still)} (apt-get install iproute2 util-linux mount)")
     if "overlay" not in Path("/proc/filesystems").read_text():
-        _unavailable("the node agent needs overlayfs (modprobe overlay)")
+        unavailable("the node agent needs overlayfs (modprobe overlay)")
 
 
 def _base36(number: int) -> str:
@@ -166,42 +150,6 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
-class Api:
-    """The admin's view through the kubernetes client, as plain dicts."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        import kubernetes
-
-        self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
-        self.core = kubernetes.client.CoreV1Api(self.client)
-        self.custom = kubernetes.client.CustomObjectsApi(self.client)
-        self.ApiException = kubernetes.client.exceptions.ApiException
-
-    def _get(self, call: Callable[[], Any]) -> dict[str, Any] | None:
-        try:
-            return self.client.sanitize_for_serialization(call())
-        except self.ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-
-    def job(self, ns: str, name: str) -> dict[str, Any] | None:
-        return self._get(lambda: self.custom.get_namespaced_custom_object(
-            "fedtune.io", "v1alpha1", ns, "federatedfinetunes", name))  # fmt: skip
-
-    def status(self, ns: str, name: str) -> dict[str, Any]:
-        return (self.job(ns, name) or {}).get("status") or {}
-
-    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
-        return self._get(lambda: self.core.read_namespaced_pod(name, ns))
-
-    def pods(self, ns: str) -> list[dict[str, Any]]:
-        return self.client.sanitize_for_serialization(self.core.list_namespaced_pod(ns))["items"]
-
-    def node(self, name: str) -> dict[str, Any] | None:
-        return self._get(lambda: self.core.read_node(name))
-
-
 class NodeAgent:
     """`python -m devtools.nodeagent run` as a subprocess."""
 
@@ -262,40 +210,6 @@ class NodeAgent:
         return "\n".join(out)
 
 
-class Operator:
-    """`python -m fedtune_operator.main` for the module's namespaces, as a subprocess."""
-
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig, self.log = kubeconfig, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Operator:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "20",
-               "FEDTUNE_RESYNC_SECONDS": "1"}  # fmt: skip
-        namespaces = [arg for ns in NS.values() if ns != NS["agent"] for arg in ("--namespace", ns)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune_operator.main", *namespaces, "--liveness", ""],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def tail(self, lines: int = 25) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
 # --- fixtures -----------------------------------------------------------------------------------
 
 
@@ -327,10 +241,12 @@ def node(control_plane, api, kubectl, tmp_path_factory) -> Iterator[NodeAgent]:
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[Operator]:
+def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[OperatorProcess]:
     kubectl("apply", "-f", str(CRD))
     kubectl("wait", "--for=condition=Established", "crd/federatedfinetunes.fedtune.io", "--timeout=60s")
-    op = Operator(control_plane.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log").start()
+    namespaces = [ns for key, ns in NS.items() if key != "agent"]  # the agent tests run no operator
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(control_plane.kubeconfig, log, namespaces=namespaces).start()
     try:
         yield op
     finally:
@@ -372,7 +288,7 @@ def apply(kubectl, ns: str, doc: dict[str, Any]) -> None:
     kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(doc, allow_unicode=True))
 
 
-def diagnose(api: Api, node: NodeAgent, operator: Operator | None, ns: str, job: str = "") -> Callable[[], str]:
+def diagnose(api: Api, node: NodeAgent, operator: OperatorProcess | None, ns: str, job: str = "") -> Callable[[], str]:
     def text() -> str:
         parts = []
         if job:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import copy
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,9 @@ import pytest
 import yaml
 
 from fedtune.spec import parse_job
+from support import kube
 from support.jobs import example_documents
+from support.kube import OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -34,65 +34,14 @@ EXAMPLES = REPO / "examples"
 RELEASE_NS = "fedtune-system"
 RELEASE = "fedtune"
 SA = "fedtune-fedtune-operator"
-KINDS = ("pods", "services", "configmaps", "secrets", "persistentvolumeclaims", "networkpolicies")
 WAIT_S = 60.0  # generous: CI runs on 2 busy cores
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.1) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 # --- cluster plumbing -----------------------------------------------------------------------
 
 
-class Api:
-    """The admin's view of the cluster, through the kubernetes client (fast, no subprocess)."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        import kubernetes
-
-        self.client = kubernetes.config.new_client_from_config(str(kubeconfig))
-        self.core = kubernetes.client.CoreV1Api(self.client)
-        self.networking = kubernetes.client.NetworkingV1Api(self.client)
-        self.custom = kubernetes.client.CustomObjectsApi(self.client)
-        self.ApiException = kubernetes.client.exceptions.ApiException
-
-    def job(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object("fedtune.io", "v1alpha1", ns, "federatedfinetunes", name)
-        except self.ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-
-    def status(self, ns: str, name: str) -> dict[str, Any]:
-        return (self.job(ns, name) or {}).get("status") or {}
-
-    def children(self, ns: str, job: str) -> dict[tuple[str, str], dict[str, Any]]:
-        selector = f"app.kubernetes.io/part-of=fedtune,fedtune.io/job={job}"
-        out = {}
-        for kind in KINDS:
-            api = self.networking if kind == "networkpolicies" else self.core
-            lister = getattr(api, f"list_namespaced_{_API_NAMES[kind]}")
-            for item in self.client.sanitize_for_serialization(lister(ns, label_selector=selector))["items"]:
-                out[(item["kind"] if "kind" in item else _KIND_OF[kind], item["metadata"]["name"])] = item
-        return out
-
-    def pod(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.client.sanitize_for_serialization(self.core.read_namespaced_pod(name, ns))
-        except self.ApiException as err:
-            if err.status == 404:
-                return None
-            raise
+class Api(kube.Api):
+    """The admin's view, plus what a kubelet would do: this control plane has none."""
 
     def set_pod_phase(self, ns: str, name: str, phase: str, exit_code: int | None = None, **extra: Any) -> None:
         """What a kubelet would report: phase and, for a finished pod, the container's end."""
@@ -123,67 +72,6 @@ class Api:
         self.core.patch_namespaced_pod_status(name, ns, {"status": status})
 
 
-_API_NAMES = {
-    "pods": "pod",
-    "services": "service",
-    "configmaps": "config_map",
-    "secrets": "secret",
-    "persistentvolumeclaims": "persistent_volume_claim",
-    "networkpolicies": "network_policy",
-}
-_KIND_OF = {
-    "pods": "Pod",
-    "services": "Service",
-    "configmaps": "ConfigMap",
-    "secrets": "Secret",
-    "persistentvolumeclaims": "PersistentVolumeClaim",
-    "networkpolicies": "NetworkPolicy",
-}
-
-
-class Operator:
-    """`python -m fedtune_operator.main` as a subprocess, logging to a file."""
-
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Operator:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "FEDTUNE_WATCH_TIMEOUT": "20",
-            "FEDTUNE_RESYNC_SECONDS": "1",
-        }
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune_operator.main", "--all-namespaces", "--liveness", ""],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def denials(self) -> list[str]:
-        """Calls the chart's RBAC refused (the API server's wording for them)."""
-        return [line for line in self.log.read_text(errors="replace").splitlines() if "forbidden: User" in line]
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
 def subset(expected: Any, actual: Any, path: str = "") -> list[str]:
     """Where `actual` differs from `expected`, ignoring what the API server adds (defaults)."""
     if isinstance(expected, dict):
@@ -197,7 +85,7 @@ def subset(expected: Any, actual: Any, path: str = "") -> list[str]:
     return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
 
 
-def assert_no_rbac_denial(op: Operator) -> None:
+def assert_no_rbac_denial(op: OperatorProcess) -> None:
     """The chart's RBAC grants what the operator uses: none of its calls may be refused."""
     assert not op.denials(), "\n".join(op.denials()[:5])
 
@@ -245,8 +133,8 @@ def operator_kubeconfig(control_plane, kubectl, chart, tmp_path_factory) -> Path
 
 
 @pytest.fixture(scope="module")
-def operator(operator_kubeconfig, tmp_path_factory) -> Iterator[Operator]:
-    op = Operator(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log").start()
+def operator(operator_kubeconfig, tmp_path_factory) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log").start()
     try:
         yield op
     finally:
@@ -733,11 +621,11 @@ def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
     text = "\n---\n".join(yaml.safe_dump(d) for d in docs)
     operator.stop()  # the shared one: this test runs its own, killed mid-reconcile
     try:
-        first = Operator(operator_kubeconfig, tmp_path / "first.log").start()
+        first = OperatorProcess(operator_kubeconfig, tmp_path / "first.log").start()
         kubectl("apply", "-n", namespace, "-f", "-", input=text)
         wait_for("the first children", lambda: any(api.children(namespace, d["metadata"]["name"]) for d in docs))
         first.stop(signal.SIGKILL)  # no clean shutdown: whatever it was doing is cut off
-        second = Operator(operator_kubeconfig, tmp_path / "second.log").start()
+        second = OperatorProcess(operator_kubeconfig, tmp_path / "second.log").start()
         try:
             expected = {d["metadata"]["name"]: wait_for_children(api, namespace, d) for d in docs}
             uids_before = {}
@@ -758,7 +646,7 @@ def test_restarting_the_operator_mid_reconcile_leaves_no_duplicates(
             second.stop()
             assert_no_rbac_denial(first)
             assert_no_rbac_denial(second)
-        third = Operator(operator_kubeconfig, tmp_path / "third.log").start()
+        third = OperatorProcess(operator_kubeconfig, tmp_path / "third.log").start()
         try:
             time.sleep(3)  # resumed, resynced: nothing is created again
             uids_after = {}
@@ -814,17 +702,8 @@ def test_namespaced_install_needs_only_its_roles(
                 }
             )
         )
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "20"}
-        log = tmp_path / "scoped.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune_operator.main", "--namespace", namespace, "--liveness", ""],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        scoped = Operator(kubeconfig, log)
-        scoped.proc = proc
+        scoped = OperatorProcess(kubeconfig, tmp_path / "scoped.log", namespaces=[namespace], resync_s=None)
+        scoped.start()
         try:
             doc = small_job("scoped")
             apply(kubectl, namespace, doc)

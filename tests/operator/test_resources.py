@@ -4,43 +4,12 @@ from __future__ import annotations
 
 import base64
 import copy
-from pathlib import Path
-from typing import Any
 
-import pytest
 import yaml
 
 from fedtune.spec import parse_job
 from fedtune_operator import resources as r
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "examples" / "lora-3party.yaml"
-UID = "0b5e6f0e-1111-2222-3333-444455556666"
-
-
-def make_job(document: dict[str, Any], namespace: str = "team-a") -> r.Job:
-    doc = copy.deepcopy(document)
-    doc["metadata"]["namespace"] = namespace
-    return r.Job(doc["metadata"]["name"], namespace, UID, doc["spec"], parse_job(doc))
-
-
-@pytest.fixture
-def example() -> dict[str, Any]:
-    return yaml.safe_load(EXAMPLE.read_text())
-
-
-@pytest.fixture
-def job(example) -> r.Job:
-    return make_job(example)
-
-
-def by_kind_name(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(c["kind"], c["metadata"]["name"]): c for c in children}
-
-
-def container(pod: dict[str, Any]) -> dict[str, Any]:
-    (c,) = pod["spec"]["containers"]
-    return c
+from support.children import UID, by_kind_name, container, make_job
 
 
 def test_example_becomes_exactly_the_documented_children(job) -> None:

@@ -15,23 +15,12 @@ from fedtune import certs
 from fedtune_operator import resources as r
 from fedtune_operator import status as s
 from fedtune_operator import tls
-
-from .test_resources import EXAMPLE, by_kind_name, container, make_job
+from support.children import by_kind_name, container, make_job
 
 ROLES = {"scheduler": "scheduler", "assist_trainer": "assist-trainer", "node-1": "node-1", "node-2": "node-2"}
 # Roles that keep state in Redis, and so read its password.
 REDIS_USERS = {"scheduler", "assist_trainer"}
 OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
-
-
-@pytest.fixture
-def example() -> dict[str, Any]:
-    return yaml.safe_load(EXAMPLE.read_text())
-
-
-@pytest.fixture
-def job(example) -> r.Job:
-    return make_job(example)
 
 
 def pods_of(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

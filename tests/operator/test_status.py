@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,10 +10,8 @@ import yaml
 
 from fedtune_operator import resources as r
 from fedtune_operator import status as s
+from support.children import EXAMPLE, make_job
 
-from .test_resources import make_job
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
 _uids = itertools.count(1)
 
 

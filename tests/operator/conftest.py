@@ -1,0 +1,21 @@
+"""Fixtures of the operator's no-cluster tests: the bundled LoRA example, as a document and as a Job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from fedtune_operator import resources as r
+from support.children import EXAMPLE, make_job
+
+
+@pytest.fixture
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+@pytest.fixture
+def job(example) -> r.Job:
+    return make_job(example)
