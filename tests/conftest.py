@@ -1,4 +1,4 @@
-"""Fixtures every test folder shares: a real redis-server and a tiny GLM model built from the bundled poems."""
+"""Fixtures every test folder shares: a real redis-server and tiny models built from the bundled poems."""
 
 from __future__ import annotations
 
@@ -24,3 +24,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fedtune.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm", [POEMS])
+
+
+@pytest.fixture(scope="session")
+def remote_chatglm(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A checkpoint that carries its own ChatGLM-style modelling code (trust_remote_code)."""
+    from support.remote_model import build_remote_chatglm
+
+    return build_remote_chatglm(tmp_path_factory.mktemp("models") / "tiny-chatglm", tiny_model)

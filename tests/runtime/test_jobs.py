@@ -92,6 +92,26 @@ def test_ptuning_job_completes_with_prefix_only(tmp_path: Path, tiny_model: Path
     assert chat.stdout.strip()
 
 
+def test_ptuning_with_the_models_own_prefix_encoder(tmp_path: Path, remote_chatglm: Path) -> None:
+    """A ChatGLM-style checkpoint (its own code, `pre_seq_len` in its config): the reference's P-tuning."""
+    trainer = {"per_device_train_batch_size": 4, "learning_rate": 3e-2, "num_train_epochs": 3, "no_cuda": True}
+    job = write_job(tmp_path / "job", remote_chatglm, peft=PTUNING, trainer=trainer)
+    code, output, summary = run_job(job, tmp_path / "out")
+    assert code == 0, output
+    finals = {p: torch.load(tmp_path / "out" / p / "checkpoint-1" / "pytorch_model.bin", weights_only=True)
+              for p in PARTIES}
+    reference = finals[PARTIES[0]]
+    assert list(reference) == ["transformer.prefix_encoder.embedding.weight"]  # the prefix alone travels
+    assert all(torch.equal(reference[k], finals[p][k]) for p in PARTIES[1:] for k in reference)
+    assert_loss_falls(summary)
+    log = (tmp_path / "out" / ".fedtune" / "logs" / "node-1.log").read_text()
+    assert "own transformer.prefix_encoder" in log
+    chat = run_cli("chat", "--model", str(remote_chatglm), "--adapter",
+                   str(tmp_path / "out" / "node-1" / "checkpoint-1"), "--prompt", "问：春\n答：",
+                   "--max-new-tokens", "4")
+    assert chat.returncode == 0, chat.stderr
+
+
 def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) -> None:
     # node-1 holds most data, so it is the slowest: the others wait for it at every round.
     job_path = write_job(tmp_path / "job", tiny_model, sizes=(16, 160, 16), agg_steps=0.25, epochs=1)

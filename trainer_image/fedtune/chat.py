@@ -1,8 +1,10 @@
 """Answer a prompt with a base model and a fine-tuned adapter: the reference's inference snippet as a function.
 
-The adapter folder says what it is (`adapter_config.json`): LoRA or P-tuning v2, both loaded
-with `PeftModel.from_pretrained`. Decoding is greedy, so the same adapter always gives the same
-answer.
+The adapter folder says what it is: LoRA or P-tuning v2 (`adapter_config.json`), both loaded
+with `PeftModel.from_pretrained`, or the P-tuning v2 prefix of a model that has its own prefix
+encoder (`prefix_config.json`, ChatGLM), loaded as the reference's snippet does it: the
+config's `pre_seq_len`, then `transformer.prefix_encoder`'s weights. Decoding is greedy, so the
+same adapter always gives the same answer.
 
 Decoding is a small greedy loop over the model's forward with a KV cache, not `generate()`:
 with transformers 5 and peft 0.21, `generate()` on a prefix-tuned model silently drops the
@@ -15,18 +17,29 @@ same way. Checkpoints with their own modelling code (ChatGLM) use their own `gen
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedtune.models import ModelError, load_base_model, saved_adapter_kind
+from fedtune.models import (
+    NATIVE_PREFIX_CONFIG,
+    ModelError,
+    apply_adapter,
+    load_base_model,
+    native_prefix_encoder,
+    saved_adapter_kind,
+)
+from fedtune.spec import Peft, PrefixTuning
 
 
 def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: the base alone, or with the adapter found in `adapter_path`."""
     from peft import PeftModel
 
+    if adapter_path is not None and (Path(adapter_path) / NATIVE_PREFIX_CONFIG).is_file():
+        return _load_native_prefix(Path(model_path), Path(adapter_path), device)
     model, tokenizer = load_base_model(model_path, device=device)
     if adapter_path is not None:
         saved_adapter_kind(adapter_path)  # a clear error for a folder that holds no adapter
@@ -34,6 +47,24 @@ def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, devic
             model = PeftModel.from_pretrained(model, str(adapter_path)).to(device)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelError(f"{adapter_path}: cannot load the adapter onto {model_path}: {err}") from None
+    return model.eval(), tokenizer
+
+
+def _load_native_prefix(model_path: Path, adapter_path: Path, device: str) -> tuple[Any, Any]:
+    """The reference's inference snippet: the config's `pre_seq_len`, then the saved prefix encoder."""
+    config_file = adapter_path / NATIVE_PREFIX_CONFIG
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+        overrides = {"pre_seq_len": int(settings["pre_seq_len"]),
+                     "prefix_projection": bool(settings["prefix_projection"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{config_file}: unreadable: {err}") from None
+    model, tokenizer = load_base_model(model_path, device=device, config_overrides=overrides)
+    encoder = native_prefix_encoder(model)
+    if encoder is None:
+        raise ModelError(f"{adapter_path} is a P-tuning v2 adapter for a model with its own prefix encoder "
+                         f"(ChatGLM); {model_path} builds none")
+    apply_adapter(model, Peft(PREFIX_TUNING=PrefixTuning(**overrides)), adapter_path)
     return model.eval(), tokenizer
 
 

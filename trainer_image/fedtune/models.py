@@ -12,6 +12,10 @@ Checkpoint format (`save_checkpoint`):
   the reference's layout (its inference snippet loads it into a ChatGLM-6B), which is also what
   continuing training reads (peft's file keeps only the projected prefix when
   `prefix_projection` is on).
+- P-tuning v2 on a checkpoint whose own code builds the prefix encoder (ChatGLM-6B/2/3: its
+  config declares `pre_seq_len`): `pytorch_model.bin` with the model's own
+  `transformer.prefix_encoder.*` weights, exactly what the reference's inference snippet loads,
+  plus `prefix_config.json` (`pre_seq_len`, `prefix_projection`) saying how to rebuild it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fedtune.spec import Lora, Peft, PrefixTuning
 AdapterKind = Literal["LORA", "PREFIX_TUNING"]
 REFERENCE_PREFIX = "transformer.prefix_encoder."  # key prefix of the reference's P-tuning file
 PREFIX_WEIGHTS = "pytorch_model.bin"
+NATIVE_PREFIX_CONFIG = "prefix_config.json"  # a checkpoint of the model's own prefix encoder
 
 # ChatGLM's module names (what the reference's configs target) and what native models call them.
 # Each alternative is tried in order; the first whose modules all exist in the model wins.
@@ -66,10 +71,12 @@ def has_remote_code(folder: Path) -> bool:
 
 
 def load_base_model(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local folder; nothing is downloaded."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) from a local folder; nothing is downloaded. `config_overrides` change its config
+    before the model is built (ChatGLM's `pre_seq_len`)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -82,6 +89,8 @@ def load_base_model(
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": remote}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+        if config_overrides:
+            common["config"] = AutoConfig.from_pretrained(folder, **common, **config_overrides)
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **common)
         except ValueError:
@@ -158,6 +167,8 @@ def prefix_config(model: nn.Module, spec: PrefixTuning) -> Any:
 
 def saved_adapter_kind(adapter_dir: str | Path) -> AdapterKind:
     """LORA or PREFIX_TUNING, from a saved adapter's `adapter_config.json`."""
+    if (Path(adapter_dir) / NATIVE_PREFIX_CONFIG).is_file():
+        return "PREFIX_TUNING"
     config_file = Path(adapter_dir) / "adapter_config.json"
     try:
         peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
@@ -177,6 +188,9 @@ def apply_adapter(model: nn.Module, peft_spec: Peft, adapter_path: str | Path | 
     if adapter_path is not None and saved_adapter_kind(adapter_path) != peft_spec.kind:
         raise ModelError(f"input.adapter_model.path: {adapter_path} holds a {saved_adapter_kind(adapter_path)} "
                          f"adapter but peft.{peft_spec.kind} is configured")
+    encoder = native_prefix_encoder(model)
+    if peft_spec.PREFIX_TUNING is not None and encoder is not None:
+        return _apply_native_prefix(model, encoder, adapter_path)
     notes: list[str] = []
     if peft_spec.LORA is not None and adapter_path is not None:
         peft_model = _continue_lora(model, adapter_path)
@@ -250,7 +264,75 @@ def _from_reference_key(key: str) -> str:
     return key.replace("trans.", "transform.", 1) if key.startswith("trans.") else key
 
 
+# --- the model's own P-tuning v2 (ChatGLM) ------------------------------------------------
+
+
+def native_prefix_overrides(folder: str | Path, peft_spec: Peft) -> dict[str, Any] | None:
+    """ChatGLM's config settings for P-tuning v2, when the checkpoint's own code has a prefix encoder.
+
+    ChatGLM-6B/2/3 declare `pre_seq_len` in their config; set, their code builds
+    `transformer.prefix_encoder` and feeds its output to every layer's attention in its own
+    layout. That is the reference's P-tuning and the one ChatGLM's attention understands, so
+    it is used instead of peft's prefix tuning whenever the checkpoint offers it.
+    """
+    spec = peft_spec.PREFIX_TUNING
+    folder = Path(folder)
+    if spec is None or not has_remote_code(folder):
+        return None
+    try:
+        declared = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # load_base_model says what is wrong with it
+    if "pre_seq_len" not in declared:
+        return None
+    if spec.prefix_hidden_size is not None:
+        raise ModelError("peft.PREFIX_TUNING.prefix_hidden_size: the prefix encoder of "
+                         f"{folder} is the model's own and uses its hidden_size; remove the option")
+    return {"pre_seq_len": spec.pre_seq_len, "prefix_projection": spec.prefix_projection}
+
+
+def native_prefix_encoder(model: nn.Module) -> nn.Module | None:
+    """`transformer.prefix_encoder` of a model that built its own (never of a peft model)."""
+    if hasattr(model, "active_peft_config"):
+        return None
+    return getattr(getattr(model, "transformer", None), "prefix_encoder", None)
+
+
+def _apply_native_prefix(model: nn.Module, encoder: nn.Module, adapter_path: str | Path | None) -> tuple[Any, str]:
+    # The model's code freezes its base itself, but loading may hand back fresh trainable
+    # parameters: only the prefix encoder may train and travel, never lm_head or the base.
+    for param in model.parameters():
+        param.requires_grad = False
+    encoder.float()  # as ChatGLM's own P-tuning does: the prefix trains in float32
+    for param in encoder.parameters():
+        param.requires_grad = True
+    notes = ["the model's own transformer.prefix_encoder"]
+    if adapter_path is not None:
+        _load_native_prefix(model, encoder, Path(adapter_path))
+        notes.append(f"continuing from {adapter_path}")
+    return model, describe(model, notes)
+
+
+def _load_native_prefix(model: nn.Module, encoder: nn.Module, adapter_dir: Path) -> None:
+    raw = adapter_dir / PREFIX_WEIGHTS
+    if not raw.is_file():
+        raise ModelError(f"input.adapter_model.path: {adapter_dir}: no {PREFIX_WEIGHTS} with prefix encoder weights")
+    saved = torch.load(raw, map_location="cpu", weights_only=True)
+    state = {f"transformer.prefix_encoder.{k[len(REFERENCE_PREFIX):]}": v
+             for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
+    try:
+        load_adapter_state(model, state)
+    except ModelError as err:
+        raise ModelError(f"{raw}: {err} (check peft.PREFIX_TUNING.pre_seq_len and prefix_projection)") from None
+
+
+def native_prefix_settings(model: nn.Module) -> dict[str, Any]:
+    return {"pre_seq_len": model.config.pre_seq_len, "prefix_projection": bool(model.config.prefix_projection)}
+
+
 def adapter_kind(model: Any) -> AdapterKind:
+    if native_prefix_encoder(model) is not None:
+        return "PREFIX_TUNING"
     peft_type = str(getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type))
     if peft_type not in ("LORA", "PREFIX_TUNING"):
         raise ModelError(f"unsupported adapter type {peft_type}")
@@ -259,6 +341,11 @@ def adapter_kind(model: Any) -> AdapterKind:
 
 def describe(model: Any, notes: Iterable[str] = ()) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = f" ({'; '.join(notes)})" if notes else ""
+    if native_prefix_encoder(model) is not None:
+        settings = native_prefix_settings(model)
+        projection = ", prefix_projection" if settings["prefix_projection"] else ""
+        return f"P-tuning v2: pre_seq_len {settings['pre_seq_len']}{projection}{extra}; {trainable:,} trainable weights"
     config = model.active_peft_config
     if adapter_kind(model) == "LORA":
         targets = config.target_modules
@@ -268,7 +355,6 @@ def describe(model: Any, notes: Iterable[str] = ()) -> str:
         projection = f", projection {config.encoder_hidden_size}" if config.prefix_projection else ""
         what = (f"P-tuning v2: {config.num_virtual_tokens} prefix tokens in each of {config.num_layers} layers"
                 f"{projection}")
-    extra = f" ({'; '.join(notes)})" if notes else ""
     return f"{what}{extra}; {trainable:,} trainable weights"
 
 
@@ -321,18 +407,35 @@ def save_checkpoint(model: Any, dest_dir: str | Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(str(staging))
-        if adapter_kind(model) == "PREFIX_TUNING":
-            encoder = _prefix_encoder(model)
-            raw = {f"{REFERENCE_PREFIX}{_to_reference_key(k)}": v.detach().cpu().contiguous()
-                   for k, v in encoder.state_dict().items()}
-            torch.save(raw, staging / PREFIX_WEIGHTS)
+        if native_prefix_encoder(model) is not None:
+            _save_native_prefix(model, staging)
+        else:
+            _save_peft(model, staging)
         _fsync_tree(staging)
         replace_dir(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def _save_native_prefix(model: Any, folder: Path) -> None:
+    """The prefix encoder alone, under the model's own names (never the base: it is gigabytes and unchanged)."""
+    encoder = native_prefix_encoder(model)
+    assert encoder is not None
+    raw = {f"{REFERENCE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    torch.save(raw, folder / PREFIX_WEIGHTS)
+    settings = {"peft_type": "PREFIX_TUNING", **native_prefix_settings(model)}
+    (folder / NATIVE_PREFIX_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_peft(model: Any, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+    if adapter_kind(model) == "PREFIX_TUNING":  # also in the reference's layout (see the module docstring)
+        encoder = _prefix_encoder(model)
+        raw = {f"{REFERENCE_PREFIX}{_to_reference_key(k)}": v.detach().cpu().contiguous()
+               for k, v in encoder.state_dict().items()}
+        torch.save(raw, folder / PREFIX_WEIGHTS)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -30,6 +30,7 @@ from fedtune.models import (
     apply_adapter,
     load_adapter_state,
     load_base_model,
+    native_prefix_overrides,
     save_checkpoint,
 )
 from fedtune.proto import fedtune_pb2 as pb
@@ -117,7 +118,8 @@ class Party:
     def _build_model(self) -> tuple[Any, Any]:
         transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
         model_path = resolve_path(self.spec.pretrained_model(self.me), self.ctx.base_dir)
-        model, tokenizer = load_base_model(str(model_path), device=self._device())
+        model, tokenizer = load_base_model(str(model_path), device=self._device(),
+                                           config_overrides=native_prefix_overrides(model_path, self.spec.peft))
         adapter = self.spec.input.adapter_model
         adapter_path = str(resolve_path(adapter.path, self.ctx.base_dir)) if adapter else None
         model, note = apply_adapter(model, self.spec.peft, adapter_path)
