@@ -39,7 +39,7 @@ def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, devic
     from peft import PeftModel
 
     if adapter_path is not None and (Path(adapter_path) / NATIVE_PREFIX_CONFIG).is_file():
-        return _load_native_prefix(Path(model_path), Path(adapter_path), device)
+        return _load_with_own_prefix(Path(model_path), Path(adapter_path), device)
     model, tokenizer = load_base_model(model_path, device=device)
     if adapter_path is not None:
         saved_adapter_kind(adapter_path)  # a clear error for a folder that holds no adapter
@@ -50,7 +50,7 @@ def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, devic
     return model.eval(), tokenizer
 
 
-def _load_native_prefix(model_path: Path, adapter_path: Path, device: str) -> tuple[Any, Any]:
+def _load_with_own_prefix(model_path: Path, adapter_path: Path, device: str) -> tuple[Any, Any]:
     """The reference's inference snippet: the config's `pre_seq_len`, then the saved prefix encoder."""
     config_file = adapter_path / NATIVE_PREFIX_CONFIG
     try:
