@@ -308,18 +308,17 @@ def _apply_native_prefix(model: nn.Module, encoder: nn.Module, adapter_path: str
         param.requires_grad = True
     notes = ["the model's own transformer.prefix_encoder"]
     if adapter_path is not None:
-        _load_native_prefix(model, encoder, Path(adapter_path))
+        _load_native_prefix(model, Path(adapter_path))
         notes.append(f"continuing from {adapter_path}")
     return model, describe(model, notes)
 
 
-def _load_native_prefix(model: nn.Module, encoder: nn.Module, adapter_dir: Path) -> None:
+def _load_native_prefix(model: nn.Module, adapter_dir: Path) -> None:
     raw = adapter_dir / PREFIX_WEIGHTS
     if not raw.is_file():
         raise ModelError(f"input.adapter_model.path: {adapter_dir}: no {PREFIX_WEIGHTS} with prefix encoder weights")
     saved = torch.load(raw, map_location="cpu", weights_only=True)
-    state = {f"transformer.prefix_encoder.{k[len(REFERENCE_PREFIX):]}": v
-             for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
+    state = {k: v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}  # the reference's keys are its own names
     try:
         load_adapter_state(model, state)
     except ModelError as err:
