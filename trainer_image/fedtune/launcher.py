@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import certs, files
-from fedtune.jobstate import JobState, JobStatus
+from fedtune.jobstate import JobState, JobStatus, PartyStatus
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, resolve_path
 
 LOOPBACK = "127.0.0.1"
@@ -274,30 +274,58 @@ class LocalJob:
 
 
 class Progress:
-    """A line per party whenever its state or round moves (or every few seconds); calm enough for CI logs."""
+    """Live progress per party (state, round, step, loss).
+
+    On a terminal, a table redrawn in place whenever it changes. Elsewhere (CI logs, files), a
+    line per party whenever its state or round moves, and all of them every few seconds.
+    """
 
     def __init__(self, stream: IO[str], every_s: float = 5.0) -> None:
         self.stream = stream
         self.every_s = every_s
+        self.live = bool(getattr(stream, "isatty", lambda: False)())
         self.last: dict[str, tuple[str, int]] = {}
         self.warned: set[str] = set()
         self.last_print = 0.0
+        self.table: list[str] = []  # what is on screen now (live mode)
+
+    @staticmethod
+    def row(name: str, party: PartyStatus, rounds: int) -> str:
+        loss = f" loss {party.loss:.4f}" if party.loss is not None else ""
+        steps = f" step {party.step}/{party.max_steps}" if party.max_steps else ""
+        return f"  {name:<16} {party.state:<11} round {party.round}/{rounds}{steps}{loss}"
 
     def show(self, status: JobStatus) -> None:
+        warnings = sorted(set(status.warnings) - self.warned)
+        self.warned.update(warnings)
+        if self.live:
+            self._redraw(status, warnings)
+        else:
+            self._log_lines(status, warnings)
+        self.stream.flush()
+
+    def _redraw(self, status: JobStatus, warnings: list[str]) -> None:
+        table = [self.row(name, p, status.rounds) for name, p in status.parties.items()]
+        if table == self.table and not warnings:
+            return
+        if self.table:  # back to the table's first line, and clear from there down
+            self.stream.write(f"\x1b[{len(self.table)}F\x1b[J")
+        for warning in warnings:  # above the table, where they stay
+            self.stream.write(f"WARNING: {warning}\n")
+        self.stream.write("".join(f"{line}\n" for line in table))
+        self.table = table
+
+    def _log_lines(self, status: JobStatus, warnings: list[str]) -> None:
         periodic = time.monotonic() - self.last_print >= self.every_s
         for name, p in status.parties.items():
             if self.last.get(name) == (p.state, p.round) and not periodic:
                 continue
             self.last[name] = (p.state, p.round)
-            loss = f" loss {p.loss:.4f}" if p.loss is not None else ""
-            steps = f" step {p.step}/{p.max_steps}" if p.max_steps else ""
-            print(f"  {name:<16} {p.state:<11} round {p.round}/{status.rounds}{steps}{loss}", file=self.stream)
+            print(self.row(name, p, status.rounds), file=self.stream)
         if periodic:
             self.last_print = time.monotonic()
-        for warning in set(status.warnings) - self.warned:
-            self.warned.add(warning)
+        for warning in warnings:
             print(f"WARNING: {warning}", file=self.stream)
-        self.stream.flush()
 
 
 def loss_trend(party: dict[str, Any]) -> str:
