@@ -9,34 +9,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import threading
 from dataclasses import asdict
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from fedtune.jobstate import JobState
+
 from .status import Progress
 
 log = logging.getLogger(__name__)
 
-try:  # the runtime's module; the operator imports nothing else of the runtime but the spec
-    from fedtune.jobstate import JobState
-except ImportError:  # pragma: no cover - only while the runtime lacks it
-    JobState = None  # type: ignore[assignment,misc]
-
 # A few threads at most: a read stuck in connect() occupies one until its socket times out.
-_POOL_SIZE = 4
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="fedtune-progress")
-        return _pool
+# (An executor starts its threads on first use, so making it at import costs nothing.)
+_POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="fedtune-progress")
 
 
 def _client(address: str, password: str, timeout_s: float) -> redis.Redis:
@@ -64,9 +51,7 @@ def _snapshot(address: str, password: str, job_id: str, timeout_s: float) -> Pro
 
 def read_progress(address: str, password: str, job_id: str, timeout_s: float = 1.0) -> Progress | None:
     """The job's progress, or None when Redis cannot answer within `timeout_s`."""
-    if JobState is None:
-        return None
-    future = _executor().submit(_snapshot, address, password, job_id, timeout_s)
+    future = _POOL.submit(_snapshot, address, password, job_id, timeout_s)
     try:
         return future.result(timeout=timeout_s * 2)
     except concurrent.futures.TimeoutError:

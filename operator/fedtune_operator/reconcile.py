@@ -63,17 +63,9 @@ def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _create_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Shared by all passes; creates are short, and the API server bounds them anyway."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="fedtune-create")
-        return _pool
+# Shared by all passes; creates are short, and the API server bounds them anyway. (An
+# executor starts its threads on first use, so making it at import costs nothing.)
+_POOL = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="fedtune-create")
 
 
 @dataclass
@@ -226,12 +218,11 @@ class Reconciler:
         """Create the missing static children; remember the job once all are its own."""
         with self._mutex:
             epoch = self._static_epoch.get(job.uid, 0)
-        pool = _create_pool()
         # Side by side: the listings, the Redis Secret, then the certificates in this thread
         # (which uses the pool itself; nothing waits on the pool from inside it).
         kinds = ("ConfigMap", "Service", "PersistentVolumeClaim", "NetworkPolicy")
-        listings = [pool.submit(self.kube.list, kind, job.namespace, resources.selector(job.name)) for kind in kinds]
-        password = pool.submit(self._password, job) if resources.hosts_federation(job.spec) else None
+        listings = [_POOL.submit(self.kube.list, kind, job.namespace, resources.selector(job.name)) for kind in kinds]
+        password = _POOL.submit(self._password, job) if resources.hosts_federation(job.spec) else None
         self._ensure_tls(job)
         if password is not None:
             password.result()
@@ -310,13 +301,13 @@ class Reconciler:
         """`fn` over `items` side by side (API reads: one round trip, not one per item)."""
         if len(items) <= 1:
             return [fn(i) for i in items]
-        return list(_create_pool().map(fn, items))
+        return list(_POOL.map(fn, items))
 
     def _create_all(self, manifests: list[dict[str, Any]]) -> list[bool]:
         """Create independent children side by side: a pass waits for one round trip, not ten."""
         if len(manifests) <= 1:
             return [self._create(m) for m in manifests]
-        return list(_create_pool().map(self._create, manifests))
+        return list(_POOL.map(self._create, manifests))
 
     def _create(self, manifest: dict[str, Any]) -> bool:
         """Create a child; False when its name is taken (by an earlier pass, or an old object)."""
