@@ -26,7 +26,6 @@ from ..cluster import devcluster
 from .agent import DEFAULT_ENTRYPOINTS, Agent, AgentConfig
 from .network import Network
 
-REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "nsenter", "unshare", "mount")
 
 

@@ -24,21 +24,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from . import hosts, podspec
 from .apirelay import ApiRelay
 from .containers import Container
-from .kubeapi import ApiError, Informer, Kube, Obj, core_path, now_rfc3339, pod_path
+from .kubeapi import ApiError, Informer, Kube, Obj, core_path, now_rfc3339
 from .logserver import LogServer
 from .network import Network, NetworkError
-from .podspec import ConfigError
+from .podspec import FINAL, ConfigError
 from .volumes import VolumePreparer, claim_dir, container_mounts
 
 log = logging.getLogger("nodeagent")
 
-FINAL = ("Succeeded", "Failed")
 DEFAULT_GRACE_S = 30
 HEARTBEAT_S = 10.0
 LEASE_S = 40
@@ -94,7 +94,6 @@ class PodRun:
     ip: str | None = None
     start_time: str | None = None
     phase: str = "Pending"
-    volume_paths: dict[str, Path] | None = None
     terminating: bool = False  # a stop thread runs
     stopped: bool = False  # its processes are gone
     gone: bool = False  # the API object is gone
@@ -155,9 +154,11 @@ class Agent:
         self.logs = LogServer(str(self.network.gateway), self.data_dir / "pki", self._log_of).start()
         self.register_node()
         self.relay = self._api_relay()
-        for path in self._watched("pods") + self._watched("services") + self._watched("persistentvolumeclaims"):
-            handler = {"pods": self._on_pod, "services": self._on_service}.get(path.rsplit("/", 1)[-1], self._on_claim)
-            self._informers.append(Informer(self.kube, path, handler, self.stop_event).start())
+        handlers = {"pods": partial(self._remember, self._pods), "services": partial(self._remember, self._services),
+                    "persistentvolumeclaims": self._on_claim}
+        for plural, handler in handlers.items():
+            for path in self._watched(plural):
+                self._informers.append(Informer(self.kube, path, handler, self.stop_event).start())
         for informer in self._informers:
             informer.synced.wait(30)
         log.info("node %s ready: pods on %s, data in %s", self.config.node_name, self.network.cidr, self.data_dir)
@@ -219,20 +220,13 @@ class Agent:
 
     # --- informer callbacks (other threads) -------------------------------------------------
 
-    def _on_pod(self, kind: str, pod: Obj) -> None:
+    def _remember(self, table: dict[str, Obj], kind: str, obj: Obj) -> None:
+        """The latest of every pod or Service, by uid (`table` is `_pods` or `_services`)."""
         with self._lock:
             if kind == "DELETED":
-                self._pods.pop(pod["metadata"]["uid"], None)
+                table.pop(obj["metadata"]["uid"], None)
             else:
-                self._pods[pod["metadata"]["uid"]] = pod
-        self.wake()
-
-    def _on_service(self, kind: str, service: Obj) -> None:
-        with self._lock:
-            if kind == "DELETED":
-                self._services.pop(service["metadata"]["uid"], None)
-            else:
-                self._services[service["metadata"]["uid"]] = service
+                table[obj["metadata"]["uid"]] = obj
         self.wake()
 
     def _on_claim(self, kind: str, claim: Obj) -> None:
@@ -320,7 +314,7 @@ class Agent:
     def heartbeat(self) -> None:
         """Node status and the node Lease: what the node lifecycle controller watches."""
         name = self.config.node_name
-        self.kube.merge_patch(core_path("nodes", None, name) + "/status", {"status": self.node_status()})
+        self.kube.merge_patch(core_path("nodes", None, name, "status"), {"status": self.node_status()})
         lease_path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"
         renew = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         spec = {"holderIdentity": name, "leaseDurationSeconds": LEASE_S, "renewTime": renew}
@@ -380,7 +374,7 @@ class Agent:
             "target": {"apiVersion": "v1", "kind": "Node", "name": self.config.node_name},
         }
         try:
-            self.kube.request("POST", pod_path(meta["namespace"], meta["name"], "binding"), body=binding)
+            self.kube.request("POST", core_path("pods", meta["namespace"], meta["name"], "binding"), body=binding)
             self._binding.add(key)
             log.info("bound pod %s/%s", meta["namespace"], meta["name"])
         except ApiError as err:
@@ -557,10 +551,10 @@ class Agent:
         """What podinit needs: resolved env and argv, and every bind mount."""
         pod = self._pod_with_status(run)
         # File volumes are rewritten at every start: a restarted container sees current data.
-        run.volume_paths = self.volumes.prepare(pod, run.folder)
+        volume_paths = self.volumes.prepare(pod, run.folder)
         env = podspec.container_env(pod, container.spec, self._lookup, self._base_env(run), self.capacity())
         argv = podspec.container_argv(container.spec, env, self.config.entrypoints)
-        mounts = container_mounts(container.spec, run.volume_paths, env)
+        mounts = container_mounts(container.spec, volume_paths, env)
         message_path = container.spec.get("terminationMessagePath") or "/dev/termination-log"
         container.folder.mkdir(parents=True, exist_ok=True)
         container.termination_log.touch()
@@ -672,7 +666,7 @@ class Agent:
     def _patch_status(self, pod: Obj, status: Obj) -> bool:
         meta = pod["metadata"]
         try:
-            self.kube.merge_patch(pod_path(meta["namespace"], meta["name"], "status"), {"status": status})
+            self.kube.merge_patch(core_path("pods", meta["namespace"], meta["name"], "status"), {"status": status})
             return True
         except ApiError as err:
             if err.status != 404:
@@ -722,7 +716,7 @@ class Agent:
             body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0}
             body["preconditions"] = {"uid": run.uid}
             try:
-                self.kube.delete(pod_path(meta["namespace"], meta["name"]), body)
+                self.kube.delete(core_path("pods", meta["namespace"], meta["name"]), body)
             except ApiError as err:
                 if err.status != 409:  # 409: a newer pod of that name; ours is gone already
                     log.warning("cannot delete %s/%s: %s", meta["namespace"], meta["name"], err)
@@ -804,7 +798,7 @@ class Agent:
                 },
             },
         }
-        result = self.kube.request("POST", core_path("serviceaccounts", namespace, account) + "/token", body=request)
+        result = self.kube.request("POST", core_path("serviceaccounts", namespace, account, "token"), body=request)
         return result["status"]["token"]
 
     # --- claims: a tiny static provisioner --------------------------------------------------------

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from .kubeapi import now_rfc3339
+from .podinit import START_ERROR_EXIT
 
 PODINIT = Path(__file__).resolve().parent / "podinit.py"
 PR_SET_PDEATHSIG = 1
-START_ERROR_EXIT = 128
 # What a kubelet keeps of a log as termination message (FallbackToLogsOnError).
 MESSAGE_LINES = 80
 MESSAGE_BYTES = 2048
@@ -64,7 +64,6 @@ class Container:
     last_state: dict[str, Any] | None = None
     next_start: float = 0.0  # monotonic time before which a restart waits (back-off)
     process: subprocess.Popen[bytes] | None = None
-    stopping: bool = False
     gpu_ids: list[int] = field(default_factory=list)
 
     # --- files ---------------------------------------------------------------------------------
@@ -151,7 +150,6 @@ class Container:
         """SIGTERM the container's process group; SIGKILL it after `grace_s` seconds."""
         if self.process is None:
             return
-        self.stopping = True
         self.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while self.process.poll() is None and time.monotonic() < deadline:

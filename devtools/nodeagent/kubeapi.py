@@ -261,18 +261,11 @@ class Informer:
                 self.stop.wait(1.0)
 
 
-def pod_path(namespace: str, name: str = "", sub: str = "") -> str:
-    path = f"/api/v1/namespaces/{quote(namespace)}/pods"
-    if name:
-        path += f"/{quote(name)}"
-    if sub:
-        path += f"/{sub}"
-    return path
-
-
-def core_path(kind_plural: str, namespace: str | None, name: str = "") -> str:
+def core_path(kind_plural: str, namespace: str | None, name: str = "", sub: str = "") -> str:
+    """A core/v1 object's path (`sub`: a subresource such as status, binding or token)."""
     base = f"/api/v1/namespaces/{quote(namespace)}/{kind_plural}" if namespace else f"/api/v1/{kind_plural}"
-    return f"{base}/{quote(name)}" if name else base
+    path = f"{base}/{quote(name)}" if name else base
+    return f"{path}/{sub}" if sub else path
 
 
 def now_rfc3339() -> str:

@@ -174,6 +174,3 @@ class Network:
             self._free.append(address)
             self._free.sort()
 
-    def add_local_address(self, address: str) -> None:
-        """Give the host one more address on the bridge (the `kubernetes` Service's IP)."""
-        ip("addr", "add", f"{address}/32", "dev", self.bridge)

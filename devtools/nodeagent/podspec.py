@@ -61,19 +61,9 @@ def field_value(pod: Obj, path: str) -> str:
 
 
 def _key_of(lookup: Lookup, kind: str, namespace: str, ref: Obj) -> str | None:
-    obj = lookup(kind, namespace, ref["name"])
-    optional = bool(ref.get("optional"))
-    if obj is None:
-        if optional:
-            return None
-        raise ConfigError(f'{kind.lower()} "{ref["name"]}" not found')
-    if kind == "Secret":
-        data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-        data.update(obj.get("stringData") or {})
-    else:
-        data = dict(obj.get("data") or {})
+    data = _whole(lookup, kind, namespace, ref)
     if ref["key"] not in data:
-        if optional:
+        if ref.get("optional"):
             return None
         raise ConfigError(f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}")
     return data[ref["key"]]
@@ -86,7 +76,8 @@ def _whole(lookup: Lookup, kind: str, namespace: str, ref: Obj) -> dict[str, str
             return {}
         raise ConfigError(f'{kind.lower()} "{ref["name"]}" not found')
     if kind == "Secret":
-        return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        return {**data, **(obj.get("stringData") or {})}
     return dict(obj.get("data") or {})
 
 
@@ -193,8 +184,11 @@ def gpu_request(pod: Obj) -> int:
     return total
 
 
+FINAL = ("Succeeded", "Failed")  # pod phases that never change again
+
+
 def is_terminal(pod: Obj) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    return (pod.get("status") or {}).get("phase") in FINAL
 
 
 def pod_phase(states: list[tuple[str, int | None]]) -> str:

@@ -83,7 +83,7 @@ class VolumePreparer:
         self.lookup = lookup
         self.token = token
 
-    def _object_files(self, kind: str, namespace: str, source: Obj) -> dict[str, bytes] | None:
+    def _object_files(self, kind: str, namespace: str, source: Obj) -> dict[str, bytes]:
         name = source.get("name") or source.get("secretName") or ""
         obj = self.lookup(kind, namespace, name)
         if obj is None:
@@ -116,9 +116,9 @@ class VolumePreparer:
                 token = self.token(namespace, account, sat.get("audience") or "", seconds, pod)
                 out[sat["path"]] = token.encode()
             elif "configMap" in part:
-                out.update(self._object_files("ConfigMap", namespace, part["configMap"]) or {})
+                out.update(self._object_files("ConfigMap", namespace, part["configMap"]))
             elif "secret" in part:
-                out.update(self._object_files("Secret", namespace, part["secret"]) or {})
+                out.update(self._object_files("Secret", namespace, part["secret"]))
             elif "downwardAPI" in part:
                 out.update(self._downward_files(pod, part["downwardAPI"]))
         return out
@@ -130,7 +130,6 @@ class VolumePreparer:
         for volume in pod["spec"].get("volumes") or []:
             name = volume["name"]
             folder = pod_dir / "volumes" / name
-            files: dict[str, bytes] | None = None
             mode = 0o644
             if "persistentVolumeClaim" in volume:
                 path = claim_dir(self.data_dir, namespace, volume["persistentVolumeClaim"]["claimName"])
@@ -162,7 +161,7 @@ class VolumePreparer:
             else:
                 kinds = sorted(k for k in volume if k != "name")
                 raise ConfigError(f"volume {name}: unsupported volume type {kinds}")
-            _write_files(folder, files or {}, mode)
+            _write_files(folder, files, mode)
             paths[name] = folder
         return paths
 
