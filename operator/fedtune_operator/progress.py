@@ -11,11 +11,7 @@ import concurrent.futures
 import logging
 from dataclasses import asdict
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from fedtune.jobstate import JobState
+from fedtune.jobstate import JobState, redis_client
 
 from .status import Progress
 
@@ -26,21 +22,9 @@ log = logging.getLogger(__name__)
 _POOL = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="fedtune-progress")
 
 
-def _client(address: str, password: str, timeout_s: float) -> redis.Redis:
-    # No retries: the next reconcile pass is the retry, and a pass must not wait on this one.
-    host, _, port = address.rpartition(":")
-    return redis.Redis(
-        host=host.strip("[]"),
-        port=int(port),
-        password=password,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
 def _snapshot(address: str, password: str, job_id: str, timeout_s: float) -> Progress:
-    client = _client(address, password, timeout_s)
+    # No retries: the next reconcile pass is the retry, and a pass must not wait on this one.
+    client = redis_client(address, password, timeout_s=timeout_s, retries=False)
     try:
         snap = JobState(client, job_id).snapshot()
     finally:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 PHASES = ("Pending", "Running", "Succeeded", "Failed")
 
@@ -52,14 +54,17 @@ class JobStatus:
         return cls(**data)
 
 
-def redis_client(address: str, password: str | None, *, timeout_s: float = 10.0) -> redis.Redis:
+def redis_client(address: str, password: str | None, *, timeout_s: float = 10.0, retries: bool = True) -> redis.Redis:
+    """A client for `host:port` (`[v6]:port` too). Without `retries`, a failed call fails at once."""
     host, _, port = address.rpartition(":")
+    options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)} if not retries else {}
     return redis.Redis(
-        host=host or "127.0.0.1",
+        host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         password=password or None,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        **options,
     )
 
 
