@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,8 +235,7 @@ def _saved_prefix_state(peft_model: Any, adapter_dir: Path) -> dict[str, torch.T
     """The raw encoder weights if saved, else peft's flattened prefix (which has no projection MLP)."""
     raw = adapter_dir / PREFIX_WEIGHTS
     if raw.is_file():
-        saved = torch.load(raw, map_location="cpu", weights_only=True)
-        return {_from_reference_key(k): v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
+        return {_from_reference_key(k): v for k, v in _read_reference_prefix(raw).items()}
     from safetensors.torch import load_file
 
     flat = load_file(adapter_dir / "adapter_model.safetensors").get("prompt_embeddings")
@@ -317,10 +316,8 @@ def _load_native_prefix(model: nn.Module, adapter_dir: Path) -> None:
     raw = adapter_dir / PREFIX_WEIGHTS
     if not raw.is_file():
         raise ModelError(f"input.adapter_model.path: {adapter_dir}: no {PREFIX_WEIGHTS} with prefix encoder weights")
-    saved = torch.load(raw, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}  # the reference's keys are its own names
     try:
-        load_adapter_state(model, state)
+        load_adapter_state(model, _read_reference_prefix(raw))  # the reference's keys are the model's own names
     except ModelError as err:
         raise ModelError(f"{raw}: {err} (check peft.PREFIX_TUNING.pre_seq_len and prefix_projection)") from None
 
@@ -422,8 +419,7 @@ def _save_native_prefix(model: Any, folder: Path) -> None:
     """The prefix encoder alone, under the model's own names (never the base: it is gigabytes and unchanged)."""
     encoder = native_prefix_encoder(model)
     assert encoder is not None
-    raw = {f"{REFERENCE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    torch.save(raw, folder / PREFIX_WEIGHTS)
+    _write_reference_prefix(encoder, folder / PREFIX_WEIGHTS)
     settings = {"peft_type": "PREFIX_TUNING", **native_prefix_settings(model)}
     (folder / NATIVE_PREFIX_CONFIG).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
@@ -431,10 +427,18 @@ def _save_native_prefix(model: Any, folder: Path) -> None:
 def _save_peft(model: Any, folder: Path) -> None:
     model.save_pretrained(str(folder))
     if adapter_kind(model) == "PREFIX_TUNING":  # also in the reference's layout (see the module docstring)
-        encoder = _prefix_encoder(model)
-        raw = {f"{REFERENCE_PREFIX}{_to_reference_key(k)}": v.detach().cpu().contiguous()
-               for k, v in encoder.state_dict().items()}
-        torch.save(raw, folder / PREFIX_WEIGHTS)
+        _write_reference_prefix(_prefix_encoder(model), folder / PREFIX_WEIGHTS, rename=_to_reference_key)
+
+
+def _write_reference_prefix(encoder: nn.Module, path: Path, rename: Callable[[str], str] = str) -> None:
+    """The prefix encoder's weights under `transformer.prefix_encoder.*`: the file the reference's snippet loads."""
+    raw = {f"{REFERENCE_PREFIX}{rename(k)}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    torch.save(raw, path)
+
+
+def _read_reference_prefix(path: Path) -> dict[str, torch.Tensor]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
 
 
 def _fsync_tree(folder: Path) -> None:
