@@ -1,9 +1,10 @@
-"""Writing files so that a crash never leaves one half-written: temporary name, then rename."""
+"""Writing files and folders so that a crash never leaves one half-written: temporary name, then rename."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,26 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def fsync_files(folder: Path) -> None:
+    """Flush the files to disk before the rename publishes them (a crash must not expose empty files)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Rename `new` to `dest`; an existing `dest` is moved aside first and deleted only afterwards."""
+    os.chmod(new, 0o755)  # mkdtemp creates 0700
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, aside / dest.name)
+    os.rename(new, dest)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def dumps_schema(schema: list[tuple[str, tuple[int, ...]]]) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fedtune.files import fsync_files, replace_dir
 from fedtune.spec import Lora, Peft, PrefixTuning
 
 AdapterKind = Literal["LORA", "PREFIX_TUNING"]
@@ -407,7 +407,7 @@ def save_checkpoint(model: Any, dest_dir: str | Path) -> Path:
             _save_native_prefix(model, staging)
         else:
             _save_peft(model, staging)
-        _fsync_tree(staging)
+        fsync_files(staging)
         replace_dir(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -439,23 +439,3 @@ def _write_reference_prefix(encoder: nn.Module, path: Path, rename: Callable[[st
 def _read_reference_prefix(path: Path) -> dict[str, torch.Tensor]:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v for k, v in saved.items() if k.startswith(REFERENCE_PREFIX)}
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files to disk before the rename publishes them (a crash must not expose empty files)."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Rename `new` to `dest`; an existing `dest` is moved aside first and deleted only afterwards."""
-    os.chmod(new, 0o755)  # mkdtemp creates 0700
-    if not dest.exists():
-        os.rename(new, dest)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-    os.rename(dest, aside / dest.name)
-    os.rename(new, dest)
-    shutil.rmtree(aside, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from fedtune.data import FeatureDataset, collator_for
-from fedtune.models import adapter_state, load_adapter_state, replace_dir
+from fedtune.files import fsync_files, replace_dir
+from fedtune.models import adapter_state, load_adapter_state
 from fedtune.spec import MANAGED_TRAINER_KEYS
 
 CHECKPOINT_PREFIX = "checkpoint-"  # Trainer's own folder naming, kept so its resume logic applies
@@ -155,7 +155,7 @@ class _FederatedTrainer(Trainer):
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
         super()._save_checkpoint(model, trial)
         written = staging / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        _fsync_files(written)
+        fsync_files(written)
         final = self.state_dir / written.name
         replace_dir(written, final)
         for old in self.state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
@@ -173,13 +173,6 @@ class _FederatedTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         state = load_file(str(Path(resume_from_checkpoint) / ADAPTER_STATE_FILE))
         load_adapter_state(model if model is not None else self.model, state)
-
-
-def _fsync_files(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
 
 
 # --- the rounds ---------------------------------------------------------------------------
