@@ -44,13 +44,9 @@ OnLog = Callable[[int, float], None]
 class TrainResult:
     max_steps: int
     start_step: int  # global step this call began at: > 0 when it resumed a saved state
-    global_step: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # global step -> training loss
     rounds: list[int] = field(default_factory=list)  # round indices on_round was called for in this call
-    train_seconds: float = 0.0  # wall time of the whole Trainer.train()
     step_seconds: list[float] = field(default_factory=list)  # each optimizer step: forward, backward, update
-    round_seconds: list[float] = field(default_factory=list)  # time spent inside on_round
-    save_seconds: list[float] = field(default_factory=list)  # writing the resumable state
 
     @property
     def mean_step_seconds(self) -> float:
@@ -141,16 +137,14 @@ def _check_state(state: Path, max_steps: int) -> None:
 class _FederatedTrainer(Trainer):
     """Trainer whose checkpoints hold only the adapter and appear atomically, one at a time."""
 
-    def __init__(self, *args: Any, state_dir: Path, result: TrainResult, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, state_dir: Path, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.state_dir = state_dir
-        self.result = result
 
     def _get_output_dir(self, trial: Any) -> str:
         return str(self.state_dir / STAGING)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        started = time.perf_counter()
         staging = self.state_dir / STAGING
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
         super()._save_checkpoint(model, trial)
@@ -162,7 +156,6 @@ class _FederatedTrainer(Trainer):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
-        self.result.save_seconds.append(time.perf_counter() - started)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Only the adapter: the base model is read-only input and the tokenizer never changes.
@@ -197,9 +190,7 @@ class _RoundCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.result.step_seconds.append(time.perf_counter() - self.step_started)
         while self.next_round < len(self.agg_steps) and self.agg_steps[self.next_round] <= state.global_step:
-            started = time.perf_counter()
             self.on_round(self.next_round, state.global_step)
-            self.result.round_seconds.append(time.perf_counter() - started)
             self.result.rounds.append(self.next_round)
             self.next_round += 1
             control.should_save = True  # Trainer saves right after this callback returns
@@ -246,14 +237,10 @@ def train(
         data_collator=collator_for(tokenizer),
         callbacks=[_RoundCallback(agg_steps, on_round, on_log, result)],
         state_dir=state_dir,
-        result=result,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through on_log, not stdout
-    started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
-        result.train_seconds = time.perf_counter() - started
-        result.global_step = trainer.state.global_step
         shutil.rmtree(state_dir / STAGING, ignore_errors=True)
     return result
