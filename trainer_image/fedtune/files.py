@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,21 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write `dest`'s files into; on success they are flushed and it
+    replaces `dest` whole (`replace_dir`), on failure it is removed and `dest` is left as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield staging
+        fsync_files(staging)
+        replace_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def fsync_files(folder: Path) -> None:

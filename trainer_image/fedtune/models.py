@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedtune.files import fsync_files, replace_dir
+from fedtune.files import staged_dir
 from fedtune.spec import Lora, Peft, PrefixTuning
 
 AdapterKind = Literal["LORA", "PREFIX_TUNING"]
@@ -400,18 +398,11 @@ def save_checkpoint(model: Any, dest_dir: str | Path) -> Path:
     name and deleted only afterwards, so at no point is a half-written checkpoint in its place.
     """
     dest = Path(dest_dir).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with staged_dir(dest) as staging:
         if native_prefix_encoder(model) is not None:
             _save_native_prefix(model, staging)
         else:
             _save_peft(model, staging)
-        fsync_files(staging)
-        replace_dir(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return dest
 
 

@@ -14,9 +14,7 @@ since the frozen random layers dominate it. It takes a few seconds for the defau
 from __future__ import annotations
 
 import json
-import shutil
 import string
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +23,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from fedtune.files import replace_dir
+from fedtune.files import staged_dir
 from fedtune.spec import Dataset
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -153,15 +151,9 @@ def build_tiny_model(
         model = model_cls(config)
         if pretrain_steps > 0:
             pretrain(model, tokenizer, corpus_texts(data_paths), steps=pretrain_steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
