@@ -34,11 +34,10 @@ from typing import Any
 
 import yaml
 
-from fedtune.spec import FederatedFineTune, JobSpec
+from fedtune.spec import KIND, FederatedFineTune, JobSpec
 
 GROUP = "fedtune.io"
 VERSION = "v1alpha1"
-KIND = "FederatedFineTune"
 PLURAL = "federatedfinetunes"
 SINGULAR = "federatedfinetune"
 SHORT_NAMES = ["fft"]

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 API_VERSION = "fedtune.io/v1alpha1"
 KIND = "FederatedFineTune"
-ROLES = ("assist_trainer", "label_trainer")
 
 # Trainer keys each party may set for itself; every other key comes from the assist_trainer.
 LOCAL_TRAINER_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "torch_compile", "no_cuda")

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedtune.spec import LOCAL_TRAINER_KEYS, SpecError, dump_job, parse_job
+from fedtune.spec import API_VERSION, KIND, LOCAL_TRAINER_KEYS, SpecError, dump_job, parse_job
 
 _SECTIONS = ("aggregation", "encryption", "peft", "trainer", "dataset")
 
@@ -54,27 +54,27 @@ def _nodes(fed_conf: dict[str, Any], config_dir: Path) -> dict[str, Path]:
 
 def import_xfl(config_dir: Path, *, name: str | None = None) -> str:
     fed_conf = _read_json(config_dir / "fed_conf.json")
-    configs = {node: _node_config(path) for node, path in _nodes(fed_conf, config_dir).items()}
+    paths = _nodes(fed_conf, config_dir)
+    configs = {node: _node_config(path) for node, path in paths.items()}
     assist = [n for n, c in configs.items() if c["identity"] == "assist_trainer"]
     if len(assist) != 1:
         raise SpecError(f"{config_dir}: expected one trainer_config with identity assist_trainer, found {len(assist)}")
     assist_config = configs[assist[0]]
-    params = _params(assist_config, config_dir / f"trainer_config_{assist[0]}.json")
+    params = _params(assist_config, paths[assist[0]])
     spec: dict[str, Any] = {key: params[key] for key in _SECTIONS if key in params}
     spec["input"] = {k: v for k, v in assist_config.get("input", {}).items() if k != "trainset"}
     if "output" in assist_config:
         spec["output"] = assist_config["output"]
-    spec["parties"] = [_party(node, config, config_dir) for node, config in configs.items()]
+    spec["parties"] = [_party(node, config, paths[node]) for node, config in configs.items()]
     spec["tls"] = {"enabled": bool(fed_conf.get("grpc", {}).get("use_tls", False))}
     job_name = (name or config_dir.resolve().name).lower().replace("_", "-")
-    document = {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedFineTune",
+    document = {"apiVersion": API_VERSION, "kind": KIND,
                 "metadata": {"name": job_name}, "spec": spec}
     header = f"# Imported from the XFL config folder {config_dir.name} by `fedtune import-xfl`.\n"
     return header + dump_job(parse_job(document, str(config_dir)))
 
 
-def _party(node: str, config: dict[str, Any], config_dir: Path) -> dict[str, Any]:
-    path = config_dir / f"trainer_config_{node}.json"
+def _party(node: str, config: dict[str, Any], path: Path) -> dict[str, Any]:
     party: dict[str, Any] = {"name": node, "role": config["identity"]}
     trainset = config.get("input", {}).get("trainset")
     if trainset:
