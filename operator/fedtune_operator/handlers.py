@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import kopf
 import kubernetes
 
-from . import crdgen, resources
+from . import crdgen, resources, status
 from .kube import ApiError
 from .reconcile import Reconciler, Retry
 
@@ -64,7 +64,7 @@ def _reconciler() -> Reconciler:
 
 def _track(namespace: str, name: str, phase: str | None) -> None:
     with _State.lock:
-        if phase in (None, "Succeeded", "Failed"):
+        if phase is None or phase in status.FINAL:
             _State.jobs.discard((namespace, name))
         else:
             _State.jobs.add((namespace, name))

@@ -181,8 +181,7 @@ class Reconciler:
             tls=status.Tls(tls.enabled(job), f"Secret {tls.ca_secret_name(job)}"),
         )
         plan.status["observedGeneration"] = body["metadata"].get("generation")
-        if plan.status != prev:
-            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, namespace, name, plan.status)
+        self._write_status(body, prev, plan.status)
         for pod_name in plan.delete:
             self.kube.delete("Pod", namespace, pod_name)
             log.info("deleted pod %s/%s", namespace, pod_name)
@@ -197,20 +196,24 @@ class Reconciler:
     def _tls_unavailable(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
         """The job's CA Secret is missing or unusable: say so and wait (the resync looks again)."""
         new, events = status.tls_unavailable_status(prev, message, now_iso())
-        if new != prev:
-            meta = body["metadata"]
-            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
+        self._write_status(body, prev, new)
         for type_, reason, text in events:
             self.event(body, type_, reason, text)
         return new["phase"]
 
     def _invalid(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
         new = status.invalid_status(prev, message, now_iso())
-        if new != prev:
-            meta = body["metadata"]
-            self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
+        if self._write_status(body, prev, new):
             self.event(body, "Warning", "SpecInvalid", message)
         return status.FAILED
+
+    def _write_status(self, body: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
+        """Patch the resource's status when it changed; True when it did."""
+        if new == prev:
+            return False
+        meta = body["metadata"]
+        self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
+        return True
 
     # --- children ---------------------------------------------------------------------------------
 
@@ -305,9 +308,7 @@ class Reconciler:
 
     def _create_all(self, manifests: list[dict[str, Any]]) -> list[bool]:
         """Create independent children side by side: a pass waits for one round trip, not ten."""
-        if len(manifests) <= 1:
-            return [self._create(m) for m in manifests]
-        return list(_POOL.map(self._create, manifests))
+        return self._map(self._create, manifests)
 
     def _create(self, manifest: dict[str, Any]) -> bool:
         """Create a child; False when its name is taken (by an earlier pass, or an old object)."""

@@ -46,6 +46,7 @@ LABEL_COMPONENT = "fedtune.io/component"
 LABEL_PARTY = "fedtune.io/party"
 
 SCHEDULER = "scheduler"
+REDIS_ROLES = (SCHEDULER, "assist_trainer")  # the roles that keep state in Redis and read its password
 PORTS = {"scheduler": 55005, "assist_trainer": 55004, "label_trainer": 55006}
 REDIS_PORT = 6379
 # The CLI subcommand of each role (`fedtune <subcommand>`).
@@ -268,10 +269,9 @@ def job_document(job: Job) -> dict[str, Any]:
         spec.setdefault("redis", {})["address"] = f"{child_name(job.name, 'redis')}:{REDIS_PORT}"
     # Otherwise spec.scheduler.address is the hosting organisation's, as the user gave it.
     for raw, party in zip(spec["parties"], job.spec.parties):
-        if party.role == "assist_trainer" and party.remote is None:
-            raw["address"] = f"{party_object_name(job.name, party)}:{PORTS['assist_trainer']}"
-        elif party.role == "assist_trainer" and party.remote is not None:
-            raw["address"] = party.remote.address
+        if party.role == "assist_trainer":
+            local = f"{party_object_name(job.name, party)}:{PORTS['assist_trainer']}"
+            raw["address"] = party.remote.address if party.remote is not None else local
     return {
         "apiVersion": crdgen.GROUP + "/" + crdgen.VERSION,
         "kind": crdgen.KIND,
@@ -465,7 +465,7 @@ def _role_command(job: Job, role: str, party: str | None) -> list[str]:
 def uses_redis(role: str) -> bool:
     """The scheduler keeps the job state and the assist_trainer aggregates through Redis;
     label_trainers only speak gRPC, so they get neither its password nor its port."""
-    return role in (SCHEDULER, "assist_trainer")
+    return role in REDIS_ROLES
 
 
 def _role_env(job: Job, workload: Workload) -> list[dict[str, Any]]:
@@ -599,7 +599,7 @@ def network_policy(job: Job, operator: OperatorPeer | None = None) -> dict[str, 
     redis_clients = {
         "matchLabels": {LABEL_PART_OF: PART_OF, LABEL_JOB: job.name},
         "matchExpressions": [
-            {"key": LABEL_COMPONENT, "operator": "In", "values": [component_of(SCHEDULER), "assist-trainer"]}
+            {"key": LABEL_COMPONENT, "operator": "In", "values": [component_of(role) for role in REDIS_ROLES]}
         ],
     }
     redis_from: list[dict[str, Any]] = [{"podSelector": redis_clients}]
@@ -632,7 +632,7 @@ def network_policy(job: Job, operator: OperatorPeer | None = None) -> dict[str, 
 
 def ca_secret(job: Job, ca: certs.Issued) -> dict[str, Any]:
     """The generated CA (`tls.generates_ca`); its key stays in this Secret, mounted nowhere."""
-    return tls.ca_secret(job, ca, _metadata(job, tls.ca_secret_name(job), "tls"))
+    return tls.ca_secret(ca, _metadata(job, tls.ca_secret_name(job), "tls"))
 
 
 def tls_secret(job: Job, workload: Workload, material: tls.Material) -> dict[str, Any]:

@@ -102,12 +102,16 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     )
 
 
+def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
 def set_condition(
     conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: str
 ) -> list[dict[str, Any]]:
     """Upsert a condition; lastTransitionTime moves only when `status` flips."""
     out = [c for c in conditions if c.get("type") != type_]
-    old = next((c for c in conditions if c.get("type") == type_), None)
+    old = find_condition(conditions, type_)
     since = old["lastTransitionTime"] if old and old.get("status") == status else now
     out.append({"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since})
     return out
@@ -118,7 +122,7 @@ def tls_condition(conditions: list[dict[str, Any]], tls: Tls, now: str) -> tuple
     if tls.enabled:
         message = f"mutual TLS: every role has its own certificate from {tls.ca or 'the federation CA'}"
         return set_condition(conditions, "TLS", "True", "MutualTLS", message, now), []
-    old = next((c for c in conditions if c.get("type") == "TLS"), None)
+    old = find_condition(conditions, "TLS")
     events = [] if old and old.get("reason") == "TLSDisabled" else [("Warning", "TLSDisabled", TLS_DISABLED_MESSAGE)]
     return set_condition(conditions, "TLS", "False", "TLSDisabled", TLS_DISABLED_MESSAGE, now), events
 
@@ -127,7 +131,7 @@ def tls_unavailable_status(prev: dict[str, Any], message: str, now: str) -> tupl
     """The CA the job names cannot be used (yet): the job waits, saying why, and nothing starts."""
     status = copy.deepcopy(prev)
     status.setdefault("phase", PENDING)
-    old = next((c for c in status.get("conditions", []) if c.get("type") == "TLS"), None)
+    old = find_condition(status.get("conditions", []), "TLS")
     status["conditions"] = set_condition(status.get("conditions", []), "TLS", "False", "CAUnavailable", message, now)
     status["message"] = message
     same = old is not None and old.get("reason") == "CAUnavailable" and old.get("message") == message

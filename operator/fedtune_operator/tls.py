@@ -115,7 +115,7 @@ def _secret(metadata: dict[str, Any], type_: str, data: dict[str, bytes]) -> dic
     return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": type_, "data": encoded}
 
 
-def ca_secret(job: Job, ca: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
+def ca_secret(ca: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
     return _secret(metadata, "Opaque", {certs.CA_FILE: ca.cert_pem, CA_KEY_FILE: ca.key_pem})
 
 
@@ -142,7 +142,3 @@ def read_ca(secret: dict[str, Any] | None, where: str) -> certs.Issued:
         reason = str(err) or "ca.key is not the key of ca.crt"
         raise TlsUnavailable(f"{where}: ca.crt and ca.key do not form a usable CA ({reason})") from None
     return ca
-
-
-def secret_ca_pem(secret: dict[str, Any]) -> bytes:
-    return base64.b64decode((secret.get("data") or {}).get(certs.CA_FILE, ""))
