@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 from kubernetes import client
 
+from . import crdgen
+
 # Kinds the operator touches: kind -> URL segment.
 PLURALS = {
     "Pod": "pods",
@@ -23,9 +25,10 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Event": "events",
     "NetworkPolicy": "networkpolicies",
+    crdgen.KIND: crdgen.PLURAL,
 }
 # The API group and version of kinds outside the core group.
-GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1"}
+GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", crdgen.KIND: f"{crdgen.GROUP}/{crdgen.VERSION}"}
 
 
 class ApiError(Exception):
@@ -77,7 +80,7 @@ class Kube:
             raise ApiError(response.status, response.reason or "", data.decode("utf-8", "replace"))
         return json.loads(data) if data else {}
 
-    # --- core objects -----------------------------------------------------------------------
+    # --- objects ------------------------------------------------------------------------------
 
     @staticmethod
     def path(kind: str, namespace: str, name: str | None = None) -> str:
@@ -107,22 +110,9 @@ class Kube:
             if err.status != 404:
                 raise
 
-    # --- the custom resource ------------------------------------------------------------------
-
-    @staticmethod
-    def custom_path(group: str, version: str, plural: str, namespace: str, name: str) -> str:
-        return f"/apis/{group}/{version}/namespaces/{quote(namespace)}/{plural}/{quote(name)}"
-
-    def get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.request("GET", self.custom_path(group, version, plural, namespace, name))
-        except ApiError as err:
-            if err.status == 404:
-                return None
-            raise
-
-    def patch_status(self, group: str, version: str, plural: str, namespace: str, name: str, status: dict) -> None:
-        path = self.custom_path(group, version, plural, namespace, name) + "/status"
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict) -> None:
+        """Merge `status` into the object's status subresource (gone already: nothing to do)."""
+        path = self.path(kind, namespace, name) + "/status"
         try:
             self.request("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
         except ApiError as err:

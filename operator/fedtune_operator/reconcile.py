@@ -137,7 +137,7 @@ class Reconciler:
     # --- one pass -------------------------------------------------------------------------------
 
     def _pass(self, namespace: str, name: str) -> str | None:
-        body = self.kube.get_custom(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, namespace, name)
+        body = self.kube.get(crdgen.KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children
         prev = body.get("status") or {}
@@ -212,7 +212,7 @@ class Reconciler:
         if new == prev:
             return False
         meta = body["metadata"]
-        self.kube.patch_status(crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL, meta["namespace"], meta["name"], new)
+        self.kube.patch_status(crdgen.KIND, meta["namespace"], meta["name"], new)
         return True
 
     # --- children ---------------------------------------------------------------------------------
