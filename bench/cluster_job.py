@@ -32,7 +32,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
-from common import machine
+from common import kubectl, machine, process
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # devtools/ is not installed: import it from the checkout
@@ -67,23 +66,6 @@ def free_pod_cidr() -> str:
     raise RuntimeError("no free /24 in 10.201-251.x.x for the bench's pods")
 
 
-@contextlib.contextmanager
-def process(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """A background process for the duration of the block (SIGTERM, then SIGKILL)."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 class Cluster:
     def __init__(self, kubeconfig: Path, volumes: Path) -> None:
         import kubernetes
@@ -95,11 +77,7 @@ class Cluster:
         self.ApiException = kubernetes.client.exceptions.ApiException
 
     def kubectl(self, *args: str) -> str:
-        result = subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-                                capture_output=True, text=True, check=False)  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout
+        return kubectl(self.kubeconfig, *args)
 
     def phase(self, ns: str, name: str) -> str | None:
         try:
@@ -193,8 +171,8 @@ def dev_cluster(work: Path) -> Iterator[Cluster]:
         ]  # fmt: skip
         operator_env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "30"}
         operator_argv = [sys.executable, "-m", "fedtune_operator.main", "--all-namespaces", "--liveness", ""]
-        with process(agent_argv, work / "nodeagent.log") as agent, \
-                process(operator_argv, work / "operator.log", operator_env):  # fmt: skip
+        with process(agent_argv, work / "nodeagent.log", cwd=REPO) as agent, \
+                process(operator_argv, work / "operator.log", operator_env, cwd=REPO):  # fmt: skip
             cluster = Cluster(plane.kubeconfig, data / "volumes")
             cluster.wait_node_ready(node, agent, work / "nodeagent.log")
             cluster.kubectl("apply", "-f", str(CRD))

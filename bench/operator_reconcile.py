@@ -29,7 +29,6 @@ import contextlib
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import kubectl, process
 
 from fedtune_operator.kube import Kube
 
@@ -71,31 +71,10 @@ def control_plane(kubeconfig: str | None) -> Iterator[Path]:
 @contextlib.contextmanager
 def operator(kubeconfig: Path, log: Path) -> Iterator[None]:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "FEDTUNE_WATCH_TIMEOUT": "30"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedtune_operator.main",
-                "--all-namespaces",
-                "--liveness",
-                "",
-                "--log-level",
-                "WARNING",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = [sys.executable, "-m", "fedtune_operator.main", "--all-namespaces", "--liveness", "",
+            "--log-level", "WARNING"]  # fmt: skip
+    with process(argv, log, env, grace_s=20):
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Cluster:
@@ -109,17 +88,8 @@ class Cluster:
         self.api = kubernetes.client.ApiClient(config)
         self.kube = Kube(self.api)
 
-    def kubectl(self, *args: str, input: str | None = None) -> str:
-        result = subprocess.run(
-            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr}")
-        return result.stdout
+    def kubectl(self, *args: str) -> str:
+        return kubectl(self.kubeconfig, *args)
 
     def count_children(self, namespace: str) -> int:
         # Metadata only: the poll must not load the API server (or this process) it measures.

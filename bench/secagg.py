@@ -30,6 +30,7 @@ from typing import Any
 
 import cryptography
 import numpy as np
+from common import chatglm_lora_shapes
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 
 from fedtune.secagg import Tensors, UpdateCodec, make_codec
@@ -40,22 +41,12 @@ GOAL_MASK_GBPS = 1.0  # mask bytes per second and core
 GOAL_ADDED_S = 1.0  # added per round and party, 8 parties
 
 
-def lora_shapes() -> dict[str, tuple[int, ...]]:
-    """ChatGLM-6B, LoRA r=8 on query_key_value: 28 layers x (A: 8x4096, B: 12288x8)."""
-    shapes = {}
-    for layer in range(28):
-        prefix = f"base_model.model.transformer.layers.{layer}.attention.query_key_value"
-        shapes[f"{prefix}.lora_A.weight"] = (8, 4096)
-        shapes[f"{prefix}.lora_B.weight"] = (12288, 8)
-    return shapes
-
-
 def ptuning_shapes() -> dict[str, tuple[int, ...]]:
     """ChatGLM-6B P-tuning v2, pre_seq_len 20: one embedding of 20 x (28 layers x 2 x 4096)."""
     return {"transformer.prefix_encoder.embedding.weight": (20, 28 * 2 * 4096)}
 
 
-ADAPTERS = {"lora-r8": lora_shapes, "ptuning-v2": ptuning_shapes}
+ADAPTERS = {"lora-r8": chatglm_lora_shapes, "ptuning-v2": ptuning_shapes}
 
 
 def machine() -> str:

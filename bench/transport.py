@@ -56,8 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}")
     codec = make_codec(Encryption())
-    blobs = {p: transport.pack_tensors(chatglm_lora_adapter(seed=i)) for i, p in enumerate(PARTIES)}
-    weights = sum(a.size for a in chatglm_lora_adapter().values())
+    adapters = {p: chatglm_lora_adapter(seed=i) for i, p in enumerate(PARTIES)}
+    blobs = {p: transport.pack_tensors(a) for p, a in adapters.items()}
+    weights = sum(a.size for a in adapters["node-1"].values())
     print(f"adapter: {weights:,} weights, {len(blobs['node-1']) / 2**20:.1f} MiB per update")
     ca = certs.make_ca("bench")
     variants = {"plain": None, "mtls": {p: tls_for(ca, p) for p in PARTIES}}

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-POEMS = REPO / "examples" / "data" / "poems"
+from support.jobs import POEMS
 
 
 @pytest.fixture

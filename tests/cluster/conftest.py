@@ -12,25 +12,17 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from devtools.cluster import devcluster
 from support.kube import unavailable
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: needs the local Kubernetes control plane (devtools/cluster)")
-
-
-@pytest.fixture(scope="session")
-def devcluster_module() -> ModuleType:
-    return devcluster
 
 
 @pytest.fixture(scope="session")

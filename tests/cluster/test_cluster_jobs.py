@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
-import importlib
 import ipaddress
 import os
 import re
@@ -23,23 +22,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from devtools.nodeagent import hosts, podinit, podspec
+from devtools.nodeagent.network import netns_pids
+from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
 from support.kube import Api, OperatorProcess, unavailable, wait_for
 
 cluster = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-POEMS = EXAMPLES / "data" / "poems"
 CRD = REPO / "crds" / "federatedfinetune.yaml"
 WORKSPACE_PVC = EXAMPLES / "k8s" / "workspace-pvc.yaml"
-PARTIES = ("assist_trainer", "node-1", "node-2")
 ROLE_PODS = ("scheduler", "assist-trainer", "node-1", "node-2")
 NODE = "fedtune-test-node"
 # Every namespace the module uses: the agent and the operator touch nothing else.
@@ -126,11 +124,6 @@ def links(prefix: str) -> list[str]:
     return [n for n in names if n.startswith(f"{prefix}-")] if prefix else names
 
 
-def netns_pids(netns: str) -> set[int]:
-    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=False).stdout
-    return {int(p) for p in out.split()}
-
-
 def netns_with_address(prefix: str, address: str) -> str | None:
     for netns in netns_list(prefix):
         shown = subprocess.run(["ip", "-n", netns, "-4", "addr"], capture_output=True, text=True, check=False)
@@ -139,7 +132,7 @@ def netns_with_address(prefix: str, address: str) -> str | None:
     return None
 
 
-def alive(pids: set[int]) -> set[int]:
+def alive(pids: Iterable[int]) -> set[int]:
     """The pids still running (a zombie has ended; its reaping is its new parent's business)."""
     out = set()
     for pid in pids:
@@ -327,25 +320,6 @@ def run_to_phase(api: Api, ns: str, name: str, phases: tuple[str, ...], describe
     raise AssertionError(f"{name} did not reach {phases} in {JOB_TIMEOUT_S:.0f}s\n{describe()}")
 
 
-def adapter(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def assert_identical_final_adapters(output: Path) -> dict:
-    import torch
-
-    reference = adapter(output / PARTIES[0] / "checkpoint-1")
-    assert reference
-    for party in PARTIES[1:]:
-        other = adapter(output / party / "checkpoint-1")
-        assert other.keys() == reference.keys()
-        for key, tensor in reference.items():
-            assert torch.equal(tensor, other[key]), f"{party}: {key} differs from {PARTIES[0]}'s"
-    return reference
-
-
 def checkpoints(output: Path, party: str) -> list[str]:
     return sorted(p.name for p in (output / party).glob("checkpoint-*"))
 
@@ -368,23 +342,14 @@ def role_pid_sets(api: Api, node: NodeAgent, ns: str) -> dict[str, set[int]]:
         ip = pod["status"].get("podIP")
         netns = netns_with_address(node.prefix, ip) if ip else None
         if netns is not None and pod["status"].get("phase") == "Running":
-            out[pod["metadata"]["name"]] = netns_pids(netns)
+            out[pod["metadata"]["name"]] = set(netns_pids(netns))
     return out
 
 
 # --- the node agent's rules, without a cluster ----------------------------------------------------
 
 
-def nodeagent_module(name: str) -> Any:
-    sys.path.insert(0, str(REPO))
-    try:
-        return importlib.import_module(f"devtools.nodeagent.{name}")
-    finally:
-        sys.path.remove(str(REPO))
-
-
 def test_env_resolution_and_expansion() -> None:
-    podspec = nodeagent_module("podspec")
     pod = {"metadata": {"name": "p", "namespace": "ns", "labels": {"app": "x"}}, "spec": {"nodeName": "n"},
            "status": {"podIP": "10.1.2.3"}}  # fmt: skip
     objects = {("Secret", "ns", "s"): {"data": {"pw": base64.b64encode(b"hunter2").decode()}},
@@ -417,7 +382,7 @@ def test_env_resolution_and_expansion() -> None:
 
 
 def test_pod_phase_follows_the_containers() -> None:
-    phase = nodeagent_module("podspec").pod_phase
+    phase = podspec.pod_phase
     assert phase([("running", None), ("terminated", 0)]) == "Running"
     assert phase([("terminated", 0), ("terminated", 0)]) == "Succeeded"
     assert phase([("terminated", 0), ("terminated", 2)]) == "Failed"
@@ -425,7 +390,6 @@ def test_pod_phase_follows_the_containers() -> None:
 
 
 def test_hosts_file_names_every_service() -> None:
-    hosts = nodeagent_module("hosts")
     services = [hosts.ServiceAddress("a", "redis", "10.9.0.2"), hosts.ServiceAddress("b", "web", "10.9.0.3")]
     text = hosts.hosts_file("p", "a", "10.9.0.4", services)
     assert "10.9.0.2\tredis redis.a redis.a.svc redis.a.svc.cluster.local\n" in text
@@ -434,7 +398,6 @@ def test_hosts_file_names_every_service() -> None:
 
 
 def test_mount_targets_resolve_symlinks_inside_the_root(tmp_path: Path) -> None:
-    podinit = nodeagent_module("podinit")
     (tmp_path / "run").mkdir()
     (tmp_path / "var").mkdir()
     (tmp_path / "var" / "run").symlink_to("/run")  # absolute, as on Debian
@@ -649,14 +612,14 @@ def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
 def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["lora"]
     folder = workspace(ns)
-    kubectl("apply", "-n", ns, "-f", str(EXAMPLES / "lora-3party.yaml"))
+    kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     describe = diagnose(api, node, operator, ns, "poems-lora")
     status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
 
     output = node.claim(ns, "poems-lora-output")
     assert status["output"] == "pvc://poems-lora-output/"
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
-    final = assert_identical_final_adapters(output)
+    final = assert_identical_adapters(output, "checkpoint-1")
     assert all("lora_" in key for key in final)
     assert_lora_loads(folder / "models" / "tiny-glm", output / "node-1" / "checkpoint-1", final)
     # A finished job holds no processes and no addresses: Redis was stopped, the roles exited.
@@ -674,7 +637,7 @@ def test_ptuning_example_applied_with_kubectl_succeeds(node, operator, api, kube
 
     output = node.claim(ns, "poems-ptuning-output")
     assert_every_round(status, rounds, output, ["0.5", "1"])
-    final = assert_identical_final_adapters(output)
+    final = assert_identical_adapters(output, "checkpoint-1")
     assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
 
     from fedtune.chat import load_for_chat
@@ -708,7 +671,7 @@ def delete_pod_when(api: Api, kubectl, ns: str, pod: str, ready: Callable[[], bo
 def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["party-restart"], "poems-party-restart"
     workspace(ns)
-    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name))
+    apply(kubectl, ns, example(EXAMPLE, name))
     output = node.claim(ns, f"{name}-output")
     deleted: list[str] = []
     hook = delete_pod_when(api, kubectl, ns, f"{name}-node-1", lambda: state_saved(output, "node-1"), deleted)
@@ -718,14 +681,14 @@ def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kub
     assert status["parties"]["node-1"]["restarts"] >= 1
     assert status["parties"]["node-1"]["podUID"] != deleted[0]
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
-    assert_identical_final_adapters(output)
+    assert_identical_adapters(output, "checkpoint-1")
 
 
 @cluster
 def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["scheduler-restart"], "poems-scheduler-restart"
     workspace(ns)
-    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name, redis={"persistence": True}))
+    apply(kubectl, ns, example(EXAMPLE, name, redis={"persistence": True}))
     output = node.claim(ns, f"{name}-output")
     scheduler: list[str] = []
     redis: list[str] = []
@@ -743,7 +706,7 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     assert scheduler and redis, "the job ended before its scheduler and Redis could be deleted"
     assert status["scheduler"]["restarts"] >= 1
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
-    assert_identical_final_adapters(output)
+    assert_identical_adapters(output, "checkpoint-1")
 
 
 @cluster
@@ -752,7 +715,7 @@ def test_malformed_dataset_fails_naming_the_file(node, operator, api, kubectl, w
     folder = workspace(ns)
     (folder / "data" / "broken").mkdir()
     (folder / "data" / "broken" / "part-2.json").write_text('{"instruction": "x", "instances": [', encoding="utf-8")
-    doc = example(EXAMPLES / "lora-3party.yaml", name, backoffLimit=1)
+    doc = example(EXAMPLE, name, backoffLimit=1)
     doc["spec"]["parties"][2]["trainset"] = [{"type": "QA", "path": "data/broken/part-2.json"}]
     apply(kubectl, ns, doc)
     status, _ = run_to_phase(api, ns, name, ("Failed",), diagnose(api, node, operator, ns, name))
@@ -775,7 +738,7 @@ def test_malformed_dataset_fails_naming_the_file(node, operator, api, kubectl, w
 def test_deleting_a_running_job_stops_every_process(node, operator, api, kubectl, workspace) -> None:
     ns, name = NS["delete"], "poems-delete"
     workspace(ns)
-    apply(kubectl, ns, example(EXAMPLES / "lora-3party.yaml", name))
+    apply(kubectl, ns, example(EXAMPLE, name))
     describe = diagnose(api, node, operator, ns, name)
     expected = {f"{name}-{suffix}" for suffix in (*ROLE_PODS, "redis")}
     pids = wait_for("every pod of the job to run", lambda: (found := role_pid_sets(api, node, ns)).keys() == expected
@@ -785,4 +748,4 @@ def test_deleting_a_running_job_stops_every_process(node, operator, api, kubectl
     kubectl("delete", "fft", name, "-n", ns, "--wait=false")
     wait_for("the job's pods to go", lambda: not api.pods(ns), 120, describe)
     wait_for("every process of the job to end", lambda: not alive(every), 30, describe)
-    assert not [n for n in netns_list(node.prefix) if netns_pids(n) & every]
+    assert not [n for n in netns_list(node.prefix) if set(netns_pids(n)) & every]

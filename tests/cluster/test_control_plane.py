@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from support.kube import wait_for
+
 pytestmark = pytest.mark.cluster
 
 # The `kubectl` and `helm` fixtures of conftest.py (conftest modules are not imported by name).
 Runner = Callable[..., subprocess.CompletedProcess[str]]
 
-DEADLINE_S = 90.0
-
-
-def _eventually(check: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll `check` until it holds; controllers act asynchronously."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {deadline_s:.0f}s waiting for {what}")
+DEADLINE_S = 90.0  # controllers act asynchronously
 
 
 def _unique(prefix: str) -> str:
@@ -65,7 +56,7 @@ def test_owner_deletion_garbage_collects_dependent(kubectl: Runner) -> None:
     # Background propagation: the API server deletes only the owner; the
     # dependent disappears only if kube-controller-manager's GC is working.
     kubectl("-n", namespace, "delete", "configmap", "owner", "--cascade=background")
-    _eventually(lambda: _gone(kubectl, "-n", namespace, "configmap", "dependent"), "dependent to be collected")
+    wait_for("dependent to be collected", lambda: _gone(kubectl, "-n", namespace, "configmap", "dependent"), DEADLINE_S)
     kubectl("delete", "namespace", namespace, "--wait=false")
 
 
@@ -73,13 +64,15 @@ def test_namespace_is_set_up_and_finalised(kubectl: Runner) -> None:
     namespace = _unique("ns")
     kubectl("create", "namespace", namespace)
     # The service-account and root-CA publisher controllers fill a new namespace.
-    _eventually(lambda: not _gone(kubectl, "-n", namespace, "serviceaccount", "default"), "default serviceaccount")
-    _eventually(lambda: not _gone(kubectl, "-n", namespace, "configmap", "kube-root-ca.crt"), "kube-root-ca.crt")
+    wait_for("default serviceaccount", lambda: not _gone(kubectl, "-n", namespace, "serviceaccount", "default"),
+             DEADLINE_S)
+    wait_for("kube-root-ca.crt", lambda: not _gone(kubectl, "-n", namespace, "configmap", "kube-root-ca.crt"),
+             DEADLINE_S)
     kubectl("-n", namespace, "create", "configmap", "content", "--from-literal=a=b")
 
     # Without the namespace controller a deleted namespace stays Terminating forever.
     kubectl("delete", "namespace", namespace, "--wait=false")
-    _eventually(lambda: _gone(kubectl, "namespace", namespace), "namespace deletion to finish")
+    wait_for("namespace deletion to finish", lambda: _gone(kubectl, "namespace", namespace), DEADLINE_S)
 
 
 def test_helm_reports_built_version(helm: Runner, expected_versions: dict[str, str]) -> None:

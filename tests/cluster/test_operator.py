@@ -23,14 +23,13 @@ import yaml
 
 from fedtune.spec import parse_job
 from support import kube
-from support.jobs import example_documents
+from support.children import by_kind_name, pod_secrets
+from support.jobs import EXAMPLE, REPO, example_documents
 from support.kube import OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "fedtune-operator"
-EXAMPLES = REPO / "examples"
 RELEASE_NS = "fedtune-system"
 RELEASE = "fedtune"
 SA = "fedtune-fedtune-operator"
@@ -85,6 +84,22 @@ def subset(expected: Any, actual: Any, path: str = "") -> list[str]:
     return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
 
 
+def token_kubeconfig(path: Path, admin_kubeconfig: Path, token: str) -> Path:
+    """A kubeconfig at `path` for the admin's cluster that authenticates with a ServiceAccount's `token`."""
+    cluster = yaml.safe_load(Path(admin_kubeconfig).read_text())["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "operator"}}],
+        "current-context": "operator",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
 def assert_no_rbac_denial(op: OperatorProcess) -> None:
     """The chart's RBAC grants what the operator uses: none of its calls may be refused."""
     assert not op.denials(), "\n".join(op.denials()[:5])
@@ -116,20 +131,7 @@ def chart(control_plane, kubectl, helm) -> str:
 def operator_kubeconfig(control_plane, kubectl, chart, tmp_path_factory) -> Path:
     """A kubeconfig for the chart's ServiceAccount: the operator gets the chart's RBAC, no more."""
     token = kubectl("create", "token", SA, "-n", RELEASE_NS, "--duration", "2h").stdout.strip()
-    admin = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
-    cluster = admin["clusters"][0]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": "operator"}}],
-        "current-context": "operator",
-    }
-    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
+    return token_kubeconfig(tmp_path_factory.mktemp("operator") / "kubeconfig", control_plane.kubeconfig, token)
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +193,7 @@ def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str,
     password = ""
     if resources.hosts_federation(job.spec):
         password = secret_data(api, ns, resources.child_name(job.name, "redis"))["password"].decode()
-    children = resources.all_children(job, password, live_material(api, ns, job))
-    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+    return by_kind_name(resources.all_children(job, password, live_material(api, ns, job)))
 
 
 def secret_names(api: Api, ns: str, doc: dict[str, Any]) -> set[tuple[str, str]]:
@@ -214,7 +215,7 @@ def wait_for_children(api: Api, ns: str, doc: dict[str, Any], timeout: float = W
 
 
 def small_job(name: str, backoff: int = 3) -> dict[str, Any]:
-    doc = yaml.safe_load((EXAMPLES / "lora-3party.yaml").read_text())
+    doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"]["name"] = name
     doc["spec"]["backoffLimit"] = backoff
     return doc
@@ -384,17 +385,6 @@ def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator,
     assert api.pod(namespace, "flaky-node-1")["status"]["phase"] == "Failed"
     time.sleep(1.5)  # a resync later, still nothing recreated
     assert api.pod(namespace, "flaky-node-2") is None and api.pod(namespace, "flaky-redis") is None
-
-
-def pod_secrets(pod: dict[str, Any]) -> set[str]:
-    """Every Secret a pod reads, as a volume or an env secretKeyRef."""
-    names = {v["secret"]["secretName"] for v in pod["spec"].get("volumes") or [] if v.get("secret")}
-    for container in pod["spec"]["containers"]:
-        for env in container.get("env") or []:
-            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if ref:
-                names.add(ref["name"])
-    return names
 
 
 def test_pods_are_locked_down_and_read_only_their_own_secrets(operator, api, kubectl, namespace) -> None:
@@ -687,21 +677,7 @@ def test_namespaced_install_needs_only_its_roles(
         )
         assert allowed.stdout.strip() == "no"
         token = kubectl("create", "token", sa, "-n", RELEASE_NS, "--duration", "1h").stdout.strip()
-        admin = yaml.safe_load(Path(control_plane.kubeconfig).read_text())
-        cluster = admin["clusters"][0]
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [cluster],
-                    "users": [{"name": "op", "user": {"token": token}}],
-                    "contexts": [{"name": "op", "context": {"cluster": cluster["name"], "user": "op"}}],
-                    "current-context": "op",
-                }
-            )
-        )
+        kubeconfig = token_kubeconfig(tmp_path / "kubeconfig", control_plane.kubeconfig, token)
         scoped = OperatorProcess(kubeconfig, tmp_path / "scoped.log", namespaces=[namespace], resync_s=None)
         scoped.start()
         try:

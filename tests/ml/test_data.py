@@ -10,8 +10,7 @@ import pytest
 from fedtune.data import DataError, QAItem, collator_for, load_qa, tokenize_item, tokenize_qa
 from fedtune.spec import Dataset, TrainsetEntry
 from fedtune.tinymodel import build_tokenizer, corpus_characters
-
-POEMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "poems"
+from support.jobs import POEMS
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from fedtune.models import (
 )
 from fedtune.spec import Peft
 from fedtune.tinymodel import build_tiny_model
+from support.jobs import POEMS
 
-POEMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "poems"
 PROMPT = "根据上句，写出下一句。：\n问：床前明月光\n答："
 LORA = {"LORA": {"r": 4, "lora_dropout": 0.0}}
 PTUNING = {"PREFIX_TUNING": {"pre_seq_len": 4}}

@@ -11,8 +11,8 @@ from fedtune.data import load_qa, tokenize_qa
 from fedtune.models import adapter_state, apply_adapter, load_adapter_state, load_base_model
 from fedtune.spec import Dataset, Peft, Trainer, TrainsetEntry, aggregation_steps
 from fedtune.training import plan_max_steps, train
+from support.jobs import POEMS
 
-POEMS = Path(__file__).resolve().parents[2] / "examples" / "data" / "poems"
 DATASET = Dataset(max_src_length=32, max_dst_length=16)
 FRACTIONS = [0.25, 0.5, 0.75, 1.0]
 

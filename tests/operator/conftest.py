@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from fedtune_operator import resources as r
-from support.children import EXAMPLE, make_job
+from support.children import make_job
+from support.jobs import EXAMPLE
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from support.jobs import REPO
+
 CHART = REPO / "charts" / "fedtune-operator"
 
 

@@ -18,15 +18,14 @@ import yaml
 
 from fedtune.spec import parse_job
 from fedtune_operator import resources as r
-from support.jobs import example_documents
+from support.children import OPERATOR
+from support.jobs import REPO, example_documents
 
 from .test_chart import CHART, _helm
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / ".checkov.yaml"
 # Jobs run in a namespace of their own (checkov flags the default one).
 NAMESPACE = "fedtune-jobs"
-OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
 
 # checkov pins old versions of packages the training stack shares, so it lives in an environment of its
 # own (`make checkov`); FEDTUNE_CHECKOV names its executable, and once named it must be there.

@@ -15,12 +15,11 @@ from fedtune import certs
 from fedtune_operator import resources as r
 from fedtune_operator import status as s
 from fedtune_operator import tls
-from support.children import by_kind_name, container, make_job
+from support.children import OPERATOR, by_kind_name, container, make_job, pod_secrets
 
 ROLES = {"scheduler": "scheduler", "assist_trainer": "assist-trainer", "node-1": "node-1", "node-2": "node-2"}
 # Roles that keep state in Redis, and so read its password.
 REDIS_USERS = {"scheduler", "assist_trainer"}
-OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
 
 
 def pods_of(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -45,17 +44,6 @@ def sans(cert: x509.Certificate) -> list[str]:
 
 def secret_volumes(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v["secret"] for v in pod["spec"]["volumes"] if "secret" in v}
-
-
-def secret_refs(pod: dict[str, Any]) -> set[str]:
-    """Every Secret a pod reads: as a volume or through an env secretKeyRef."""
-    names = {v["secretName"] for v in secret_volumes(pod).values()}
-    for c in pod["spec"]["containers"]:
-        for env in c.get("env") or []:
-            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if ref:
-                names.add(ref["name"])
-    return names
 
 
 # --- certificates -------------------------------------------------------------------------
@@ -94,8 +82,8 @@ def test_each_pod_mounts_its_own_certificate_and_no_other_secret(job) -> None:
         assert mount == {"name": "tls", "mountPath": "/etc/fedtune-tls", "readOnly": True}
         # Only the roles that keep state in Redis get its password; nobody gets the CA's key.
         expected = {f"poems-lora-tls-{suffix}"} | ({"poems-lora-redis"} if key in REDIS_USERS else set())
-        assert secret_refs(pod) == expected, key
-    assert secret_refs(pods["poems-lora-redis"]) == {"poems-lora-redis"}  # its redis.conf
+        assert pod_secrets(pod) == expected, key
+    assert pod_secrets(pods["poems-lora-redis"]) == {"poems-lora-redis"}  # its redis.conf
 
 
 def test_given_material_is_used_as_is(job) -> None:

@@ -10,7 +10,8 @@ import yaml
 
 from fedtune_operator import resources as r
 from fedtune_operator import status as s
-from support.children import EXAMPLE, make_job
+from support.children import make_job
+from support.jobs import EXAMPLE
 
 _uids = itertools.count(1)
 

@@ -11,10 +11,18 @@ import torch
 
 from fedtune.launcher import LocalJob
 from fedtune.spec import load_job
-from support.jobs import POEMS, PTUNING, adapter_tensors, kill_after_first_round, run_cli, wait_until, write_job
+from support.jobs import (
+    PARTIES,
+    POEMS,
+    PTUNING,
+    assert_identical_adapters,
+    kill_after_first_round,
+    run_cli,
+    wait_until,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
-PARTIES = ("assist_trainer", "node-1", "node-2")
 
 
 def run_job(job: Path, out: Path) -> tuple[int, str, dict]:
@@ -22,17 +30,6 @@ def run_job(job: Path, out: Path) -> tuple[int, str, dict]:
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return done.returncode, done.stdout + done.stderr, summary
-
-
-def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
-    reference = adapter_tensors(out / PARTIES[0] / checkpoint)
-    assert reference, "empty adapter"
-    for party in PARTIES[1:]:
-        other = adapter_tensors(out / party / checkpoint)
-        assert other.keys() == reference.keys()
-        for name, tensor in reference.items():
-            assert torch.equal(tensor, other[name]), f"{party}/{checkpoint}: {name} differs"
-    return reference
 
 
 def assert_every_quarter_round(out: Path) -> None:

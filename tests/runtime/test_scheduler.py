@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,8 +16,8 @@ from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.spec import parse_job
+from support.jobs import EXAMPLE
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
 SCHEMA = [["lora_A", [4, 16]], ["lora_B", [16, 4]]]
 
 

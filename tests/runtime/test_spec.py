@@ -18,8 +18,7 @@ from fedtune.spec import (
     parse_job,
     shared_config,
 )
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
+from support.jobs import EXAMPLE
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import yaml
 
 from fedtune.spec import SpecError, parse_job
 from fedtune.xfl import import_xfl
+from support.jobs import run_cli
 
 TRAIN_PARAMS = {
     "aggregation": {"agg_steps": 0.2},
@@ -75,8 +74,7 @@ def test_import_carries_every_key(tmp_path: Path) -> None:
 def test_import_cli_writes_file(tmp_path: Path) -> None:
     folder = write_xfl(tmp_path / "demo")
     out = tmp_path / "job.yaml"
-    done = subprocess.run([sys.executable, "-m", "fedtune", "import-xfl", str(folder), "-o", str(out)],
-                          capture_output=True, text=True)
+    done = run_cli("import-xfl", str(folder), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert parse_job(yaml.safe_load(out.read_text())).spec.peft.kind == "LORA"
 

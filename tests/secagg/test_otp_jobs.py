@@ -12,10 +12,17 @@ from fedtune.launcher import LocalJob
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.spec import load_job
-from support.jobs import adapter_tensors, kill_after_first_round, run_cli, wait_until, write_job
+from support.jobs import (
+    PARTIES,
+    adapter_tensors,
+    assert_identical_adapters,
+    kill_after_first_round,
+    run_cli,
+    wait_until,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
-PARTIES = ("assist_trainer", "node-1", "node-2")
 OTP = {
     "otp": {
         "key_bitlength": 64,
@@ -48,9 +55,7 @@ def test_otp_job_matches_plain_within_fixed_point_precision(tmp_path: Path, tiny
             x, y = a[name].double().numpy(), b[name].double().numpy()
             bound = FIXED_POINT_BOUND + np.abs(x) * np.finfo(np.float32).eps
             assert np.all(np.abs(x - y) <= bound), f"{party}: {name} differs by {np.abs(x - y).max():.3g}"
-    final = [adapter_tensors(tmp_path / "otp-out" / p / "checkpoint-1") for p in PARTIES]
-    for other in final[1:]:
-        assert all(np.array_equal(final[0][k].numpy(), other[k].numpy()) for k in final[0])
+    assert_identical_adapters(tmp_path / "otp-out", "checkpoint-1")
 
 
 def test_label_trainer_restarted_under_otp_still_decodes(tmp_path: Path, tiny_model: Path) -> None:
@@ -69,8 +74,7 @@ def test_label_trainer_restarted_under_otp_still_decodes(tmp_path: Path, tiny_mo
     for tensors in final:
         # Masks that failed to cancel decode to values near +-2^31, not to adapter weights.
         assert all(float(t.abs().max()) < 100 for t in tensors.values())
-    for other in final[1:]:
-        assert all(np.array_equal(final[0][k].numpy(), other[k].numpy()) for k in final[0])
+    assert_identical_adapters(tmp_path / "out", "checkpoint-1")
 
 
 class TamperingScheduler(SchedulerService):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,8 +19,7 @@ from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.scheduler import SchedulerService
 from fedtune.secagg import make_codec
 from fedtune.spec import load_job
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
+from support.jobs import EXAMPLE
 
 
 @pytest.fixture(scope="module")

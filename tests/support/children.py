@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 from fedtune.spec import parse_job
 from fedtune_operator import resources as r
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lora-3party.yaml"
 UID = "0b5e6f0e-1111-2222-3333-444455556666"
+# The operator as the chart deploys it: the peer its NetworkPolicies let in.
+OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
 
 
 def make_job(document: dict[str, Any], namespace: str = "team-a") -> r.Job:
@@ -26,3 +26,14 @@ def by_kind_name(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[s
 def container(pod: dict[str, Any]) -> dict[str, Any]:
     (c,) = pod["spec"]["containers"]
     return c
+
+
+def pod_secrets(pod: dict[str, Any]) -> set[str]:
+    """Every Secret a pod reads, as a volume or an env secretKeyRef."""
+    names = {v["secret"]["secretName"] for v in pod["spec"].get("volumes") or [] if v.get("secret")}
+    for c in pod["spec"]["containers"]:
+        for env in c.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+    return names

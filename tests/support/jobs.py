@@ -13,7 +13,11 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-POEMS = REPO / "examples" / "data" / "poems"
+EXAMPLES = REPO / "examples"
+EXAMPLE = EXAMPLES / "lora-3party.yaml"
+POEMS = EXAMPLES / "data" / "poems"
+# The parties of `write_job` and of the examples, the assist_trainer first.
+PARTIES = ("assist_trainer", "node-1", "node-2")
 
 LORA = {"LORA": {"task_type": "CAUSAL_LM", "r": 4, "target_modules": ["query_key_value"], "lora_alpha": 16,
                  "lora_dropout": 0.0, "bias": "none"}}
@@ -70,6 +74,20 @@ def adapter_tensors(checkpoint: Path) -> dict:
     return load_file(str(checkpoint / "adapter_model.safetensors"))
 
 
+def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
+    """Every party's adapter at `out/<party>/<checkpoint>` is the same, tensor for tensor; returns it."""
+    import torch
+
+    reference = adapter_tensors(out / PARTIES[0] / checkpoint)
+    assert reference, "empty adapter"
+    for party in PARTIES[1:]:
+        other = adapter_tensors(out / party / checkpoint)
+        assert other.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(tensor, other[name]), f"{party}/{checkpoint}: {name} differs from {PARTIES[0]}'s"
+    return reference
+
+
 def wait_until(predicate, timeout: float, what: str, local=None) -> None:
     """Poll `predicate`; fail at once, with its log, if any role of `local` (a LocalJob) dies."""
     deadline = time.monotonic() + timeout
@@ -94,8 +112,6 @@ def kill_after_first_round(local, party: str = "node-1") -> None:
     local.kill_role(party, signal.SIGKILL)
     local.start_role(party)
 
-
-EXAMPLES = REPO / "examples"
 
 
 def example_documents() -> list[tuple[str, dict[str, Any]]]:
