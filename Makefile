@@ -1,5 +1,8 @@
 # fedtune: `make demo` runs the 3-party example on this machine, `make test` runs every test.
-PYTHON ?= python3
+# Everything installs into a virtual environment in the checkout, never into the system Python.
+BOOTSTRAP_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 FEDTUNE_CACHE ?= $(HOME)/.cache/fedtune
 EXAMPLES := examples
 TINY_MODEL := $(EXAMPLES)/models/tiny-glm
@@ -10,14 +13,24 @@ PYTEST_ARGS ?=
 HELM := $(FEDTUNE_CACHE)/bin/helm
 CHECKOV := $(FEDTUNE_CACHE)/checkov/bin/checkov
 
-.PHONY: install demo test test-fast lint proto crds chart images dev-cluster dev-cluster-build checkov clean bench
+.PHONY: install constraints demo test test-fast lint proto crds chart images dev-cluster dev-cluster-build checkov clean bench
 
-# Debian's redis-server plus the Python project with every extra; re-run when pyproject.toml changes.
+# Debian's redis-server plus the Python project with every extra, pinned by constraints.txt, in $(VENV).
+# Re-run when pyproject.toml or constraints.txt changes.
 install: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt | $(PYTHON)
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-	$(PYTHON) -m pip install -q -e '.[train,operator,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,operator,dev]'
 	@mkdir -p $(dir $@) && touch $@
+
+$(PYTHON):
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+
+# Pin what is installed now (after changing pyproject.toml): review the diff before committing.
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(PYTHON) -m pip freeze --exclude-editable | grep -v -iE '^(pip|setuptools|wheel)=='; } \
+		> constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 $(TINY_MODEL)/config.json: | install
 	$(PYTHON) -m fedtune tiny-model $(TINY_MODEL) --data $(EXAMPLES)/data/poems
