@@ -126,3 +126,12 @@ def test_trainer_steps_match_the_plain_loss_under_accumulation(tmp_path: Path, t
 def test_a_trainable_output_layer_keeps_the_plain_loss(tiny_model: Path) -> None:
     model, _ = adapted(tiny_model, {"LORA": {"r": 4, "lora_dropout": 0.0, "modules_to_save": ["lm_head"]}})
     assert not supports_fused_loss(model)
+
+
+def test_without_the_fused_kernel_the_chunked_path_is_said_once(monkeypatch, caplog) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "liger_kernel.transformers.fused_linear_cross_entropy", None)
+    monkeypatch.setattr(loss_module, "_said", set())
+    with caplog.at_level("INFO", logger="fedtune.loss"):
+        assert loss_module._liger_loss() is None and loss_module._liger_loss() is None
+    said = [r.getMessage() for r in caplog.records if "Liger-Kernel" in r.getMessage()]
+    assert len(said) == 1 and "using the chunked cross-entropy" in said[0]
