@@ -27,6 +27,7 @@ COREDNS_VERSION="${FEDTUNE_COREDNS_VERSION:-v1.12.4}"
 NETPOL_VERSION="${FEDTUNE_NETPOL_VERSION:-v0.8.0}"
 REGISTRY_VERSION="${FEDTUNE_REGISTRY_VERSION:-v3.0.0}"
 CRICTL_VERSION="${FEDTUNE_CRICTL_VERSION:-v1.34.0}"
+KUBE_ROUTER_VERSION="${FEDTUNE_KUBE_ROUTER_VERSION:-v2.1.0}"
 K8S_COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${FEDTUNE_CACHE:-$HOME/.cache/fedtune}"
@@ -203,14 +204,19 @@ build_node_tools() {
         "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
     go_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION" \
         "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+    # kube-network-policies needs the kernel's nftables `queue` expression, which some
+    # machines lack (see devtools/cluster/README.md); kube-router's NetworkPolicy controller
+    # (iptables and ipset) is the engine the node runs then.
+    go_tool kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$KUBE_ROUTER_VERSION" \
+        "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
     build_pause
 }
 
 main() {
     if [[ "${1:-}" == versions ]]; then
-        printf 'kubernetes=%s\netcd=%s\nhelm=%s\ncoredns=%s\nkube-network-policies=%s\nregistry=%s\ncrictl=%s\n' \
+        printf 'kubernetes=%s\netcd=%s\nhelm=%s\ncoredns=%s\nkube-network-policies=%s\nregistry=%s\ncrictl=%s\nkube-router=%s\n' \
             "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" "$COREDNS_VERSION" "$NETPOL_VERSION" "$REGISTRY_VERSION" \
-            "$CRICTL_VERSION"
+            "$CRICTL_VERSION" "$KUBE_ROUTER_VERSION"
         return 0
     fi
     command -v go >/dev/null || { log "go is not on PATH"; exit 1; }

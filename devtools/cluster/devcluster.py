@@ -327,11 +327,12 @@ class Component:
                 return
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path) -> Component:
+def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Component:
     log = log_dir / f"{name}.log"
     with log.open("ab") as handle:
         process = subprocess.Popen(
             argv,
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -9,6 +9,9 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
   scheduler and every local party Succeeded -> Succeeded; Succeeded and Failed are final.
 - Round and loss come from the runtime's job state in Redis (`Progress`), when it could
   be read; otherwise the last known values stay.
+- A pod whose image cannot be pulled (or is not on the node) stays Pending with the kubelet
+  retrying: condition `ImagesReady` False names the role and the image, and so does
+  `status.message`, until the image is there.
 - Condition `TLS` says how the roles authenticate each other; a job with
   `spec.tls.enabled: false` gets it False with a Warning event, once.
 - A job whose assist_trainer is remote (another organisation hosts the federation) runs
@@ -41,6 +44,13 @@ class PodView:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
+    image: str | None = None
+    image_error: str | None = None  # why the kubelet cannot start the image (reason: message)
+
+
+# The kubelet's waiting reasons for an image it cannot get.
+IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "ImageInspectError",
+                "RegistryUnavailable")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,13 +92,18 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     """Read a pod (as the API returns it, camelCase keys) into a `PodView`."""
     meta = pod.get("metadata", {})
     status = pod.get("status") or {}
-    exit_code = reason = message = None
+    exit_code = reason = message = image_error = None
+    image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers") or []), None)
     for cs in status.get("containerStatuses") or []:
         terminated = (cs.get("state") or {}).get("terminated")
+        waiting = (cs.get("state") or {}).get("waiting") or {}
         if terminated:
             exit_code = terminated.get("exitCode")
             reason = terminated.get("reason")
             message = terminated.get("message")
+        if waiting.get("reason") in IMAGE_ERRORS:
+            image = cs.get("image") or image
+            image_error = f"{waiting['reason']}: {waiting.get('message') or 'no message'}"[:512]
     # Pod-level reasons (Evicted, DeadlineExceeded) when no container said more.
     reason = reason or status.get("reason")
     message = message or status.get("message")
@@ -101,6 +116,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         exit_code=exit_code,
         reason=reason,
         message=(message or "").strip()[-1024:] or None,  # keep status small: the tail says most
+        image=image,
+        image_error=image_error,
     )
 
 
@@ -150,8 +167,12 @@ def invalid_status(prev: dict[str, Any], message: str, now: str) -> dict[str, An
     return status
 
 
+def _who(key: str) -> str:
+    return "scheduler" if key == SCHEDULER else f"party `{key}`"
+
+
 def describe_failure(key: str, rec: dict[str, Any]) -> str:
-    what = "scheduler" if key == SCHEDULER else f"party `{key}`"
+    what = _who(key)
     parts = []
     if rec.get("exitCode") is not None:
         parts.append(f"exit code {rec['exitCode']}")
@@ -206,6 +227,30 @@ def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backof
     if pod.phase == SUCCEEDED:
         rec["exitCode"] = 0
     return False
+
+
+def _images_condition(conditions: list[dict[str, Any]], status: dict[str, Any], records: dict[str, Any],
+                      scheduler: dict[str, Any] | None, pods: dict[str, PodView], redis_pod_name: str | None,
+                      phase: str, now: str, result: Plan) -> list[dict[str, Any]]:  # fmt: skip
+    """`ImagesReady`: False, naming each role and image the kubelet cannot get; True once they start."""
+    roles = {**({SCHEDULER: scheduler} if scheduler is not None else {}), **records}
+    owners = [(_who(key), rec.get("pod")) for key, rec in roles.items()]
+    if redis_pod_name:
+        owners.append(("Redis", redis_pod_name))
+    problems = [f"{who}: image {pod.image} cannot be started ({pod.image_error})"
+                for who, name in owners if (pod := pods.get(name or "")) is not None and pod.image_error]  # fmt: skip
+    old = find_condition(conditions, "ImagesReady")
+    if problems and phase not in FINAL:
+        message = "; ".join(problems)
+        if not old or old.get("message") != message:
+            result.events.append(("Warning", "ImageUnavailable", message))
+        status["message"] = message
+        return set_condition(conditions, "ImagesReady", "False", "ImageUnavailable", message, now)
+    if old is not None and old.get("status") == "False":
+        if status.get("message") == old.get("message"):
+            status.pop("message", None)
+        return set_condition(conditions, "ImagesReady", "True", "ImagesPulled", "every image is on the node", now)
+    return conditions
 
 
 def plan(
@@ -273,6 +318,7 @@ def plan(
     else:
         phase = PENDING
     status["phase"] = phase
+    conditions = _images_condition(conditions, status, records, scheduler, pods, redis_pod_name, phase, now, result)
     if phase == RUNNING:
         status.setdefault("startTime", now)
     if phase in FINAL:

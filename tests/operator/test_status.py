@@ -259,3 +259,25 @@ def test_a_missing_ca_secret_keeps_the_job_pending_and_says_why() -> None:
     again, events = s.tls_unavailable_status(st, "spec.tls.caSecret `fed-ca`: Secret not found", "t1")
     assert again == st and events == []
 
+
+
+def test_an_image_that_cannot_be_pulled_is_named_with_its_party(world) -> None:
+    waiting = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "trainer", "image": "fedtune/trainer:9"}]},
+               "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "image": "fedtune/trainer:9",
+                          "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}}  # fmt: skip
+    view = s.pod_view(waiting)
+    assert (view.image, view.image_error) == ("fedtune/trainer:9", "ErrImagePull: not found")
+
+    world.set_phase("poems-lora-node-1", "Pending", image="fedtune/trainer:9", image_error="ImagePullBackOff: x")
+    world.step()
+    world.step()
+    condition = world.condition("ImagesReady")
+    assert condition is not None and condition["status"] == "False", world.status
+    assert "party `node-1`" in condition["message"] and "fedtune/trainer:9" in condition["message"]
+    assert world.status["message"] == condition["message"]
+    assert [e for e in world.events if e[1] == "ImageUnavailable"] == [("Warning", "ImageUnavailable",
+                                                                        condition["message"])]  # fmt: skip
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    assert world.condition("ImagesReady")["status"] == "True"
+    assert "message" not in world.status
