@@ -17,6 +17,7 @@ Pods run as containers from images, with their securityContext applied by the ru
   bridge ``fedtune0`` (``10.244.0.0/24``), whose first address is also where the API
   server listens, so pods reach it through the ``kubernetes`` Service.
 - **CoreDNS** as a Deployment behind the Service ``10.0.0.10``, from its image.
+- **NetworkPolicy** enforced by kube-router's policy controller (iptables and ipset).
 - **Volumes**: every claim without a storage class is bound to a hostPath volume, the
   folder ``<volumes>/<namespace>/<claim>/`` (made world-writable, as local-path
   provisioners do; kept after the claim goes).
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.cluster.devcluster import (
+    SERVICE_CIDR,
     Component,
     ControlPlane,
     ControlPlaneError,
@@ -62,6 +64,7 @@ SOCKET = RUN_DIR / "containerd.sock"
 REGISTRY_FILE = RUN_DIR / "registry"  # the running node's registry address
 CNI_BIN = Path("/usr/lib/cni")
 HOST_PACKAGES = {"containerd": "containerd", "runc": "runc", "iptables": "iptables", "conntrack": "conntrack",
+                 "ipset": "ipset",  # kube-router's NetworkPolicy rules
                  "unpigz": "pigz",  # containerd unpacks layers with it, on every core
                  str(CNI_BIN / "bridge"): "containernetworking-plugins"}  # fmt: skip
 COREDNS_UID = 65532
@@ -168,12 +171,9 @@ def docker_has(image: str) -> bool:
 
 
 def build_node_images() -> dict[str, str]:
-    """pause, CoreDNS and kube-network-policies images from the binaries build.sh made; returns
-    name -> Docker image."""
+    """pause and CoreDNS images from the binaries build.sh made; returns name -> Docker image."""
     images = {}
-    programs = (("pause", ".pause.version"), ("coredns", ".coredns.version"),
-                ("kube-network-policies", ".kube-network-policies.version"))
-    for program, version_file in programs:
+    for program, version_file in (("pause", ".pause.version"), ("coredns", ".coredns.version")):
         version = (bin_dir() / version_file).read_text().strip()
         image = f"fedtune-dev/{program}:{version}"
         if not docker_has(image):
@@ -265,7 +265,8 @@ class Node:
             self._provisioner = threading.Thread(target=self._provision_forever, name="volumes", daemon=True)
             self._provisioner.start()
             self._wait_ready(deadline)
-            self._start_addons(deadline)
+            self._start_network_policies(deadline)
+            self._start_coredns(deadline)
         except BaseException:
             self.stop()
             raise
@@ -282,6 +283,10 @@ class Node:
         if "containerd" in self._components:
             with contextlib.suppress(ControlPlaneError, subprocess.TimeoutExpired):
                 self._remove_all_pods()
+        router = self._components.pop("kube-router", None)
+        if router is not None:
+            router.stop(self.stop_grace)
+            run(str(bin_dir() / "kube-router"), "--cleanup-config", check=False)
         proxy = self._components.pop("kube-proxy", None)
         if proxy is not None:
             proxy.stop(self.stop_grace)
@@ -438,18 +443,36 @@ class Node:
 
     # -- CoreDNS --
 
-    def _start_addons(self, deadline: float) -> None:
-        """CoreDNS and the NetworkPolicy engine, as Deployments in kube-system."""
-        images = {name.split("/")[1].split(":")[0]: name for name in self.images if name.startswith("fedtune-dev/")}
-        manifests = coredns_manifests(images["coredns"]) + netpol_manifests(images["kube-network-policies"])
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
+    def _start_coredns(self, deadline: float) -> None:
+        image = next(name for name in self.images if name.startswith("fedtune-dev/coredns:"))
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                           "items": coredns_manifests(image)}))  # fmt: skip
 
         def ready() -> bool:
-            out = self.kubectl("get", "deployments", "-n", "kube-system", "-o",
-                               "jsonpath={.items[*].status.readyReplicas}", check=False)  # fmt: skip
-            return out.stdout.split() == ["1", "1"]
+            out = self.kubectl("get", "deployment", "coredns", "-n", "kube-system", "-o",
+                               "jsonpath={.status.readyReplicas}", check=False)  # fmt: skip
+            return out.stdout.strip() == "1"
 
         _wait_healthy(self._components["kubelet"], ready, deadline)
+
+    # -- NetworkPolicy --
+
+    def _start_network_policies(self, deadline: float) -> None:
+        """kube-router's NetworkPolicy controller alone (no routing, no service proxy).
+
+        kube-network-policies, the other engine from the module proxy, cannot run on kernels
+        without nftables' `queue` expression (ours: `nft add rule ... queue num 100` answers
+        "No such file or directory"); kube-router enforces policies with iptables and ipset.
+        """
+        (health,) = free_ports(1)
+        router = self._launch("kube-router", [
+            str(bin_dir() / "kube-router"), f"--kubeconfig={self.plane.kubeconfig}",
+            f"--hostname-override={NODE_NAME}", "--run-firewall=true", "--run-router=false",
+            "--run-service-proxy=false", "--enable-cni=false", "--enable-ipv6=false",
+            f"--service-cluster-ip-range={SERVICE_CIDR}", f"--health-port={health}", "--metrics-port=0",
+            "--iptables-sync-period=30s", "--v=1",
+        ])  # fmt: skip
+        _wait_healthy(router, lambda: http_ok(f"http://127.0.0.1:{health}/healthz"), deadline)
 
     # -- claims as folders --
 
@@ -562,43 +585,6 @@ def coredns_manifests(image: str) -> list[dict[str, Any]]:
             "selector": labels, "clusterIP": DNS_SERVICE_IP,
             "ports": [{"name": "dns", "port": 53, "targetPort": 1053, "protocol": "UDP"},
                       {"name": "dns-tcp", "port": 53, "targetPort": 1053, "protocol": "TCP"}],
-        }},
-    ]  # fmt: skip
-
-
-def netpol_manifests(image: str) -> list[dict[str, Any]]:
-    """kube-network-policies (NetworkPolicy by nftables and an NFQUEUE), as its own install
-    does, but a Deployment for the one node, without NRI (containerd 1.6 has none) and with
-    NET_ADMIN alone rather than privileged."""
-    meta = {"name": "kube-network-policies", "namespace": "kube-system"}
-    labels = {"k8s-app": "kube-network-policies"}
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": {"name": "fedtune-kube-network-policies"},
-         "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"], "verbs": ["list", "watch"]},
-                   {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
-                    "verbs": ["list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": {"name": "fedtune-kube-network-policies"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                     "name": "fedtune-kube-network-policies"},
-         "subjects": [{"kind": "ServiceAccount", **meta}]},
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {**meta, "labels": labels}, "spec": {
-            "replicas": 1,
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {
-                "serviceAccountName": "kube-network-policies",
-                "hostNetwork": True,
-                "containers": [{
-                    "name": "kube-network-policies", "image": image, "imagePullPolicy": "Never",
-                    "args": [f"--hostname-override={NODE_NAME}", "--disable-nri", "--nfqueue-id=100",
-                             "--metrics-bind-address=127.0.0.1:9080", "--v=1"],
-                    "securityContext": {"runAsUser": 0, "readOnlyRootFilesystem": True,
-                                        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]}},
-                }],
-            }},
         }},
     ]  # fmt: skip
 

@@ -21,6 +21,7 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ class PodView:
     message: str | None = None
     image: str | None = None
     image_error: str | None = None  # why the kubelet cannot start the image (reason: message)
+    claims: tuple[tuple[str, str], ...] = ()  # (mount path, claim name) of the role's container
 
 
 # The kubelet's waiting reasons for an image it cannot get.
@@ -93,7 +95,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     meta = pod.get("metadata", {})
     status = pod.get("status") or {}
     exit_code = reason = message = image_error = None
-    image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers") or []), None)
+    spec = pod.get("spec") or {}
+    image = next((c.get("image") for c in spec.get("containers") or []), None)
     for cs in status.get("containerStatuses") or []:
         terminated = (cs.get("state") or {}).get("terminated")
         waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -118,7 +121,24 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         message=(message or "").strip()[-1024:] or None,  # keep status small: the tail says most
         image=image,
         image_error=image_error,
+        claims=_claim_mounts(spec),
     )
+
+
+def _claim_mounts(spec: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(mount path, claim name) for each claim the pod's first container mounts."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes") or []
+              if v.get("persistentVolumeClaim")}  # fmt: skip
+    containers = spec.get("containers") or [{}]
+    mounts = containers[0].get("volumeMounts") or []
+    return tuple((m["mountPath"], claims[m["name"]]) for m in mounts if m.get("name") in claims)
+
+
+def claims_in(message: str, claims: tuple[tuple[str, str], ...]) -> str:
+    """The claims whose files `message` names, as `claim C (mounted at P)`."""
+    named = [f"claim {claim} (mounted at {path})" for path, claim in claims
+             if re.search(re.escape(path.rstrip("/")) + r"(/|\b)", message)]  # fmt: skip
+    return ", ".join(named)
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -180,7 +200,9 @@ def describe_failure(key: str, rec: dict[str, Any]) -> str:
         parts.append(f"reason {rec['reason']}")
     detail = ", ".join(parts) or "no exit code"
     tail = f": {rec['message']}" if rec.get("message") else ""
-    return f"{what} failed ({detail}){tail}"
+    # A file it could not read or write lies on a claim: say which, by name.
+    claim = f" [{rec['claim']}]" if rec.get("claim") else ""
+    return f"{what} failed ({detail}){claim}{tail}"
 
 
 def _record(prev: dict[str, Any], workload: Workload) -> dict[str, Any]:
@@ -216,6 +238,7 @@ def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backof
             rec["failedUID"] = pod.uid
             rec["failures"] += 1
             rec.update(exitCode=pod.exit_code, reason=pod.reason, message=pod.message)
+            rec["claim"] = claims_in(pod.message or "", pod.claims) or None
             plan.events.append(("Warning", "PodFailed", describe_failure(w.key, rec)))
         if rec["failures"] > backoff_limit:
             rec["state"] = FAILED

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -344,6 +345,9 @@ for target in sys.argv[1:]:
 """
 
 
+BLOCKED = ("ConnectionRefusedError", "timeout")
+
+
 def outsider_connects(kubectl: Runner, api: Api, ns: str, targets: list[str]) -> dict[str, str]:
     """Run CONNECT from a pod of namespace `ns` (the trainer image, locked down like the job's pods)."""
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "outsider"}, "spec": {
@@ -386,7 +390,12 @@ def test_a_running_job_is_closed_to_other_namespaces_and_deleting_it_removes_eve
         grpc = f"{name}-assist-trainer.{ns}.svc.cluster.local:55004"
         dns = "kube-dns.kube-system.svc.cluster.local:53"
         seen = outsider_connects(kubectl, api, f"{ns}-outsider", [redis, grpc, dns])
-        assert seen == {redis: "timeout", grpc: "timeout", dns: "open"}, seen
+        # Refused (the engine rejects) or unanswered (it drops): never open.
+        assert seen[redis] in BLOCKED and seen[grpc] in BLOCKED and seen[dns] == "open", seen
+        # ...while both ports do listen: the node (as the kubelet's probes) reaches them.
+        for pod, port in ((f"{name}-redis", 6379), (f"{name}-assist-trainer", 55004)):
+            address = (api.pod(ns, pod) or {})["status"]["podIP"]
+            socket.create_connection((address, port), timeout=5).close()
         assert all_running(), describe()  # the probe ran while the job did
     finally:
         kubectl("delete", "namespace", f"{ns}-outsider", "--wait=false", check=False)
@@ -394,3 +403,34 @@ def test_a_running_job_is_closed_to_other_namespaces_and_deleting_it_removes_eve
     kubectl("delete", "fft", name, "-n", ns, "--wait=false")
     wait_for("the job's pods to go", lambda: not api.pods(ns), 120, describe)
     wait_for("every container of the job to go", lambda: not containers_of(cluster, ns), 60, describe)
+
+
+def test_bad_input_an_image_that_cannot_be_pulled_and_an_unwritable_output_claim(
+        cluster, operator, api, kubectl, namespace, workspace) -> None:  # fmt: skip
+    ns = namespace
+    workspace(ns)
+    # An image no registry serves: the job says which role waits for which image.
+    missing = "127.0.0.1:1/fedtune/trainer:missing"
+    apply(kubectl, ns, example(EXAMPLE, "poems-noimage", image=missing))
+    # An output claim whose folder the pods' user (10001) cannot write: made before the claim is.
+    output = cluster.node.claim_dir(ns, "poems-readonly-output")
+    output.mkdir(parents=True)
+    output.chmod(0o755)
+    apply(kubectl, ns, example(EXAMPLE, "poems-readonly", backoffLimit=0))
+
+    def image_condition() -> dict[str, Any] | None:
+        conditions = api.status(ns, "poems-noimage").get("conditions") or []
+        return next((c for c in conditions if c["type"] == "ImagesReady" and c["status"] == "False"
+                     and "party `node-1`" in c["message"]), None)  # fmt: skip
+
+    waiting = wait_for("condition ImagesReady False", image_condition, 180,
+                       lambda: _describe(api, kubectl, ns, "poems-noimage"))  # fmt: skip
+    assert missing in waiting["message"] and "party `node-1`" in waiting["message"], waiting
+    status = api.status(ns, "poems-noimage")
+    assert status["phase"] == "Pending" and missing in status["message"], status
+
+    status, _ = run_to_phase(api, ns, "poems-readonly", ("Failed",), lambda: _describe(api, kubectl, ns,
+                                                                                     "poems-readonly"))  # fmt: skip
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "claim poems-readonly-output (mounted at /fedtune/output)" in failed["message"], failed
+    assert "/fedtune/output/" in failed["message"].split("]", 1)[1], failed

@@ -281,3 +281,25 @@ def test_an_image_that_cannot_be_pulled_is_named_with_its_party(world) -> None:
     world.step()
     assert world.condition("ImagesReady")["status"] == "True"
     assert "message" not in world.status
+
+
+def test_a_failure_on_a_claim_names_the_claim_and_the_path(world) -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {
+        "containers": [{"name": "t", "volumeMounts": [{"name": "out", "mountPath": "/fedtune/output"},
+                                                      {"name": "ws", "mountPath": "/workspace"},
+                                                      {"name": "tmp", "mountPath": "/tmp"}]}],
+        "volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "poems-lora-output"}},
+                    {"name": "ws", "persistentVolumeClaim": {"claimName": "fedtune-workspace"}},
+                    {"name": "tmp", "emptyDir": {}}]}}  # fmt: skip
+    claims = s.pod_view(pod).claims
+    assert claims == (("/fedtune/output", "poems-lora-output"), ("/workspace", "fedtune-workspace"))
+    assert s.claims_in("PermissionError: [Errno 13] Permission denied: '/workspace/models/x'", claims) == (
+        "claim fedtune-workspace (mounted at /workspace)")
+    assert s.claims_in("/tmp/cache is full", claims) == ""
+
+    message = "PermissionError: [Errno 13] Permission denied: '/fedtune/output/node-1'"
+    world.set_phase("poems-lora-node-1", "Failed", exit_code=1, reason="Error", message=message, claims=claims)
+    world.step()
+    failed = [e[2] for e in world.events if e[1] == "PodFailed"]
+    assert failed and "[claim poems-lora-output (mounted at /fedtune/output)]" in failed[-1]
+    assert "/fedtune/output/node-1" in failed[-1]
