@@ -330,13 +330,24 @@ def test_malformed_dataset_fails_naming_the_file(cluster, operator, api, kubectl
     assert max(failures.values()) == 2 and min(failures.values()) >= 0, status
 
 
-# Connects to each HOST:PORT argument: "open", "refused" or "timeout" (dropped by a policy).
+# Connects to each HOST:PORT argument: "open", "ConnectionRefusedError" or "timeout" (a policy
+# rejects or drops). Names are resolved first, retried for a while: a pod's first lookups may
+# race the node's rules for it, and the lookup is not what is tested.
 CONNECT = """
-import socket, sys
+import socket, sys, time
 for target in sys.argv[1:]:
     host, port = target.rsplit(":", 1)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            address = socket.gethostbyname(host)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((address, int(port)), timeout=5).close()
         print(target, "open")
     except socket.timeout:
         print(target, "timeout")
