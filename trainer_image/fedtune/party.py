@@ -35,7 +35,7 @@ from fedtune.models import (
 )
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -77,7 +77,8 @@ class Party:
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
-        self.secrets: dict[str, bytes] = {}
+        self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
+        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
 
     @staticmethod
@@ -91,7 +92,7 @@ class Party:
     def run(self) -> None:
         shared = self.scheduler.join(self.me.role, shared_config(self.spec) if self.is_assist else None)
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = make_codec(self.spec.encryption)
+        self.codec = job_codec(self.spec)
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
@@ -165,14 +166,22 @@ class Party:
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
-            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
+            if isinstance(self.codec, SecAggPlusCodec):
+                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                                             journal=self.state_dir / "reveals.json")
+            else:
+                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
+                                for peer in peers}
         if self.aggregator is not None:
-            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+            self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
+                                      dict(start.public_keys))
         else:
             address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
                                                       server_name=self.spec.assist_trainer.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -184,8 +193,11 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        plus = self.spec.encryption.secagg_plus
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
-                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s,
+                                            dropout_timeout_s=plus.dropout_timeout_s if plus else None,
+                                            identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         server, port = start_server(self.aggregator, self.ctx.listen or "[::]:55004", self.ctx.tls)
@@ -203,7 +215,13 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_)
+        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
+
+    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
+        assert self.plus is not None
+        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
+                 ", ".join(request.dropped) or "none")
+        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
         tensors = transport.unpack_tensors(self._fetch_global(round_))
@@ -218,8 +236,11 @@ class Party:
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
         else:
-            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                           job_id=self.ctx.job.job_id, round_=round_)
+            if self.plus is not None:
+                protected = self.plus.protect(update, round_)
+            else:
+                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                               job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)

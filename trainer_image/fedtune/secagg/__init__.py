@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedtune.spec import Encryption, format_validation_error, majority
+from fedtune.spec import Encryption, JobSpec, format_validation_error, majority
 
 from .codec import OtpCodec, PlainCodec, UpdateCodec
 from .common import SecAggError, Tensors
@@ -36,6 +36,7 @@ __all__ = [
     "SecAggPlusParty",
     "Tensors",
     "UpdateCodec",
+    "job_codec",
     "make_codec",
     "make_key_agreement",
 ]
@@ -78,3 +79,9 @@ def make_codec(encryption: Encryption | Mapping[str, Any], *, label_trainers: Se
         return OtpCodec(settings.key_bitlength, agreement, generator)
     return SecAggPlusCodec(settings.key_bitlength, agreement, generator, holders=label_trainers, rounds=rounds,
                            threshold=threshold or encryption.secagg_plus.threshold or majority(len(label_trainers)))
+
+
+def job_codec(spec: JobSpec) -> UpdateCodec | SecAggPlusCodec:
+    """The codec of a job's parties: its `encryption`, its label_trainers, rounds and threshold."""
+    return make_codec(spec.encryption, label_trainers=[p.name for p in spec.label_trainers],
+                      rounds=len(spec.fractions()), threshold=spec.secagg_threshold())
