@@ -245,7 +245,7 @@ class Party:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
         self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log, state_dir=state_dir)
+              on_round=self._exchange, on_log=on_log, state_dir=state_dir, packing=self.spec.dataset.packing)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:

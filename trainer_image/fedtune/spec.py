@@ -206,6 +206,9 @@ class Dataset(_Strict):
     prompt_pattern: str = "{}：\n问：{}\n答："
     key_query: str = Field("input", min_length=1)
     key_answer: str = Field("output", min_length=1)
+    # Each batch as one row without padding, position ids restarting per sample (models whose
+    # attention cannot keep the samples apart are refused at start).
+    packing: bool = False
 
     @field_validator("prompt_pattern")
     @classmethod
