@@ -529,6 +529,11 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         own_vols, own_mounts = _claim_mounts(party.volumes, "party")
         volumes += shared_vols + own_vols
         mounts += shared_mounts + own_mounts
+        if spec.ranks(party) > 1:
+            # The party's ranks (started in this container by its command) exchange tensors through
+            # shared memory (NCCL); a container's own /dev/shm is 64 MiB.
+            volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+            mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     port = PORTS[workload.role]
     container = {
         "name": component,
