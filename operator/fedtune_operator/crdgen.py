@@ -34,12 +34,11 @@ from typing import Any
 
 import yaml
 
-from fedtune.spec import KIND, FederatedFineTune, JobSpec
+from fedtune.spec import FederatedFineTune, JobSpec
 
-GROUP = "fedtune.io"
-VERSION = "v1alpha1"
-PLURAL = "federatedfinetunes"
-SINGULAR = "federatedfinetune"
+from .jobs import GROUP, KIND, PLURAL, VERSION
+
+SINGULAR = KIND.lower()
 SHORT_NAMES = ["fft"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 

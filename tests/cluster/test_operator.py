@@ -157,13 +157,13 @@ def apply(kubectl, ns: str, doc: dict[str, Any], check: bool = True) -> subproce
 
 
 def live_job(api: Api, ns: str, doc: dict[str, Any]) -> Any:
-    from fedtune_operator import resources
+    from fedtune_operator.jobs import Job
 
     live = api.job(ns, doc["metadata"]["name"])
     assert live is not None
     document = copy.deepcopy(doc)
     document["metadata"]["namespace"] = ns
-    return resources.Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
+    return Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
 
 
 def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
@@ -173,13 +173,14 @@ def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
 def live_material(api: Api, ns: str, job: Any) -> Any:
     """The job's CA and certificates as the operator stored them."""
     from fedtune import certs
-    from fedtune_operator import resources, tls
+    from fedtune_operator import tls
+    from fedtune_operator.jobs import workloads
 
     if not tls.enabled(job):
         return None
     ca = secret_data(api, ns, tls.ca_secret_name(job))
     roles = {}
-    for w in resources.workloads(job):
+    for w in workloads(job):
         data = secret_data(api, ns, tls.role_secret_name(job, w))
         roles[w.key] = certs.Issued(data["tls.crt"], data["tls.key"])
     return tls.Material(certs.Issued(ca["ca.crt"], ca.get("ca.key", b"")), roles)
@@ -187,21 +188,22 @@ def live_material(api: Api, ns: str, job: Any) -> Any:
 
 def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     """What the resource builders say this resource must become (with its real uid, password, certificates)."""
-    from fedtune_operator import resources
+    from fedtune_operator.children import all_children
+    from fedtune_operator.jobs import child_name, hosts_federation
 
     job = live_job(api, ns, doc)
     password = ""
-    if resources.hosts_federation(job.spec):
-        password = secret_data(api, ns, resources.child_name(job.name, "redis"))["password"].decode()
-    return by_kind_name(resources.all_children(job, password, live_material(api, ns, job)))
+    if hosts_federation(job.spec):
+        password = secret_data(api, ns, child_name(job.name, "redis"))["password"].decode()
+    return by_kind_name(all_children(job, password, live_material(api, ns, job)))
 
 
 def secret_names(api: Api, ns: str, doc: dict[str, Any]) -> set[tuple[str, str]]:
     """The Secrets the operator makes for this resource (the Redis one, the CA, the certificates)."""
-    from fedtune_operator import resources
+    from fedtune_operator.children.secret import secrets
 
     job = live_job(api, ns, doc)
-    return {("Secret", s["metadata"]["name"]) for s in resources.secrets(job, "")}
+    return {("Secret", s["metadata"]["name"]) for s in secrets(job, "")}
 
 
 def wait_for_children(api: Api, ns: str, doc: dict[str, Any], timeout: float = WAIT_S) -> dict:
@@ -253,11 +255,12 @@ def assert_certificates_chain_to(api: Api, ns: str, doc: dict[str, Any], ca_pem:
     from cryptography import x509
 
     from fedtune import certs
-    from fedtune_operator import resources, tls
+    from fedtune_operator import tls
+    from fedtune_operator.jobs import workloads
 
     job = live_job(api, ns, doc)
     ca = x509.load_pem_x509_certificate(ca_pem)
-    for w in resources.workloads(job):
+    for w in workloads(job):
         data = secret_data(api, ns, tls.role_secret_name(job, w))
         assert data["ca.crt"] == ca_pem
         x509.load_pem_x509_certificate(data["tls.crt"]).verify_directly_issued_by(ca)

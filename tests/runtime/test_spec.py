@@ -63,6 +63,13 @@ def test_example_parses_with_reference_meaning() -> None:
          "`node-1` has ranks 4 but resources.gpu gives it 2 GPUs"),
         (lambda d: (d["spec"]["parties"][0].pop("trainset"), d["spec"]["parties"][0].update(ranks=2)),
          "`assist_trainer` has ranks 2 but no trainset"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 3}}),
+         "encryption.secagg_plus.threshold: 3 is more than the 2 label_trainers"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 1}}),
+         "encryption.secagg_plus.threshold: 1 is below a majority of the 2 label_trainers (at least 2)"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"dropout_timeout_s": 0}}),
+         "spec.encryption.secagg_plus.dropout_timeout_s"),
+        (lambda d: d["spec"].update(encryption={"otp": {}, "secagg_plus": {}}), "exactly one of `plain`, `otp` or"),
     ],
 )
 def test_bad_spec_names_the_field(doc: dict, mutate, expected: str) -> None:

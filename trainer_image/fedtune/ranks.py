@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from fedtune.models import adapter_schema, adapter_state, load_adapter_state
+from fedtune.roles import TORCH_THREADS_ENV
 from fedtune.spec import JobSpec, Party, SpecError
 
 AGENT_ENV = "FEDTUNE_RANKS_AGENT"  # pid of the torchrun agent a rank belongs to
-THREADS_ENV = "FEDTUNE_TORCH_THREADS"
 # Training collectives: ranks step together; rank 0 may spend up to its connection deadline
 # reporting to a restarting scheduler between two steps.
 TRAINING_TIMEOUT = timedelta(hours=1)
@@ -70,8 +70,8 @@ def relaunch(count: int, argv: list[str]) -> NoReturn:
     env = dict(os.environ)
     env[AGENT_ENV] = str(os.getpid())
     # The party's CPU share is split among its ranks.
-    threads = max(1, int(env.get(THREADS_ENV) or os.cpu_count() or 1) // count)
-    env[THREADS_ENV] = env["OMP_NUM_THREADS"] = str(threads)
+    threads = max(1, int(env.get(TORCH_THREADS_ENV) or os.cpu_count() or 1) // count)
+    env[TORCH_THREADS_ENV] = env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
                "-m", "fedtune", *argv]
     sys.stdout.flush()

@@ -81,21 +81,46 @@ class Otp(_Strict):
     csprng: Csprng = Field(default_factory=Csprng)
 
 
+class SecAggPlus(Otp):
+    """Secure aggregation that survives label_trainers dropping out mid-round (`fedtune.secagg.plus`)."""
+
+    # Shares it takes to remove a round's masks: at least a majority of the label_trainers (the default).
+    threshold: int | None = Field(None, ge=1)
+    # A label_trainer that has not uploaded a round and has given no sign of life for this long since
+    # the round's first upload is dropped from it (`aggregation.round_timeout_s` drops every latecomer).
+    dropout_timeout_s: float = Field(60.0, gt=0)
+
+
+SCHEMES = ("plain", "otp", "secagg_plus")
+
+
+def majority(count: int) -> int:
+    """The smallest number of share holders that no two disjoint groups can both reach."""
+    return count // 2 + 1
+
+
 class Encryption(_Strict):
     plain: dict[str, Any] | None = None
     otp: Otp | None = None
+    secagg_plus: SecAggPlus | None = None
 
     @model_validator(mode="after")
     def _one_scheme(self) -> Encryption:
-        if self.plain is not None and self.otp is not None:
-            raise ValueError("set exactly one of `plain` or `otp`")
-        if self.plain is None and self.otp is None:
+        chosen = [name for name in SCHEMES if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError("set exactly one of `plain`, `otp` or `secagg_plus`")
+        if not chosen:
             self.plain = {}
         return self
 
     @property
-    def scheme(self) -> Literal["plain", "otp"]:
-        return "otp" if self.otp is not None else "plain"
+    def scheme(self) -> Literal["plain", "otp", "secagg_plus"]:
+        return next(name for name in SCHEMES if getattr(self, name) is not None)  # type: ignore[return-value]
+
+    @property
+    def masking(self) -> Otp | None:
+        """The settings of the masking scheme (`otp` or `secagg_plus`), None for `plain`."""
+        return self.otp or self.secagg_plus
 
 
 class Lora(BaseModel):
@@ -315,6 +340,7 @@ class JobSpec(_Strict):
                 )
             self._check_ranks(party)
         self.fractions()
+        self._check_threshold()
         return self
 
     def _check_ranks(self, party: Party) -> None:
@@ -326,6 +352,25 @@ class JobSpec(_Strict):
         if 0 < party.resources.gpu < party.ranks:
             raise ValueError(f"parties: `{party.name}` has ranks {party.ranks} but resources.gpu gives it "
                              f"{party.resources.gpu} GPUs: one rank per GPU at most")
+
+    def _check_threshold(self) -> None:
+        plus = self.encryption.secagg_plus
+        if plus is None or plus.threshold is None:
+            return
+        n = len(self.label_trainers)
+        if plus.threshold > n:
+            raise ValueError(f"encryption.secagg_plus.threshold: {plus.threshold} is more than the {n} label_trainers")
+        if plus.threshold < majority(n):
+            raise ValueError(
+                f"encryption.secagg_plus.threshold: {plus.threshold} is below a majority of the {n} label_trainers "
+                f"(at least {majority(n)}): two groups of fewer could each reveal one half of a party's masks"
+            )
+
+    def secagg_threshold(self) -> int:
+        """The shares a secagg_plus round needs: as configured, or a majority of the label_trainers."""
+        plus = self.encryption.secagg_plus
+        configured = plus.threshold if plus is not None else None
+        return configured or majority(len(self.label_trainers))
 
     # --- derived views -------------------------------------------------------------------
 
