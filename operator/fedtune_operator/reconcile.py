@@ -193,7 +193,13 @@ class Reconciler:
         pods_to_create = [role_pod(job, w) for w in plan.create]
         if plan.create_redis:
             pods_to_create.insert(0, redis_pod(job))
-        self._create_all(pods_to_create)
+        try:
+            self._create_all(pods_to_create)
+        except ApiError as err:
+            if err.status != 422:
+                raise
+            # Invalid: e.g. a label or a pod template overlay the Pod API refuses; no retry helps.
+            return self._invalid(body, plan.status, f"the API server refuses a pod of this job: {err.message}")
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
         return plan.status["phase"]

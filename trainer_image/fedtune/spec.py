@@ -234,6 +234,36 @@ class Volume(_Strict):
     readOnly: bool = False
 
 
+# Fields typed by a Kubernetes API type: the CRD generator puts that type's own OpenAPI schema here.
+KUBE_TYPE = "x-fedtune-kube-type"
+
+
+def _kube_type(name: str) -> dict[str, str]:
+    return {KUBE_TYPE: name}
+
+
+class Scheduling(_Strict):
+    """Where a job's pods may run and how the cluster treats them (Kubernetes only).
+
+    `spec.scheduling` applies to every pod of the job; `parties[].scheduling` is laid over it
+    for that party's pod: lists add up, maps merge (the party's keys win), single values are
+    replaced, and the party's `podTemplate` is laid over the job's.
+    """
+
+    tolerations: list[dict[str, Any]] = Field(default_factory=list,
+                                              json_schema_extra=_kube_type("io.k8s.api.core.v1.Toleration"))
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = Field(None, json_schema_extra=_kube_type("io.k8s.api.core.v1.Affinity"))
+    priorityClassName: str | None = None
+    schedulerName: str | None = None
+    imagePullSecrets: list[dict[str, Any]] = Field(
+        default_factory=list, json_schema_extra=_kube_type("io.k8s.api.core.v1.LocalObjectReference"))
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    # Anything else, as a partial pod template (`metadata`, `spec`) merged over the pod fedtune builds.
+    podTemplate: dict[str, Any] | None = Field(None, json_schema_extra=_kube_type("PodTemplateOverlay"))
+
+
 class Remote(_Strict):
     """A party run by another organisation: only its address is known here."""
 
@@ -253,6 +283,7 @@ class Party(_Strict):
     # Data-parallel training processes of this party (default: one per `resources.gpu`, at least one).
     ranks: int | None = Field(None, ge=1)
     volumes: list[Volume] = Field(default_factory=list)
+    scheduling: Scheduling | None = None
     remote: Remote | None = None
     # host:port of this party's gRPC server (only the assist_trainer serves); filled by the launcher.
     address: str | None = None
@@ -321,6 +352,7 @@ class JobSpec(_Strict):
     workingDir: str = Field("/workspace", pattern=r"^/")
     tls: Tls = Field(default_factory=Tls)
     backoffLimit: int = Field(3, ge=0)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
 
     @model_validator(mode="after")
     def _parties_make_a_federation(self) -> JobSpec:

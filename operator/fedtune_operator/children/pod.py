@@ -1,5 +1,7 @@
 """Pods: Redis (J-redis), the scheduler (J-scheduler) and one per local party (J-<party>).
 
+Each pod is placed as spec.scheduling (and, for a party, its parties[].scheduling) says: `scheduling.py`.
+
 Every pod is bare (restartPolicy Never: the operator decides about retries, `status.py`)
 and locked down: non-root users, every capability dropped, no privilege escalation,
 seccomp RuntimeDefault, a read-only root filesystem (caches go to a /tmp emptyDir) and no
@@ -18,6 +20,7 @@ from fedtune.spec import Party, Volume
 
 from .. import tls
 from ..jobs import Job, Workload, child_name, component_of, metadata, output_claim, workload_party
+from . import scheduling
 from .configmap import CONFIG_DIR, JOB_FILE
 
 OUTPUT_DIR = "/fedtune/output"
@@ -98,7 +101,7 @@ def redis_pod(job: Job) -> dict[str, Any]:
         data = {"name": "data", "persistentVolumeClaim": {"claimName": child_name(job.name, "redis-data")}}
     else:
         data = {"name": "data", "emptyDir": {}}
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata(job, name, "redis"),
@@ -128,6 +131,7 @@ def redis_pod(job: Job) -> dict[str, Any]:
             "volumes": [data, secret_volume("config", name, [REDIS_CONFIG])],
         },
     }
+    return scheduling.apply(pod, scheduling.for_pod(job, None))
 
 
 # --- the roles ----------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         # pod's termination message, and so the resource's Failed condition.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    return {
+    pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata(job, workload.pod_name, component, party_name),
@@ -249,3 +253,4 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
             "volumes": volumes,
         },
     }
+    return scheduling.apply(pod, scheduling.for_pod(job, party))
