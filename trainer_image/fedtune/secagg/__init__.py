@@ -43,12 +43,12 @@ __all__ = [
 
 
 def make_key_agreement(key_exchange: Any, section: str = "otp") -> KeyAgreement:
-    """The key agreement named by a `fedtune.spec.KeyExchange` (`curve: x25519` wins over the group)."""
+    """The key agreement named by a `fedtune.spec.KeyExchange`: X25519, or an RFC 7919 group."""
     if key_exchange.curve == "x25519":
         return X25519KeyAgreement()
-    if key_exchange.curve is not None:
+    if key_exchange.curve != "ffdhe":
         curve = key_exchange.curve
-        raise SecAggError(f"encryption.{section}.key_exchange.curve: unknown curve `{curve}` (have x25519)")
+        raise SecAggError(f"encryption.{section}.key_exchange.curve: unknown curve `{curve}` (have x25519, ffdhe)")
     try:
         group = ffdhe_group(key_exchange.key_bitlength)
     except KeyError as err:
