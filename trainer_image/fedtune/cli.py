@@ -12,15 +12,14 @@ import os
 import sys
 from pathlib import Path
 
-from fedtune import roles
+from fedtune import logs, roles
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
 log = logging.getLogger("fedtune")
 
 
 def _setup_logging(name: str, level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    logs.setup(name, level)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
