@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import yaml
 
 from fedtune import certs
-from fedtune.spec import FederatedFineTune, JobSpec, Party, Volume
+from fedtune.spec import FederatedFineTune, JobSpec, Party, Volume, expand_output_path
 
 from . import crdgen, tls
 
@@ -155,7 +156,22 @@ def name_problems(job: Job) -> list[str]:
                 f"child name `{name}` is not a valid Service name (a DNS label: a letter first, "
                 f"at most {_MAX_DNS_LABEL} characters); shorten metadata.name or the party name"
             )
-    return problems + tls.name_problems(job, workloads(job)) + _federation_problems(job)
+    return problems + tls.name_problems(job, workloads(job)) + _federation_problems(job) + _output_problems(job)
+
+
+def _output_problems(job: Job) -> list[str]:
+    """An absolute spec.output.path must lie on a writable claim mounted in the party's pod
+    (the root filesystem is read-only)."""
+    problems = []
+    for party in local_parties(job.spec):
+        folder = party_output_dir(job, party.name)
+        if folder.startswith(OUTPUT_DIR + "/"):
+            continue
+        mounts = [v.mountPath for v in [*job.spec.storage.volumes, *party.volumes] if not v.readOnly]
+        if not any(folder == m or folder.startswith(m.rstrip("/") + "/") for m in mounts):
+            problems.append(f"spec.output.path: {folder} (party `{party.name}`) is on no writable volume; use a "
+                            "relative path (inside the output claim) or mount a claim there (spec.storage.volumes)")
+    return problems
 
 
 def _federation_problems(job: Job) -> list[str]:
@@ -168,7 +184,7 @@ def _federation_problems(job: Job) -> list[str]:
     problems = []
     if not hosts_federation(spec) and not spec.scheduler.address:
         problems.append(
-            f"the assist_trainer `{spec.assist_trainer.name}` is remote, and the scheduler runs with it: set "
+            f"the assist_trainer `{spec.authority.name}` is remote, and the scheduler runs with it: set "
             "spec.scheduler.address to the host:port where that organisation serves it"
         )
     if not spec.tls.enabled:
@@ -234,7 +250,7 @@ def hosts_federation(spec: JobSpec) -> bool:
     this cluster runs only its own label_trainers, which call that scheduler
     (`spec.scheduler.address`) and that aggregator (the assist_trainer's `remote.address`).
     """
-    return spec.assist_trainer.remote is None
+    return spec.authority.remote is None
 
 
 def workloads(job: Job) -> list[Workload]:
@@ -251,8 +267,22 @@ def output_claim(job: Job) -> str:
     return job.spec.storage.output.claimName or child_name(job.name, "output")
 
 
+def party_output_dir(job: Job, party: str) -> str:
+    """Where a party's pod writes its adapters: OUTPUT_DIR/<party> in the output claim, or
+    spec.output.path filled in (relative: inside the output claim; absolute: as given)."""
+    if job.spec.output is None:
+        return f"{OUTPUT_DIR}/{party}"
+    path = expand_output_path(job.spec.output.path, job.name, party)
+    return path if path.startswith("/") else posixpath.normpath(posixpath.join(OUTPUT_DIR, path))
+
+
 def output_location(job: Job) -> str:
-    return f"pvc://{output_claim(job)}/"
+    """Where the adapters are, `[NODE_ID]` standing for each party."""
+    folder = party_output_dir(job, "[NODE_ID]")
+    if folder == f"{OUTPUT_DIR}/[NODE_ID]":
+        return f"pvc://{output_claim(job)}/"
+    inside = folder[len(OUTPUT_DIR) + 1:] if folder.startswith(OUTPUT_DIR + "/") else None
+    return f"pvc://{output_claim(job)}/{inside}" if inside is not None else folder
 
 
 # --- the job spec every role reads ------------------------------------------------------
@@ -459,6 +489,8 @@ def _role_command(job: Job, role: str, party: str | None) -> list[str]:
     command = ["fedtune", SUBCOMMANDS[role], "--job", JOB_FILE]
     if party is not None:
         command += ["--party", party]
+    if party is not None and job.spec.output is not None:
+        return [*command, "--base-dir", job.spec.workingDir, "--output-dir", party_output_dir(job, party)]
     return [*command, "--base-dir", job.spec.workingDir, "--output", OUTPUT_DIR]
 
 

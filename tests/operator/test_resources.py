@@ -230,3 +230,25 @@ def test_names_the_api_server_would_refuse_are_reported(example) -> None:
     example["metadata"]["name"] = "job"
     example["spec"]["parties"][1]["name"] = "Redis"
     assert "reserved" in r.name_problems(make_job(example))[0]
+
+
+def test_output_path_when_given_is_where_each_party_writes(example) -> None:
+    relative = copy.deepcopy(example)
+    relative["spec"]["output"] = {"path": "runs/[JOB_ID]/[NODE_ID]"}
+    job = make_job(relative)
+    pods = {p["metadata"]["name"]: p for p in r.all_children(job, "pw") if p["kind"] == "Pod"}
+    assert container(pods["poems-lora-node-1"])["command"][-2:] == [
+        "--output-dir", "/fedtune/output/runs/poems-lora/node-1"]
+    assert r.output_location(job) == "pvc://poems-lora-output/runs/poems-lora/[NODE_ID]"
+    assert r.name_problems(job) == []
+
+    absolute = copy.deepcopy(example)
+    absolute["spec"]["output"] = {"path": "/opt/checkpoints/[JOB_ID]/[NODE_ID]"}
+    job = make_job(absolute)
+    problems = r.name_problems(job)
+    assert len(problems) == 3 and all("/opt/checkpoints/poems-lora/" in p and "no writable volume" in p
+                                      for p in problems)
+    absolute["spec"]["storage"]["volumes"].append({"claimName": "checkpoints", "mountPath": "/opt/checkpoints"})
+    job = make_job(absolute)
+    assert r.name_problems(job) == []
+    assert r.output_location(job) == "/opt/checkpoints/poems-lora/[NODE_ID]"

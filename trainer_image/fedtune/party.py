@@ -37,6 +37,7 @@ from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import make_codec
 from fedtune.spec import (
+    STATE_DIR,
     FederatedFineTune,
     JobSpec,
     aggregation_steps,
@@ -48,8 +49,6 @@ from fedtune.spec import (
 from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
 
 
 @dataclass
@@ -72,6 +71,7 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == "assist_trainer"
         self.spec: JobSpec = ctx.job.spec
+        self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
@@ -89,9 +89,11 @@ class Party:
     # --- the whole run ---------------------------------------------------------------------
 
     def run(self) -> None:
-        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if self.is_assist else None)
+        authority = self.me.name == self.spec.authority.name
+        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if authority else None)
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = make_codec(self.spec.encryption)
+        self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
@@ -101,7 +103,8 @@ class Party:
         try:
             start = self.scheduler.ready(self._ready_request())
             self._take_start(start)
-            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if not self.standalone:
+                self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
@@ -141,7 +144,7 @@ class Party:
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
             if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
                 request.certificate = self.ctx.tls.cert
@@ -160,7 +163,9 @@ class Party:
 
     def _take_start(self, start: pb.StartInfo) -> None:
         self.weight = start.weights.get(self.ctx.name, 0.0)
-        if self.codec.needs_keys and not self.is_assist:
+        if self.standalone:
+            return
+        if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
@@ -169,9 +174,9 @@ class Party:
         if self.aggregator is not None:
             self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
         else:
-            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
-            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
-                                                      server_name=self.spec.assist_trainer.name,
+            assist = self.spec.authority
+            address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
@@ -214,6 +219,10 @@ class Party:
         round_ = index + 1
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
+        if self.standalone:
+            self._save_round(round_)
+            self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=0.0)
+            return
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))

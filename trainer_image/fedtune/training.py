@@ -78,19 +78,27 @@ def plan_max_steps(n_samples: int, trainer_args: dict[str, Any]) -> int:
     return math.ceil(float(trainer_args.get("num_train_epochs", 3.0)) * per_epoch)
 
 
+# The reference's trainer keys that are no TrainingArguments field of transformers 5: translated or set here.
+REFERENCE_TRAINER_KEYS = ("no_cuda", "save_strategy")
+
+
+def check_trainer_keys(trainer_args: dict[str, Any]) -> None:
+    """Every trainer key is a TrainingArguments field (or one of the reference's), none is fedtune's own."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in trainer_args:
+        if key in MANAGED_TRAINER_KEYS:
+            raise ValueError(f"trainer.{key}: managed by fedtune (checkpoints follow aggregation.agg_steps)")
+        if key not in known and key not in REFERENCE_TRAINER_KEYS:
+            raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
+
+
 def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: Path) -> TrainingArguments:
     """The spec's trainer keys as TrainingArguments, with what fedtune manages fixed."""
+    check_trainer_keys(trainer_args)
     args = dict(trainer_args)
     if args.pop("no_cuda", False):
         args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way
     args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
-    for key in MANAGED_TRAINER_KEYS:
-        if key in args:
-            raise ValueError(f"trainer.{key}: managed by fedtune (checkpoints follow aggregation.agg_steps)")
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in args:
-        if key not in known:
-            raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
     args.update(
         output_dir=str(state_dir),
         max_steps=max_steps,  # the planned count, so Trainer and the aggregation points agree
