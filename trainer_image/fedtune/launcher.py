@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedtune import certs, files
+from fedtune import certs, files, roles
 from fedtune.cli import EXIT_FAILED, EXIT_TIMEOUT
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
 from fedtune.spec import (
@@ -109,7 +109,7 @@ class Role:
     """One local process of the job."""
 
     name: str
-    command: str  # scheduler | assist-trainer | label-trainer
+    role: str  # scheduler | assist_trainer | label_trainer
     listen_port: int | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -152,15 +152,11 @@ def claim_output(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) 
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def with_local_addresses(job: FederatedFineTune, redis_address: str, roles: dict[str, Role]) -> FederatedFineTune:
+def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict[str, Role]) -> FederatedFineTune:
     data = job.model_dump(mode="json", exclude_none=True)
-    spec = data["spec"]
-    spec["redis"]["address"] = redis_address
-    spec.setdefault("scheduler", {})["address"] = f"{LOOPBACK}:{roles['scheduler'].listen_port}"
-    for party in spec["parties"]:
-        role = roles.get(party["name"])
-        if role is not None and role.listen_port:
-            party["address"] = f"{LOOPBACK}:{role.listen_port}"
+    served = {name: f"{LOOPBACK}:{role.listen_port}" for name, role in local.items() if role.listen_port}
+    data["spec"] = roles.with_addresses(data["spec"], scheduler=served.pop(roles.SCHEDULER), redis=redis_address,
+                                        parties=served)
     return FederatedFineTune.model_validate(data)
 
 
@@ -181,16 +177,15 @@ class LocalJob:
         self.run_dir = output / RUN_DIR
         self.private_dir: Path | None = None  # made by start(), removed by stop()
         self.redis = RedisServer(appendonly=redis_appendonly)  # its own private folder, removed on stop
-        self.roles: dict[str, Role] = {"scheduler": Role("scheduler", "scheduler", free_port())}
+        self.roles: dict[str, Role] = {roles.SCHEDULER: Role(roles.SCHEDULER, roles.SCHEDULER, free_port())}
         for party in job.spec.parties:
             if party.remote is None:
-                command = "assist-trainer" if party.role == "assist_trainer" else "label-trainer"
-                port = free_port() if party.role == "assist_trainer" else None
-                self.roles[party.name] = Role(party.name, command, port)
-        self.party_dirs = party_dirs or {name: output / name for name in self.roles if name != "scheduler"}
+                port = free_port() if party.role == roles.ASSIST_TRAINER else None
+                self.roles[party.name] = Role(party.name, party.role, port)
+        self.party_dirs = party_dirs or {name: output / name for name in self.roles if name != roles.SCHEDULER}
         training = sum(1 for p in job.spec.parties if p.remote is None and job.spec.trainset(p))
         # Parties share this machine's cores instead of each claiming all of them.
-        self.torch_threads = (torch_threads or int(os.environ.get("FEDTUNE_TORCH_THREADS", "0"))
+        self.torch_threads = (torch_threads or int(os.environ.get(roles.TORCH_THREADS_ENV, "0"))
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
@@ -223,16 +218,14 @@ class LocalJob:
 
     def start_role(self, name: str) -> None:
         role = self.roles[name]
-        command = [sys.executable, "-m", "fedtune", "--log-level", self.log_level, role.command,
-                   "--job", str(self.job_file), "--base-dir", str(self.base_dir)]
-        if role.command != "scheduler":
-            command += ["--party", name, "--output-dir", str(self.party_dirs[name])]
-        if role.listen_port:
-            command += ["--listen", f"{LOOPBACK}:{role.listen_port}"]
-        if self.job.spec.tls.enabled:
-            command += ["--tls-dir", str(self.tls_dir(name))]
-        env = {**os.environ, "FEDTUNE_REDIS_PASSWORD": self.redis.password,
-               "FEDTUNE_TORCH_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+        party = None if role.role == roles.SCHEDULER else name
+        command = [sys.executable, "-m", "fedtune", *roles.role_argv(
+            role.role, self.job_file, party=party, base_dir=self.base_dir,
+            output_dir=self.party_dirs[name] if party else None, log_level=self.log_level,
+            listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
+            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None)]
+        env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
+               roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
         role.log_path = self.run_dir / "logs" / f"{name}.log"
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
