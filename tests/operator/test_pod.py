@@ -71,6 +71,19 @@ def test_pods_are_bare_locked_down_and_never_restart_themselves(job) -> None:
         assert "ownerReferences" in pod["metadata"]
 
 
+def test_a_party_with_several_ranks_runs_them_in_its_pod(example) -> None:
+    example["spec"]["parties"][1]["resources"] = {"gpu": 2}
+    job = make_job(example)
+    node1, node2 = (role_pod(job, w) for w in workloads(job)[2:4])
+    c = container(node1)
+    # One container: the party's command starts its two ranks itself (torchrun), one per GPU.
+    assert len(node1["spec"]["containers"]) == 1 and c["command"][:2] == ["fedtune", "label-trainer"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    shm = next(m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert {"name": shm["name"], "emptyDir": {"medium": "Memory"}} in node1["spec"]["volumes"]
+    assert all(m["mountPath"] != "/dev/shm" for m in container(node2)["volumeMounts"])
+
+
 def test_gpu_cpu_memory_and_claims(example) -> None:
     spec = example["spec"]
     spec["parties"][1]["resources"] = {"gpu": 2, "cpu": "4", "memory": "16Gi"}

@@ -4,6 +4,10 @@ One flow serves both roles: join and take the assist_trainer's configuration, bu
 adapter, get ready (sample count, adapter schema, key-agreement key), start from the same
 initial adapter, train locally and, at each aggregation point, exchange the adapter for
 the global one and write it as `checkpoint-<fraction>/`.
+
+A party with several ranks (`fedtune.ranks`) runs this flow in each: rank 0 alone talks to the
+federation and writes files; the others take the shared configuration and every global adapter
+from it, and train with it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, roles, transport
+from fedtune import certs, files, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -73,6 +77,7 @@ class Party:
         self.spec: JobSpec = ctx.job.spec
         self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
+        self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
@@ -89,34 +94,38 @@ class Party:
     # --- the whole run ---------------------------------------------------------------------
 
     def run(self) -> None:
-        authority = self.me.name == self.spec.authority.name
-        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if authority else None)
+        lead = self.ranks.leader
+        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
+        own = shared_config(self.spec) if authority else None
+        shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = make_codec(self.spec.encryption)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
-        self.max_steps = plan_max_steps(len(self.features), self.args) if self.features else 0
+        self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
-        server = self._start_aggregator() if self.is_assist else None
+        server = self._start_aggregator() if self.is_assist and lead else None
         try:
-            start = self.scheduler.ready(self._ready_request())
-            self._take_start(start)
+            if lead:
+                self._take_start(self.scheduler.ready(self._ready_request()))
             if not self.standalone:
                 self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
                 self._follow_rounds()
-            self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
-                                  max_steps=self.max_steps)
+            if lead:
+                self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
+                                      max_steps=self.max_steps)
             if server is not None:
                 self._serve_until_done()
         finally:
             if server is not None:
                 server.stop(grace=2).wait()
-        shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
+        if lead:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
 
     def _build_model(self) -> tuple[Any, Any]:
         transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
@@ -130,7 +139,7 @@ class Party:
         return model, tokenizer
 
     def _device(self) -> str:
-        return "cpu" if self.spec.trainer_args(self.me).get("no_cuda") or not torch.cuda.is_available() else "cuda"
+        return f"cuda:{self.ranks.local_rank}" if ranks.uses_cuda(self.spec, self.me) else "cpu"
 
     def _load_data(self) -> list[dict[str, list[int]]]:
         entries = self.spec.trainset(self.me)
@@ -212,18 +221,25 @@ class Party:
         return self.aggregator_client.fetch(round_)
 
     def _load_global(self, round_: int) -> None:
-        tensors = transport.unpack_tensors(self._fetch_global(round_))
-        load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        """Rank 0 fetches the round's global adapter; every rank takes it."""
+        if self.ranks.leader:
+            tensors = transport.unpack_tensors(self._fetch_global(round_))
+            load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        self.ranks.share_adapter(self.model)
 
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            if self.ranks.leader:
+                self._save_round(round_)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+            return
+        if not self.ranks.leader:
+            self._load_global(round_)
+            return
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
-        if self.standalone:
-            self._save_round(round_)
-            self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=0.0)
-            return
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
@@ -253,9 +269,11 @@ class Party:
         resume = latest_state(state_dir)
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
-        self.scheduler.report("training", step=0, max_steps=self.max_steps)
+        if self.ranks.leader:
+            self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log, state_dir=state_dir)
+              on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              packing=self.spec.dataset.packing)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:
@@ -288,6 +306,8 @@ def run_party(ctx: Context) -> int:
         log.error("job failed elsewhere: %s", err)
         return 1
     except Exception as err:
+        if not party.ranks.leader:  # rank 0 speaks for the party; torchrun ends it when this rank fails
+            raise
         message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         try:
             party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])

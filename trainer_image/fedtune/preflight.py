@@ -3,9 +3,9 @@
 In the order of their cost, so that the usual mistakes fail within a second: the model folders
 and the datasets (files exist, parse, have the keys and at least one instance), then the trainer
 and peft keys against transformers' TrainingArguments and peft's config (importing those takes
-seconds), then whether `aggregation.agg_steps` gives every party distinct rounds for its own
-step count. Each error names the job file and the field, and the data file and instance where
-there is one. Nothing is written.
+seconds), that a party's ranks fit its devices, then whether `aggregation.agg_steps` gives
+every party distinct rounds for its own step count. Each error names the job file and the
+field, and the data file and instance where there is one. Nothing is written.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def check_job(job: FederatedFineTune, base_dir: Path, source: str) -> dict[str, 
                    for i, party in enumerate(spec.parties) if party.remote is None}
         _check_adapter(spec, base_dir)
         _check_keys(spec)
+        _check_devices(spec)
         return {name: _plan(spec, spec.party(name), n) for name, n in samples.items()}
     except ValueError as err:  # SpecError, DataError, ModelError: each names its field or file
         raise SpecError(f"{source}: {err}") from None
@@ -107,12 +108,21 @@ def _check_keys(spec: JobSpec) -> None:
         raise SpecError(f"spec.{err}") from None
 
 
+def _check_devices(spec: JobSpec) -> None:
+    """A party's ranks fit its devices (CUDA's count needs torch: only for parties with several ranks)."""
+    for party in spec.parties:
+        if party.remote is None and spec.ranks(party) > 1:
+            from fedtune.ranks import check_devices
+
+            check_devices(spec, party)
+
+
 def _plan(spec: JobSpec, party: Party, samples: int) -> PartyPlan:
     if samples == 0:
         return PartyPlan(party.name, 0)
     from fedtune.training import plan_max_steps
 
-    max_steps = plan_max_steps(samples, spec.trainer_args(party))
+    max_steps = plan_max_steps(samples, spec.trainer_args(party), spec.ranks(party))
     try:
         steps = aggregation_steps(spec.fractions(), max_steps)
     except SpecError as err:

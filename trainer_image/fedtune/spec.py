@@ -207,6 +207,9 @@ class Dataset(_Strict):
     prompt_pattern: str = "{}：\n问：{}\n答："
     key_query: str = Field("input", min_length=1)
     key_answer: str = Field("output", min_length=1)
+    # Each batch as one row without padding, position ids restarting per sample (models whose
+    # attention cannot keep the samples apart are refused at start).
+    packing: bool = False
 
     @field_validator("prompt_pattern")
     @classmethod
@@ -281,6 +284,8 @@ class Party(_Strict):
     pretrained_model: PathRef | None = None
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
+    # Data-parallel training processes of this party (default: one per `resources.gpu`, at least one).
+    ranks: int | None = Field(None, ge=1)
     volumes: list[Volume] = Field(default_factory=list)
     scheduling: Scheduling | None = None
     remote: Remote | None = None
@@ -372,9 +377,20 @@ class JobSpec(_Strict):
                 raise ValueError(
                     f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)"
                 )
+            self._check_ranks(party)
         self.fractions()
         self._check_threshold()
         return self
+
+    def _check_ranks(self, party: Party) -> None:
+        if party.ranks is None or party.ranks == 1:
+            return
+        if not self.trainset(party):
+            raise ValueError(f"parties: `{party.name}` has ranks {party.ranks} but no trainset: a party that only "
+                             "aggregates runs as one process")
+        if 0 < party.resources.gpu < party.ranks:
+            raise ValueError(f"parties: `{party.name}` has ranks {party.ranks} but resources.gpu gives it "
+                             f"{party.resources.gpu} GPUs: one rank per GPU at most")
 
     def _check_threshold(self) -> None:
         plus = self.encryption.secagg_plus
@@ -426,6 +442,17 @@ class JobSpec(_Strict):
         if party.trainset is not None:
             return party.trainset
         return self.input.trainset if party.role == "label_trainer" else []
+
+    def ranks(self, party: Party) -> int:
+        """The party's data-parallel processes: `ranks`, else one per GPU; one for a party that only aggregates."""
+        if not self.trainset(party):
+            return 1
+        return party.ranks or max(party.resources.gpu, 1)
+
+    def ranks_field(self, party: Party) -> str:
+        """The spec field a party's rank count comes from, for messages."""
+        index = self.parties.index(party)
+        return f"spec.parties[{index}].{'ranks' if party.ranks else 'resources.gpu'}"
 
     def pretrained_model(self, party: Party) -> str:
         return (party.pretrained_model or self.input.pretrained_model).path

@@ -227,6 +227,11 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         own_vols, own_mounts = _claim_mounts(party.volumes, "party")
         volumes += shared_vols + own_vols
         mounts += shared_mounts + own_mounts
+        if spec.ranks(party) > 1:
+            # The party's command starts its ranks in this container (fedtune.ranks); they exchange
+            # tensors through shared memory (NCCL), and a container's own /dev/shm is 64 MiB.
+            volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+            mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     container = {
         "name": component,
         "image": spec.image,
