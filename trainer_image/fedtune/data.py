@@ -217,6 +217,8 @@ class PackedCollator:
     """
 
     def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -245,6 +247,8 @@ def check_packing(model: torch.nn.Module) -> None:
     outputs it has alone. Models that ignore restarting position ids (their own remote code,
     peft's prefix tuning, whose cache switches transformers' packed masks off) fail this.
     """
+    import torch
+
     first, second = [4, 5, 6, 7], [8, 9, 10]
     packed = PackedCollator()([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
     alone = PackedCollator()([{"input_ids": second, "labels": second}])
