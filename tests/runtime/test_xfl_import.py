@@ -15,7 +15,7 @@ import yaml
 from fedtune.cli import main
 from fedtune.spec import SpecError, parse_job
 from fedtune.xfl import import_xfl
-from support.xfl_demos import DEMOS, ENV, Demo, write_demo, write_xfl_home
+from support.xfl_demos import DEMOS, ENV, OTP, Demo, write_demo, write_xfl_home
 
 DEMO_IDS = [d.name for d in DEMOS]
 
@@ -82,6 +82,24 @@ def test_every_demo_folder_runs(tmp_path: Path, remote_chatglm: Path, demo: Demo
                                                  "adapter_model.safetensors")).read_bytes() for p in parties}
     if "LORA" in demo.peft:
         assert len(set(final.values())) == 1, "every party holds the same global adapter"
+
+
+@pytest.mark.parametrize("otp", [OTP["otp"], {"key_bitlength": 64}], ids=["as-in-the-demos", "bits-only"])
+def test_imported_otp_keeps_the_reference_key_exchange_and_generator(tmp_path: Path, otp: dict) -> None:
+    """fedtune's own defaults are x25519 and chacha20; an imported job behaves as it did in XFL."""
+    from fedtune.secagg import make_codec
+
+    demo = next(d for d in DEMOS if d.name == "3party_lora")
+    config = write_demo(write_xfl_home(tmp_path / "XFL", tmp_path / "model"), demo)
+    assist = config / "trainer_config_assist_trainer.json"
+    data = json.loads(assist.read_text())
+    data[0]["train_info"]["train_params"]["encryption"] = {"otp": otp}
+    assist.write_text(json.dumps(data))
+    codec = make_codec(parse_job(yaml.safe_load(imported(config, demo).text)).spec.encryption)
+    assert (codec.key_agreement.name, codec.generator.name, codec.generator.method) == (
+        "ffdhe3072", "hmac_drbg", "sha512")
+    fresh = make_codec({"otp": {}})
+    assert (fresh.key_agreement.name, fresh.generator.name) == ("x25519", "chacha20")
 
 
 def test_only_the_nodes_run_here_are_local(tmp_path: Path) -> None:

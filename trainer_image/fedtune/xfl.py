@@ -238,6 +238,7 @@ def import_xfl(config_dir: Path, *, name: str | None = None, base_dir: Path | No
     main_config = configs[authority]
     main_params = _params(main_config, files[authority])
     spec: dict[str, Any] = {key: main_params[key] for key in _SECTIONS if key in main_params}
+    _keep_reference_crypto(spec.get("encryption"))
     spec["trainer"] = {k: v for k, v in spec.get("trainer", {}).items() if k != "save_strategy"}
     shared_input = _input_paths(main_config.get("input") or {}, paths, str(files[authority]))
     spec["input"] = {k: v for k, v in shared_input.items() if k not in ("trainset", "valset")}
@@ -264,6 +265,17 @@ def import_xfl(config_dir: Path, *, name: str | None = None, base_dir: Path | No
     header = (f"# Imported from the XFL config folder {config_dir.resolve().name} by `fedtune import-xfl`.\n"
               "# aggregation.weighting: uniform is XFL's plain mean; `samples` weights parties by their data.\n")
     return Imported(header + dump_job(job), notes)
+
+
+def _keep_reference_crypto(encryption: Any) -> None:
+    """An imported `otp` keeps the reference's key exchange and generator (ffdhe, HMAC_DRBG), written
+    out: fedtune's own defaults are x25519 and chacha20."""
+    otp = encryption.get("otp") if isinstance(encryption, dict) else None
+    if not isinstance(otp, dict):
+        return
+    for section, key, value in (("key_exchange", "curve", "ffdhe"), ("csprng", "name", "hmac_drbg")):
+        if isinstance(otp.setdefault(section, {}), dict):
+            otp[section].setdefault(key, value)
 
 
 def _party(node: str, config: dict[str, Any] | None, path: Path, address: str, is_local: bool,
