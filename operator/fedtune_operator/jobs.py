@@ -86,8 +86,18 @@ def redis_pod_name(job: Job) -> str | None:
     return child_name(job.name, "redis") if hosts_federation(job.spec) else None
 
 
-def output_claim(job: Job) -> str:
-    return job.spec.storage.output.claimName or child_name(job.name, "output")
+def shared_output(job: Job) -> bool:
+    """All parties write to one claim (the user's, or a ReadWriteMany one); else each to its own."""
+    out = job.spec.storage.output
+    return bool(out.claimName) or out.accessMode == "ReadWriteMany"
+
+
+def output_claim(job: Job, party: Party) -> str:
+    """The claim a party's adapters land in (in its folder `<party>/`)."""
+    out = job.spec.storage.output
+    if out.claimName:
+        return out.claimName
+    return child_name(job.name, "output" if shared_output(job) else f"output-{party.dns_name}")
 
 
 def party_output_dir(job: Job, party: str) -> str:
@@ -100,13 +110,18 @@ def party_output_dir(job: Job, party: str) -> str:
 
 
 def output_location(job: Job) -> str:
-    """Where the adapters are, `[NODE_ID]` standing for each party."""
-    folder = party_output_dir(job, "[NODE_ID]")
-    if folder == f"{OUTPUT_DIR}/[NODE_ID]":
-        return f"pvc://{output_claim(job)}/"
-    if folder.startswith(OUTPUT_DIR + "/"):
-        return f"pvc://{output_claim(job)}/{folder[len(OUTPUT_DIR) + 1:]}"
-    return folder
+    """Where the adapters land, for the status: the shared claim, or the per-party claims' pattern
+    (with spec.output.path inside them, when given; or that path, when it is absolute)."""
+    shared = shared_output(job)
+    claim = output_claim(job, job.spec.parties[0]) if shared else f"{child_name(job.name, 'output')}-<party>"
+    if job.spec.output is None:
+        return f"pvc://{claim}/"
+    return _location(party_output_dir(job, "<party>"), claim)
+
+
+def _location(folder: str, claim: str) -> str:
+    """A folder of a party's pod as the status shows it: in its output claim, or as it is."""
+    return f"pvc://{claim}/{folder[len(OUTPUT_DIR) + 1:]}" if folder.startswith(OUTPUT_DIR + "/") else folder
 
 
 def output_problems(job: Job) -> list[str]:
@@ -122,6 +137,20 @@ def output_problems(job: Job) -> list[str]:
             problems.append(f"spec.output.path: {folder} (party `{party.name}`) is on no writable volume; use a "
                             "relative path (inside the output claim) or mount a claim there (spec.storage.volumes)")
     return problems
+
+
+def storage_classes(job: Job) -> dict[str, str]:
+    """The StorageClasses the claims fedtune creates name, by the field that names them."""
+    out = job.spec.storage.output
+    if out.claimName or not out.storageClassName:
+        return {}
+    return {"spec.storage.output.storageClassName": out.storageClassName}
+
+
+def party_outputs(job: Job) -> dict[str, str]:
+    """Each local party's adapters folder, for its record in the status."""
+    return {p.name: _location(party_output_dir(job, p.name), output_claim(job, p)) + "/"
+            for p in local_parties(job.spec)}
 
 
 # --- names and metadata ---------------------------------------------------------------------

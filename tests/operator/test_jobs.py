@@ -30,7 +30,7 @@ def test_remote_parties_need_tls_and_a_shared_ca(example) -> None:
 
 def test_output_path_when_given_is_where_each_party_writes(example) -> None:
     from fedtune_operator.children import all_children
-    from fedtune_operator.jobs import output_location
+    from fedtune_operator.jobs import output_location, party_outputs
     from support.children import container
 
     example["spec"]["output"] = {"path": "runs/[JOB_ID]/[NODE_ID]"}
@@ -38,7 +38,8 @@ def test_output_path_when_given_is_where_each_party_writes(example) -> None:
     pods = {p["metadata"]["name"]: p for p in all_children(job, "pw") if p["kind"] == "Pod"}
     assert container(pods["poems-lora-node-1"])["command"][-2:] == [
         "--output-dir", "/fedtune/output/runs/poems-lora/node-1"]
-    assert output_location(job) == "pvc://poems-lora-output/runs/poems-lora/[NODE_ID]"
+    assert output_location(job) == "pvc://poems-lora-output-<party>/runs/poems-lora/<party>"
+    assert party_outputs(job)["node-1"] == "pvc://poems-lora-output-node-1/runs/poems-lora/node-1/"
     assert problems(job) == []
 
     example["spec"]["output"] = {"path": "/opt/checkpoints/[JOB_ID]/[NODE_ID]"}
@@ -47,7 +48,7 @@ def test_output_path_when_given_is_where_each_party_writes(example) -> None:
     example["spec"]["storage"]["volumes"].append({"claimName": "checkpoints", "mountPath": "/opt/checkpoints"})
     job = make_job(example)
     assert problems(job) == []
-    assert output_location(job) == "/opt/checkpoints/poems-lora/[NODE_ID]"
+    assert output_location(job) == "/opt/checkpoints/poems-lora/<party>"
 
 
 def test_a_party_training_alone_hosts_its_own_scheduler(example) -> None:

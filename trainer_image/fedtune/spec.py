@@ -334,10 +334,23 @@ class RedisSpec(_Strict):
 
 
 class OutputStorage(_Strict):
+    """Where the adapters land on Kubernetes: by default one ReadWriteOnce claim per local party
+    (`<job>-output-<party>`, so parties may run on different nodes); `ReadWriteMany` makes one
+    claim all parties share (`<job>-output`: name a storage class that provides that mode)."""
+
     size: str = "1Gi"
     storageClassName: str | None = None
-    # Use this existing claim for the adapters instead of creating one.
+    accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    # Use this existing claim for the adapters instead of creating any.
     claimName: str | None = None
+
+    @model_validator(mode="after")
+    def _claim_or_settings(self) -> OutputStorage:
+        given = self.model_fields_set & {"size", "storageClassName", "accessMode"}
+        if self.claimName and given:
+            raise ValueError(f"`claimName` names an existing claim: {', '.join(sorted(given))} would not apply; "
+                             "remove it, or remove claimName to have fedtune create the claims")
+        return self
 
 
 class Storage(_Strict):

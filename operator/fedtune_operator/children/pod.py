@@ -209,14 +209,15 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
     component = component_of(workload.role)
     volumes: list[dict[str, Any]] = [
         {"name": "job", "configMap": {"name": child_name(job.name, "job")}},
-        {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "job", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "output", "mountPath": OUTPUT_DIR},
         {"name": "tmp", "mountPath": SCRATCH},
     ]
+    if party is not None:  # the scheduler writes no adapters
+        volumes.insert(1, {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job, party)}})
+        mounts.insert(1, {"name": "output", "mountPath": OUTPUT_DIR})
     if tls.enabled(job):
         # This role's own certificate and key, nobody else's (and never the CA's key).
         volumes.append(secret_volume("tls", tls.role_secret_name(job, workload)))
