@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedtune import roles
 from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
 from support.kube import Api, Runner, kubectl_for, unavailable, wait_for
 
@@ -128,6 +131,16 @@ def workspace(cluster, kubectl, tiny_model) -> Callable[[str], Path]:
     return make
 
 
+def outputs(cluster: Any, ns: str, job: str) -> Path:
+    """Every party's adapters as one folder: `<party>/` links into that party's own output claim."""
+    view = cluster.node.volumes.parent / "outputs" / ns / job
+    view.mkdir(parents=True, exist_ok=True)
+    for party in PARTIES:
+        if not (view / party).is_symlink():
+            (view / party).symlink_to(cluster.node.claim_dir(ns, f"{job}-output-{party.replace('_', '-')}") / party)
+    return view
+
+
 def readable_by_all(folder: Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
@@ -208,8 +221,11 @@ def test_lora_example_applied_with_kubectl_succeeds_in_locked_down_containers(
     kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     describe = lambda: _describe(api, kubectl, ns, "poems-lora")  # noqa: E731
     seen: dict[str, str] = {}
+    scraped: dict[str, str] = {}
+    scrape = scrape_when(api, ns, "poems-lora", lambda st: int(st.get("round", "0/5").split("/")[0]) >= 2, scraped)
 
-    def probe(_status: dict[str, Any]) -> None:
+    def probe(status: dict[str, Any]) -> None:
+        scrape(status)
         pod = api.pod(ns, "poems-lora-node-1")
         if seen or not pod or pod["status"].get("phase") != "Running":
             return
@@ -221,8 +237,25 @@ def test_lora_example_applied_with_kubectl_succeeds_in_locked_down_containers(
 
     # uid/gid 10001, a read-only root (EROFS = 30), no capabilities, seccomp filtering (2), no new privileges.
     assert seen.get("node-1") == "10001 10001 30 0000000000000000 2 1", seen
-    output = cluster.node.claim_dir(ns, "poems-lora-output")
-    assert status["output"] == "pvc://poems-lora-output/"
+    # Mid-job, every role served its metrics (a scrape as Prometheus makes it, at the pod's address).
+    assert set(scraped) == {"scheduler", "assist-trainer", "node-1", "node-2"}, sorted(scraped)
+    failed = {k: v for k, v in scraped.items() if v.startswith("cannot scrape")}
+    assert not failed, f"{failed}\n{describe()}"
+    for party in PARTIES:  # the scheduler sees every party's round and loss
+        assert series(scraped["scheduler"], "fedtune_round", party=party) >= 1, party
+    node1, assist = scraped["node-1"], scraped["assist-trainer"]
+    assert series(node1, "fedtune_round", party="node-1") >= 1 and series(node1, "fedtune_rounds", party="node-1") == 5
+    assert series(node1, "fedtune_train_loss", party="node-1") > 0
+    assert series(node1, "fedtune_sent_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_received_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_secure_aggregation_seconds_count", party="node-1", step="protect") >= 1
+    assert series(node1, "fedtune_aggregation_wait_seconds_count", party="node-1") >= 1
+    assert series(node1, "fedtune_round_duration_seconds_count", party="node-1") >= 1
+    assert series(assist, "fedtune_received_bytes_total", party="assist_trainer") > 0
+    assert series(assist, "fedtune_secure_aggregation_seconds_count", party="assist_trainer", step="combine") >= 1
+
+    output = outputs(cluster, ns, "poems-lora")
+    assert status["output"] == "pvc://poems-lora-output-<party>/"
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert all("lora_" in key for key in final)
@@ -247,7 +280,7 @@ def test_ptuning_example_applied_with_kubectl_succeeds(cluster, operator, api, k
     describe = lambda: _describe(api, kubectl, ns, "poems-ptuning")  # noqa: E731
     status, rounds = run_to_phase(api, ns, "poems-ptuning", ("Succeeded",), describe)
 
-    output = cluster.node.claim_dir(ns, "poems-ptuning-output")
+    output = outputs(cluster, ns, "poems-ptuning")
     assert_every_round(status, rounds, output, ["0.5", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
@@ -256,6 +289,33 @@ def test_ptuning_example_applied_with_kubectl_succeeds(cluster, operator, api, k
 
     model, _ = load_for_chat(folder / "models" / "tiny-glm", output / "node-2" / "checkpoint-1")
     assert type(model).__name__.startswith("Peft")
+
+
+def scrape_when(api: Api, ns: str, job: str, ready: Callable[[dict[str, Any]], bool], scraped: dict[str, str]) -> Hook:
+    """A `during` hook: once `ready(status)`, read every role pod's /metrics (once), as Prometheus would."""
+
+    def hook(status: dict[str, Any]) -> None:
+        if scraped or not ready(status):
+            return
+        for pod in api.pods(ns):
+            name, ip = pod["metadata"]["name"], pod["status"].get("podIP")
+            if name != f"{job}-redis" and ip and pod["status"].get("phase") == "Running":
+                url = f"http://{ip}:{roles.METRICS_PORT}/metrics"
+                try:
+                    scraped[name.removeprefix(f"{job}-")] = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError as err:
+                    scraped[name.removeprefix(f"{job}-")] = f"cannot scrape {url}: {err}"
+
+    return hook
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def state_saved(output: Path, party: str) -> bool:
@@ -286,7 +346,7 @@ def test_label_trainer_scheduler_and_redis_deleted_mid_job(
     ns, name = namespace, "poems-restarts"
     workspace(ns)
     apply(kubectl, ns, example(EXAMPLE, name, redis={"persistence": True}))
-    output = cluster.node.claim_dir(ns, f"{name}-output")
+    output = outputs(cluster, ns, name)
     party: list[str] = []
     scheduler: list[str] = []
     redis: list[str] = []
@@ -423,10 +483,11 @@ def test_bad_input_an_image_that_cannot_be_pulled_and_an_unwritable_output_claim
     # An image no registry serves: the job says which role waits for which image.
     missing = "127.0.0.1:1/fedtune/trainer:missing"
     apply(kubectl, ns, example(EXAMPLE, "poems-noimage", image=missing))
-    # An output claim whose folder the pods' user (10001) cannot write: made before the claim is.
-    output = cluster.node.claim_dir(ns, "poems-readonly-output")
-    output.mkdir(parents=True)
-    output.chmod(0o755)
+    # Output claims whose folders the pods' user (10001) cannot write: made before the claims are.
+    for party in PARTIES:
+        output = cluster.node.claim_dir(ns, f"poems-readonly-output-{party.replace('_', '-')}")
+        output.mkdir(parents=True)
+        output.chmod(0o755)
     apply(kubectl, ns, example(EXAMPLE, "poems-readonly", backoffLimit=0))
 
     def image_condition() -> dict[str, Any] | None:
@@ -443,5 +504,6 @@ def test_bad_input_an_image_that_cannot_be_pulled_and_an_unwritable_output_claim
     status, _ = run_to_phase(api, ns, "poems-readonly", ("Failed",), lambda: _describe(api, kubectl, ns,
                                                                                      "poems-readonly"))  # fmt: skip
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert "claim poems-readonly-output (mounted at /fedtune/output)" in failed["message"], failed
+    named = r"\[claim poems-readonly-output-[a-z0-9-]+ \(mounted at /fedtune/output\)\]"
+    assert re.search(named, failed["message"]), failed
     assert "/fedtune/output/" in failed["message"].split("]", 1)[1], failed

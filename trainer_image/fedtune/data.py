@@ -11,6 +11,7 @@ run sees the same order). Each instance becomes one training sample:
     labels  = [-100] * len(src) + dst + [eos]            (only the answer is learned)
 
 Every problem with the data raises `DataError` naming the file (and the instance and key).
+Reading and checking the files needs no torch (`fedtune validate` runs them in a blink).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedtune.spec import Dataset, TrainsetEntry, resolve_path
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -56,12 +58,12 @@ def build_prompt(instruction: str, query: str, dataset_spec: Dataset) -> str:
     return dataset_spec.prompt_pattern.format(instruction, query)
 
 
-def dataset_files(entries: Sequence[TrainsetEntry], base_dir: Path) -> list[Path]:
+def dataset_files(entries: Sequence[TrainsetEntry], base_dir: Path, field: str = "trainset") -> list[Path]:
     """The json files the entries name: a file as is, a folder as its `*.json` files in name order."""
     files: list[Path] = []
     for i, entry in enumerate(entries):
         path = resolve_path(entry.path, base_dir)
-        where = f"trainset[{i}].path: {path}"
+        where = f"{field}[{i}].path: {path}"
         if path.is_dir():
             found = sorted(p for p in path.glob("*.json") if p.is_file())
             if not found:
@@ -171,7 +173,7 @@ def tokenize_qa(items: Sequence[QAItem], tokenizer: _Tokenizer, dataset_spec: Da
     return [tokenize_item(item, tokenizer, dataset_spec) for item in items]
 
 
-class FeatureDataset(torch.utils.data.Dataset):
+class FeatureDataset:
     """Tokenized samples as a map-style dataset (Trainer needs `__len__` to plan its steps)."""
 
     def __init__(self, features: Sequence[dict[str, list[int]]]) -> None:
@@ -191,6 +193,8 @@ class QACollator:
     pad_id: int
 
     def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
         width = max(len(sample["input_ids"]) for sample in batch)
 
         def pad(key: str, value: int) -> torch.Tensor:
@@ -203,9 +207,68 @@ class QACollator:
         }
 
 
-def collator_for(tokenizer: _Tokenizer) -> QACollator:
+@dataclass
+class PackedCollator:
+    """A batch as one row without padding (`dataset.packing`): the samples one after another.
+
+    Position ids restart at 0 with each sample and there is no attention mask: transformers'
+    attention then lets each token see only the earlier tokens of its own sample. A sample's
+    first label is ignored, so no sample learns to predict the next one.
+    """
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for sample in batch:
+            ids += sample["input_ids"]
+            labels += [IGNORE_INDEX, *sample["labels"][1:]]
+            positions += range(len(sample["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
+def collator_for(tokenizer: _Tokenizer, *, packing: bool = False) -> QACollator | PackedCollator:
     """Pads with the tokenizer's pad token, or EOS when it has none (padding is masked out anyway)."""
+    if packing:
+        return PackedCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a PAD nor an EOS token to pad batches with")
     return QACollator(pad_id=pad)
+
+
+def check_packing(model: torch.nn.Module) -> None:
+    """Refuse `dataset.packing` unless the model keeps the samples of a packed row apart.
+
+    Tried, not assumed: two short samples packed into one row must give the second sample the
+    outputs it has alone. Models that ignore restarting position ids (their own remote code,
+    peft's prefix tuning, whose cache switches transformers' packed masks off) fail this.
+    """
+    import torch
+
+    first, second = [4, 5, 6, 7], [8, 9, 10]
+    packed = PackedCollator()([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
+    alone = PackedCollator()([{"input_ids": second, "labels": second}])
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            together = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                             use_cache=False).logits[0, len(first):]
+            apart = model(input_ids=alone["input_ids"].to(device), position_ids=alone["position_ids"].to(device),
+                          use_cache=False).logits[0]
+        tolerance = 1e-3 if together.dtype == torch.float32 else 5e-2
+        kept_apart = bool(torch.allclose(together.float(), apart.float(), atol=tolerance, rtol=tolerance))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"dataset.packing: {type(model).__name__} cannot take packed rows ({err}); "
+                        "set dataset.packing to false") from None
+    finally:
+        model.train(training)
+    if not kept_apart:
+        raise DataError(f"dataset.packing: the attention of {type(model).__name__} (as adapted here) does not keep "
+                        "the samples of a packed row apart (it ignores restarting position ids); "
+                        "set dataset.packing to false")

@@ -4,6 +4,10 @@ One flow serves both roles: join and take the assist_trainer's configuration, bu
 adapter, get ready (sample count, adapter schema, key-agreement key), start from the same
 initial adapter, train locally and, at each aggregation point, exchange the adapter for
 the global one and write it as `checkpoint-<fraction>/`.
+
+A party with several ranks (`fedtune.ranks`) runs this flow in each: rank 0 alone talks to the
+federation and writes files; the others take the shared configuration and every global adapter
+from it, and train with it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, roles, transport
+from fedtune import certs, files, metrics, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -35,8 +39,9 @@ from fedtune.models import (
 )
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
+    STATE_DIR,
     FederatedFineTune,
     JobSpec,
     aggregation_steps,
@@ -48,8 +53,6 @@ from fedtune.spec import (
 from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
 
 
 @dataclass
@@ -72,12 +75,15 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
+        self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
+        self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
-        self.secrets: dict[str, bytes] = {}
+        self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
+        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
 
     @staticmethod
@@ -89,31 +95,42 @@ class Party:
     # --- the whole run ---------------------------------------------------------------------
 
     def run(self) -> None:
-        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if self.is_assist else None)
+        lead = self.ranks.leader
+        if lead:  # rank 0 speaks for the party, its metrics included
+            metrics.serve(self.ctx.name)
+            metrics.mine(metrics.ROUNDS).set(len(self.spec.fractions()))
+        self.round_started = time.perf_counter()
+        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
+        own = shared_config(self.spec) if authority else None
+        shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = make_codec(self.spec.encryption)
+        self.codec = job_codec(self.spec)
+        self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
-        self.max_steps = plan_max_steps(len(self.features), self.args) if self.features else 0
+        self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
-        server = self._start_aggregator() if self.is_assist else None
+        server = self._start_aggregator() if self.is_assist and lead else None
         try:
-            start = self.scheduler.ready(self._ready_request())
-            self._take_start(start)
-            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if lead:
+                self._take_start(self.scheduler.ready(self._ready_request()))
+            if not self.standalone:
+                self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
                 self._follow_rounds()
-            self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
-                                  max_steps=self.max_steps)
+            if lead:
+                self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
+                                      max_steps=self.max_steps)
             if server is not None:
                 self._serve_until_done()
         finally:
             if server is not None:
                 server.stop(grace=2).wait()
-        shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
+        if lead:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
 
     def _build_model(self) -> tuple[Any, Any]:
         transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
@@ -127,7 +144,7 @@ class Party:
         return model, tokenizer
 
     def _device(self) -> str:
-        return "cpu" if self.spec.trainer_args(self.me).get("no_cuda") or not torch.cuda.is_available() else "cuda"
+        return f"cuda:{self.ranks.local_rank}" if ranks.uses_cuda(self.spec, self.me) else "cpu"
 
     def _load_data(self) -> list[dict[str, list[int]]]:
         entries = self.spec.trainset(self.me)
@@ -141,7 +158,7 @@ class Party:
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
             if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
                 request.certificate = self.ctx.tls.cert
@@ -160,19 +177,29 @@ class Party:
 
     def _take_start(self, start: pb.StartInfo) -> None:
         self.weight = start.weights.get(self.ctx.name, 0.0)
-        if self.codec.needs_keys and not self.is_assist:
+        if self.standalone:
+            return
+        if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
-            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
+            if isinstance(self.codec, SecAggPlusCodec):
+                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                                             journal=self.state_dir / "reveals.json")
+            else:
+                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
+                                for peer in peers}
         if self.aggregator is not None:
-            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+            self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
+                                      dict(start.public_keys))
         else:
-            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
-            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
-                                                      server_name=self.spec.assist_trainer.name,
+            assist = self.spec.authority
+            address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -184,8 +211,11 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        plus = self.spec.encryption.secagg_plus
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
-                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s,
+                                            dropout_timeout_s=plus.dropout_timeout_s if plus else None,
+                                            identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -204,29 +234,60 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_)
+        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
+
+    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
+        assert self.plus is not None
+        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
+                 ", ".join(request.dropped) or "none")
+        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
-        tensors = transport.unpack_tensors(self._fetch_global(round_))
-        load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        """Rank 0 fetches the round's global adapter; every rank takes it."""
+        if self.ranks.leader:
+            tensors = transport.unpack_tensors(self._fetch_global(round_))
+            load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        self.ranks.share_adapter(self.model)
 
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            if self.ranks.leader:
+                self._save_round(round_)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+            return
+        if not self.ranks.leader:
+            self._load_global(round_)
+            return
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
-            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                plain = self.codec.encode_plain(update)
+            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
-            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                           job_id=self.ctx.job.job_id, round_=round_)
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                if self.plus is not None:
+                    protected = self.plus.protect(update, round_)
+                else:
+                    protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                                   job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
         self._save_round(round_)
-        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
-                              round_wait_s=time.perf_counter() - waited)
+        wait_s = time.perf_counter() - waited
+        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s)
+        metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
+        self._round_done(round_)
+
+    def _round_done(self, round_: int) -> None:
+        metrics.mine(metrics.ROUND).set(round_)
+        now = time.perf_counter()
+        metrics.mine(metrics.ROUND_SECONDS).observe(now - self.round_started)
+        self.round_started = now
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -235,6 +296,7 @@ class Party:
 
     def _train(self, agg_steps: list[int]) -> None:
         def on_log(step: int, loss: float) -> None:
+            metrics.mine(metrics.TRAIN_LOSS).set(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
@@ -244,9 +306,11 @@ class Party:
         resume = latest_state(state_dir)
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
-        self.scheduler.report("training", step=0, max_steps=self.max_steps)
+        if self.ranks.leader:
+            self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log, state_dir=state_dir)
+              on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              packing=self.spec.dataset.packing)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:
@@ -259,6 +323,7 @@ class Party:
             self._load_global(round_)
             self._save_round(round_)
             self.scheduler.report("aggregated", round=round_)
+            self._round_done(round_)
 
     def _serve_until_done(self) -> None:
         """Keep serving the last global adapter until every party has it and the job is over."""
@@ -279,6 +344,8 @@ def run_party(ctx: Context) -> int:
         log.error("job failed elsewhere: %s", err)
         return 1
     except Exception as err:
+        if not party.ranks.leader:  # rank 0 speaks for the party; torchrun ends it when this rank fails
+            raise
         message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         try:
             party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])
