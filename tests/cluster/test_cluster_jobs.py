@@ -372,6 +372,42 @@ def test_label_trainer_scheduler_and_redis_deleted_mid_job(
     assert_identical_adapters(output, "checkpoint-1")
 
 
+def test_suspended_mid_job_resumes_from_its_last_round(cluster, operator, api, kubectl, namespace, workspace) -> None:
+    """spec.runPolicy.suspend: the role pods go, Redis and the claims stay; resumed, the parties carry on
+    from their saved state and the rounds already made."""
+    ns, name = namespace, "poems-suspend"
+    workspace(ns)
+    doc = example(EXAMPLE, name)
+    doc["spec"]["trainer"]["num_train_epochs"] = 10  # rounds long enough to suspend between them
+    apply(kubectl, ns, doc)
+    output = outputs(cluster, ns, name)
+    describe = lambda: _describe(api, kubectl, ns, name)  # noqa: E731
+    suspended: list[str] = []
+
+    def suspend(value: bool) -> None:
+        patch = json.dumps({"spec": {"runPolicy": {"suspend": value}}})
+        kubectl("patch", "fft", name, "-n", ns, "--type", "merge", "-p", patch)
+
+    def suspend_after_a_round(status: dict[str, Any]) -> None:
+        if not suspended and state_saved(output, "node-1"):
+            suspend(True)
+            suspended.append(status.get("round", ""))
+
+    _, before = run_to_phase(api, ns, name, ("Suspended",), describe, suspend_after_a_round)
+    wait_for("the role pods to go", lambda: {p["metadata"]["name"] for p in api.pods(ns)} == {f"{name}-redis"},
+             60, describe)
+    done = checkpoints(output, "node-1")
+    assert 1 <= len(done) < 5, done  # suspended between rounds, with rounds still to go
+    suspend(False)
+    status, after = run_to_phase(api, ns, name, ("Succeeded",), describe)
+
+    assert_every_round(status, [r for r in [*before, *after] if r], output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    assert_identical_adapters(output, "checkpoint-1")
+    logs = kubectl("logs", "-n", ns, f"{name}-node-1", "--tail", "200").stdout
+    assert "node-1: resuming from its saved state" in logs, logs
+    assert all(rec["restarts"] == 0 for rec in status["parties"].values()), status["parties"]
+
+
 def test_malformed_dataset_fails_naming_the_file(cluster, operator, api, kubectl, namespace, workspace) -> None:
     ns, name = namespace, "poems-malformed"
     folder = workspace(ns)
