@@ -455,6 +455,14 @@ for target in sys.argv[1:]:
 BLOCKED = ("ConnectionRefusedError", "timeout")
 
 
+def _accepts(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def outsider_connects(kubectl: Runner, api: Api, ns: str, targets: list[str]) -> dict[str, str]:
     """Run CONNECT from a pod of namespace `ns` (the trainer image, locked down like the job's pods)."""
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "outsider"}, "spec": {
@@ -476,7 +484,9 @@ def test_a_running_job_is_closed_to_other_namespaces_and_deleting_it_removes_eve
         cluster, operator, api, kubectl, namespace, workspace) -> None:  # fmt: skip
     ns, name = namespace, "poems-closed"
     workspace(ns)
-    apply(kubectl, ns, example(EXAMPLE, name))
+    doc = example(EXAMPLE, name)
+    doc["spec"]["trainer"]["num_train_epochs"] = 10  # running long enough to be probed
+    apply(kubectl, ns, doc)
     describe = lambda: _describe(api, kubectl, ns, name)  # noqa: E731
     expected = {f"{name}-{suffix}" for suffix in (*ROLE_PODS, "redis")}
 
@@ -496,13 +506,13 @@ def test_a_running_job_is_closed_to_other_namespaces_and_deleting_it_removes_eve
         redis = f"{name}-redis.{ns}.svc.cluster.local:6379"
         grpc = f"{name}-assist-trainer.{ns}.svc.cluster.local:55004"
         dns = "kube-dns.kube-system.svc.cluster.local:53"
-        seen = outsider_connects(kubectl, api, f"{ns}-outsider", [redis, grpc, dns])
-        # Refused (the engine rejects) or unanswered (it drops): never open.
-        assert seen[redis] in BLOCKED and seen[grpc] in BLOCKED and seen[dns] == "open", seen
-        # ...while both ports do listen: the node (as the kubelet's probes) reaches them.
+        # Both ports listen: the node (as the kubelet's probes do) reaches them...
         for pod, port in ((f"{name}-redis", 6379), (f"{name}-assist-trainer", 55004)):
             address = (api.pod(ns, pod) or {})["status"]["podIP"]
-            socket.create_connection((address, port), timeout=5).close()
+            wait_for(f"{pod} to accept connections on {port}", lambda a=address, p=port: _accepts(a, p), 120, describe)
+        seen = outsider_connects(kubectl, api, f"{ns}-outsider", [redis, grpc, dns])
+        # ...but from another namespace they are refused (the engine rejects) or unanswered (it drops).
+        assert seen[redis] in BLOCKED and seen[grpc] in BLOCKED and seen[dns] == "open", seen
         assert all_running(), describe()  # the probe ran while the job did
     finally:
         kubectl("delete", "namespace", f"{ns}-outsider", "--wait=false", check=False)
