@@ -123,6 +123,7 @@ def preflight(job: FederatedFineTune, base_dir: Path) -> None:
         model = resolve_path(spec.pretrained_model(party), base_dir)
         if not model.is_dir():
             raise SpecError(f"{where}.path: model folder {model} does not exist")
+        _check_model_folder(model, f"{where}.path")
         for j, entry in enumerate(spec.trainset(party)):
             path = resolve_path(entry.path, base_dir)
             if not path.exists():
@@ -133,6 +134,16 @@ def preflight(job: FederatedFineTune, base_dir: Path) -> None:
         adapter = resolve_path(spec.input.adapter_model.path, base_dir)
         if not adapter.is_dir():
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+
+
+def _check_model_folder(model: Path, field: str) -> None:
+    """A format fedtune loads, every weight shard present: before any process starts, not after minutes of loading."""
+    from fedtune.modelfiles import ModelError, check_folder
+
+    try:
+        check_folder(model)
+    except ModelError as err:
+        raise SpecError(f"{field}: {err}") from None
 
 
 def claim_output(output: Path, job: FederatedFineTune, *, overwrite: bool) -> None:
