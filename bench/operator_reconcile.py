@@ -130,12 +130,13 @@ def jobs(count: int) -> list[dict[str, Any]]:
 def children_of(doc: dict[str, Any], namespace: str) -> list[dict[str, Any]]:
     """The manifests the operator would create, without ownerReferences (no owner exists)."""
     from fedtune.spec import parse_job
-    from fedtune_operator import resources
+    from fedtune_operator.children import all_children
+    from fedtune_operator.jobs import Job
 
     document = copy.deepcopy(doc)
     document["metadata"]["namespace"] = namespace
-    job = resources.Job(doc["metadata"]["name"], namespace, "bench", doc["spec"], parse_job(document))
-    manifests = resources.all_children(job, "bench-password")
+    job = Job(doc["metadata"]["name"], namespace, "bench", doc["spec"], parse_job(document))
+    manifests = all_children(job, "bench-password")
     for manifest in manifests:
         del manifest["metadata"]["ownerReferences"]
     return manifests

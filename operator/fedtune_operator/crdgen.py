@@ -21,7 +21,10 @@ What the conversion does (structural schemas are a subset of JSON schema):
 - defaults are dropped: the spec module applies them, and the stored object stays the
   spec as the user wrote it;
 - cross-field rules that pydantic checks in model validators are repeated as CEL
-  `x-kubernetes-validations` (below), so they too fail at apply time.
+  `x-kubernetes-validations` (below), so they too fail at apply time;
+- fields the spec marks with a Kubernetes type (`spec.KUBE_TYPE`: tolerations, affinity,
+  imagePullSecrets, the pod template overlay) get that type's own schema, captured from
+  kube-apiserver (`kubeschema`).
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from typing import Any
 
 import yaml
 
-from fedtune.spec import KIND, FederatedFineTune, JobSpec
+from fedtune.spec import KUBE_TYPE, FederatedFineTune, JobSpec
 
-GROUP = "fedtune.io"
-VERSION = "v1alpha1"
-PLURAL = "federatedfinetunes"
-SINGULAR = "federatedfinetune"
+from . import kubeschema
+from .jobs import GROUP, KIND, PLURAL, VERSION
+
+SINGULAR = KIND.lower()
 SHORT_NAMES = ["fft"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
@@ -123,10 +126,22 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any]
     return node, None
 
 
+def _kube_type(node: dict[str, Any]) -> dict[str, Any]:
+    """A field typed by a Kubernetes type (or a list of them): that type's own schema."""
+    name = node[KUBE_TYPE]
+    schema = kubeschema.pod_template_overlay() if name == "PodTemplateOverlay" else kubeschema.structural(name)
+    nullable = any(b.get("type") == "null" for b in node.get("anyOf", []))
+    if node.get("type") == "array":
+        schema = {"type": "array", "items": schema}
+    return {**schema, "nullable": True} if nullable else schema
+
+
 def convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """One JSON-schema node (pydantic's output) -> one structural OpenAPI v3 node."""
     node, model = _resolve(node, defs)
 
+    if KUBE_TYPE in node:
+        return _kube_type(node)
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         nullable = len(branches) < len(node["anyOf"])

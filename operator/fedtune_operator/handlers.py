@@ -24,14 +24,15 @@ from typing import Any, ClassVar
 import kopf
 import kubernetes
 
-from . import crdgen, resources, status
+from . import status
+from .jobs import GROUP, KIND, LABEL_JOB, LABEL_PART_OF, PART_OF, PLURAL, VERSION
 from .kube import ApiError
 from .reconcile import Reconciler, Retry
 
 log = logging.getLogger(__name__)
 
-FFT = (crdgen.GROUP, crdgen.VERSION, crdgen.PLURAL)
-POD_LABELS = {resources.LABEL_PART_OF: resources.PART_OF, resources.LABEL_JOB: kopf.PRESENT}
+FFT = (GROUP, VERSION, PLURAL)
+POD_LABELS = {LABEL_PART_OF: PART_OF, LABEL_JOB: kopf.PRESENT}
 
 
 class _State:
@@ -142,7 +143,7 @@ def forget_deleted_job(event: dict[str, Any], body: kopf.Body, namespace: str, n
 
 
 def _run_for_child(body: kopf.Body, namespace: str) -> None:
-    job = body["metadata"]["labels"][resources.LABEL_JOB]
+    job = body["metadata"]["labels"][LABEL_JOB]
     try:
         _run(namespace, job)
     except kopf.TemporaryError as err:
@@ -163,6 +164,6 @@ def static_child_changed(event: dict[str, Any], body: kopf.Body, namespace: str,
     if event.get("type") != "DELETED":
         return
     for ref in body["metadata"].get("ownerReferences") or []:
-        if ref.get("kind") == crdgen.KIND:
+        if ref.get("kind") == KIND:
             _reconciler().static_changed(ref["uid"])
     _run_for_child(body, namespace)

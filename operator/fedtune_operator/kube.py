@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from kubernetes import client
 
-from . import crdgen
+from .jobs import API_VERSION, KIND, PLURAL
 
 # Kinds the operator touches: kind -> URL segment.
 PLURALS = {
@@ -25,10 +25,10 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Event": "events",
     "NetworkPolicy": "networkpolicies",
-    crdgen.KIND: crdgen.PLURAL,
+    KIND: PLURAL,
 }
 # The API group and version of kinds outside the core group.
-GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", crdgen.KIND: f"{crdgen.GROUP}/{crdgen.VERSION}"}
+GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", KIND: API_VERSION}
 
 
 class ApiError(Exception):

@@ -35,9 +35,14 @@ from typing import Any
 from kubernetes import client
 
 from fedtune import certs
+from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 
-from . import crdgen, resources, status, tls
+from . import children, jobs, status, tls
+from .children.networkpolicy import OperatorPeer, operator_peer
+from .children.pod import redis_pod, role_pod
+from .children.secret import ca_secret, redis_secret, tls_secret
+from .jobs import Job, Workload
 from .kube import ApiError, Kube
 from .progress import read_progress
 
@@ -79,7 +84,7 @@ class Reconciler:
     api: client.ApiClient
     progress_timeout_s: float = 1.0
     # The operator's own pod (from the chart's env), let through the jobs' NetworkPolicies to Redis.
-    operator: resources.OperatorPeer | None = field(default_factory=lambda: resources.operator_peer(dict(os.environ)))
+    operator: OperatorPeer | None = field(default_factory=lambda: operator_peer(dict(os.environ)))
     _gates: dict[Key, _Gate] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
@@ -137,7 +142,7 @@ class Reconciler:
     # --- one pass -------------------------------------------------------------------------------
 
     def _pass(self, namespace: str, name: str) -> str | None:
-        body = self.kube.get(crdgen.KIND, namespace, name)
+        body = self.kube.get(jobs.KIND, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # garbage collection removes the children
         prev = body.get("status") or {}
@@ -148,11 +153,11 @@ class Reconciler:
             "spec": body.get("spec") or {},
         }
         try:
-            model = parse_job(document, f"{crdgen.PLURAL}/{name}")
+            model = parse_job(document, f"{jobs.PLURAL}/{name}")
         except SpecError as err:
             return self._invalid(body, prev, str(err))
-        job = resources.Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
-        problems = resources.name_problems(job)
+        job = Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
+        problems = children.problems(job)
         if problems:
             return self._invalid(body, prev, "; ".join(problems))
 
@@ -163,19 +168,19 @@ class Reconciler:
                 return self._tls_unavailable(body, prev, str(err))
         pods = {
             p["metadata"]["name"]: status.pod_view(p)
-            for p in self.kube.list("Pod", namespace, resources.selector(name))
+            for p in self.kube.list("Pod", namespace, jobs.selector(name))
             if owned_by(p, job.uid)
         }
-        redis_name = resources.redis_pod_name(job)
+        redis_name = jobs.redis_pod_name(job)
         progress = self._progress(job, pods.get(redis_name) if redis_name else None)
         plan = status.plan(
-            workloads=resources.workloads(job),
+            workloads=jobs.workloads(job),
             pods=pods,
             redis_pod_name=redis_name,
             prev=prev,
             backoff_limit=job.spec.backoffLimit,
             rounds=len(job.spec.fractions()),
-            output=resources.output_location(job),
+            output=jobs.output_location(job),
             now=now_iso(),
             progress=progress,
             tls=status.Tls(tls.enabled(job), f"Secret {tls.ca_secret_name(job)}"),
@@ -185,10 +190,16 @@ class Reconciler:
         for pod_name in plan.delete:
             self.kube.delete("Pod", namespace, pod_name)
             log.info("deleted pod %s/%s", namespace, pod_name)
-        pods_to_create = [resources.role_pod(job, w) for w in plan.create]
+        pods_to_create = [role_pod(job, w) for w in plan.create]
         if plan.create_redis:
-            pods_to_create.insert(0, resources.redis_pod(job))
-        self._create_all(pods_to_create)
+            pods_to_create.insert(0, redis_pod(job))
+        try:
+            self._create_all(pods_to_create)
+        except ApiError as err:
+            if err.status != 422:
+                raise
+            # Invalid: e.g. a label or a pod template overlay the Pod API refuses; no retry helps.
+            return self._invalid(body, plan.status, f"the API server refuses a pod of this job: {err.message}")
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
         return plan.status["phase"]
@@ -212,26 +223,26 @@ class Reconciler:
         if new == prev:
             return False
         meta = body["metadata"]
-        self.kube.patch_status(crdgen.KIND, meta["namespace"], meta["name"], new)
+        self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], new)
         return True
 
     # --- children ---------------------------------------------------------------------------------
 
-    def _ensure_static(self, job: resources.Job) -> None:
+    def _ensure_static(self, job: Job) -> None:
         """Create the missing static children; remember the job once all are its own."""
         with self._mutex:
             epoch = self._static_epoch.get(job.uid, 0)
         # Side by side: the listings, the Redis Secret, then the certificates in this thread
         # (which uses the pool itself; nothing waits on the pool from inside it).
         kinds = ("ConfigMap", "Service", "PersistentVolumeClaim", "NetworkPolicy")
-        listings = [_POOL.submit(self.kube.list, kind, job.namespace, resources.selector(job.name)) for kind in kinds]
-        password = _POOL.submit(self._password, job) if resources.hosts_federation(job.spec) else None
+        listings = [_POOL.submit(self.kube.list, kind, job.namespace, jobs.selector(job.name)) for kind in kinds]
+        password = _POOL.submit(self._password, job) if jobs.hosts_federation(job.spec) else None
         self._ensure_tls(job)
         if password is not None:
             password.result()
         existing = {(kind, obj["metadata"]["name"]): obj for kind, f in zip(kinds, listings) for obj in f.result()}
         missing = []
-        for manifest in resources.plain_children(job, self.operator):
+        for manifest in children.plain_children(job, self.operator):
             found = existing.get((manifest["kind"], manifest["metadata"]["name"]))
             if found is None or not owned_by(found, job.uid):
                 missing.append(manifest)
@@ -243,26 +254,26 @@ class Reconciler:
             if self._static_epoch.get(job.uid, 0) == epoch:  # else a deletion raced our listing: look again
                 self._static_ok.add(job.uid)
 
-    def _password(self, job: resources.Job) -> str:
+    def _password(self, job: Job) -> str:
         """The job's Redis password: a new one in a new Secret, or the stored one."""
         if job.uid in self._passwords:
             return self._passwords[job.uid]
-        name = resources.child_name(job.name, "redis")
+        name = jobs.child_name(job.name, "redis")
         password = secrets.token_urlsafe(24)
-        if not self._create(resources.redis_secret(job, password)):
+        if not self._create(redis_secret(job, password)):
             # Made earlier (by a pass before an operator restart): the stored one counts.
             password = base64.b64decode(self._own_secret(job, name)["data"]["password"]).decode()
         self._passwords[job.uid] = password
         return password
 
-    def _own_secret(self, job: resources.Job, name: str) -> dict[str, Any]:
+    def _own_secret(self, job: Job, name: str) -> dict[str, Any]:
         """A Secret this job made; Retry while the name is held by an earlier job's being deleted."""
         secret = self.kube.get("Secret", job.namespace, name)
         if secret is None or not owned_by(secret, job.uid):
             raise Retry(f"Secret {name} belongs to an earlier {job.name} that is still being deleted", delay=2.0)
         return secret
 
-    def _ensure_tls(self, job: resources.Job) -> None:
+    def _ensure_tls(self, job: Job) -> None:
         """Every local role's certificate Secret: the existing ones as they are, the missing ones made.
 
         A job's first pass makes its CA and every certificate at once. Later passes (after an
@@ -271,10 +282,10 @@ class Reconciler:
         """
         if not tls.enabled(job):
             return
-        wanted = resources.workloads(job)
+        wanted = jobs.workloads(job)
         if tls.generates_ca(job):
             ca = tls.new_ca(job)
-            if self._create(resources.ca_secret(job, ca)):
+            if self._create(ca_secret(job, ca)):
                 self._create_certificates(job, wanted, ca)  # a new CA: nothing it signed exists yet
                 return
         found = self._map(lambda w: self.kube.get("Secret", job.namespace, tls.role_secret_name(job, w)), wanted)
@@ -286,13 +297,13 @@ class Reconciler:
         if missing:
             self._create_certificates(job, missing, self._ca(job))
 
-    def _create_certificates(self, job: resources.Job, wanted: list[resources.Workload], ca: certs.Issued) -> None:
+    def _create_certificates(self, job: Job, wanted: list[Workload], ca: certs.Issued) -> None:
         material = tls.new_material(job, wanted, ca)
-        if not all(self._create_all([resources.tls_secret(job, w, material) for w in wanted])):
+        if not all(self._create_all([tls_secret(job, w, material) for w in wanted])):
             # Made meanwhile by another pass, or left by an earlier job of this name: look again.
             raise Retry(f"a certificate Secret of {job.name} already exists; checking again", delay=1.0)
 
-    def _ca(self, job: resources.Job) -> certs.Issued:
+    def _ca(self, job: Job) -> certs.Issued:
         """The CA that signs the job's certificates: the user's (spec.tls.caSecret) or the job's own."""
         name = tls.ca_secret_name(job)
         if not tls.generates_ca(job):
@@ -329,7 +340,7 @@ class Reconciler:
 
     # --- progress and events ------------------------------------------------------------------------
 
-    def _progress(self, job: resources.Job, redis: status.PodView | None) -> status.Progress | None:
+    def _progress(self, job: Job, redis: status.PodView | None) -> status.Progress | None:
         """Ask Redis only when its pod runs and has an address (never in a kubelet-less cluster)."""
         if redis is None or redis.phase != status.RUNNING or not redis.ip or redis.deleting:
             return None
@@ -337,7 +348,7 @@ class Reconciler:
         if password is None:
             return None
         host = f"[{redis.ip}]" if ":" in redis.ip else redis.ip
-        return read_progress(f"{host}:{resources.REDIS_PORT}", password, job.name, self.progress_timeout_s)
+        return read_progress(f"{host}:{REDIS_PORT}", password, job.name, self.progress_timeout_s)
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A Kubernetes Event on the resource (`kubectl describe fft` shows them)."""

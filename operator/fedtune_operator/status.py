@@ -21,7 +21,9 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from .resources import SCHEDULER, Workload
+from fedtune.roles import SCHEDULER
+
+from .jobs import Workload
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 FINAL = (SUCCEEDED, FAILED)

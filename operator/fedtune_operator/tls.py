@@ -1,7 +1,8 @@
 """The federation's certificates on Kubernetes: which CA, which names, which Secrets.
 
-Pure builders (no API calls) over `fedtune.certs`, the runtime's own CA and certificate
-code, so a pod's certificate is exactly what `fedtune certs issue` would make:
+Pure functions (no API calls) over `fedtune.certs`, the runtime's own CA and certificate
+code, so a pod's certificate is exactly what `fedtune certs issue` would make; the
+Secrets that hold them are built in `children/secret.py`:
 
     Secret J-ca              ca.crt, ca.key: the job's generated CA (never mounted in a pod);
                              absent when spec.tls.caSecret names the user's CA instead
@@ -17,19 +18,18 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from fedtune import certs
+from fedtune.roles import SCHEDULER
 
-if TYPE_CHECKING:
-    from .resources import Job, Workload
+from .jobs import Job, Workload
 
 CA_KEY_FILE = "ca.key"
 TLS_DIR = "/etc/fedtune-tls"  # beside, not inside, the job ConfigMap's /etc/fedtune (no nested mounts)
-TLS_DIR_ENV = "FEDTUNE_TLS_DIR"
 
 
 class TlsUnavailable(Exception):
@@ -82,7 +82,7 @@ def name_problems(job: Job, workloads: list[Workload]) -> list[str]:
     """
     if not enabled(job):
         return []
-    names = {"scheduler", *(p.name for p in job.spec.parties)}
+    names = {SCHEDULER, *(p.name for p in job.spec.parties)}
     problems = []
     for w in workloads:
         for other in sorted((names - {common_name(w)}) & set(dns_names(job, w))):
@@ -105,25 +105,6 @@ def new_material(job: Job, workloads: list[Workload], ca: certs.Issued | None = 
     """A CA (or the given one) and a fresh certificate for every workload."""
     ca = ca or new_ca(job)
     return Material(ca, {w.key: issue(job, ca, w) for w in workloads})
-
-
-# --- Secrets ------------------------------------------------------------------------------
-
-
-def _secret(metadata: dict[str, Any], type_: str, data: dict[str, bytes]) -> dict[str, Any]:
-    encoded = {key: base64.b64encode(value).decode() for key, value in data.items()}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": type_, "data": encoded}
-
-
-def ca_secret(ca: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
-    return _secret(metadata, "Opaque", {certs.CA_FILE: ca.cert_pem, CA_KEY_FILE: ca.key_pem})
-
-
-def role_secret(ca_pem: bytes, issued: certs.Issued, metadata: dict[str, Any]) -> dict[str, Any]:
-    # kubernetes.io/tls: tools (cert-manager, ingress controllers, kubectl) know the layout;
-    # ca.crt rides along, as cert-manager's Secrets carry it.
-    return _secret(metadata, "kubernetes.io/tls",
-                   {certs.CA_FILE: ca_pem, certs.CERT_FILE: issued.cert_pem, certs.KEY_FILE: issued.key_pem})
 
 
 def read_ca(secret: dict[str, Any] | None, where: str) -> certs.Issued:

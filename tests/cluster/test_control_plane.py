@@ -36,6 +36,16 @@ def test_apiserver_reports_built_version(kubectl: Runner, expected_versions: dic
     assert version["major"] == "1"
 
 
+def test_the_captured_kubernetes_schemas_are_this_apiservers(control_plane) -> None:
+    """The CRD embeds the Pod API's schemas from kubeschema.json: it must be what this apiserver serves."""
+    from devtools.cluster import openapi
+    from fedtune_operator import kubeschema
+
+    assert openapi.fetch(control_plane.kubeconfig) == kubeschema.CAPTURE.read_text(encoding="utf-8"), (
+        "kubeschema.json is stale: run `python -m devtools.cluster.openapi`, then `python -m fedtune_operator.crdgen "
+        "--write`")
+
+
 def test_owner_deletion_garbage_collects_dependent(kubectl: Runner) -> None:
     namespace = _unique("gc")
     kubectl("create", "namespace", namespace)

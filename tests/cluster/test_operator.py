@@ -78,6 +78,9 @@ def subset(expected: Any, actual: Any, path: str = "") -> list[str]:
             return [f"{path}: expected a mapping, got {actual!r}"]
         return [d for k, v in expected.items() for d in subset(v, actual.get(k), f"{path}.{k}")]
     if isinstance(expected, list):
+        if path.endswith(".tolerations") and isinstance(actual, list):
+            # Admission (DefaultTolerationSeconds) appends the not-ready and unreachable tolerations.
+            actual = [t for t in actual if not t.get("key", "").startswith("node.kubernetes.io/")]
         if not isinstance(actual, list) or len(actual) != len(expected):
             return [f"{path}: expected {expected!r}, got {actual!r}"]
         return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in subset(e, a, f"{path}[{i}]")]
@@ -157,13 +160,13 @@ def apply(kubectl, ns: str, doc: dict[str, Any], check: bool = True) -> subproce
 
 
 def live_job(api: Api, ns: str, doc: dict[str, Any]) -> Any:
-    from fedtune_operator import resources
+    from fedtune_operator.jobs import Job
 
     live = api.job(ns, doc["metadata"]["name"])
     assert live is not None
     document = copy.deepcopy(doc)
     document["metadata"]["namespace"] = ns
-    return resources.Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
+    return Job(live["metadata"]["name"], ns, live["metadata"]["uid"], live["spec"], parse_job(document))
 
 
 def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
@@ -173,13 +176,14 @@ def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
 def live_material(api: Api, ns: str, job: Any) -> Any:
     """The job's CA and certificates as the operator stored them."""
     from fedtune import certs
-    from fedtune_operator import resources, tls
+    from fedtune_operator import tls
+    from fedtune_operator.jobs import workloads
 
     if not tls.enabled(job):
         return None
     ca = secret_data(api, ns, tls.ca_secret_name(job))
     roles = {}
-    for w in resources.workloads(job):
+    for w in workloads(job):
         data = secret_data(api, ns, tls.role_secret_name(job, w))
         roles[w.key] = certs.Issued(data["tls.crt"], data["tls.key"])
     return tls.Material(certs.Issued(ca["ca.crt"], ca.get("ca.key", b"")), roles)
@@ -187,21 +191,22 @@ def live_material(api: Api, ns: str, job: Any) -> Any:
 
 def expected_children(api: Api, ns: str, doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     """What the resource builders say this resource must become (with its real uid, password, certificates)."""
-    from fedtune_operator import resources
+    from fedtune_operator.children import all_children
+    from fedtune_operator.jobs import child_name, hosts_federation
 
     job = live_job(api, ns, doc)
     password = ""
-    if resources.hosts_federation(job.spec):
-        password = secret_data(api, ns, resources.child_name(job.name, "redis"))["password"].decode()
-    return by_kind_name(resources.all_children(job, password, live_material(api, ns, job)))
+    if hosts_federation(job.spec):
+        password = secret_data(api, ns, child_name(job.name, "redis"))["password"].decode()
+    return by_kind_name(all_children(job, password, live_material(api, ns, job)))
 
 
 def secret_names(api: Api, ns: str, doc: dict[str, Any]) -> set[tuple[str, str]]:
     """The Secrets the operator makes for this resource (the Redis one, the CA, the certificates)."""
-    from fedtune_operator import resources
+    from fedtune_operator.children.secret import secrets
 
     job = live_job(api, ns, doc)
-    return {("Secret", s["metadata"]["name"]) for s in resources.secrets(job, "")}
+    return {("Secret", s["metadata"]["name"]) for s in secrets(job, "")}
 
 
 def wait_for_children(api: Api, ns: str, doc: dict[str, Any], timeout: float = WAIT_S) -> dict:
@@ -253,11 +258,12 @@ def assert_certificates_chain_to(api: Api, ns: str, doc: dict[str, Any], ca_pem:
     from cryptography import x509
 
     from fedtune import certs
-    from fedtune_operator import resources, tls
+    from fedtune_operator import tls
+    from fedtune_operator.jobs import workloads
 
     job = live_job(api, ns, doc)
     ca = x509.load_pem_x509_certificate(ca_pem)
-    for w in resources.workloads(job):
+    for w in workloads(job):
         data = secret_data(api, ns, tls.role_secret_name(job, w))
         assert data["ca.crt"] == ca_pem
         x509.load_pem_x509_certificate(data["tls.crt"]).verify_directly_issued_by(ca)
@@ -307,6 +313,14 @@ INVALID = [
     ("one-party", lambda s: s.update(parties=s["parties"][:1]), "spec.parties"),
     ("lr", lambda s: s["trainer"].update(learning_rate=-1), "spec.trainer.learning_rate"),
     ("reserved-party", lambda s: s["parties"][1].update(name="scheduler"), "spec.parties"),
+    # Kubernetes types carry their own schema (fedtune_operator.kubeschema).
+    ("toleration", lambda s: s.update(scheduling={"tolerations": [{"key": "nvidia.com/gpu", "effect": "NoSchedul"}]}),
+     "spec.scheduling.tolerations[0].effect"),
+    ("affinity", lambda s: s["parties"][1].update(scheduling={"affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {}}}}),
+     "spec.parties[1].scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"),
+    ("pod-template", lambda s: s.update(scheduling={"podTemplate": {"spec": {"containers": [{"image": "x"}]}}}),
+     "spec.scheduling.podTemplate.spec.containers[0].name"),
 ]
 
 
@@ -325,6 +339,17 @@ def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> No
     doc["spec"]["backoffLimit"] = 7
     result = apply(kubectl, namespace, doc, check=False)
     assert result.returncode != 0 and "immutable" in result.stderr
+
+
+def test_a_pod_the_api_refuses_fails_the_job_naming_the_field(operator, api, kubectl, namespace) -> None:
+    """The CRD takes any string map as labels; the Pod API does not: the job fails saying why, once."""
+    doc = small_job("badlabel")
+    doc["spec"]["parties"][1]["scheduling"] = {"labels": {"team": "not a label value!"}}
+    apply(kubectl, namespace, doc)
+    wait_for("phase Failed", lambda: api.status(namespace, "badlabel").get("phase") == "Failed", describe=operator.tail)
+    failed = next(c for c in api.status(namespace, "badlabel")["conditions"] if c["type"] == "Failed")
+    assert "metadata.labels" in failed["message"] and "not a label value!" in failed["message"], failed
+    assert "badlabel-node-1" not in {p["metadata"]["name"] for p in api.pods(namespace)}
 
 
 def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, namespace) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fedtune_operator import resources as r
+from fedtune_operator.jobs import Job
 from support.children import make_job
 from support.jobs import EXAMPLE
 
@@ -18,5 +18,5 @@ def example() -> dict[str, Any]:
 
 
 @pytest.fixture
-def job(example) -> r.Job:
+def job(example) -> Job:
     return make_job(example)

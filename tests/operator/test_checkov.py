@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from fedtune.spec import parse_job
-from fedtune_operator import resources as r
+from fedtune_operator.children import all_children, problems
+from fedtune_operator.jobs import Job
 from support.children import OPERATOR
 from support.jobs import REPO, example_documents
 
@@ -58,11 +59,11 @@ def test_operator_manifests_for_every_example_pass(tmp_path) -> None:
     assert len(jobs) >= 3
     for source, doc in jobs:
         doc["metadata"]["namespace"] = NAMESPACE
-        job = r.Job(
+        job = Job(
             doc["metadata"]["name"], NAMESPACE, "0b5e6f0e-0000-0000-0000-000000000001", doc["spec"], parse_job(doc)
         )
-        assert r.name_problems(job) == [], source
-        children = r.all_children(job, "not-a-real-password", operator=OPERATOR)
+        assert problems(job) == [], source
+        children = all_children(job, "not-a-real-password", operator=OPERATOR)
         (tmp_path / f"{job.name}.yaml").write_text(yaml.safe_dump_all(children, sort_keys=False))
     failed = checkov(tmp_path)
     assert not failed, "checkov failed on the operator's manifests:\n" + "\n".join(failed)

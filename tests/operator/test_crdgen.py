@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 import yaml
 
-from fedtune_operator import crdgen
+from fedtune_operator import crdgen, kubeschema
+
+# The extensions a CRD's schema may carry (apiextensions.k8s.io/v1 JSONSchemaProps).
+CRD_EXTENSIONS = {
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-embedded-resource",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-validations",
+}
 
 
 def _walk(node: Any, path: str = ""):
@@ -66,6 +72,7 @@ def test_schema_is_structural(schema) -> None:
         assert "anyOf" not in node and "oneOf" not in node and "allOf" not in node, path
         assert node.get("additionalProperties") is not False, path
         assert "default" not in node and "title" not in node and "const" not in node, path
+        assert {k for k in node if k.startswith("x-")} <= CRD_EXTENSIONS, path
         if "properties" in node and path.split(".")[-1] != "properties":
             assert node.get("type") == "object", path
         for bound in ("exclusiveMinimum", "exclusiveMaximum"):
@@ -117,3 +124,36 @@ def test_rendered_yaml_has_no_anchors() -> None:
     text = crdgen.render()
     assert "&id" not in text and "*id" not in text
     assert yaml.safe_load(text) == crdgen.crd()
+
+
+def test_kubernetes_types_carry_their_own_schema(schema) -> None:
+    """Tolerations, affinity and the rest are validated as the Pod API validates them."""
+    core = kubeschema.CORE
+    for where in ("scheduling", "parties.[].scheduling"):
+        toleration = spec_field(schema, f"{where}.tolerations.[]")
+        assert toleration == kubeschema.structural(f"{core}.Toleration")
+        assert toleration["properties"]["effect"]["enum"] == ["NoExecute", "NoSchedule", "PreferNoSchedule"]
+        affinity = spec_field(schema, f"{where}.affinity")
+        assert affinity == {**kubeschema.structural(f"{core}.Affinity"), "nullable": True}
+        terms = affinity["properties"]["nodeAffinity"]["properties"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert terms["required"] == ["nodeSelectorTerms"]
+        assert spec_field(schema, f"{where}.imagePullSecrets.[]")["properties"]["name"]["type"] == "string"
+        overlay = spec_field(schema, f"{where}.podTemplate")
+        assert set(overlay["properties"]["metadata"]["properties"]) == {"labels", "annotations"}
+        pod_spec = overlay["properties"]["spec"]
+        assert "required" not in pod_spec and pod_spec["properties"]["containers"]["items"]["required"] == ["name"]
+        limits = pod_spec["properties"]["containers"]["items"]["properties"]["resources"]["properties"]["limits"]
+        assert limits["additionalProperties"] == {"x-kubernetes-int-or-string": True}  # a Quantity
+        assert spec_field(schema, f"{where}.nodeSelector")["additionalProperties"] == {"type": "string"}
+
+
+def test_the_capture_keeps_only_what_the_roots_reference() -> None:
+    document = {"components": {"schemas": {
+        "a.Root": {"description": "d", "properties": {"x": {"allOf": [{"$ref": "#/components/schemas/a.Used"}]}}},
+        "a.Used": {"type": "string", "description": "gone"},
+        "a.Unused": {"type": "string"},
+    }}}
+    assert kubeschema.capture(document, ("a.Root",)) == {
+        "a.Root": {"properties": {"x": {"allOf": [{"$ref": "#/components/schemas/a.Used"}]}}},
+        "a.Used": {"type": "string"},
+    }

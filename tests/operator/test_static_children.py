@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune_operator import resources as r
+from fedtune_operator.jobs import Job
 from fedtune_operator.reconcile import Reconciler
 from support.children import UID
 
@@ -45,7 +45,7 @@ def reconciler() -> tuple[Reconciler, MemoryKube]:
     return rec, rec.kube  # type: ignore[return-value]
 
 
-def test_a_deletion_during_the_pass_makes_the_next_pass_look_again(job: r.Job) -> None:
+def test_a_deletion_during_the_pass_makes_the_next_pass_look_again(job: Job) -> None:
     rec, kube = reconciler()
     rec._ensure_static(job)
     assert job.uid == UID and job.uid in rec._static_ok
@@ -66,7 +66,7 @@ def test_a_deletion_during_the_pass_makes_the_next_pass_look_again(job: r.Job) -
     assert job.uid in rec._static_ok
 
 
-def test_without_a_deletion_one_pass_completes_the_job(job: r.Job) -> None:
+def test_without_a_deletion_one_pass_completes_the_job(job: Job) -> None:
     rec, kube = reconciler()
     rec._ensure_static(job)
     kinds = {kind for kind, _ in kube.objects}

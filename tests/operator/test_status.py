@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fedtune_operator import resources as r
 from fedtune_operator import status as s
+from fedtune_operator.jobs import output_location, workloads
 from support.children import make_job
 from support.jobs import EXAMPLE
 
@@ -29,13 +29,13 @@ class World:
 
     def step(self, progress: s.Progress | None = None) -> s.Plan:
         plan = s.plan(
-            workloads=r.workloads(self.job),
+            workloads=workloads(self.job),
             pods=self.pods,
             redis_pod_name="poems-lora-redis",
             prev=self.status,
             backoff_limit=self.job.spec.backoffLimit,
             rounds=len(self.job.spec.fractions()),
-            output=r.output_location(self.job),
+            output=output_location(self.job),
             now="2026-01-01T00:00:00Z",
             progress=progress,
         )
@@ -146,12 +146,12 @@ def test_a_failed_pod_seen_twice_counts_once(world) -> None:
     world.set_phase("poems-lora-node-1", "Failed", exit_code=1)
     prev = world.status
     first = s.plan(
-        workloads=r.workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=prev,
+        workloads=workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=prev,
         backoff_limit=2, rounds=5, output="pvc://x/", now="t",
     )  # fmt: skip
     # The delete did not happen (operator restarted): the next pass sees the same pod.
     again = s.plan(
-        workloads=r.workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=first.status,
+        workloads=workloads(world.job), pods=world.pods, redis_pod_name="poems-lora-redis", prev=first.status,
         backoff_limit=2, rounds=5, output="pvc://x/", now="t",
     )  # fmt: skip
     assert again.status["parties"]["node-1"]["failures"] == 1
@@ -239,3 +239,23 @@ def test_pod_view_reads_termination_details() -> None:
     )
     evicted = s.pod_view({"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted"}})
     assert evicted.reason == "Evicted" and evicted.exit_code is None
+
+
+def test_tls_off_is_a_warning_once_and_a_false_condition() -> None:
+    conditions, events = s.tls_condition([], s.Tls(enabled=False), "t0")
+    (cond,) = conditions
+    assert cond["type"] == "TLS" and cond["status"] == "False" and cond["reason"] == "TLSDisabled"
+    assert events == [("Warning", "TLSDisabled", s.TLS_DISABLED_MESSAGE)]
+    again, events = s.tls_condition(conditions, s.Tls(enabled=False), "t1")
+    assert events == [] and again[0]["lastTransitionTime"] == "t0"
+    on, events = s.tls_condition([], s.Tls(enabled=True, ca="Secret j-ca"), "t0")
+    assert on[0]["status"] == "True" and "Secret j-ca" in on[0]["message"] and events == []
+
+
+def test_a_missing_ca_secret_keeps_the_job_pending_and_says_why() -> None:
+    st, events = s.tls_unavailable_status({}, "spec.tls.caSecret `fed-ca`: Secret not found", "t0")
+    assert st["phase"] == "Pending" and "fed-ca" in st["message"]
+    assert [e[1] for e in events] == ["CAUnavailable"]
+    again, events = s.tls_unavailable_status(st, "spec.tls.caSecret `fed-ca`: Secret not found", "t1")
+    assert again == st and events == []
+

@@ -58,6 +58,13 @@ def test_example_parses_with_reference_meaning() -> None:
         (lambda d: d["spec"]["trainer"].update(save_steps=3), "save_steps"),
         (lambda d: d["spec"].pop("input"), "spec.input"),
         (lambda d: d["spec"]["parties"][2].update(name="node-1"), "name the same party"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 3}}),
+         "encryption.secagg_plus.threshold: 3 is more than the 2 label_trainers"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 1}}),
+         "encryption.secagg_plus.threshold: 1 is below a majority of the 2 label_trainers (at least 2)"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"dropout_timeout_s": 0}}),
+         "spec.encryption.secagg_plus.dropout_timeout_s"),
+        (lambda d: d["spec"].update(encryption={"otp": {}, "secagg_plus": {}}), "exactly one of `plain`, `otp` or"),
     ],
 )
 def test_bad_spec_names_the_field(doc: dict, mutate, expected: str) -> None:

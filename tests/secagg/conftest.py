@@ -6,6 +6,8 @@ Helpers are handed out as fixtures (not imported) so the tests work under any py
 from __future__ import annotations
 
 import hashlib
+import math
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -64,3 +66,44 @@ def protect_all() -> Callable[..., dict[str, Tensors]]:
         }
 
     return run
+
+
+def _worst_byte_chi_square(words: np.ndarray) -> tuple[float, float]:
+    """The largest chi-square statistic over the byte histograms of each byte position of 64-bit words,
+    and the critical value a uniform source exceeds with probability 1e-4 (Wilson-Hilferty; z = 3.719)."""
+    as_bytes = np.ascontiguousarray(words, dtype=np.uint64).view(np.uint8).reshape(-1, 8)
+    stats = []
+    for position in range(8):
+        counts = np.bincount(as_bytes[:, position], minlength=256)
+        expected = len(as_bytes) / 256
+        stats.append(float(((counts - expected) ** 2 / expected).sum()))
+    dof, z = 255, 3.719
+    return max(stats), dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+@pytest.fixture
+def byte_chi_square() -> Callable[[np.ndarray], tuple[float, float]]:
+    return _worst_byte_chi_square
+
+
+def _miller_rabin(n: int, rounds: int, rng: random.Random) -> bool:
+    """False if `n` is certainly composite; True if it passed `rounds` Miller-Rabin rounds."""
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for _ in range(rounds):
+        x = pow(rng.randrange(2, n - 2), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+@pytest.fixture
+def miller_rabin() -> Callable[[int, int, random.Random], bool]:
+    return _miller_rabin

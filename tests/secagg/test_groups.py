@@ -45,23 +45,6 @@ def _floor_e_times_2_to(shift: int) -> int:
     return total >> guard
 
 
-def _miller_rabin(n: int, rounds: int, rng: random.Random) -> bool:
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d, s = d // 2, s + 1
-    for _ in range(rounds):
-        x = pow(rng.randrange(2, n - 2), d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
 def test_all_five_groups_are_present() -> None:
     assert set(RFC) == set(GROUP_BITS) == {2048, 3072, 4096, 6144, 8192}
 
@@ -81,11 +64,11 @@ def test_prime_matches_the_rfc_text_and_its_derivation_from_e(bits: int) -> None
 
 
 @pytest.mark.parametrize("bits", GROUP_BITS)
-def test_prime_is_safe(bits: int) -> None:
+def test_prime_is_safe(bits: int, miller_rabin) -> None:
     group = ffdhe_group(bits)
     rng = random.Random(bits)
     # q = (p-1)/2 passes Miller-Rabin (fewer rounds for the big groups, whose every round costs ~1 s) ...
-    assert _miller_rabin(group.q, 8 if bits <= 3072 else 2, rng)
+    assert miller_rabin(group.q, 8 if bits <= 3072 else 2, rng)
     # ... and then p = 2q+1 is prime by Pocklington: 2^(p-1) = 1 mod p, and gcd(2^2 - 1, p) = 1.
     assert pow(2, group.p - 1, group.p) == 1 and group.p % 3 != 0
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -107,38 +105,23 @@ def test_mask_info_is_unambiguous() -> None:
 # --- a masked update on its own is indistinguishable from uniform ------------------------------
 
 
-def _chi_square_critical(dof: int, z: float = 3.719) -> float:
-    """Wilson-Hilferty approximation of the chi-square quantile; z = 3.719 is the 1 - 1e-4 normal quantile."""
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-
-
-def _worst_byte_chi_square(words: np.ndarray) -> float:
-    """The largest chi-square statistic over the byte histograms of each byte position of the words."""
-    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(-1, 8)
-    stats = []
-    for position in range(8):
-        counts = np.bincount(as_bytes[:, position], minlength=256)
-        expected = len(as_bytes) / 256
-        stats.append(float(((counts - expected) ** 2 / expected).sum()))
-    return max(stats)
-
-
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("generator", GENERATORS)
 def test_a_masked_update_looks_uniform_and_its_encoding_does_not(
-    generator, bits, otp_codec, random_update, protect_all
+    generator, bits, otp_codec, random_update, protect_all, byte_chi_square
 ) -> None:
     codec = otp_codec(bits, generator)
     rng = np.random.default_rng(7)
     updates = {name: random_update(rng, {"w": (65_536,)}) for name in ("node-1", "node-2")}
     masked = protect_all(codec, updates)["node-1"]["w"]
     encoded = codec.encode_plain(updates["node-1"])["w"]
-    critical = _chi_square_critical(255)
     # each byte position of each 64-bit limb (65,536 samples per histogram, 256 expected per bin)
     for limb in masked.reshape(bits // 64, -1):
-        assert _worst_byte_chi_square(limb) < critical
+        statistic, critical = byte_chi_square(limb)
+        assert statistic < critical
     # the same test flags the unmasked fixed-point encoding at once
-    assert _worst_byte_chi_square(encoded.reshape(bits // 64, -1)[0]) > 100 * critical
+    statistic, critical = byte_chi_square(encoded.reshape(bits // 64, -1)[0])
+    assert statistic > 100 * critical
 
 
 def test_one_label_trainer_alone_is_not_masked_and_says_so(otp_codec, random_update, caplog) -> None:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
 from fedtune.spec import parse_job
-from fedtune_operator import resources as r
+from fedtune_operator.children.networkpolicy import OperatorPeer
+from fedtune_operator.jobs import Job
 
 UID = "0b5e6f0e-1111-2222-3333-444455556666"
 # The operator as the chart deploys it: the peer its NetworkPolicies let in.
-OPERATOR = r.OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
+OPERATOR = OperatorPeer("fedtune-system", {"app.kubernetes.io/name": "fedtune-operator"})
+# The example's local roles (`Workload.key`) and the suffix of their pod, Service and Secret names.
+ROLES = {"scheduler": "scheduler", "assist_trainer": "assist-trainer", "node-1": "node-1", "node-2": "node-2"}
 
 
-def make_job(document: dict[str, Any], namespace: str = "team-a") -> r.Job:
+def make_job(document: dict[str, Any], namespace: str = "team-a") -> Job:
     doc = copy.deepcopy(document)
     doc["metadata"]["namespace"] = namespace
-    return r.Job(doc["metadata"]["name"], namespace, UID, doc["spec"], parse_job(doc))
+    return Job(doc["metadata"]["name"], namespace, UID, doc["spec"], parse_job(doc))
 
 
 def by_kind_name(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -37,3 +41,19 @@ def pod_secrets(pod: dict[str, Any]) -> set[str]:
             if ref:
                 names.add(ref["name"])
     return names
+
+
+def pods_of(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {c["metadata"]["name"]: c for c in children if c["kind"] == "Pod"}
+
+
+def secret_volumes(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v["secret"] for v in pod["spec"]["volumes"] if "secret" in v}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def secret_file(secret: dict[str, Any], key: str) -> bytes:
+    return base64.b64decode(secret["data"][key])

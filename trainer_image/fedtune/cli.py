@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedtune import roles
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
 log = logging.getLogger("fedtune")
@@ -33,13 +34,13 @@ def _role_args(parser: argparse.ArgumentParser, party: bool) -> None:
     parser.add_argument("--output", type=Path, help="write this party's adapters to OUTPUT/<party>/ "
                         "(default: spec.output.path)")
     parser.add_argument("--listen", help="gRPC bind address (default: all interfaces, the port of the spec address)")
-    parser.add_argument("--tls-dir", type=Path, default=os.environ.get("FEDTUNE_TLS_DIR") or None,
+    parser.add_argument("--tls-dir", type=Path, default=os.environ.get(roles.TLS_DIR_ENV) or None,
                         help="folder with ca.crt, tls.crt, tls.key for mutual TLS")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(roles.LOG_LEVEL_ENV, "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run every role of a job on this machine")
@@ -49,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
 
-    _role_args(sub.add_parser("scheduler", help="run the scheduler role"), party=False)
-    _role_args(sub.add_parser("assist-trainer", help="run the assist_trainer (aggregator) role"), party=True)
-    _role_args(sub.add_parser("label-trainer", help="run a label_trainer role"), party=True)
+    for role, what in ((roles.SCHEDULER, "the scheduler role"), (roles.ASSIST_TRAINER, "the assist_trainer "
+                       "(aggregator) role"), (roles.LABEL_TRAINER, "a label_trainer role")):
+        _role_args(sub.add_parser(roles.SUBCOMMANDS[role], help=f"run {what}"), party=role != roles.SCHEDULER)
 
     chat = sub.add_parser("chat", help="answer prompts with a fine-tuned adapter")
     chat.add_argument("--model", required=True, type=Path, help="the pretrained model folder")
@@ -107,11 +108,8 @@ def _party_output(job: FederatedFineTune, party: str, output: Path | None, base_
     return resolve_path(expand_output_path(job.spec.output.path, job.job_id, party), base_dir)
 
 
-def _listen(args: argparse.Namespace, address: str | None, default_port: int) -> str:
-    if args.listen:
-        return args.listen
-    port = address.rpartition(":")[2] if address else str(default_port)
-    return f"[::]:{port}"
+def _listen(args: argparse.Namespace, role: str, address: str | None) -> str:
+    return args.listen or roles.listen_address(role, address)
 
 
 def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
@@ -142,8 +140,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
-    state = JobState.connect(job.spec.redis.address, os.environ.get("FEDTUNE_REDIS_PASSWORD"), job.job_id)
-    return scheduler.serve(job, state, _listen(args, job.spec.scheduler.address, 55005), _tls(args))
+    state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id)
+    return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args))
 
 
 def cmd_party(args: argparse.Namespace) -> int:
@@ -151,14 +149,14 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     me = job.spec.party(args.party)
-    expected = "assist-trainer" if me.role == "assist_trainer" else "label-trainer"
+    expected = roles.SUBCOMMANDS[me.role]
     if args.command != expected:
         raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
     base_dir = (args.base_dir or args.job.parent).resolve()
     ctx = Context(job=job, name=me.name, base_dir=base_dir,
                   output_dir=_party_output(job, me.name, args.output, base_dir), tls=_tls(args),
-                  redis_password=os.environ.get("FEDTUNE_REDIS_PASSWORD"),
-                  listen=_listen(args, me.address, 55004))
+                  redis_password=os.environ.get(roles.REDIS_PASSWORD_ENV),
+                  listen=_listen(args, me.role, me.address))
     return run_party(ctx)
 
 
@@ -251,7 +249,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "scheduler": cmd_scheduler, "assist-trainer": cmd_party, "label-trainer": cmd_party,
+    "run": cmd_run, roles.SUBCOMMANDS[roles.SCHEDULER]: cmd_scheduler,
+    roles.SUBCOMMANDS[roles.ASSIST_TRAINER]: cmd_party, roles.SUBCOMMANDS[roles.LABEL_TRAINER]: cmd_party,
     "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
     "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
 }

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedtune import certs, files
+from fedtune import certs, files, roles
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, resolve_path
 
@@ -98,7 +98,7 @@ class Role:
     """One local process of the job."""
 
     name: str
-    command: str  # scheduler | assist-trainer | label-trainer
+    role: str  # scheduler | assist_trainer | label_trainer
     listen_port: int | None = None
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -159,15 +159,11 @@ def claim_output(output: Path, job: FederatedFineTune, *, overwrite: bool) -> No
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def with_local_addresses(job: FederatedFineTune, redis_address: str, roles: dict[str, Role]) -> FederatedFineTune:
+def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict[str, Role]) -> FederatedFineTune:
     data = job.model_dump(mode="json", exclude_none=True)
-    spec = data["spec"]
-    spec["redis"]["address"] = redis_address
-    spec.setdefault("scheduler", {})["address"] = f"{LOOPBACK}:{roles['scheduler'].listen_port}"
-    for party in spec["parties"]:
-        role = roles.get(party["name"])
-        if role is not None and role.listen_port:
-            party["address"] = f"{LOOPBACK}:{role.listen_port}"
+    served = {name: f"{LOOPBACK}:{role.listen_port}" for name, role in local.items() if role.listen_port}
+    data["spec"] = roles.with_addresses(data["spec"], scheduler=served.pop(roles.SCHEDULER), redis=redis_address,
+                                        parties=served)
     return FederatedFineTune.model_validate(data)
 
 
@@ -181,15 +177,14 @@ class LocalJob:
         self.base_dir = base_dir
         self.run_dir = output / ".fedtune"
         self.redis = RedisServer(workdir=self.run_dir / "redis", appendonly=redis_appendonly)
-        self.roles: dict[str, Role] = {"scheduler": Role("scheduler", "scheduler", free_port())}
+        self.roles: dict[str, Role] = {roles.SCHEDULER: Role(roles.SCHEDULER, roles.SCHEDULER, free_port())}
         for party in job.spec.parties:
             if party.remote is None:
-                command = "assist-trainer" if party.role == "assist_trainer" else "label-trainer"
-                port = free_port() if party.role == "assist_trainer" else None
-                self.roles[party.name] = Role(party.name, command, port)
+                port = free_port() if party.role == roles.ASSIST_TRAINER else None
+                self.roles[party.name] = Role(party.name, party.role, port)
         training = sum(1 for p in job.spec.parties if p.remote is None and job.spec.trainset(p))
         # Parties share this machine's cores instead of each claiming all of them.
-        self.torch_threads = (torch_threads or int(os.environ.get("FEDTUNE_TORCH_THREADS", "0"))
+        self.torch_threads = (torch_threads or int(os.environ.get(roles.TORCH_THREADS_ENV, "0"))
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
@@ -217,16 +212,12 @@ class LocalJob:
 
     def start_role(self, name: str) -> None:
         role = self.roles[name]
-        command = [sys.executable, "-m", "fedtune", role.command, "--job", str(self.job_file),
-                   "--base-dir", str(self.base_dir), "--output", str(self.output)]
-        if role.command != "scheduler":
-            command += ["--party", name]
-        if role.listen_port:
-            command += ["--listen", f"{LOOPBACK}:{role.listen_port}"]
-        if self.job.spec.tls.enabled:
-            command += ["--tls-dir", str(self.run_dir / "tls" / name)]
-        env = {**os.environ, "FEDTUNE_REDIS_PASSWORD": self.redis.password,
-               "FEDTUNE_TORCH_THREADS": str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "fedtune", *roles.role_argv(
+            role.role, self.job_file, party=None if role.role == roles.SCHEDULER else name, base_dir=self.base_dir,
+            output=self.output, listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
+            tls_dir=self.run_dir / "tls" / name if self.job.spec.tls.enabled else None)]
+        env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
+               roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
         role.log_path = self.run_dir / "logs" / f"{name}.log"
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -386,9 +377,9 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
     print(f"fedtune: job {job.job_id} succeeded in {time.monotonic() - start:.1f} s; adapters:", file=stream)
     last = checkpoint_name(job.spec.fractions()[-1])
     for name in local.roles:
-        if name != "scheduler":
+        if name != roles.SCHEDULER:
             print(f"  {output / name / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
-    first = next(n for n in local.roles if n != "scheduler")
+    first = next(n for n in local.roles if n != roles.SCHEDULER)
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
     print(f"chat with it:\n  fedtune chat --model {model} --adapter {output / first / last}", file=stream)
     return 0

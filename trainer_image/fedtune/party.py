@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, transport
+from fedtune import certs, files, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -71,7 +71,7 @@ class Party:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.me = ctx.job.spec.party(ctx.name)
-        self.is_assist = self.me.role == "assist_trainer"
+        self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
         self.state_dir = ctx.output_dir / STATE_DIR
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
@@ -192,7 +192,8 @@ class Party:
                                             round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
-        server, port = start_server(self.aggregator, self.ctx.listen or "[::]:55004", self.ctx.tls)
+        listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
+        server, port = start_server(self.aggregator, listen, self.ctx.tls)
         log.info("aggregator listening on port %d", port)
         return server
 
@@ -272,7 +273,7 @@ class Party:
 
 def run_party(ctx: Context) -> int:
     """Run one party to the end; report a failure to the scheduler before raising it."""
-    torch_threads = os.environ.get("FEDTUNE_TORCH_THREADS")
+    torch_threads = os.environ.get(roles.TORCH_THREADS_ENV)
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     party = Party(ctx)

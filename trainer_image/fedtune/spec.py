@@ -91,21 +91,46 @@ class Otp(_Strict):
     csprng: Csprng = Field(default_factory=Csprng)
 
 
+class SecAggPlus(Otp):
+    """Secure aggregation that survives label_trainers dropping out mid-round (`fedtune.secagg.plus`)."""
+
+    # Shares it takes to remove a round's masks: at least a majority of the label_trainers (the default).
+    threshold: int | None = Field(None, ge=1)
+    # A label_trainer that has not uploaded a round and has given no sign of life for this long since
+    # the round's first upload is dropped from it (`aggregation.round_timeout_s` drops every latecomer).
+    dropout_timeout_s: float = Field(60.0, gt=0)
+
+
+SCHEMES = ("plain", "otp", "secagg_plus")
+
+
+def majority(count: int) -> int:
+    """The smallest number of share holders that no two disjoint groups can both reach."""
+    return count // 2 + 1
+
+
 class Encryption(_Strict):
     plain: dict[str, Any] | None = None
     otp: Otp | None = None
+    secagg_plus: SecAggPlus | None = None
 
     @model_validator(mode="after")
     def _one_scheme(self) -> Encryption:
-        if self.plain is not None and self.otp is not None:
-            raise ValueError("set exactly one of `plain` or `otp`")
-        if self.plain is None and self.otp is None:
+        chosen = [name for name in SCHEMES if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError("set exactly one of `plain`, `otp` or `secagg_plus`")
+        if not chosen:
             self.plain = {}
         return self
 
     @property
-    def scheme(self) -> Literal["plain", "otp"]:
-        return "otp" if self.otp is not None else "plain"
+    def scheme(self) -> Literal["plain", "otp", "secagg_plus"]:
+        return next(name for name in SCHEMES if getattr(self, name) is not None)  # type: ignore[return-value]
+
+    @property
+    def masking(self) -> Otp | None:
+        """The settings of the masking scheme (`otp` or `secagg_plus`), None for `plain`."""
+        return self.otp or self.secagg_plus
 
 
 class Lora(BaseModel):
@@ -219,6 +244,36 @@ class Volume(_Strict):
     readOnly: bool = False
 
 
+# Fields typed by a Kubernetes API type: the CRD generator puts that type's own OpenAPI schema here.
+KUBE_TYPE = "x-fedtune-kube-type"
+
+
+def _kube_type(name: str) -> dict[str, str]:
+    return {KUBE_TYPE: name}
+
+
+class Scheduling(_Strict):
+    """Where a job's pods may run and how the cluster treats them (Kubernetes only).
+
+    `spec.scheduling` applies to every pod of the job; `parties[].scheduling` is laid over it
+    for that party's pod: lists add up, maps merge (the party's keys win), single values are
+    replaced, and the party's `podTemplate` is laid over the job's.
+    """
+
+    tolerations: list[dict[str, Any]] = Field(default_factory=list,
+                                              json_schema_extra=_kube_type("io.k8s.api.core.v1.Toleration"))
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = Field(None, json_schema_extra=_kube_type("io.k8s.api.core.v1.Affinity"))
+    priorityClassName: str | None = None
+    schedulerName: str | None = None
+    imagePullSecrets: list[dict[str, Any]] = Field(
+        default_factory=list, json_schema_extra=_kube_type("io.k8s.api.core.v1.LocalObjectReference"))
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    # Anything else, as a partial pod template (`metadata`, `spec`) merged over the pod fedtune builds.
+    podTemplate: dict[str, Any] | None = Field(None, json_schema_extra=_kube_type("PodTemplateOverlay"))
+
+
 class Remote(_Strict):
     """A party run by another organisation: only its address is known here."""
 
@@ -236,6 +291,7 @@ class Party(_Strict):
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
     volumes: list[Volume] = Field(default_factory=list)
+    scheduling: Scheduling | None = None
     remote: Remote | None = None
     # host:port of this party's gRPC server (only the assist_trainer serves); filled by the launcher.
     address: str | None = None
@@ -304,6 +360,7 @@ class JobSpec(_Strict):
     workingDir: str = Field("/workspace", pattern=r"^/")
     tls: Tls = Field(default_factory=Tls)
     backoffLimit: int = Field(3, ge=0)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
 
     @model_validator(mode="after")
     def _parties_make_a_federation(self) -> JobSpec:
@@ -322,7 +379,27 @@ class JobSpec(_Strict):
                     f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)"
                 )
         self.fractions()
+        self._check_threshold()
         return self
+
+    def _check_threshold(self) -> None:
+        plus = self.encryption.secagg_plus
+        if plus is None or plus.threshold is None:
+            return
+        n = len(self.label_trainers)
+        if plus.threshold > n:
+            raise ValueError(f"encryption.secagg_plus.threshold: {plus.threshold} is more than the {n} label_trainers")
+        if plus.threshold < majority(n):
+            raise ValueError(
+                f"encryption.secagg_plus.threshold: {plus.threshold} is below a majority of the {n} label_trainers "
+                f"(at least {majority(n)}): two groups of fewer could each reveal one half of a party's masks"
+            )
+
+    def secagg_threshold(self) -> int:
+        """The shares a secagg_plus round needs: as configured, or a majority of the label_trainers."""
+        plus = self.encryption.secagg_plus
+        configured = plus.threshold if plus is not None else None
+        return configured or majority(len(self.label_trainers))
 
     # --- derived views -------------------------------------------------------------------
 

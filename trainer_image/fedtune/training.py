@@ -29,6 +29,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from fedtune.data import FeatureDataset, collator_for
 from fedtune.files import fsync_files, replace_dir
+from fedtune.loss import causal_lm_loss, supports_fused_loss
 from fedtune.models import adapter_state, load_adapter_state
 from fedtune.spec import MANAGED_TRAINER_KEYS
 
@@ -166,6 +167,19 @@ class _FederatedTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         state = load_file(str(Path(resume_from_checkpoint) / ADAPTER_STATE_FILE))
         load_adapter_state(model if model is not None else self.model, state)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The same loss as Trainer's, from the answer positions only (`fedtune.loss`)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        if (return_outputs or "labels" not in inputs or self.label_smoother is not None
+                or self.compute_loss_func is not None or not supports_fused_loss(unwrapped)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = causal_lm_loss(model, inputs, num_items_in_batch if scaled else None, unwrapped=unwrapped)
+        if scaled and self.args.average_tokens_across_devices:  # as Trainer does for token-averaged losses
+            loss = loss * (self.args.n_gpu if self.args.n_gpu > 1 else self.accelerator.num_processes)
+        return loss
 
 
 # --- the rounds ---------------------------------------------------------------------------

@@ -1,26 +1,28 @@
-"""One-time-pad secure aggregation: the assist_trainer learns only the sum of the updates.
+"""Secure aggregation: the assist_trainer learns only the sum of the updates.
 
-The runtime calls `make_codec(spec.encryption)` and then, on each label_trainer, agrees a
+The runtime calls `make_codec(spec.encryption, ...)`. Under `otp` each label_trainer agrees a
 secret with every other label_trainer (`new_private_key`, `public_key`, `shared_secret`) and
 sends `protect(update, ...)`; the assist_trainer sends its own update through `encode_plain`
 and sums everything with `combine`. See codec.py for the scheme and wire format, encoding.py
-for the encodable range and precision.
+for the encodable range and precision. `secagg_plus` (plus.py) adds self-masks and Shamir
+shares so that a round completes without the label_trainers that dropped out of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
-from fedtune.spec import Encryption, format_validation_error
+from fedtune.spec import Encryption, format_validation_error, majority
 
 from .codec import OtpCodec, PlainCodec, UpdateCodec
 from .common import SecAggError, Tensors
 from .encoding import HEADROOM_BITS, MAX_CONTRIBUTIONS, FixedPoint
 from .groups import ffdhe_group
 from .keys import FfdheKeyAgreement, KeyAgreement, X25519KeyAgreement
+from .plus import SecAggPlusCodec, SecAggPlusParty
 from .streams import make_generator
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "OtpCodec",
     "PlainCodec",
     "SecAggError",
+    "SecAggPlusCodec",
+    "SecAggPlusParty",
     "Tensors",
     "UpdateCodec",
     "make_codec",
@@ -37,21 +41,27 @@ __all__ = [
 ]
 
 
-def make_key_agreement(key_exchange: Any) -> KeyAgreement:
+def make_key_agreement(key_exchange: Any, section: str = "otp") -> KeyAgreement:
     """The key agreement named by a `fedtune.spec.KeyExchange` (`curve: x25519` wins over the group)."""
     if key_exchange.curve == "x25519":
         return X25519KeyAgreement()
     if key_exchange.curve is not None:
-        raise SecAggError(f"encryption.otp.key_exchange.curve: unknown curve `{key_exchange.curve}` (have x25519)")
+        curve = key_exchange.curve
+        raise SecAggError(f"encryption.{section}.key_exchange.curve: unknown curve `{curve}` (have x25519)")
     try:
         group = ffdhe_group(key_exchange.key_bitlength)
     except KeyError as err:
-        raise SecAggError(f"encryption.otp.key_exchange.key_bitlength: {err.args[0]}") from None
+        raise SecAggError(f"encryption.{section}.key_exchange.key_bitlength: {err.args[0]}") from None
     return FfdheKeyAgreement(group, key_exchange.optimized)
 
 
-def make_codec(encryption: Encryption | Mapping[str, Any]) -> UpdateCodec:
-    """The codec for a job's `encryption` section: `plain` or `otp`."""
+def make_codec(encryption: Encryption | Mapping[str, Any], *, label_trainers: Sequence[str] = (), rounds: int = 1,
+               threshold: int | None = None) -> UpdateCodec | SecAggPlusCodec:
+    """The codec for a job's `encryption` section: `plain`, `otp` or `secagg_plus`.
+
+    `secagg_plus` also needs the job's label_trainers (the share holders), its number of rounds and
+    the threshold (`JobSpec.secagg_threshold()`; a majority when not given).
+    """
     if isinstance(encryption, Mapping):
         try:
             encryption = Encryption.model_validate(dict(encryption))
@@ -59,7 +69,12 @@ def make_codec(encryption: Encryption | Mapping[str, Any]) -> UpdateCodec:
             raise SecAggError(format_validation_error(err, "encryption")) from None
     if encryption.scheme == "plain":
         return PlainCodec()
-    otp = encryption.otp
-    return OtpCodec(
-        otp.key_bitlength, make_key_agreement(otp.key_exchange), make_generator(otp.csprng.name, otp.csprng.method)
-    )
+    section = encryption.scheme
+    settings = encryption.masking
+    assert settings is not None
+    agreement = make_key_agreement(settings.key_exchange, section)
+    generator = make_generator(settings.csprng.name, settings.csprng.method)
+    if encryption.secagg_plus is None:
+        return OtpCodec(settings.key_bitlength, agreement, generator)
+    return SecAggPlusCodec(settings.key_bitlength, agreement, generator, holders=label_trainers, rounds=rounds,
+                           threshold=threshold or encryption.secagg_plus.threshold or majority(len(label_trainers)))

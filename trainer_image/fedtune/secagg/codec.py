@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -245,18 +246,33 @@ class OtpCodec:
     # aggregator side
 
     def combine(self, protected: dict[str, Tensors], plaintext: dict[str, Tensors]) -> Tensors:
+        return self._decode(self._ring_sum(protected, plaintext))
+
+    def _ring_sum(self, protected: dict[str, Tensors], plaintext: dict[str, Tensors]) -> RingSum:
+        """The modular sum of every contribution, tensor by tensor, as (limbs, n) arrays."""
         found = _contributions(protected, plaintext)
         names = _check_alike(found, np.dtype(np.uint64), self.fixed.limbs)
-        limbs, out = self.fixed.limbs, {}
+        limbs, totals = self.fixed.limbs, {}
         for name in names:
             shape = found[0][1][name].shape
             total = np.array(found[0][1][name], dtype=np.uint64).reshape(limbs, -1)
             scratch = np.empty(total.shape[1], dtype=bool) if limbs == 2 else None
             for _, tensors in found[1:]:
                 add_into(total, tensors[name].reshape(limbs, -1), scratch)
-            values = self.fixed.decode(total, len(found), f"tensor `{name}`")
-            out[name] = values.reshape(shape if limbs == 1 else shape[1:])
-        return out
+            totals[name] = (total, shape if limbs == 1 else shape[1:])
+        return RingSum(totals, len(found))
+
+    def _decode(self, ring_sum: RingSum) -> Tensors:
+        return {
+            name: self.fixed.decode(total, ring_sum.contributions, f"tensor `{name}`").reshape(shape)
+            for name, (total, shape) in ring_sum.totals.items()
+        }
+
+
+@dataclass
+class RingSum:
+    totals: dict[str, tuple[np.ndarray, tuple[int, ...]]]  # tensor -> (limbs, n) sum and the tensor's shape
+    contributions: int
 
 
 def _apply_masks(encoded: np.ndarray, masks: list[tuple[bool, list[MaskStream]]]) -> None:

@@ -7,6 +7,7 @@ secret, big-endian and of the group's full byte length, seeds the mask generator
 
 from __future__ import annotations
 
+import hashlib
 import secrets as _random
 from typing import Protocol
 
@@ -24,6 +25,10 @@ class KeyAgreement(Protocol):
     def public_key(self, private_key: bytes) -> bytes: ...
 
     def shared_secret(self, private_key: bytes, peer_public: bytes, peer: str) -> bytes: ...
+
+    def private_key_from_seed(self, seed: bytes) -> bytes:
+        """A private key determined by a 32-byte secret seed (so whoever learns the seed has the key)."""
+        ...
 
 
 def _check_bytes(value: object, length: int, what: str) -> bytes:
@@ -57,6 +62,13 @@ class FfdheKeyAgreement:
         exponent = low + _random.randbelow(high - low + 1)
         return exponent.to_bytes(self.group.byte_length, "big")
 
+    def private_key_from_seed(self, seed: bytes) -> bytes:
+        # 64 bits more than the range needs make the modular reduction's bias negligible.
+        low, high = self._exponent_bounds()
+        stream = hashlib.shake_256(b"fedtune ffdhe exponent\0" + _check_bytes(seed, 32, "key seed"))
+        draw = int.from_bytes(stream.digest(self.group.byte_length + 8), "big")
+        return (low + draw % (high - low + 1)).to_bytes(self.group.byte_length, "big")
+
     def _exponent(self, private_key: bytes) -> int:
         raw = _check_bytes(private_key, self.group.byte_length, f"{self.name} private key")
         exponent = int.from_bytes(raw, "big")
@@ -85,6 +97,9 @@ class X25519KeyAgreement:
 
     def new_private_key(self) -> bytes:
         return X25519PrivateKey.generate().private_bytes_raw()
+
+    def private_key_from_seed(self, seed: bytes) -> bytes:
+        return hashlib.sha256(b"fedtune x25519 key\0" + _check_bytes(seed, 32, "key seed")).digest()
 
     def _private(self, private_key: bytes) -> X25519PrivateKey:
         return X25519PrivateKey.from_private_bytes(_check_bytes(private_key, 32, "x25519 private key"))
