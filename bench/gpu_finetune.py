@@ -331,24 +331,32 @@ def estimate_memory(shape: Shape, batch: int, sequence: int, checkpointing: bool
         ids = torch.zeros(batch, sequence, dtype=torch.long)
         # A ready 4D causal mask: transformers' own mask building reads values, which meta tensors have not.
         mask = torch.ones(batch, 1, sequence, sequence, dtype=torch.bool).tril()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tracker = PeakMemory()
     for param in model.parameters():
         tracker.track(param)
     tracker.track(ids)
     weights = tracker.current
+    # fedtune's loss (fedtune.loss) never builds the logits: the model returns its final hidden states and the
+    # cross-entropy runs over the vocabulary a few rows at a time, keeping only d(loss)/d(hidden). Its values
+    # cannot be computed on the meta device, so a loss over the hidden states stands in, of the same memory.
+    head = model.get_base_model().lm_head  # still in memory during training: keep it counted
+    model.get_base_model().lm_head = torch.nn.Identity()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with tracker.mode:
-        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        hidden = model(input_ids=ids, attention_mask=mask).logits
+        (hidden.float() * 1e-3).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
+    assert head.weight.is_meta
     return weights, tracker.peak
 
 
 def print_estimates(batch: int, sequence: int) -> None:
     print(f"\npeak memory per party, estimated on the meta device: bf16 base, LoRA r=8 on q/k/v in float32, AdamW, "
+          "fedtune's loss, "
           f"batch {batch}, sequence {sequence} (the defaults: per_device_train_batch_size 4, max_src_length + "
           "max_dst_length 200); tensors only, without the allocator's slack and the CUDA context (~0.5-1 GiB)")
     for name, shape in SHAPES.items():

@@ -18,7 +18,7 @@ from fedtune.cli import main
 from fedtune.models import ModelError, apply_adapter, load_base_model, save_checkpoint
 from fedtune.precision import Precision
 from fedtune.spec import Peft
-from support.chatglm_format import load_reference, write_checkpoint
+from support.chatglm_format import load_reference, read_ranks, tiktoken_encode, write_checkpoint
 from support.jobs import POEMS
 
 TEXTS = ["床前明月光，疑是地上霜。", "Hello, world!  two  spaces\nand a newline", "emoji 🙂 and ünïcödé", " lead"]
@@ -32,7 +32,7 @@ def chatglm3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def glm4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """GLM-4's settings (rope_ratio 500, its epsilon), .bin shards, three of them."""
+    """GLM-4's settings (rope_ratio 500, its epsilon) and tiktoken tokenizer, .bin shards, three of them."""
     return write_checkpoint(tmp_path_factory.mktemp("chatglm") / "glm4", [POEMS], glm4=True, shards=3,
                             weights_format="bin", seed=1)
 
@@ -89,6 +89,17 @@ def test_tokenizer_gives_sentencepieces_ids_after_gmask_sop(chatglm3: Path) -> N
         assert tokenizer(text)["input_ids"] == [gmask, sop, *sp.encode(text)], text
         assert tokenizer.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     assert tokenizer.eos_token_id == sp.eos_id() and tokenizer.pad_token_id == sp.unk_id()
+
+
+def test_glm4_tokenizer_is_tiktokens_byte_level_bpe(glm4: Path) -> None:
+    ranks = read_ranks(glm4 / "tokenizer.model")
+    tokenizer = load_tokenizer(glm4)
+    gmask, sop = len(ranks) + 2, len(ranks) + 4  # tokenizer_config.json: [gMASK] and <sop> after <|endoftext|>
+    for text in TEXTS:
+        assert tokenizer(text)["input_ids"] == [gmask, sop, *tiktoken_encode(text, ranks)], text
+        assert tokenizer.decode(tiktoken_encode(text, ranks)) == text
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == len(ranks)
+    assert tokenizer.convert_tokens_to_ids("<|user|>") == len(ranks) + 7
 
 
 # --- adapters in ChatGLM's names ---------------------------------------------------------------

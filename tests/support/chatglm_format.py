@@ -12,11 +12,14 @@ repeated over the heads; causal softmax attention scaled by 1/sqrt(head_dim); Sw
 tokens' positions still count from 0.
 
 `write_checkpoint` saves one as such a folder: config.json with `model_type: chatglm`, sharded
-weights under ChatGLM's names, a sentencepiece `tokenizer.model` trained on the given texts.
+weights under ChatGLM's names, and a `tokenizer.model` trained on the given texts: sentencepiece BPE
+for ChatGLM2/3, tiktoken's byte-level BPE ranks for GLM-4, whose encoding `tiktoken_encode` writes
+from tiktoken's definition.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -29,6 +32,12 @@ from torch import nn
 from fedtune.tinymodel import corpus_texts
 
 SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+# GLM-4's split pattern, as its tokenization_chatglm.py gives it to tiktoken.
+GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def chatglm_config(vocab: int, *, glm4: bool = False, **overrides: Any) -> dict[str, Any]:
@@ -218,21 +227,93 @@ def train_sentencepiece(out: Path, data: list[Path], vocab_size: int = 1600) -> 
     return out
 
 
-def write_checkpoint(folder: Path, data: list[Path], *, glm4: bool = False, shards: int = 2,
-                     weights_format: str = "safetensors", seed: int = 0, **overrides: Any) -> Path:
-    """A ChatGLM-format folder: config.json, `shards` weight files under an index, tokenizer.model."""
-    import sentencepiece as spm
-    from safetensors.torch import save_file
+def train_byte_bpe(texts: list[str], merges: int = 400) -> dict[bytes, int]:
+    """tiktoken-style ranks: the 256 bytes, then the most frequent adjacent pair within split chunks, repeatedly."""
+    from collections import Counter
 
-    folder.mkdir(parents=True)
+    import regex
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = Counter(chunk.encode() for text in texts for chunk in regex.findall(GLM4_SPLIT, text))
+    parts = {word: [bytes([b]) for b in word] for word in words}
+    for _ in range(merges):
+        pairs: Counter = Counter()
+        for word, pieces in parts.items():
+            for a, b in itertools.pairwise(pieces):
+                pairs[a, b] += words[word]
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for pieces in parts.values():
+            i = 0
+            while i < len(pieces) - 1:
+                if pieces[i] == a and pieces[i + 1] == b:
+                    pieces[i:i + 2] = [a + b]
+                i += 1
+    return ranks
+
+
+def tiktoken_encode(text: str, ranks: dict[bytes, int]) -> list[int]:
+    """tiktoken's encoding: split by the pattern; in each chunk merge the adjacent pair of lowest rank until none."""
+    import regex
+
+    ids: list[int] = []
+    for chunk in regex.findall(GLM4_SPLIT, text):
+        pieces = [bytes([b]) for b in chunk.encode()]
+        while True:
+            candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(itertools.pairwise(pieces)) if a + b in ranks]
+            if not candidates:
+                break
+            _, i = min(candidates)
+            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+        ids += [ranks[piece] for piece in pieces]
+    return ids
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    import base64
+
+    return {base64.b64decode(token): int(rank) for token, rank in
+            (line.split() for line in path.read_text(encoding="ascii").splitlines() if line)}
+
+
+def write_glm4_tokenizer(folder: Path, data: list[Path]) -> int:
+    """GLM-4's tokenizer files: tokenizer.model (base64 token, rank) and its specials in tokenizer_config.json."""
+    import base64
+
+    ranks = train_byte_bpe([*corpus_texts(data), "Hello, world! Federated fine-tuning."])
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks.items()]
+    (folder / "tokenizer.model").write_text("\n".join(lines) + "\n", encoding="ascii")
+    added = {str(len(ranks) + i): {"content": token, "special": True} for i, token in enumerate(GLM4_SPECIALS)}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ChatGLM4Tokenizer", "added_tokens_decoder": added, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]}}),
+        encoding="utf-8")
+    return len(ranks) + len(GLM4_SPECIALS)
+
+
+def write_sentencepiece_tokenizer(folder: Path, data: list[Path]) -> int:
+    """ChatGLM2/3's tokenizer files: a sentencepiece tokenizer.model; its five specials follow the pieces."""
+    import sentencepiece as spm
+
     sp_model = train_sentencepiece(folder / "tokenizer.model", data)
-    pieces = spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size()
-    vocab = math.ceil((pieces + len(SPECIALS)) / 64) * 64  # ChatGLM pads its vocabulary
-    config = chatglm_config(vocab, glm4=glm4, **overrides)
-    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "do_lower_case": False,
         "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}), encoding="utf-8")
+    return spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size() + len(SPECIALS)
+
+
+def write_checkpoint(folder: Path, data: list[Path], *, glm4: bool = False, shards: int = 2,
+                     weights_format: str = "safetensors", seed: int = 0, **overrides: Any) -> Path:
+    """A ChatGLM-format folder: config.json, `shards` weight files under an index, the tokenizer's files."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tokens = write_glm4_tokenizer(folder, data) if glm4 else write_sentencepiece_tokenizer(folder, data)
+    vocab = math.ceil(tokens / 64) * 64  # ChatGLM pads its vocabulary
+    config = chatglm_config(vocab, glm4=glm4, **overrides)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     state = random_reference(config, seed).state_dict()
     state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(config["kv_channels"] // 4)  # as the real ones carry
     names = list(state)

@@ -196,24 +196,52 @@ def convert_folder(src: Path, dst: Path) -> Path:
 
 
 def load_tokenizer(folder: Path) -> Any:
-    """ChatGLM2/3's sentencepiece `tokenizer.model` as a fast tokenizer giving the ids its own code gives.
+    """The folder's `tokenizer.model` as a fast tokenizer giving the ids ChatGLM's own tokenizer code gives.
 
-    The remote `tokenization_chatglm.py` fails on transformers 5; what it does is plain: sentencepiece's
-    ids, then the specials after the sentencepiece vocabulary, and `[gMASK] sop` before every text.
+    That code (`tokenization_chatglm.py`) fails on transformers 5; what it does is plain. ChatGLM2/3:
+    sentencepiece's ids, the specials right after its vocabulary, `[gMASK] sop` before every text.
+    GLM-4: tiktoken's byte-level BPE (the file holds base64 tokens and their ranks) with its split
+    pattern, the specials of tokenizer_config.json, `[gMASK] <sop>` before every text.
     """
+    path = folder / "tokenizer.model"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{folder}: no tokenizer.model (ChatGLM's tokenizer)") from None
+    ranks = _tiktoken_ranks(data)
+    if ranks is not None:
+        return _glm4_tokenizer(folder, ranks)
+    return _sentencepiece_tokenizer(folder, data)
+
+
+def _with_prefix(core: Any, specials: list[str], prefix: tuple[str, str], first_id: int, source: Path,
+                 **tokens: str) -> Any:
+    """A fast tokenizer of `core` whose specials take the ids from `first_id` on, putting `prefix` before texts."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False, **tokens)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in tokens.values()]})
+    ids = tokenizer.convert_tokens_to_ids(specials)
+    if ids != list(range(first_id, first_id + len(specials))):
+        raise ModelError(f"{source}: its special tokens do not follow its {first_id} ordinary ones as ChatGLM's do")
+    pair = tokenizer.convert_tokens_to_ids(list(prefix))
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{prefix[0]} {prefix[1]} $A", pair=f"{prefix[0]} {prefix[1]} $A $B",
+        special_tokens=list(zip(prefix, pair)))
+    return tokenizer
+
+
+def _sentencepiece_tokenizer(folder: Path, data: bytes) -> Any:
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
     path = folder / "tokenizer.model"
     proto = import_protobuf().ModelProto()
     try:
-        proto.ParseFromString(path.read_bytes())
-    except FileNotFoundError:
-        raise ModelError(f"{folder}: no tokenizer.model (ChatGLM's sentencepiece tokenizer)") from None
-    except Exception as err:  # protobuf's DecodeError: a GLM-4 tiktoken file or a damaged one
-        raise ModelError(f"{path}: not a sentencepiece model ({type(err).__name__}: {err}); GLM-4's tiktoken "
-                         "tokenizer.model is not read here: use GLM-4's native release (glm-4-9b-chat-hf)") from None
+        proto.ParseFromString(data)
+    except Exception as err:  # protobuf's DecodeError
+        raise ModelError(f"{path}: neither a sentencepiece model nor a tiktoken file "
+                         f"({type(err).__name__}: {err})") from None
     pieces = [p.piece for p in proto.pieces]
     bpe = proto.trainer_spec.model_type == 2
     vocab: Any = {p: i for i, p in enumerate(pieces)} if bpe else [(p.piece, p.score) for p in proto.pieces]
@@ -221,22 +249,62 @@ def load_tokenizer(folder: Path) -> Any:
     if core is None:
         raise ModelError(f"{path}: sentencepiece model type {proto.trainer_spec.model_type} is neither BPE nor Unigram")
     specials = list(SPECIALS) + (list(ROLES) if _has_roles(folder) else [])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=proto.trainer_spec.unk_piece,
-                                        eos_token=pieces[proto.trainer_spec.eos_id],
-                                        pad_token=proto.trainer_spec.unk_piece, clean_up_tokenization_spaces=False)
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    gmask, sop = tokenizer.convert_tokens_to_ids(["[gMASK]", "sop"])
-    if (gmask, sop) != (len(pieces) + 1, len(pieces) + 3):
-        raise ModelError(f"{path}: the specials do not follow its {len(pieces)} pieces as ChatGLM's ids do")
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="[gMASK] sop $A", pair="[gMASK] sop $A $B", special_tokens=[("[gMASK]", gmask), ("sop", sop)])
-    return tokenizer
+    unk = proto.trainer_spec.unk_piece
+    return _with_prefix(core, specials, ("[gMASK]", "sop"), len(pieces), path, unk_token=unk,
+                        eos_token=pieces[proto.trainer_spec.eos_id], pad_token=unk)
 
 
 def _has_roles(folder: Path) -> bool:
     """ChatGLM3 (not ChatGLM2) has the role tokens; its tokenizer code names them."""
     code = folder / "tokenization_chatglm.py"
     return code.is_file() and "<|user|>" in code.read_text(encoding="utf-8", errors="replace")
+
+
+def _tiktoken_ranks(data: bytes) -> dict[bytes, int] | None:
+    """`base64-token rank` lines (GLM-4's tokenizer.model), or None for anything else."""
+    import base64
+    import binascii
+
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in data.decode("ascii").splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (UnicodeDecodeError, ValueError, binascii.Error):
+        return None
+    return ranks or None
+
+
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+# GLM-4's split pattern (its tokenization_chatglm.py), the one transformers' tiktoken converter uses too.
+GLM4_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{"""
+                r"""1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _glm4_tokenizer(folder: Path, ranks: dict[bytes, int]) -> Any:
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class FromRanks(TikTokenConverter):
+        load_tiktoken_bpe = staticmethod(lambda _: ranks)  # read above, without the tiktoken package
+
+    core = FromRanks(vocab_file=str(folder / "tokenizer.model"), pattern=GLM4_PATTERN).converted()
+    specials = _configured_specials(folder, len(ranks)) or list(GLM4_SPECIALS)
+    return _with_prefix(core, specials, ("[gMASK]", "<sop>"), len(ranks), folder / "tokenizer.model",
+                        eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _configured_specials(folder: Path, first_id: int) -> list[str]:
+    """The added tokens tokenizer_config.json lists from `first_id` on, in id order."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    added = config.get("added_tokens_decoder") or {}
+    by_id = {int(i): entry.get("content") for i, entry in added.items() if isinstance(entry, dict)}
+    return [by_id[i] for i in sorted(by_id) if i >= first_id and by_id[i]]
 
 
 # --- adapters back in ChatGLM's names -----------------------------------------------------
