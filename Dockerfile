@@ -1,25 +1,36 @@
 # The fedtune operator image: kopf, the Kubernetes client and the job spec schema; no torch.
 #   docker build -t fedtune/operator:0.1.0 .
 # Runs as `fedtune-operator` (see charts/fedtune-operator for its arguments).
+# BASE_IMAGE: any Debian-like image with Python 3.11 and venv (make images passes a local
+# stand-in where no registry is reachable).
 
-FROM python:3.11-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY trainer_image/fedtune ./trainer_image/fedtune
-COPY operator/fedtune_operator ./operator/fedtune_operator
-# A virtual environment copies cleanly into the runtime stage, without the build's leftovers.
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "./[operator]"
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="fedtune-operator" \
       org.opencontainers.image.description="Runs FederatedFineTune resources as Redis, scheduler and party pods" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# Dependencies first, pinned by constraints.txt: this layer is rebuilt only when they
+# change, and a change to the project's code rebuilds the last two layers.
+WORKDIR /tmp/fedtune-src
+COPY pyproject.toml constraints.txt ./
+RUN python -m venv /opt/venv \
+    && mkdir -p trainer_image operator && touch README.md \
+    && pip install -c constraints.txt "setuptools>=69" "./[operator]" \
+    && pip uninstall -y fedtune \
+    && rm -rf /tmp/fedtune-src
+
+COPY README.md pyproject.toml /tmp/fedtune-src/
+COPY trainer_image/fedtune /tmp/fedtune-src/trainer_image/fedtune
+COPY operator/fedtune_operator /tmp/fedtune-src/operator/fedtune_operator
+RUN pip install --no-deps --no-build-isolation /tmp/fedtune-src && rm -rf /tmp/fedtune-src
+
+WORKDIR /
 # Any non-root user works (the chart runs it read-only as 10001); no passwd entry is needed.
 USER 10001:10001
 EXPOSE 8080

@@ -38,7 +38,7 @@ $(TINY_MODEL)/config.json: | install
 demo: install $(TINY_MODEL)/config.json
 	$(PYTHON) -m fedtune run $(EXAMPLES)/lora-3party.yaml --output $(DEMO_OUT) --overwrite
 
-test: install dev-cluster-build $(CHECKOV)
+test: install dev-cluster-build images $(CHECKOV)
 	FEDTUNE_REQUIRE_CLUSTER=1 FEDTUNE_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest -q -ra $(PYTEST_ARGS)
 
 # Everything but the Kubernetes control-plane tests.
@@ -63,15 +63,17 @@ crds:
 chart: dev-cluster-build
 	$(HELM) lint --strict charts/fedtune-operator
 
-# Needs a Docker engine (there is none on the development machines; CI for users builds them, see .github/).
-images:
-	docker build -t fedtune/operator:$(IMAGE_TAG) .
-	docker build -f trainer_image/Dockerfile -t fedtune/trainer:$(IMAGE_TAG) .
+# fedtune/operator and fedtune/trainer from the project's Dockerfiles. Installs and starts a Docker
+# engine when none answers; builds on local stand-ins for the public base images unless
+# IMAGE_BASES=public (devtools/images/). Prints build times and sizes.
+IMAGE_BASES ?= standin
+images: install
+	FEDTUNE_VENV=$(VENV) FEDTUNE_IMAGE_BASES=$(IMAGE_BASES) bash devtools/images/build.sh $(IMAGE_TAG)
 
 proto:
 	cd trainer_image && $(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedtune/proto/fedtune.proto
 
-# The local control plane (etcd, kube-apiserver, kube-controller-manager) and helm, built from source once.
+# The local cluster's binaries (control plane, kubelet, kube-proxy, CoreDNS, ...) and helm, built from source once.
 dev-cluster-build:
 	bash devtools/cluster/build.sh
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Build a local Kubernetes control plane (etcd, kube-apiserver,
-# kube-controller-manager) and helm from source through the Go module proxy.
+# Build a local Kubernetes cluster from source through the Go module proxy: the
+# control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler),
+# the node's kubelet and kube-proxy, CoreDNS, the NetworkPolicy engine
+# (kube-network-policies), an image registry for the node, the pause program,
+# and helm.
 #
 # Binaries land in ${FEDTUNE_CACHE:-$HOME/.cache/fedtune}/bin; scratch Go
 # modules live in $CACHE/src. Nothing is written inside the repository.
@@ -20,6 +23,12 @@ set -euo pipefail
 K8S_VERSION="${FEDTUNE_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${FEDTUNE_ETCD_VERSION:-v3.6.4}"
 HELM_VERSION="${FEDTUNE_HELM_VERSION:-v3.22.0}"
+COREDNS_VERSION="${FEDTUNE_COREDNS_VERSION:-v1.12.4}"
+NETPOL_VERSION="${FEDTUNE_NETPOL_VERSION:-v0.8.0}"
+REGISTRY_VERSION="${FEDTUNE_REGISTRY_VERSION:-v3.0.0}"
+CRICTL_VERSION="${FEDTUNE_CRICTL_VERSION:-v1.34.0}"
+K8S_COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${FEDTUNE_CACHE:-$HOME/.cache/fedtune}"
 BIN="$CACHE/bin"
 SRC="$CACHE/src"
@@ -81,13 +90,13 @@ prepare_k8s_module() {
     log "k8s module: $count staging modules replaced at $staging_version"
     # A file that imports nothing keeps 'go' happy about an empty module.
     printf 'package k8sbuild\n' >doc.go
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
-        "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION"
+    local packages=("${K8S_COMMANDS[@]/#/k8s.io/kubernetes/cmd/}")
+    go get "${packages[@]/%/@$K8S_VERSION}"
 }
 
 build_k8s() {
     local wanted=() cmd dir="$SRC/kubernetes-$K8S_VERSION"
-    for cmd in kube-apiserver kube-controller-manager; do
+    for cmd in "${K8S_COMMANDS[@]}"; do
         if [[ "$(kube_version "$cmd")" == "$K8S_VERSION" ]]; then
             log "$cmd $K8S_VERSION already built"
         else
@@ -150,9 +159,58 @@ build_helm() {
     rm -rf "$tmp"
 }
 
+# --- tools without replace directives: plain 'go install pkg@version' ---------
+
+# The binaries cannot all report a version, so a stamp next to each says which
+# version it was built from.
+stamped_version() { cat "$BIN/.$1.version" 2>/dev/null || true; }
+
+# go_tool NAME PACKAGE VERSION [LDFLAGS]: build PACKAGE@VERSION as $BIN/NAME.
+go_tool() {
+    local name="$1" package="$2" version="$3" ldflags="-s -w ${4:-}" tmp
+    if [[ -x "$BIN/$name" && "$(stamped_version "$name")" == "$version" ]]; then
+        log "$name $version already built"
+        return 0
+    fi
+    log "building $name $version"
+    tmp="$(mktemp -d "$CACHE/.$name-build.XXXXXX")"
+    GOFLAGS="-buildvcs=false" GOBIN="$tmp" go install -p "$JOBS" -trimpath -ldflags "$ldflags" "$package@$version"
+    mv -f "$tmp/$(basename "$package")" "$BIN/$name"
+    printf '%s\n' "$version" >"$BIN/.$name.version"
+    rm -rf "$tmp"
+}
+
+# The pause program every pod's sandbox runs (devtools/cluster/pause): rebuilt
+# when its source changes, so the stamp is the source's checksum.
+build_pause() {
+    local sum
+    sum="$(sha256sum "$HERE/pause/main.go" | cut -c1-16)"
+    if [[ -x "$BIN/pause" && "$(stamped_version pause)" == "$sum" ]]; then
+        log "pause $sum already built"
+        return 0
+    fi
+    log "building pause"
+    (cd "$HERE/pause" && GOFLAGS="-buildvcs=false" go build -trimpath -ldflags "-s -w" -o "$BIN/.pause.tmp" main.go)
+    mv -f "$BIN/.pause.tmp" "$BIN/pause"
+    printf '%s\n' "$sum" >"$BIN/.pause.version"
+}
+
+build_node_tools() {
+    go_tool coredns github.com/coredns/coredns "$COREDNS_VERSION" \
+        "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+    go_tool kube-network-policies sigs.k8s.io/kube-network-policies/cmd "$NETPOL_VERSION"
+    go_tool registry github.com/distribution/distribution/v3/cmd/registry "$REGISTRY_VERSION" \
+        "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
+    go_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION" \
+        "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+    build_pause
+}
+
 main() {
     if [[ "${1:-}" == versions ]]; then
-        printf 'kubernetes=%s\netcd=%s\nhelm=%s\n' "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION"
+        printf 'kubernetes=%s\netcd=%s\nhelm=%s\ncoredns=%s\nkube-network-policies=%s\nregistry=%s\ncrictl=%s\n' \
+            "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" "$COREDNS_VERSION" "$NETPOL_VERSION" "$REGISTRY_VERSION" \
+            "$CRICTL_VERSION"
         return 0
     fi
     command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
@@ -161,9 +219,11 @@ main() {
     build_etcd
     build_k8s
     build_helm
+    build_node_tools
     log "done in $((SECONDS - start))s: $BIN"
-    log "etcd $(etcd_version); kube-apiserver $(kube_version kube-apiserver);" \
-        "kube-controller-manager $(kube_version kube-controller-manager); helm $(helm_version)"
+    log "etcd $(etcd_version); kubernetes $(kube_version kubelet); helm $(helm_version);" \
+        "coredns $(stamped_version coredns); kube-network-policies $(stamped_version kube-network-policies);" \
+        "registry $(stamped_version registry)"
 }
 
 main "$@"

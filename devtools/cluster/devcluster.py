@@ -51,7 +51,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 SERVICE_CIDR = "10.0.0.0/24"
 # The first address of the service range is the in-cluster "kubernetes"
 # Service; the serving certificate must name it for in-cluster clients.
@@ -187,8 +187,8 @@ def _leaf_extensions(usage: x509.ObjectIdentifier) -> list[tuple[x509.ExtensionT
     ]
 
 
-def make_pki(directory: Path) -> Pki:
-    """A fresh CA, a loopback serving cert, an admin client cert and a SA key."""
+def make_pki(directory: Path, address: str = "127.0.0.1") -> Pki:
+    """A fresh CA, a serving cert for loopback and `address`, an admin client cert and a SA key."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = Pki(
         *(
@@ -224,7 +224,7 @@ def make_pki(directory: Path) -> Pki:
             "kubernetes.default.svc.cluster.local",
         )
     ]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", KUBERNETES_SERVICE_IP)]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in {"127.0.0.1", address, KUBERNETES_SERVICE_IP}]
     serving = _certificate(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
         serving_key.public_key(),
@@ -400,10 +400,13 @@ def remove_stale_workdirs() -> None:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager on 127.0.0.1.
+    """etcd + kube-apiserver + kube-controller-manager (+ kube-scheduler) on 127.0.0.1.
 
     `workdir=None` uses a fresh temporary directory that stop() removes; a
-    given `workdir` is kept after stop() so its logs can be read.
+    given `workdir` is kept after stop() so its logs can be read. With a node
+    (devtools/cluster/node.py) the API server listens on the node's bridge
+    `address` instead, where pods reach it as the `kubernetes` Service, and
+    `scheduler=True` adds kube-scheduler.
     """
 
     def __init__(
@@ -412,8 +415,12 @@ class ControlPlane:
         binaries: Path | None = None,
         start_timeout: float = 180.0,
         stop_grace: float = 10.0,
+        address: str = "127.0.0.1",
+        scheduler: bool = False,
     ) -> None:
         self.binaries = binaries or bin_dir()
+        self.address = address
+        self.scheduler = scheduler
         self.start_timeout = start_timeout
         self.stop_grace = stop_grace
         self._given_workdir = workdir
@@ -436,6 +443,10 @@ class ControlPlane:
     @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
+
+    @property
+    def pki(self) -> Pki:
+        return self._pki
 
     def start(self) -> ControlPlane:
         """Start all components and return once each reports healthy."""
@@ -496,23 +507,27 @@ class ControlPlane:
 
     def _start_all(self, deadline: float) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        pki = make_pki(self.workdir / "pki")
+        pki = self._pki = make_pki(self.workdir / "pki", self.address)
         tls = ssl.create_default_context(cafile=str(pki.ca_cert))
         tls.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
 
-        etcd_client, etcd_peer, secure_port, kcm_port = free_ports(4)
+        etcd_client, etcd_peer, secure_port, kcm_port, scheduler_port = free_ports(5)
 
         self.etcd_url = f"http://127.0.0.1:{etcd_client}"
         etcd = self._launch("etcd", self._etcd_args(f"http://127.0.0.1:{etcd_peer}"))
         _wait_healthy(etcd, lambda: _probe(f"{self.etcd_url}/health", None), deadline)
 
-        self.api_url = f"https://127.0.0.1:{secure_port}"
+        self.api_url = f"https://{self.address}:{secure_port}"
         write_kubeconfig(self.kubeconfig, self.api_url, pki)
         apiserver = self._launch("kube-apiserver", self._apiserver_args(pki, secure_port))
         _wait_healthy(apiserver, lambda: _probe(f"{self.api_url}/healthz", tls), deadline)
 
         kcm = self._launch("kube-controller-manager", self._controller_manager_args(pki, kcm_port))
         _wait_healthy(kcm, lambda: _probe(f"https://127.0.0.1:{kcm_port}/healthz", tls), deadline)
+
+        if self.scheduler:
+            scheduler = self._launch("kube-scheduler", self._scheduler_args(scheduler_port))
+            _wait_healthy(scheduler, lambda: _probe(f"https://127.0.0.1:{scheduler_port}/healthz", tls), deadline)
 
     def _launch(self, name: str, args: list[str]) -> Component:
         component = _spawn(name, [str(self.binaries / name), *args], self.log_dir)
@@ -543,9 +558,9 @@ class ControlPlane:
             f"--tls-cert-file={pki.serving_cert}",
             f"--tls-private-key-file={pki.serving_key}",
             f"--secure-port={port}",
-            "--bind-address=127.0.0.1",
+            f"--bind-address={self.address}",
             # Without it the apiserver looks for a default route and may refuse to start.
-            "--advertise-address=127.0.0.1",
+            f"--advertise-address={self.address}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=RBAC",
             f"--client-ca-file={pki.ca_cert}",
@@ -554,10 +569,14 @@ class ControlPlane:
             f"--service-account-key-file={pki.service_account_key}",
             f"--service-account-signing-key-file={pki.service_account_key}",
             "--allow-privileged=true",
-            # The default reconciler tries to publish 127.0.0.1 as the endpoint of
-            # the in-cluster "kubernetes" Service, which validation rejects (loopback)
-            # every 10s. With no kubelet there is no pod to use that Service anyway.
-            "--endpoint-reconciler-type=none",
+            # kubectl logs/exec: the API server calls the kubelet as the admin.
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+            # On loopback, the default reconciler would publish 127.0.0.1 as the endpoint
+            # of the in-cluster "kubernetes" Service, which validation rejects (loopback)
+            # every 10s; without a node no pod uses that Service anyway.
+            *(["--endpoint-reconciler-type=none"] if self.address == "127.0.0.1" else []),
         ]
 
     def _controller_manager_args(self, pki: Pki, port: int) -> list[str]:
@@ -576,6 +595,19 @@ class ControlPlane:
             f"--secure-port={port}",
             f"--tls-cert-file={pki.serving_cert}",
             f"--tls-private-key-file={pki.serving_key}",
+        ]
+
+
+    def _scheduler_args(self, port: int) -> list[str]:
+        return [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--tls-cert-file={self.pki.serving_cert}",
+            f"--tls-private-key-file={self.pki.serving_key}",
         ]
 
 

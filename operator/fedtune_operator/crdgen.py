@@ -65,6 +65,12 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
     "Encryption": [
         {"rule": "!(has(self.plain) && has(self.otp))", "message": "set exactly one of `plain` or `otp`"},
     ],
+    "OutputStorage": [
+        {
+            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode))",
+            "message": "`claimName` names an existing claim: size, storageClassName and accessMode would not apply",
+        }
+    ],
     "JobSpec": [
         {
             "rule": "self.parties.filter(p, p.role == 'assist_trainer').size() == 1",
@@ -261,7 +267,7 @@ def status_schema() -> dict[str, Any]:
             "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
             "round": {"type": "string", "description": "aggregation rounds done, `k/K`"},
             "loss": {"type": "number", "nullable": True, "description": "the last training loss reported"},
-            "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output/`"},
+            "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output-<party>/`"},
             "message": {"type": "string"},
             "startTime": {"type": "string", "format": "date-time"},
             "completionTime": {"type": "string", "format": "date-time"},

@@ -84,12 +84,38 @@ def redis_pod_name(job: Job) -> str | None:
     return child_name(job.name, "redis") if hosts_federation(job.spec) else None
 
 
-def output_claim(job: Job) -> str:
-    return job.spec.storage.output.claimName or child_name(job.name, "output")
+def shared_output(job: Job) -> bool:
+    """All parties write to one claim (the user's, or a ReadWriteMany one); else each to its own."""
+    out = job.spec.storage.output
+    return bool(out.claimName) or out.accessMode == "ReadWriteMany"
+
+
+def output_claim(job: Job, party: Party) -> str:
+    """The claim a party's adapters land in (in its folder `<party>/`)."""
+    out = job.spec.storage.output
+    if out.claimName:
+        return out.claimName
+    return child_name(job.name, "output" if shared_output(job) else f"output-{party.dns_name}")
 
 
 def output_location(job: Job) -> str:
-    return f"pvc://{output_claim(job)}/"
+    """Where the adapters land, for the status: the shared claim, or the per-party claims' pattern."""
+    if shared_output(job):
+        return f"pvc://{output_claim(job, job.spec.parties[0])}/"
+    return f"pvc://{child_name(job.name, 'output')}-<party>/"
+
+
+def storage_classes(job: Job) -> dict[str, str]:
+    """The StorageClasses the claims fedtune creates name, by the field that names them."""
+    out = job.spec.storage.output
+    if out.claimName or not out.storageClassName:
+        return {}
+    return {"spec.storage.output.storageClassName": out.storageClassName}
+
+
+def party_outputs(job: Job) -> dict[str, str]:
+    """Each local party's adapters folder, for its record in the status."""
+    return {p.name: f"pvc://{output_claim(job, p)}/{p.name}/" for p in local_parties(job.spec)}
 
 
 # --- names and metadata ---------------------------------------------------------------------

@@ -42,10 +42,25 @@ def test_lint_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def storage_class_reader(docs: list[dict]) -> dict:
+    """The one cluster-wide grant every install has: reading StorageClasses by name."""
+    (role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-storageclasses")]
+    assert role["rules"] == [{"apiGroups": ["storage.k8s.io"], "resources": ["storageclasses"], "verbs": ["get"]}]
+    (binding,) = [b for b in by_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
+    return binding
+
+
+def jobs_role(docs: list[dict]) -> dict:
+    """The ClusterRole of a cluster-wide install for the jobs and their children."""
+    (role,) = [r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == "fedtune-fedtune-operator"]
+    return role
+
+
 def test_cluster_wide_by_default() -> None:
     docs = render()
-    (role,) = by_kind(docs, "ClusterRole")
-    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    storage_class_reader(docs)
+    role = jobs_role(docs)
+    (binding,) = [b for b in by_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
     assert not by_kind(docs, "Role")
     sa = {"kind": "ServiceAccount", "name": "fedtune-fedtune-operator", "namespace": "fedtune-system"}
     assert binding["subjects"] == [sa]
@@ -68,11 +83,12 @@ def test_cluster_wide_by_default() -> None:
 
 def test_namespaced_install_grants_only_those_namespaces() -> None:
     docs = render("watchNamespaces={team-a,team-b}")
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    storage_class_reader(docs)
+    assert len(by_kind(docs, "ClusterRole")) == 1 and len(by_kind(docs, "ClusterRoleBinding")) == 1
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
-    assert roles[0]["rules"] == by_kind(render(), "ClusterRole")[0]["rules"]
+    assert roles[0]["rules"] == jobs_role(render())["rules"]
     (deploy,) = by_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args

@@ -58,6 +58,11 @@ def test_example_parses_with_reference_meaning() -> None:
         (lambda d: d["spec"]["trainer"].update(save_steps=3), "save_steps"),
         (lambda d: d["spec"].pop("input"), "spec.input"),
         (lambda d: d["spec"]["parties"][2].update(name="node-1"), "name the same party"),
+        (lambda d: d["spec"]["parties"][1].update(ranks=0), "spec.parties[1].ranks"),
+        (lambda d: d["spec"]["parties"][1].update(ranks=4, resources={"gpu": 2}),
+         "`node-1` has ranks 4 but resources.gpu gives it 2 GPUs"),
+        (lambda d: (d["spec"]["parties"][0].pop("trainset"), d["spec"]["parties"][0].update(ranks=2)),
+         "`assist_trainer` has ranks 2 but no trainset"),
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 3}}),
          "encryption.secagg_plus.threshold: 3 is more than the 2 label_trainers"),
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 1}}),
@@ -102,6 +107,15 @@ def test_shared_config_comes_from_assist_trainer_local_keys_stay(doc: dict) -> N
     assert synced.trainer.seed == assist.trainer.seed
     assert synced.peft.LORA is not None and synced.peft.LORA.r == 8
     assert synced.trainer.per_device_train_batch_size == 1  # per party
+
+
+def test_ranks_come_from_ranks_or_gpus(doc: dict) -> None:
+    parties = doc["spec"]["parties"]
+    parties[1].update(resources={"gpu": 2})
+    parties[2].update(ranks=3)
+    spec = parse_job(doc).spec
+    assert [spec.ranks(p) for p in spec.parties] == [1, 2, 3]
+    assert [spec.ranks_field(p) for p in spec.parties[1:]] == ["spec.parties[1].resources.gpu", "spec.parties[2].ranks"]
 
 
 def test_output_placeholders() -> None:

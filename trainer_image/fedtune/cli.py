@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
     run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
+    run.add_argument("--gpus-per-party", type=int, metavar="N",
+                     help="give every local party that trains N GPUs of its own (resources.gpu), one rank each")
+    run.add_argument("--ranks-per-party", type=int, metavar="N",
+                     help="train every local party that trains with N data-parallel ranks (parties[].ranks; "
+                          "gloo ranks on the CPU)")
 
     for role, what in ((roles.SCHEDULER, "the scheduler role"), (roles.ASSIST_TRAINER, "the assist_trainer "
                        "(aggregator) role"), (roles.LABEL_TRAINER, "a label_trainer role")):
@@ -126,9 +131,10 @@ def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune.launcher import run_job
+    from fedtune.launcher import run_job, with_party_ranks
 
-    job = load_job(args.job)
+    source = f"{args.job} with --gpus-per-party/--ranks-per-party"
+    job = with_party_ranks(load_job(args.job), source, gpus=args.gpus_per_party, ranks=args.ranks_per_party)
     base_dir = (args.base_dir or args.job.parent).resolve()
     return run_job(job, args.output.resolve(), base_dir, timeout_s=args.timeout, overwrite=args.overwrite)
 
@@ -145,13 +151,19 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_party(args: argparse.Namespace) -> int:
-    from fedtune.party import Context, run_party
-
     job = load_job(args.job)
     me = job.spec.party(args.party)
     expected = roles.SUBCOMMANDS[me.role]
     if args.command != expected:
         raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
+    if job.spec.ranks(me) > 1:
+        from fedtune import ranks
+
+        if not ranks.launched():  # this process becomes torchrun, which starts the party's ranks
+            ranks.check_devices(job.spec, me)
+            ranks.relaunch(job.spec.ranks(me), args.argv)
+    from fedtune.party import Context, run_party
+
     base_dir = (args.base_dir or args.job.parent).resolve()
     ctx = Context(job=job, name=me.name, base_dir=base_dir,
                   output_dir=_party_output(job, me.name, args.output, base_dir), tls=_tls(args),
@@ -222,6 +234,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
         where = f"remote at {party.remote.address}" if party.remote else "local"
+        if spec.ranks(party) > 1:
+            where += f", {spec.ranks(party)} ranks"
         print(f"  {party.name}: {party.role}, {where}, trainset: "
               f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}")
     return 0
@@ -256,9 +270,17 @@ COMMANDS = {
 }
 
 
+def _log_name(args: argparse.Namespace) -> str:
+    name = getattr(args, "party", None) or args.command
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return name if rank == "0" else f"{name}[rank {rank}]"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    _setup_logging(getattr(args, "party", None) or args.command, args.log_level)
+    args.argv = argv  # a party with several ranks starts itself again under torchrun
+    _setup_logging(_log_name(args), args.log_level)
     try:
         return COMMANDS[args.command](args)
     except (SpecError, ValueError, FileNotFoundError) as err:

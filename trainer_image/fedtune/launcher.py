@@ -2,7 +2,9 @@
 
 The launcher does what the operator does on Kubernetes: fill in the addresses, start
 Redis with a password, start the scheduler and one process per local party, then watch
-the job to its end and write `summary.json`.
+the job to its end and write `summary.json`. A party that asks for GPUs (`resources.gpu`) gets
+devices of its own, as a pod would (`CUDA_VISIBLE_DEVICES`); a party with several ranks starts
+them itself (`fedtune.ranks`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import IO, Any
 
 from fedtune import certs, files, roles
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
-from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, resolve_path
+from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, parse_job, resolve_path
 
 LOOPBACK = "127.0.0.1"
 
@@ -134,6 +136,45 @@ def preflight(job: FederatedFineTune, base_dir: Path) -> None:
         adapter = resolve_path(spec.input.adapter_model.path, base_dir)
         if not adapter.is_dir():
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+    for party in spec.parties:
+        if party.remote is None and spec.ranks(party) > 1:
+            from fedtune.ranks import check_devices
+
+            check_devices(spec, party)
+
+
+def with_party_ranks(job: FederatedFineTune, source: str, *, gpus: int | None = None,
+                     ranks: int | None = None) -> FederatedFineTune:
+    """`--gpus-per-party` / `--ranks-per-party`: `resources.gpu` / `ranks` of every local party that trains."""
+    if gpus is None and ranks is None:
+        return job
+    data = job.model_dump(mode="json", exclude_none=True)
+    for raw, party in zip(data["spec"]["parties"], job.spec.parties):
+        if party.remote is None and job.spec.trainset(party):
+            if gpus is not None:
+                raw.setdefault("resources", {})["gpu"] = gpus
+            if ranks is not None:
+                raw["ranks"] = ranks
+    return parse_job(data, source)
+
+
+def gpu_slices(visible: list[str], wants: dict[str, int]) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES of each party asking for GPUs: devices of its own, in turn, wrapping
+    round (parties then share) when they ask for more than the machine has."""
+    slices, at = {}, 0
+    for name, count in wants.items():
+        slices[name] = ",".join(visible[(at + i) % len(visible)] for i in range(count))
+        at += count
+    return slices
+
+
+def _visible_gpus() -> list[str]:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def _check_model_folder(model: Path, field: str) -> None:
@@ -186,8 +227,19 @@ class LocalJob:
         # Parties share this machine's cores instead of each claiming all of them.
         self.torch_threads = (torch_threads or int(os.environ.get(roles.TORCH_THREADS_ENV, "0"))
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
+        self.gpus, self.gpus_shared = self._assign_gpus()
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
+
+    def _assign_gpus(self) -> tuple[dict[str, str], bool]:
+        """Each local party's GPUs, and whether the parties must share some."""
+        spec = self.job.spec
+        wants = {p.name: p.resources.gpu for p in spec.parties
+                 if p.remote is None and p.resources.gpu > 0 and not spec.trainer_args(p).get("no_cuda")}
+        visible = _visible_gpus() if wants else []
+        if not visible:
+            return {}, False
+        return gpu_slices(visible, wants), sum(wants.values()) > len(visible)
 
     def make_certificates(self) -> None:
         """A throwaway CA for this run and a certificate per role, each naming its role."""
@@ -218,6 +270,8 @@ class LocalJob:
             tls_dir=self.run_dir / "tls" / name if self.job.spec.tls.enabled else None)]
         env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
                roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+        if name in self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
         role.log_path = self.run_dir / "logs" / f"{name}.log"
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -271,7 +325,8 @@ class LocalJob:
                 "output": str(self.output / name),
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
-                "warnings": status.warnings, "rounds": len(fractions), "wall_s": round(wall_s, 3),
+                "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
+                "wall_s": round(wall_s, 3),
                 "parties": parties}
 
 
@@ -352,6 +407,9 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
     if not job.spec.tls.enabled:
         print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the ports "
               "can join; keep it for debugging on one machine only", file=sys.stderr)
+    if local.gpus_shared:
+        print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: {local.gpus}",
+              file=sys.stderr)
     try:
         local.start()
         while not local.finished():

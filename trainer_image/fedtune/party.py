@@ -4,6 +4,10 @@ One flow serves both roles: join and take the assist_trainer's configuration, bu
 adapter, get ready (sample count, adapter schema, key-agreement key), start from the same
 initial adapter, train locally and, at each aggregation point, exchange the adapter for
 the global one and write it as `checkpoint-<fraction>/`.
+
+A party with several ranks (`fedtune.ranks`) runs this flow in each: rank 0 alone talks to the
+federation and writes files; the others take the shared configuration and every global adapter
+from it, and train with it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, roles, transport
+from fedtune import certs, files, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -36,7 +40,7 @@ from fedtune.models import (
 from fedtune.precision import resolve_precision, with_mixed_precision
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -74,11 +78,13 @@ class Party:
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
         self.state_dir = ctx.output_dir / STATE_DIR
+        self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
-        self.secrets: dict[str, bytes] = {}
+        self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
+        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
 
     @staticmethod
@@ -90,32 +96,36 @@ class Party:
     # --- the whole run ---------------------------------------------------------------------
 
     def run(self) -> None:
-        shared = self.scheduler.join(self.me.role, shared_config(self.spec) if self.is_assist else None)
+        lead = self.ranks.leader
+        own = shared_config(self.spec) if self.is_assist else None
+        shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = make_codec(self.spec.encryption)
+        self.codec = job_codec(self.spec)
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = with_mixed_precision(self.spec.trainer_args(self.me), self.precision,
                                          self.spec.base_model_field(self.me))
-        self.max_steps = plan_max_steps(len(self.features), self.args) if self.features else 0
+        self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
-        server = self._start_aggregator() if self.is_assist else None
+        server = self._start_aggregator() if self.is_assist and lead else None
         try:
-            start = self.scheduler.ready(self._ready_request())
-            self._take_start(start)
+            if lead:
+                self._take_start(self.scheduler.ready(self._ready_request()))
             self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
                 self._follow_rounds()
-            self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
-                                  max_steps=self.max_steps)
+            if lead:
+                self.scheduler.report("succeeded", round=len(self.spec.fractions()), step=self.max_steps,
+                                      max_steps=self.max_steps)
             if server is not None:
                 self._serve_until_done()
         finally:
             if server is not None:
                 server.stop(grace=2).wait()
-        shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
+        if lead:
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # the job is done: nothing to resume
 
     def _build_model(self) -> tuple[Any, Any]:
         transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
@@ -131,7 +141,7 @@ class Party:
         return model, tokenizer
 
     def _device(self) -> str:
-        return "cpu" if self.spec.trainer_args(self.me).get("no_cuda") or not torch.cuda.is_available() else "cuda"
+        return f"cuda:{self.ranks.local_rank}" if ranks.uses_cuda(self.spec, self.me) else "cpu"
 
     def _load_data(self) -> list[dict[str, list[int]]]:
         entries = self.spec.trainset(self.me)
@@ -169,14 +179,22 @@ class Party:
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
-            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
+            if isinstance(self.codec, SecAggPlusCodec):
+                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                                             journal=self.state_dir / "reveals.json")
+            else:
+                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
+                                for peer in peers}
         if self.aggregator is not None:
-            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+            self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
+                                      dict(start.public_keys))
         else:
             address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
                                                       server_name=self.spec.assist_trainer.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -188,8 +206,11 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        plus = self.spec.encryption.secagg_plus
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
-                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s,
+                                            dropout_timeout_s=plus.dropout_timeout_s if plus else None,
+                                            identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -208,23 +229,38 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_)
+        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
+
+    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
+        assert self.plus is not None
+        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
+                 ", ".join(request.dropped) or "none")
+        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
-        tensors = transport.unpack_tensors(self._fetch_global(round_))
-        load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        """Rank 0 fetches the round's global adapter; every rank takes it."""
+        if self.ranks.leader:
+            tensors = transport.unpack_tensors(self._fetch_global(round_))
+            load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        self.ranks.share_adapter(self.model)
 
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if not self.ranks.leader:
+            self._load_global(round_)
+            return
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
         else:
-            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                           job_id=self.ctx.job.job_id, round_=round_)
+            if self.plus is not None:
+                protected = self.plus.protect(update, round_)
+            else:
+                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                               job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
@@ -248,9 +284,11 @@ class Party:
         resume = latest_state(state_dir)
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
-        self.scheduler.report("training", step=0, max_steps=self.max_steps)
+        if self.ranks.leader:
+            self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log, state_dir=state_dir)
+              on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              packing=self.spec.dataset.packing)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:
@@ -283,6 +321,8 @@ def run_party(ctx: Context) -> int:
         log.error("job failed elsewhere: %s", err)
         return 1
     except Exception as err:
+        if not party.ranks.leader:  # rank 0 speaks for the party; torchrun ends it when this rank fails
+            raise
         message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         try:
             party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])

@@ -73,15 +73,34 @@ class Aggregation(_Strict):
 
 
 class KeyExchange(_Strict):
+    """X25519 by default; `curve: ffdhe` is the reference's RFC 7919 group of `key_bitlength` bits.
+
+    Setting `key_bitlength` or `optimized` without `curve` means the finite-field group, as in
+    the reference's configuration.
+    """
+
     key_bitlength: Literal[2048, 3072, 4096, 6144, 8192] = 3072
     optimized: bool = True
-    # `x25519` replaces the finite-field group when set.
-    curve: Literal["x25519"] | None = None
+    curve: Literal["x25519", "ffdhe"] | None = None
+
+    @model_validator(mode="after")
+    def _resolve_curve(self) -> KeyExchange:
+        if self.curve is None:
+            self.curve = "ffdhe" if {"key_bitlength", "optimized"} & self.model_fields_set else "x25519"
+        return self
 
 
 class Csprng(_Strict):
-    name: Literal["hmac_drbg", "chacha20"] = "hmac_drbg"
+    """ChaCha20 by default; `hmac_drbg` (the reference's) when named, or when its `method` is set alone."""
+
+    name: Literal["hmac_drbg", "chacha20"] | None = None
     method: Literal["sha256", "sha512"] = "sha512"
+
+    @model_validator(mode="after")
+    def _resolve_name(self) -> Csprng:
+        if self.name is None:
+            self.name = "hmac_drbg" if "method" in self.model_fields_set else "chacha20"
+        return self
 
 
 class Otp(_Strict):
@@ -216,6 +235,9 @@ class Dataset(_Strict):
     prompt_pattern: str = "{}：\n问：{}\n答："
     key_query: str = Field("input", min_length=1)
     key_answer: str = Field("output", min_length=1)
+    # Each batch as one row without padding, position ids restarting per sample (models whose
+    # attention cannot keep the samples apart are refused at start).
+    packing: bool = False
 
     @field_validator("prompt_pattern")
     @classmethod
@@ -290,6 +312,8 @@ class Party(_Strict):
     pretrained_model: PretrainedModel | None = None
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
+    # Data-parallel training processes of this party (default: one per `resources.gpu`, at least one).
+    ranks: int | None = Field(None, ge=1)
     volumes: list[Volume] = Field(default_factory=list)
     scheduling: Scheduling | None = None
     remote: Remote | None = None
@@ -319,10 +343,23 @@ class RedisSpec(_Strict):
 
 
 class OutputStorage(_Strict):
+    """Where the adapters land on Kubernetes: by default one ReadWriteOnce claim per local party
+    (`<job>-output-<party>`, so parties may run on different nodes); `ReadWriteMany` makes one
+    claim all parties share (`<job>-output`: name a storage class that provides that mode)."""
+
     size: str = "1Gi"
     storageClassName: str | None = None
-    # Use this existing claim for the adapters instead of creating one.
+    accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    # Use this existing claim for the adapters instead of creating any.
     claimName: str | None = None
+
+    @model_validator(mode="after")
+    def _claim_or_settings(self) -> OutputStorage:
+        given = self.model_fields_set & {"size", "storageClassName", "accessMode"}
+        if self.claimName and given:
+            raise ValueError(f"`claimName` names an existing claim: {', '.join(sorted(given))} would not apply; "
+                             "remove it, or remove claimName to have fedtune create the claims")
+        return self
 
 
 class Storage(_Strict):
@@ -378,9 +415,20 @@ class JobSpec(_Strict):
                 raise ValueError(
                     f"parties: label_trainer `{party.name}` has no trainset (set parties[].trainset or input.trainset)"
                 )
+            self._check_ranks(party)
         self.fractions()
         self._check_threshold()
         return self
+
+    def _check_ranks(self, party: Party) -> None:
+        if party.ranks is None or party.ranks == 1:
+            return
+        if not self.trainset(party):
+            raise ValueError(f"parties: `{party.name}` has ranks {party.ranks} but no trainset: a party that only "
+                             "aggregates runs as one process")
+        if 0 < party.resources.gpu < party.ranks:
+            raise ValueError(f"parties: `{party.name}` has ranks {party.ranks} but resources.gpu gives it "
+                             f"{party.resources.gpu} GPUs: one rank per GPU at most")
 
     def _check_threshold(self) -> None:
         plus = self.encryption.secagg_plus
@@ -422,6 +470,17 @@ class JobSpec(_Strict):
         if party.trainset is not None:
             return party.trainset
         return self.input.trainset if party.role == "label_trainer" else []
+
+    def ranks(self, party: Party) -> int:
+        """The party's data-parallel processes: `ranks`, else one per GPU; one for a party that only aggregates."""
+        if not self.trainset(party):
+            return 1
+        return party.ranks or max(party.resources.gpu, 1)
+
+    def ranks_field(self, party: Party) -> str:
+        """The spec field a party's rank count comes from, for messages."""
+        index = self.parties.index(party)
+        return f"spec.parties[{index}].{'ranks' if party.ranks else 'resources.gpu'}"
 
     def pretrained_model(self, party: Party) -> str:
         return self.base_model(party).path

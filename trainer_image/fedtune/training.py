@@ -8,6 +8,10 @@ RNG, trainer state: adapter-sized, never the base model), keeping only the lates
 that finds such a state resumes from it: rounds up to that step are not repeated, the data order
 is the same as without the interruption. A party killed after `on_round(k)` returned but before
 its state was saved redoes round k (`on_round(k)` is called again on restart).
+
+Under torch.distributed (a party's ranks, `fedtune.ranks`) every rank calls `train` alike and
+trains on its share of each batch; the plan counts the ranks, and rank 0 writes the saved state
+(each rank adds its own RNG state).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from fedtune.data import FeatureDataset, collator_for
+from fedtune.data import FeatureDataset, check_packing, collator_for
 from fedtune.files import fsync_files, replace_dir
 from fedtune.loss import causal_lm_loss, supports_fused_loss
 from fedtune.models import adapter_state, load_adapter_state
@@ -57,20 +62,31 @@ class TrainResult:
 # --- planning -----------------------------------------------------------------------------
 
 
-def _devices(trainer_args: dict[str, Any]) -> int:
-    """Trainer multiplies the batch by the GPU count (DataParallel) unless it runs on the CPU."""
-    if trainer_args.get("no_cuda") or trainer_args.get("use_cpu") or not torch.cuda.is_available():
-        return 1
+def world_size() -> int:
+    """The party's ranks training together (`fedtune.ranks`): 1 outside torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _on_cpu(trainer_args: dict[str, Any]) -> bool:
+    return bool(trainer_args.get("no_cuda") or trainer_args.get("use_cpu")) or not torch.cuda.is_available()
+
+
+def _data_parallel(trainer_args: dict[str, Any], ranks: int) -> int:
+    """How many batches one optimizer step takes in: one per rank; a single process on GPUs is
+    data-parallel over all it sees (Trainer wraps it in DataParallel)."""
+    if ranks > 1 or _on_cpu(trainer_args):
+        return ranks
     return max(torch.cuda.device_count(), 1)
 
 
-def plan_max_steps(n_samples: int, trainer_args: dict[str, Any]) -> int:
-    """The optimizer steps Trainer will take: `max_steps` if set, else epochs x updates per epoch."""
+def plan_max_steps(n_samples: int, trainer_args: dict[str, Any], ranks: int = 1) -> int:
+    """The optimizer steps Trainer will take over `ranks` data-parallel processes: `max_steps` if set,
+    else epochs x updates per epoch (each update: per-device batch x ranks x accumulation samples)."""
     if n_samples < 1:
         raise ValueError("no training samples: nothing to plan")
     if int(trainer_args.get("max_steps", -1)) > 0:
         return int(trainer_args["max_steps"])
-    batch = int(trainer_args.get("per_device_train_batch_size", 8)) * _devices(trainer_args)
+    batch = int(trainer_args.get("per_device_train_batch_size", 8)) * _data_parallel(trainer_args, ranks)
     batches = n_samples // batch if trainer_args.get("dataloader_drop_last") else math.ceil(n_samples / batch)
     if batches < 1:
         raise ValueError(f"{n_samples} samples make no full batch of {batch} with dataloader_drop_last")
@@ -82,8 +98,10 @@ def plan_max_steps(n_samples: int, trainer_args: dict[str, Any]) -> int:
 def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: Path) -> TrainingArguments:
     """The spec's trainer keys as TrainingArguments, with what fedtune manages fixed."""
     args = dict(trainer_args)
-    if args.pop("no_cuda", False):
-        args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way
+    if args.pop("no_cuda", False) or (world_size() > 1 and _on_cpu(args)):
+        args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way; gloo ranks need it
+    if args.pop("group_by_length", False):
+        args["train_sampling_strategy"] = "group_by_length"  # and transformers 4's `group_by_length` this way
     args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
     for key in MANAGED_TRAINER_KEYS:
         if key in args:
@@ -92,6 +110,7 @@ def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: 
     for key in args:
         if key not in known:
             raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
+    args.setdefault("ddp_find_unused_parameters", False)  # every adapter weight gets a gradient at every step
     args.update(
         output_dir=str(state_dir),
         max_steps=max_steps,  # the planned count, so Trainer and the aggregation points agree
@@ -136,7 +155,10 @@ def _check_state(state: Path, max_steps: int) -> None:
 
 
 class _FederatedTrainer(Trainer):
-    """Trainer whose checkpoints hold only the adapter and appear atomically, one at a time."""
+    """Trainer whose checkpoints hold only the adapter and appear atomically, one at a time.
+
+    With several ranks, rank 0 writes the checkpoint and each rank its own RNG state into the
+    same staging folder; rank 0 renames it once all have written."""
 
     def __init__(self, *args: Any, state_dir: Path, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -147,19 +169,27 @@ class _FederatedTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         staging = self.state_dir / STAGING
-        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
+        lead = self.args.should_save
+        if lead:
+            shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
+        self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
-        written = staging / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        fsync_files(written)
-        final = self.state_dir / written.name
-        replace_dir(written, final)
-        for old in self.state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if lead:
+            written = staging / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            fsync_files(written)
+            final = self.state_dir / written.name
+            replace_dir(written, final)
+            for old in self.state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank moves on while the state is being renamed
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Only the adapter: the base model is read-only input and the tokenizer never changes.
+        if not self.args.should_save:
+            return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(self.model), str(out / ADAPTER_STATE_FILE))
@@ -235,9 +265,18 @@ def train(
     on_round: OnRound,
     on_log: OnLog | None = None,
     state_dir: Path,
+    packing: bool = False,
 ) -> TrainResult:
-    """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step."""
-    max_steps = plan_max_steps(len(features), trainer_args)
+    """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step.
+
+    Under torch.distributed (a party's ranks), every rank calls it with the same features and the
+    same `on_round`; each trains on its share of every batch. `packing`: each batch as one row
+    without padding (`dataset.packing`), refused for a model whose attention cannot keep the
+    samples apart.
+    """
+    if packing:
+        check_packing(model)
+    max_steps = plan_max_steps(len(features), trainer_args, world_size())
     _check_agg_steps(agg_steps, max_steps)
     state_dir = Path(state_dir)
     resume = latest_state(state_dir)
@@ -248,7 +287,7 @@ def train(
         model=model,
         args=training_arguments(trainer_args, max_steps, state_dir),
         train_dataset=FeatureDataset(features),
-        data_collator=collator_for(tokenizer),
+        data_collator=collator_for(tokenizer, packing=packing),
         callbacks=[_RoundCallback(agg_steps, on_round, on_log, result)],
         state_dir=state_dir,
     )
@@ -256,5 +295,6 @@ def train(
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
-        shutil.rmtree(state_dir / STAGING, ignore_errors=True)
+        if trainer.args.should_save:
+            shutil.rmtree(state_dir / STAGING, ignore_errors=True)
     return result

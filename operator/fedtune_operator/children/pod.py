@@ -200,14 +200,15 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
     component = component_of(workload.role)
     volumes: list[dict[str, Any]] = [
         {"name": "job", "configMap": {"name": child_name(job.name, "job")}},
-        {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "job", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "output", "mountPath": OUTPUT_DIR},
         {"name": "tmp", "mountPath": SCRATCH},
     ]
+    if party is not None:  # the scheduler writes no adapters
+        volumes.insert(1, {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job, party)}})
+        mounts.insert(1, {"name": "output", "mountPath": OUTPUT_DIR})
     if tls.enabled(job):
         # This role's own certificate and key, nobody else's (and never the CA's key).
         volumes.append(secret_volume("tls", tls.role_secret_name(job, workload)))
@@ -218,6 +219,11 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         own_vols, own_mounts = _claim_mounts(party.volumes, "party")
         volumes += shared_vols + own_vols
         mounts += shared_mounts + own_mounts
+        if spec.ranks(party) > 1:
+            # The party's command starts its ranks in this container (fedtune.ranks); they exchange
+            # tensors through shared memory (NCCL), and a container's own /dev/shm is 64 MiB.
+            volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+            mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     container = {
         "name": component,
         "image": spec.image,
