@@ -209,13 +209,21 @@ def test_remote_code_that_fails_on_this_transformers_is_named(tiny_model: Path, 
 
     folder = tmp_path / "old-remote"
     shutil.copytree(tiny_model, folder)
+    # A config class of its own: transformers registers remote classes per config class for the whole process.
+    (folder / "configuration_old.py").write_text(
+        "from transformers import PretrainedConfig\n"
+        "class OldConfig(PretrainedConfig):\n"
+        "    model_type = 'old_remote_test'\n")
     (folder / "modeling_old.py").write_text(
         "from transformers import PreTrainedModel\n"
+        "from .configuration_old import OldConfig\n"
         "class Old(PreTrainedModel):\n"
+        "    config_class = OldConfig\n"
         "    def __init__(self, config):\n"
         "        raise AttributeError(\"'Old' object has no attribute 'all_tied_weights_keys'\")\n")
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_old.Old"}
+    config.update(model_type="old_remote_test", auto_map={"AutoConfig": "configuration_old.OldConfig",
+                                                          "AutoModelForCausalLM": "modeling_old.Old"})
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"old-remote: cannot load the model \(in the folder's own modelling code\): "
                                          r"AttributeError: .*all_tied_weights_keys"):

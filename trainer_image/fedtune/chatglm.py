@@ -16,8 +16,8 @@ no longer runs. Their weights map one-to-one onto `GlmForCausalLM`:
 `query_key_value` splits into rows of heads·head_dim (q) and groups·head_dim (k, v). Both rotate the
 first half of each head's dimensions in interleaved pairs (partial rotary factor 0.5) with base
 10000·`rope_ratio`. Nothing here runs the checkpoint's code: config.json, the weights and
-tokenizer.model are read as data. A converted model keeps `fedtune_source` in its config, so that
-adapters trained on it can be written back in ChatGLM's own names (`export_adapter`).
+tokenizer.model are read as data. A converted model's config records where it came from
+(`fedtune_source`). Adapters trained on it can be written back in ChatGLM's own names (`export_adapter`).
 
 ChatGLM-6B (v1, GLM-130B-style 2D positions and a different layer layout) is refused.
 """
@@ -74,7 +74,6 @@ def native_config(config: dict[str, Any], folder: Path) -> Any:
     check_convertible(config, folder)
     heads = int(config["num_attention_heads"])
     groups = int(config.get("multi_query_group_num", heads)) if config.get("multi_query_attention") else heads
-    eos = config.get("eos_token_id", 2)
     native = GlmConfig(
         vocab_size=int(config["padded_vocab_size"]),
         hidden_size=int(config["hidden_size"]),
@@ -90,7 +89,7 @@ def native_config(config: dict[str, Any], folder: Path) -> Any:
                          "rope_theta": ROPE_BASE * float(config.get("rope_ratio", 1))},
         tie_word_embeddings=False,
         pad_token_id=config.get("pad_token_id", 0),
-        eos_token_id=eos,
+        eos_token_id=config.get("eos_token_id", 2),
         bos_token_id=config.get("bos_token_id"),
         dtype=config.get("torch_dtype"),
         **{SOURCE_KEY: {"format": "chatglm", "version": version(config)}},
@@ -308,11 +307,6 @@ def _configured_specials(folder: Path, first_id: int) -> list[str]:
 
 
 # --- adapters back in ChatGLM's names -----------------------------------------------------
-
-
-def is_converted(config: Any) -> bool:
-    source = getattr(config, SOURCE_KEY, None)
-    return isinstance(source, dict) and source.get("format") == "chatglm"
 
 
 _NATIVE_LORA = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight$")
