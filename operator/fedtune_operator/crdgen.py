@@ -73,8 +73,10 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "JobSpec": [
         {
-            "rule": "self.parties.filter(p, p.role == 'assist_trainer').size() == 1",
-            "message": "parties: exactly one party must have role `assist_trainer`",
+            "rule": "self.parties.filter(p, p.role == 'assist_trainer').size() == 1 || "
+            "(size(self.parties) == 1 && self.parties[0].role == 'label_trainer')",
+            "message": "parties: exactly one party must have role `assist_trainer` "
+            "(or a single label_trainer trains alone)",
             "fieldPath": ".parties",
         },
         {

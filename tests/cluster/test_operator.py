@@ -244,6 +244,24 @@ def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
     assert "0 chart(s) failed" in lint.stdout
 
 
+def test_the_clusters_view_and_edit_roles_cover_jobs(chart, kubectl, namespace) -> None:
+    """The chart's aggregated ClusterRoles: `view` reads jobs, `edit` also writes them."""
+    for role in ("view", "edit"):
+        kubectl("create", "serviceaccount", role, "-n", namespace)
+        kubectl("create", "rolebinding", role, "-n", namespace, f"--clusterrole={role}",
+                f"--serviceaccount={namespace}:{role}")
+
+    def can(role: str, verb: str) -> bool:
+        user = f"--as=system:serviceaccount:{namespace}:{role}"
+        return kubectl("auth", "can-i", verb, "federatedfinetunes.fedtune.io", "-n", namespace, user,
+                       check=False).stdout.strip() == "yes"
+
+    # The aggregation controller fills `view` and `edit` in shortly after the chart's roles appear.
+    wait_for("view to read jobs", lambda: can("view", "list") and can("edit", "create"))
+    assert can("view", "get") and not can("view", "create") and not can("view", "delete")
+    assert can("edit", "delete") and can("edit", "patch")
+
+
 def create_ca_secret(api: Api, ns: str, name: str) -> Any:
     """A federation CA the user brings (spec.tls.caSecret), as `kubectl create secret generic` makes it."""
     from fedtune import certs

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import tls
-from ..jobs import Job, federation_problems, hosts_federation, name_problems, workloads
+from ..jobs import Job, federation_problems, hosts_federation, name_problems, output_problems, workloads
 from .configmap import job_configmap
 from .networkpolicy import OperatorPeer, network_policy
 from .pod import redis_pod, role_pod
@@ -33,7 +33,8 @@ from .service import redis_service, role_service
 
 def problems(job: Job) -> list[str]:
     """Why some child would be refused or unsafe (checked before creating any)."""
-    return name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
+    return (name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
+            + output_problems(job))
 
 
 def plain_children(job: Job, operator: OperatorPeer | None = None) -> list[dict[str, Any]]:

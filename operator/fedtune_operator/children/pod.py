@@ -19,11 +19,20 @@ from fedtune.roles import REDIS_PORT, SCHEDULER
 from fedtune.spec import Party, Volume
 
 from .. import tls
-from ..jobs import Job, Workload, child_name, component_of, metadata, output_claim, workload_party
+from ..jobs import (
+    OUTPUT_DIR,
+    Job,
+    Workload,
+    child_name,
+    component_of,
+    metadata,
+    output_claim,
+    party_output_dir,
+    workload_party,
+)
 from . import scheduling
 from .configmap import CONFIG_DIR, JOB_FILE
 
-OUTPUT_DIR = "/fedtune/output"
 REDIS_DATA_DIR = "/data"
 REDIS_CONFIG_DIR = "/etc/redis"
 REDIS_CONFIG = "redis.conf"
@@ -228,8 +237,9 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         "name": component,
         "image": spec.image,
         "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["fedtune", *roles.role_argv(workload.role, JOB_FILE, party=party_name,
-                                                base_dir=spec.workingDir, output=OUTPUT_DIR)],
+        "command": ["fedtune", *roles.role_argv(
+            workload.role, JOB_FILE, party=party_name, base_dir=spec.workingDir, output=OUTPUT_DIR,
+            output_dir=party_output_dir(job, party_name) if party_name and spec.output else None)],
         "workingDir": spec.workingDir,
         "env": _role_env(job, workload),
         "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]}],
