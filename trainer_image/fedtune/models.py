@@ -121,6 +121,12 @@ def _load_with_transformers(folder: Path, precision: Precision, device: str | to
     except failures as err:
         code = " (in the folder's own modelling code)" if remote else ""
         raise ModelError(f"{folder}: cannot load the model{code}: {type(err).__name__}: {err}") from None
+    if remote:
+        # transformers gives a remote class GenerationMixin (which peft's causal-LM wrapper needs) only the first
+        # time a process loads it; later loads take the bare class it registered. Make every load alike.
+        from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
+
+        model.__class__ = add_generation_mixin_to_remote_model(type(model))
     return model, tokenizer
 
 
