@@ -38,7 +38,7 @@ from fedtune import certs
 from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 
-from . import children, jobs, status, tls
+from . import children, jobs, metrics, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
@@ -117,13 +117,28 @@ class Reconciler:
             while True:
                 with self._mutex:
                     gate.dirty = False
-                phase = self._pass(namespace, name)
+                phase = self._counted_pass(namespace, name)
                 with self._mutex:
                     if not gate.dirty:
                         return phase
         finally:
             with self._mutex:
                 gate.running = False
+
+    def _counted_pass(self, namespace: str, name: str) -> str | None:
+        """One pass, counted and timed for the operator's metrics."""
+        try:
+            with metrics.PASS_SECONDS.time():
+                phase = self._pass(namespace, name)
+        except Retry:
+            metrics.PASSES.labels(result="retry").inc()
+            raise
+        except Exception:
+            metrics.PASSES.labels(result="error").inc()
+            raise
+        metrics.PASSES.labels(result="ok").inc()
+        metrics.job_phase(namespace, name, phase)
+        return phase
 
     def static_changed(self, owner_uid: str) -> None:
         """A Service, ConfigMap or PVC of this job went away: check them all on the next pass."""
@@ -133,6 +148,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
         """The resource is gone: drop what this process remembered of it."""
+        metrics.job_phase(namespace, name, None)
         with self._mutex:
             self._gates.pop((namespace, name), None)
             if uid is not None:

@@ -298,7 +298,12 @@ def plan(
 
     # --- progress from the runtime -----------------------------------------------------------
     if progress is not None:
-        status["round"] = f"{progress.round}/{progress.rounds or rounds}"
+        total = progress.rounds or rounds
+        done_before = int(str(prev.get("round", "0/0")).split("/")[0] or 0)
+        for k in range(done_before + 1, progress.round + 1):  # an Event per round completed since the last pass
+            loss = f"; loss {progress.loss:.4f}" if progress.loss is not None and k == progress.round else ""
+            result.events.append(("Normal", "RoundCompleted", f"round {k}/{total} aggregated{loss}"))
+        status["round"] = f"{progress.round}/{total}"
         if progress.loss is not None:
             status["loss"] = progress.loss
         if progress.error and phase != SUCCEEDED:

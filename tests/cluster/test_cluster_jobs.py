@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import yaml
 
 from devtools.nodeagent import hosts, podinit, podspec
 from devtools.nodeagent.network import netns_pids
+from fedtune import roles
 from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
 from support.kube import Api, OperatorProcess, unavailable, wait_for
 
@@ -621,13 +623,59 @@ def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
     assert len([n for n, _ in loaded.named_parameters() if "lora_" in n]) == len(final)
 
 
+def scrape_when(api: Api, ns: str, job: str, ready: Callable[[dict[str, Any]], bool], scraped: dict[str, str]) -> Hook:
+    """A `during` hook: once `ready(status)`, read every role pod's /metrics (once), as Prometheus would."""
+
+    def hook(status: dict[str, Any]) -> None:
+        if scraped or not ready(status):
+            return
+        for pod in api.pods(ns):
+            name, ip = pod["metadata"]["name"], pod["status"].get("podIP")
+            if name != f"{job}-redis" and ip and pod["status"].get("phase") == "Running":
+                url = f"http://{ip}:{roles.METRICS_PORT}/metrics"
+                try:
+                    scraped[name.removeprefix(f"{job}-")] = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError as err:
+                    scraped[name.removeprefix(f"{job}-")] = f"cannot scrape {url}: {err}"
+
+    return hook
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @cluster
 def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["lora"]
     folder = workspace(ns)
     kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     describe = diagnose(api, node, operator, ns, "poems-lora")
-    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
+    scraped: dict[str, str] = {}
+    scrape = scrape_when(api, ns, "poems-lora", lambda st: int(st.get("round", "0/5").split("/")[0]) >= 2, scraped)
+    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe, scrape)
+
+    # Mid-job, every role served its metrics (a scrape as Prometheus makes it, at the pod's address).
+    assert set(scraped) == {"scheduler", "assist-trainer", "node-1", "node-2"}, sorted(scraped)
+    failed = {k: v for k, v in scraped.items() if v.startswith("cannot scrape")}
+    assert not failed, f"{failed}\n{describe()}"
+    for party in PARTIES:  # the scheduler sees every party's round and loss
+        assert series(scraped["scheduler"], "fedtune_round", party=party) >= 1, party
+    node1, assist = scraped["node-1"], scraped["assist-trainer"]
+    assert series(node1, "fedtune_round", party="node-1") >= 1 and series(node1, "fedtune_rounds", party="node-1") == 5
+    assert series(node1, "fedtune_train_loss", party="node-1") > 0
+    assert series(node1, "fedtune_sent_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_received_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_secure_aggregation_seconds_count", party="node-1", step="protect") >= 1
+    assert series(node1, "fedtune_aggregation_wait_seconds_count", party="node-1") >= 1
+    assert series(node1, "fedtune_round_duration_seconds_count", party="node-1") >= 1
+    assert series(assist, "fedtune_received_bytes_total", party="assist_trainer") > 0
+    assert series(assist, "fedtune_secure_aggregation_seconds_count", party="assist_trainer", step="combine") >= 1
 
     output = node.outputs(ns, "poems-lora")
     assert status["output"] == "pvc://poems-lora-output-<party>/"

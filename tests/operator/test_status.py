@@ -279,3 +279,13 @@ def test_each_party_record_says_where_its_adapters_land_and_a_found_class_is_a_t
     storage = next(c for c in plan.status["conditions"] if c["type"] == "Storage")
     assert storage["status"] == "True" and "fast" in storage["message"]
     assert not any(c["type"] == "Storage" for c in world.step().status["conditions"])  # none named: none
+
+
+def test_an_event_per_completed_round(world) -> None:
+    world.step(s.Progress(round=1, rounds=5, loss=2.0))
+    assert [e for e in world.events if e[1] == "RoundCompleted"] == [
+        ("Normal", "RoundCompleted", "round 1/5 aggregated; loss 2.0000")]
+    world.step(s.Progress(round=1, rounds=5, loss=1.9))  # the same round again: no new event
+    world.step(s.Progress(round=3, rounds=5, loss=1.5))  # two rounds between passes: one event each
+    assert [e[2] for e in world.events if e[1] == "RoundCompleted"] == [
+        "round 1/5 aggregated; loss 2.0000", "round 2/5 aggregated", "round 3/5 aggregated; loss 1.5000"]
