@@ -269,6 +269,8 @@ def status_schema() -> dict[str, Any]:
             "scheduler": component,
             "parties": {"type": "object", "additionalProperties": copy.deepcopy(component)},
             "conditions": {"type": "array", "items": condition},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                         "description": "what the job's settings leave open (each also a Warning event)"},
             "dropouts": {"type": "object", "description": "secagg_plus: round -> the label_trainers it went without",
                          "additionalProperties": {"type": "array", "items": {"type": "string"}}},
             "privacy": {

@@ -207,6 +207,15 @@ def test_progress_sets_round_and_loss_and_keeps_them(world) -> None:
     assert world.status["privacy"] == privacy and world.status["dropouts"] == {"2": ["node-2"]}
 
 
+def test_runtime_warnings_become_status_and_one_warning_event_each(world) -> None:
+    loud = "privacy.dp without secure aggregation (encryption: plain): ..."
+    plan = world.step(s.Progress(round=0, rounds=5, warnings=[loud]))
+    assert world.status["warnings"] == [loud]
+    assert ("Warning", "JobWarning", loud) in plan.events
+    plan = world.step(s.Progress(round=1, rounds=5, warnings=[loud]))
+    assert world.status["warnings"] == [loud] and not [e for e in plan.events if e[1] == "JobWarning"]
+
+
 def test_conditions_keep_their_transition_time() -> None:
     conds = s.set_condition([], "Running", "False", "Pending", "m", "t1")
     conds = s.set_condition(conds, "Running", "False", "Pending", "m2", "t2")
