@@ -41,6 +41,7 @@ from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
+    STATE_DIR,
     FederatedFineTune,
     JobSpec,
     aggregation_steps,
@@ -52,8 +53,6 @@ from fedtune.spec import (
 from fedtune.training import CHECKPOINT_PREFIX, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
 
 
 @dataclass
@@ -76,6 +75,7 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
+        self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
         self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
@@ -99,10 +99,12 @@ class Party:
 
     def run(self) -> None:
         lead = self.ranks.leader
-        own = shared_config(self.spec) if self.is_assist else None
+        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
+        own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = job_codec(self.spec)
+        self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
@@ -112,7 +114,8 @@ class Party:
         try:
             if lead:
                 self._take_start(self.scheduler.ready(self._ready_request()))
-            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if not self.standalone:
+                self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
@@ -154,7 +157,7 @@ class Party:
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
             if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
                 request.certificate = self.ctx.tls.cert
@@ -173,13 +176,15 @@ class Party:
 
     def _take_start(self, start: pb.StartInfo) -> None:
         self.weight = start.weights.get(self.ctx.name, 0.0)
+        if self.standalone:
+            return
         dp = self.spec.privacy.dp
         if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
-            labels = [p for p in start.weights if p != self.spec.assist_trainer.name]
+            labels = [p for p in start.weights if p != self.spec.authority.name]
             noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
             self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
                                                      noisy)
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
@@ -194,9 +199,9 @@ class Party:
             self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
                                       dict(start.public_keys))
         else:
-            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
-            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
-                                                      server_name=self.spec.assist_trainer.name,
+            assist = self.spec.authority
+            address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
             if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
                 self.aggregator_client.share_keys(self.plus.encrypted_shares())
@@ -255,6 +260,11 @@ class Party:
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            if self.ranks.leader:
+                self._save_round(round_)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+            return
         if not self.ranks.leader:
             self._load_global(round_)
             return

@@ -72,7 +72,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
             )
-        if request.role == "assist_trainer":
+        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
             self.state.set_json("shared_config", json.loads(request.shared_config_json))
         self.state.update_party(party, state="joined")
         log.info("%s joined", party)
@@ -185,7 +185,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 def start_warnings(spec: JobSpec) -> list[str]:
     """What the job's security settings leave open, said once when it starts."""
     scheme, warnings = spec.encryption.scheme, []
-    if scheme != "plain" and len(spec.label_trainers) == 1:
+    if scheme != "plain" and len(spec.label_trainers) == 1 and not spec.standalone:
         warnings.append(f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
                         "from the aggregator")
     if spec.privacy.dp is not None and scheme == "plain":
