@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
-from fedtune import privacy, transport
+from fedtune import metrics, privacy, transport
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
@@ -119,6 +119,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             survivors = sum(self.weights[p] for p in [*protected, *plaintext])
             total = {k: (v.astype(np.float64) / survivors).astype(np.float32) for k, v in total.items()}
         self.state.put_global(round_, transport.pack_tensors(total))
+        metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         self._report_privacy()
         without = f" without {', '.join(dropped)}" if dropped else ""
         log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
@@ -309,6 +310,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def Submit(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.JobPhase:
         header, blob = transport.join_chunks(request_iterator)
         self._training_caller(header.party, context)
+        metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
         return self._answer(context, lambda: self.accept(header.round, header.party, blob))
 
     def ShareKeys(self, request: pb.EncryptedShares, context: grpc.ServicerContext) -> pb.JobPhase:
@@ -332,6 +334,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {err}")
         header = pb.BlobHeader(party=request.party, round=request.round, ready=blob is not None,
                                phase=self.state.phase(), unmask=unmask)
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob or b""))
         yield from transport.blob_chunks(header, blob or b"")
 
 
@@ -359,6 +362,7 @@ class AggregatorClient:
             lambda: self.stub.Submit(transport.blob_chunks(header, blob), timeout=300),
             what=f"submit round {round_}", deadline_s=self.deadline_s,
         )
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob))
 
     def share_keys(self, shares: dict[str, bytes]) -> None:
         request = pb.EncryptedShares(party=self.party, shares=shares)
@@ -374,6 +378,7 @@ class AggregatorClient:
                 what=f"fetch round {round_}", deadline_s=self.deadline_s,
             )
             if header.ready:
+                metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
                 return blob
             if header.HasField("unmask"):
                 if reveal is None:
