@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import certs, files, roles
+from fedtune.memory import PeakMemory
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, parse_job, resolve_path
 
 LOOPBACK = "127.0.0.1"
+MEMORY_SAMPLE_S = 0.25  # how often `fedtune run` reads its processes' PSS for summary.json
 
 
 def free_port() -> int:
@@ -218,7 +220,8 @@ class LocalJob:
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.gpus, self.gpus_shared = self._assign_gpus()
         self.job_file = self.run_dir / "job.yaml"
-        self.started = 0.0
+        self.launched_at = time.time()  # start-up is measured from here to each party's first optimizer step
+        self.memory = PeakMemory()
 
     def _assign_gpus(self) -> tuple[dict[str, str], bool]:
         """Each local party's GPUs, and whether the parties must share some."""
@@ -246,7 +249,6 @@ class LocalJob:
         self.resolved = with_local_addresses(self.job, self.redis.address, self.roles)
         files.write_atomic(self.job_file, dump_job(self.resolved))
         self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
-        self.started = time.time()
         for role in self.roles.values():
             if role.name not in skip:
                 self.start_role(role.name)
@@ -294,10 +296,17 @@ class LocalJob:
     def status(self) -> JobStatus:
         return self.state.snapshot()
 
+    def sample_memory(self) -> None:
+        pids = [(r.name, r.proc.pid) for r in self.roles.values() if r.alive() and r.proc is not None]
+        if self.redis.proc is not None and self.redis.proc.poll() is None:
+            pids.append(("redis", self.redis.proc.pid))
+        self.memory.sample(pids)
+
     def summary(self, wall_s: float, error: str) -> dict[str, Any]:
         status = self.status()
         fractions = self.job.spec.fractions()
         parties: dict[str, Any] = {}
+        peaks = self.memory.report()
         for name, party in status.parties.items():
             records = self.state.metrics(name)
             losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
@@ -310,12 +319,15 @@ class LocalJob:
                 "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
                 "losses": losses, "rounds": rounds,
                 "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
-                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3)},
+                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
+                            # from the launcher's start to the end of this party's first optimizer step
+                            "startup_s": round(stamps[0] - self.launched_at, 3) if stamps else None},
+                "peak_pss_mb": peaks.get(name),
                 "output": str(self.output / name),
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "wall_s": round(wall_s, 3),
-                "parties": parties}
+                "peak_pss_mb": peaks, "parties": parties}
 
 
 class Progress:
@@ -398,9 +410,13 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
     if local.gpus_shared:
         print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: {local.gpus}",
               file=sys.stderr)
+    sampled = 0.0
     try:
         local.start()
         while not local.finished():
+            if time.monotonic() - sampled >= MEMORY_SAMPLE_S:
+                local.sample_memory()
+                sampled = time.monotonic()
             failed = local.failed_role()
             if failed is not None:
                 error = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}"  # type: ignore[union-attr]

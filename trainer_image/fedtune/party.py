@@ -26,7 +26,6 @@ import transformers
 
 from fedtune import certs, files, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
-from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
 from fedtune.models import (
     adapter_schema,
@@ -49,6 +48,7 @@ from fedtune.spec import (
     resolve_path,
     shared_config,
 )
+from fedtune.tokencache import default_cache_dir, load_features
 from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,35 @@ class Context:
     connect_deadline_s: float = 600.0
 
 
+class Startup:
+    """Where a party's time goes before its first optimizer step, for its log."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = [("imports", _process_age_s())]
+        self.last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return f"{total:.1f} s after the process started: " + ", ".join(f"{p} {s:.1f} s" for p, s in self.phases)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): the interpreter and the imports."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
 class Party:
     def __init__(self, ctx: Context) -> None:
+        self.startup = Startup()
         self.ctx = ctx
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
@@ -97,10 +124,13 @@ class Party:
         lead = self.ranks.leader
         own = shared_config(self.spec) if self.is_assist else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
+        self.startup.mark("join")
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = make_codec(self.spec.encryption)
         self.model, self.tokenizer = self._build_model()
+        self.startup.mark("model")
         self.features = self._load_data()
+        self.startup.mark("data")
         self.args = self.spec.trainer_args(self.me)
         self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
@@ -109,6 +139,7 @@ class Party:
             if lead:
                 self._take_start(self.scheduler.ready(self._ready_request()))
             self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            self.startup.mark("waiting for the others")
             if self.features:
                 self._train(agg_steps)
             else:
@@ -142,8 +173,8 @@ class Party:
         entries = self.spec.trainset(self.me)
         if not entries:
             return []
-        items = load_qa(entries, self.ctx.base_dir, self.spec.dataset)
-        return tokenize_qa(items, self.tokenizer, self.spec.dataset)
+        return load_features(entries, self.ctx.base_dir, self.spec.dataset, self.tokenizer,
+                             cache_dir=default_cache_dir())
 
     # --- start -----------------------------------------------------------------------------
 
@@ -254,6 +285,9 @@ class Party:
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
+            if step == 1:
+                self.startup.mark("first step")
+                log.info("%s: first optimizer step %s", self.ctx.name, self.startup)
 
         state_dir = self.state_dir / "trainer"
         resume = latest_state(state_dir)
