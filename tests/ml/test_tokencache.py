@@ -1,4 +1,4 @@
-"""The token cache: the same samples as tokenising afresh, keyed by file, tokenizer and settings, never trusted blindly."""
+"""The token cache: the fresh samples, keyed by file, tokenizer and settings, never trusted blindly."""
 
 from __future__ import annotations
 

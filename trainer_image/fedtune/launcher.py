@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import certs, files, roles
-from fedtune.memory import PeakMemory
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
+from fedtune.memory import PeakMemory
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, parse_job, resolve_path
 
 LOOPBACK = "127.0.0.1"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import zipfile
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
