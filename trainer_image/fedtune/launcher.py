@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import certs, files, roles
+from fedtune.forkserver import Forked, ForkServer
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
 from fedtune.memory import PeakMemory
 from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, parse_job, resolve_path
@@ -104,7 +105,7 @@ class Role:
     name: str
     role: str  # scheduler | assist_trainer | label_trainer
     listen_port: int | None = None
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | Forked | None = None
     log_path: Path | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
 
@@ -203,7 +204,7 @@ class LocalJob:
     """Every role of one job as local processes; the pieces tests drive one by one."""
 
     def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *, torch_threads: int | None = None,
-                 redis_appendonly: bool = False) -> None:
+                 redis_appendonly: bool = False, fork_roles: bool | None = None) -> None:
         self.job = job
         self.output = output
         self.base_dir = base_dir
@@ -222,6 +223,12 @@ class LocalJob:
         self.job_file = self.run_dir / "job.yaml"
         self.launched_at = time.time()  # start-up is measured from here to each party's first optimizer step
         self.memory = PeakMemory()
+        # Roles fork from one process that imported the training stack (fedtune.forkserver), unless a
+        # party may use CUDA: a process that forked after touching the driver could not use it.
+        local = [p for p in job.spec.parties if p.remote is None]
+        self.fork_roles = all(job.spec.trainer_args(p).get("no_cuda") for p in local) if fork_roles is None \
+            else fork_roles
+        self.forkserver: ForkServer | None = None
 
     def _assign_gpus(self) -> tuple[dict[str, str], bool]:
         """Each local party's GPUs, and whether the parties must share some."""
@@ -243,6 +250,9 @@ class LocalJob:
     def start(self, *, skip: tuple[str, ...] = ()) -> None:
         """Start Redis and every role but those in `skip` (tests start those themselves)."""
         self.output.mkdir(parents=True, exist_ok=True)
+        if self.fork_roles:  # its imports overlap with certificates and Redis
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.forkserver = ForkServer(self._role_env(), self.run_dir / "logs" / "forkserver.log")
         if self.job.spec.tls.enabled:
             self.make_certificates()
         self.redis.start()
@@ -255,19 +265,25 @@ class LocalJob:
 
     def start_role(self, name: str) -> None:
         role = self.roles[name]
-        command = [sys.executable, "-m", "fedtune", *roles.role_argv(
+        argv = roles.role_argv(
             role.role, self.job_file, party=None if role.role == roles.SCHEDULER else name, base_dir=self.base_dir,
             output=self.output, listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
-            tls_dir=self.run_dir / "tls" / name if self.job.spec.tls.enabled else None)]
-        env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
-               roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+            tls_dir=self.run_dir / "tls" / name if self.job.spec.tls.enabled else None)
+        env = self._role_env()
         if name in self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
         role.log_path = self.run_dir / "logs" / f"{name}.log"
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.forkserver is not None:
+            role.proc = self.forkserver.spawn(argv, env, role.log_path)
+            return
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        role.proc = subprocess.Popen(command, stdout=role.log_file, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        role.proc = subprocess.Popen([sys.executable, "-m", "fedtune", *argv], stdout=role.log_file,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def _role_env(self) -> dict[str, str]:
+        return {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
+                roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
 
     def kill_role(self, name: str, sig: int = signal.SIGKILL) -> None:
         role = self.roles[name]
@@ -291,6 +307,8 @@ class LocalJob:
         for role in self.roles.values():
             if role.log_file is not None:
                 role.log_file.close()
+        if self.forkserver is not None:
+            self.forkserver.stop()
         self.redis.stop()
 
     def status(self) -> JobStatus:
@@ -300,6 +318,8 @@ class LocalJob:
         pids = [(r.name, r.proc.pid) for r in self.roles.values() if r.alive() and r.proc is not None]
         if self.redis.proc is not None and self.redis.proc.poll() is None:
             pids.append(("redis", self.redis.proc.pid))
+        if self.forkserver is not None and self.forkserver.proc.poll() is None:
+            pids.append(("forkserver", self.forkserver.proc.pid))
         self.memory.sample(pids)
 
     def summary(self, wall_s: float, error: str) -> dict[str, Any]:

@@ -46,8 +46,12 @@ def pss_bytes(pid: int) -> int | None:
     return None
 
 
-def tree_pss_bytes(pid: int) -> int | None:
-    readings = [pss_bytes(p) for p in process_tree(pid)]
+def tree_pss_bytes(pid: int, counted: set[int] | None = None) -> int | None:
+    """PSS of `pid` and its descendants, but those in `counted`; adds the ones it counts to it."""
+    counted = set() if counted is None else counted
+    tree = [p for p in process_tree(pid) if p not in counted]
+    counted.update(tree)
+    readings = [pss_bytes(p) for p in tree]
     known = [r for r in readings if r is not None]
     return sum(known) if known else None
 
@@ -60,9 +64,11 @@ class PeakMemory:
         self.total_peak = 0
 
     def sample(self, pids: Iterable[tuple[str, int]]) -> None:
+        """One reading; a process that is also under an earlier one of `pids` counts only there."""
         total = 0
+        counted: set[int] = set()
         for name, pid in pids:
-            now = tree_pss_bytes(pid)
+            now = tree_pss_bytes(pid, counted)
             if now is None:
                 continue
             self.peaks[name] = max(self.peaks.get(name, 0), now)
