@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import select
 import signal
@@ -36,11 +37,12 @@ PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "peft", "fedt
 # --- the server -------------------------------------------------------------------------------
 
 
-def _child(request: dict) -> None:
+def _child(request: dict, in_session: int) -> None:
     """In the fork: become the role (own session, own log, own environment), run it, never return."""
     code = 1
     try:
         os.setsid()
+        os.close(in_session)  # tells the server the session exists: from now on killpg reaches it
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -63,6 +65,7 @@ def _child(request: dict) -> None:
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):
+            logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -103,9 +106,14 @@ def serve() -> None:
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             request = json.loads(line)
+            waiting, in_session = os.pipe()
             pid = os.fork()
             if pid == 0:
-                _child(request)
+                os.close(waiting)
+                _child(request, in_session)
+            os.close(in_session)
+            os.read(waiting, 1)  # returns once the child has closed its end, after setsid
+            os.close(waiting)
             out.write(f"started {request['id']} {pid}\n")
             out.flush()
 
