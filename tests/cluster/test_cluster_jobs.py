@@ -195,6 +195,15 @@ class NodeAgent:
     def claim(self, ns: str, claim: str) -> Path:
         return self.data_dir / "volumes" / ns / claim
 
+    def outputs(self, ns: str, job: str) -> Path:
+        """Every party's adapters folder as one folder: `<party>/` links into that party's own claim."""
+        view = self.data_dir / "outputs" / ns / job
+        view.mkdir(parents=True, exist_ok=True)
+        for party in PARTIES:
+            if not (view / party).is_symlink():
+                (view / party).symlink_to(self.claim(ns, f"{job}-output-{party.replace('_', '-')}") / party)
+        return view
+
     def container_logs(self, ns: str, lines: int = 15) -> str:
         out = []
         for log in sorted((self.data_dir / "pods").glob(f"{ns}_*/*/*.log")):
@@ -235,8 +244,12 @@ def node(control_plane, api, kubectl, tmp_path_factory) -> Iterator[NodeAgent]:
 
 @pytest.fixture(scope="module")
 def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[OperatorProcess]:
-    kubectl("apply", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/federatedfinetunes.fedtune.io", "--timeout=60s")
+    kubectl("apply", "--server-side", "-f", str(CRD))
+    # `kubectl wait` fails outright while the new CRD has no conditions yet: poll instead.
+    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    wait_for("the CRD to be established",
+             lambda: kubectl("get", "crd", "federatedfinetunes.fedtune.io", "-o", established, check=False).stdout
+             == "True", 60)
     namespaces = [ns for key, ns in NS.items() if key != "agent"]  # the agent tests run no operator
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(control_plane.kubeconfig, log, namespaces=namespaces).start()
@@ -616,8 +629,8 @@ def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl
     describe = diagnose(api, node, operator, ns, "poems-lora")
     status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
 
-    output = node.claim(ns, "poems-lora-output")
-    assert status["output"] == "pvc://poems-lora-output/"
+    output = node.outputs(ns, "poems-lora")
+    assert status["output"] == "pvc://poems-lora-output-<party>/"
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert all("lora_" in key for key in final)
@@ -635,7 +648,7 @@ def test_ptuning_example_applied_with_kubectl_succeeds(node, operator, api, kube
     describe = diagnose(api, node, operator, ns, "poems-ptuning")
     status, rounds = run_to_phase(api, ns, "poems-ptuning", ("Succeeded",), describe)
 
-    output = node.claim(ns, "poems-ptuning-output")
+    output = node.outputs(ns, "poems-ptuning")
     assert_every_round(status, rounds, output, ["0.5", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
@@ -672,7 +685,7 @@ def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kub
     ns, name = NS["party-restart"], "poems-party-restart"
     workspace(ns)
     apply(kubectl, ns, example(EXAMPLE, name))
-    output = node.claim(ns, f"{name}-output")
+    output = node.outputs(ns, name)
     deleted: list[str] = []
     hook = delete_pod_when(api, kubectl, ns, f"{name}-node-1", lambda: state_saved(output, "node-1"), deleted)
     status, rounds = run_to_phase(api, ns, name, ("Succeeded",), diagnose(api, node, operator, ns, name), hook)
@@ -689,7 +702,7 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     ns, name = NS["scheduler-restart"], "poems-scheduler-restart"
     workspace(ns)
     apply(kubectl, ns, example(EXAMPLE, name, redis={"persistence": True}))
-    output = node.claim(ns, f"{name}-output")
+    output = node.outputs(ns, name)
     scheduler: list[str] = []
     redis: list[str] = []
     # Both at once, once round 1 is behind node-1: the new scheduler finds its state in a

@@ -244,6 +244,24 @@ def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
     assert "0 chart(s) failed" in lint.stdout
 
 
+def test_the_clusters_view_and_edit_roles_cover_jobs(chart, kubectl, namespace) -> None:
+    """The chart's aggregated ClusterRoles: `view` reads jobs, `edit` also writes them."""
+    for role in ("view", "edit"):
+        kubectl("create", "serviceaccount", role, "-n", namespace)
+        kubectl("create", "rolebinding", role, "-n", namespace, f"--clusterrole={role}",
+                f"--serviceaccount={namespace}:{role}")
+
+    def can(role: str, verb: str) -> bool:
+        user = f"--as=system:serviceaccount:{namespace}:{role}"
+        return kubectl("auth", "can-i", verb, "federatedfinetunes.fedtune.io", "-n", namespace, user,
+                       check=False).stdout.strip() == "yes"
+
+    # The aggregation controller fills `view` and `edit` in shortly after the chart's roles appear.
+    wait_for("view to read jobs", lambda: can("view", "list") and can("edit", "create"))
+    assert can("view", "get") and not can("view", "create") and not can("view", "delete")
+    assert can("edit", "delete") and can("edit", "patch")
+
+
 def create_ca_secret(api: Api, ns: str, name: str) -> Any:
     """A federation CA the user brings (spec.tls.caSecret), as `kubectl create secret generic` makes it."""
     from fedtune import certs
@@ -370,7 +388,8 @@ def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, name
     wait_for("phase Succeeded", lambda: api.status(namespace, "runs").get("phase") == "Succeeded")
     st = api.status(namespace, "runs")
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in st["conditions"])
-    assert st["completionTime"] and st["output"] == "pvc://runs-output/"
+    assert st["completionTime"] and st["output"] == "pvc://runs-output-<party>/"
+    assert st["parties"]["node-1"]["output"] == "pvc://runs-output-node-1/node-1/"
     # Redis is stopped once the job is done; finished pods stay for `kubectl logs`.
     wait_for("redis stopped", lambda: api.pod(namespace, "runs-redis") is None)
     assert all(api.pod(namespace, f"runs-{s}") for s in ROLE_PODS)
@@ -537,6 +556,33 @@ def test_a_named_ca_secret_is_waited_for_then_used(operator, api, kubectl, names
     assert not api.core.read_namespaced_secret("federation-ca", namespace).metadata.owner_references
 
 
+def test_a_missing_storage_class_is_waited_for_then_used(operator, api, kubectl, namespace) -> None:
+    storage_class = f"fast-{namespace}"
+    doc = small_job("fastdisk")
+    doc["spec"]["storage"]["output"] = {"storageClassName": storage_class, "size": "2Gi"}
+    apply(kubectl, namespace, doc)
+    waiting = wait_for("StorageClassNotFound", lambda: condition(api.status(namespace, "fastdisk"), "Storage").get(
+        "reason") == "StorageClassNotFound" and api.status(namespace, "fastdisk"), describe=operator.tail)
+    assert waiting["phase"] == "Pending"
+    assert f"spec.storage.output.storageClassName `{storage_class}`" in waiting["message"]
+    assert events_of(api, namespace, "fastdisk", "StorageClassNotFound")
+    children = api.children(namespace, "fastdisk")
+    assert not [k for k in children if k[0] == "Pod"]  # nothing starts on claims that cannot bind
+    claim = children[("PersistentVolumeClaim", "fastdisk-output-node-1")]
+    assert claim["spec"]["storageClassName"] == storage_class
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    kubectl("create", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": storage_class},
+        "provisioner": "example.com/none"}))
+    try:
+        wait_for_children(api, namespace, doc)
+        found = wait_for("Storage True", lambda: condition(api.status(namespace, "fastdisk"), "Storage").get(
+            "status") == "True" and condition(api.status(namespace, "fastdisk"), "Storage"))
+        assert storage_class in found["message"]
+    finally:
+        kubectl("delete", "storageclass", storage_class)
+
+
 def test_a_guest_organisation_runs_only_its_own_parties(operator, api, kubectl, namespace) -> None:
     """The assist_trainer, and with it the scheduler and Redis, run at another organisation."""
     doc = small_job("guest")
@@ -549,7 +595,7 @@ def test_a_guest_organisation_runs_only_its_own_parties(operator, api, kubectl, 
     apply(kubectl, namespace, doc)
     expected = wait_for_children(api, namespace, doc)
     assert set(expected) == {
-        ("ConfigMap", "guest-job"), ("Secret", "guest-tls-node-2"), ("PersistentVolumeClaim", "guest-output"),
+        ("ConfigMap", "guest-job"), ("Secret", "guest-tls-node-2"), ("PersistentVolumeClaim", "guest-output-node-2"),
         ("Service", "guest-node-2"), ("Pod", "guest-node-2"), ("NetworkPolicy", "guest-network"),
     }  # fmt: skip
     assert set(api.children(namespace, "guest")) == set(expected)

@@ -38,8 +38,9 @@ from fedtune.models import (
 )
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
+    STATE_DIR,
     FederatedFineTune,
     JobSpec,
     aggregation_steps,
@@ -52,8 +53,6 @@ from fedtune.tokencache import default_cache_dir, load_features
 from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
 
 
 @dataclass
@@ -103,13 +102,15 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
+        self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
         self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
-        self.secrets: dict[str, bytes] = {}
+        self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
+        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
 
     @staticmethod
@@ -122,11 +123,13 @@ class Party:
 
     def run(self) -> None:
         lead = self.ranks.leader
-        own = shared_config(self.spec) if self.is_assist else None
+        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
+        own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.startup.mark("join")
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = make_codec(self.spec.encryption)
+        self.codec = job_codec(self.spec)
+        self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.startup.mark("model")
         self.features = self._load_data()
@@ -138,7 +141,8 @@ class Party:
         try:
             if lead:
                 self._take_start(self.scheduler.ready(self._ready_request()))
-            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if not self.standalone:
+                self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             self.startup.mark("waiting for the others")
             if self.features:
                 self._train(agg_steps)
@@ -181,7 +185,7 @@ class Party:
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
             if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
                 request.certificate = self.ctx.tls.cert
@@ -200,19 +204,29 @@ class Party:
 
     def _take_start(self, start: pb.StartInfo) -> None:
         self.weight = start.weights.get(self.ctx.name, 0.0)
-        if self.codec.needs_keys and not self.is_assist:
+        if self.standalone:
+            return
+        if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
-            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
+            if isinstance(self.codec, SecAggPlusCodec):
+                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                                             journal=self.state_dir / "reveals.json")
+            else:
+                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
+                                for peer in peers}
         if self.aggregator is not None:
-            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+            self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
+                                      dict(start.public_keys))
         else:
-            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
-            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
-                                                      server_name=self.spec.assist_trainer.name,
+            assist = self.spec.authority
+            address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -224,8 +238,11 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        plus = self.spec.encryption.secagg_plus
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
-                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s,
+                                            dropout_timeout_s=plus.dropout_timeout_s if plus else None,
+                                            identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -244,7 +261,13 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_)
+        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
+
+    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
+        assert self.plus is not None
+        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
+                 ", ".join(request.dropped) or "none")
+        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
         """Rank 0 fetches the round's global adapter; every rank takes it."""
@@ -256,6 +279,11 @@ class Party:
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            if self.ranks.leader:
+                self._save_round(round_)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+            return
         if not self.ranks.leader:
             self._load_global(round_)
             return
@@ -265,8 +293,11 @@ class Party:
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
         else:
-            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                           job_id=self.ctx.job.job_id, round_=round_)
+            if self.plus is not None:
+                protected = self.plus.protect(update, round_)
+            else:
+                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                               job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
