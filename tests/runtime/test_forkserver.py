@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.forkserver import ForkServer
-from fedtune.memory import PeakMemory, process_tree, pss_bytes
+from fedtune.procstat import PeakMemory, process_tree, pss_bytes
 from support.jobs import EXAMPLE
 
 HOLD_50MB = "import time; block = bytearray(50_000_000); block[::4096] = b'x' * len(block[::4096]); time.sleep(60)"

@@ -26,7 +26,7 @@ from fedtune import certs, files, roles
 from fedtune.cli import EXIT_FAILED, EXIT_TIMEOUT
 from fedtune.forkserver import Forked, ForkServer
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
-from fedtune.memory import PeakMemory
+from fedtune.procstat import PeakMemory, process_age_s
 from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
@@ -210,7 +210,7 @@ class LocalJob:
     def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *,
                  party_dirs: dict[str, Path] | None = None, torch_threads: int | None = None,
                  redis_appendonly: bool = False, log_level: str = "INFO",
-                 fork_roles: bool | None = None) -> None:
+                 fork_roles: bool | None = None, launched_at: float | None = None) -> None:
         self.job = job
         self.output = output
         self.base_dir = base_dir
@@ -230,7 +230,7 @@ class LocalJob:
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.gpus, self.gpus_shared = self._assign_gpus()
         self.job_file = self.run_dir / "job.yaml"
-        self.launched_at = time.time()  # start-up is measured from here to each party's first optimizer step
+        self.launched_at = launched_at or time.time()  # start-up: from here to each party's first optimizer step
         self.memory = PeakMemory()
         # Roles fork from one process that imported the training stack (fedtune.forkserver), unless a
         # party may use CUDA: a process that forked after touching the driver could not use it.
@@ -445,7 +445,8 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, sour
     except SpecError as err:
         raise SpecError(f"{source}: {err}") from None
     claim_output(root, party_dirs, overwrite=overwrite)
-    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level)
+    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level,
+                     launched_at=time.time() - process_age_s())  # `fedtune run` itself started then
     progress = Progress(stream)
     start = time.monotonic()
     error, code = "", 0

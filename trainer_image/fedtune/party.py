@@ -36,6 +36,7 @@ from fedtune.models import (
     native_prefix_overrides,
     save_checkpoint,
 )
+from fedtune.procstat import process_age_s
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
@@ -73,7 +74,7 @@ class Startup:
     """Where a party's time goes before its first optimizer step, for its log."""
 
     def __init__(self) -> None:
-        self.phases: list[tuple[str, float]] = [("imports", _process_age_s())]
+        self.phases: list[tuple[str, float]] = [("imports", process_age_s())]
         self.last = time.monotonic()
 
     def mark(self, phase: str) -> None:
@@ -84,15 +85,6 @@ class Startup:
     def __str__(self) -> str:
         total = sum(seconds for _, seconds in self.phases)
         return f"{total:.1f} s after the process started: " + ", ".join(f"{p} {s:.1f} s" for p, s in self.phases)
-
-
-def _process_age_s() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere): the interpreter and the imports."""
-    try:
-        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return 0.0
 
 
 class Party:

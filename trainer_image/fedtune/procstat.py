@@ -1,4 +1,6 @@
-"""Memory a job's processes hold, as proportional set size (PSS), sampled while it runs.
+"""What /proc says about a job's processes: how long one has run, and the memory they hold.
+
+Memory is the proportional set size (PSS), sampled while the job runs.
 
 PSS counts each private page once and each page shared by n processes as 1/n in every one
 of them, so the PSS of all the processes adds up to what the job really occupies (RSS would
@@ -8,10 +10,21 @@ started (torchrun's ranks). Linux only: elsewhere every reading is None.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 PROC = Path("/proc")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (its interpreter start and imports included); 0 if unknown."""
+    try:
+        started = int((PROC / "self" / "stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def _children(pid: int) -> list[int]:
