@@ -73,8 +73,13 @@ def build(shape: Shape, device: str, dtype) -> tuple:
     config = build_config(shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, heads=shape.heads,
                           kv_heads=shape.kv_heads, kind="glm", intermediate_size=shape.intermediate)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = GlmForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype and on its device: a 9B model never exists in float32
+    try:
+        with torch.device(device):
+            model = GlmForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
                                              target_modules=["q_proj", "k_proj", "v_proj"]))
     model.train()
