@@ -369,6 +369,7 @@ class LocalJob:
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
+                "privacy": status.privacy,
                 "wall_s": round(wall_s, 3), "peak_pss_mb": peaks, "parties": parties}
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, metrics, ranks, roles, transport
+from fedtune import certs, files, metrics, privacy, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.jobstate import JobState
 from fedtune.models import (
@@ -52,7 +52,7 @@ from fedtune.spec import (
     shared_config,
 )
 from fedtune.tokencache import default_cache_dir, load_features
-from fedtune.training import latest_state, plan_max_steps, train
+from fedtune.training import CHECKPOINT_PREFIX, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class Party:
         self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
         self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
+        self.round_start: dict[str, np.ndarray] = {}  # the global adapter this round started from
+        self.noise_std = 0.0  # privacy.dp: this party's share of the aggregate's noise
+        self.rng = np.random.default_rng()  # seeded from the OS: the noise must be unpredictable
 
     @staticmethod
     def _address(value: str | None, field: str) -> str:
@@ -206,6 +209,12 @@ class Party:
         self.weight = start.weights.get(self.ctx.name, 0.0)
         if self.standalone:
             return
+        dp = self.spec.privacy.dp
+        if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
+            labels = [p for p in start.weights if p != self.spec.authority.name]
+            noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
+            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
+                                                     noisy)
         if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
@@ -238,11 +247,13 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
-        plus = self.spec.encryption.secagg_plus
+        plus, dp = self.spec.encryption.secagg_plus, self.spec.privacy.dp
+        if dp is not None:
+            privacy.check_accountant()
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
                                             round_timeout_s=self.spec.aggregation.round_timeout_s,
                                             dropout_timeout_s=plus.dropout_timeout_s if plus else None,
-                                            identity=identity)
+                                            dp=dp, identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -274,6 +285,7 @@ class Party:
         if self.ranks.leader:
             tensors = transport.unpack_tensors(self._fetch_global(round_))
             load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+            self.round_start = tensors
         self.ranks.share_adapter(self.model)
 
     def _exchange(self, index: int, step: int) -> None:
@@ -289,7 +301,7 @@ class Party:
             return
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
-        update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
+        update = self._weighted_update()
         if self.aggregator is not None:
             with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
                 plain = self.codec.encode_plain(update)
@@ -316,6 +328,14 @@ class Party:
         metrics.mine(metrics.ROUND_SECONDS).observe(now - self.round_started)
         self.round_started = now
 
+    def _weighted_update(self) -> dict[str, np.ndarray]:
+        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first."""
+        arrays, dp = self._adapter_arrays(), self.spec.privacy.dp
+        if dp is None:
+            return {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
+        return privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
+                                 noise_std=self.noise_std, rng=self.rng)
+
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
         if not dest.exists():  # a restarted party never rewrites a completed round
@@ -336,6 +356,9 @@ class Party:
         resume = latest_state(state_dir)
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
+            done = sum(1 for s in agg_steps if s <= int(resume.name.removeprefix(CHECKPOINT_PREFIX)))
+            if done and self.spec.privacy.dp is not None and self.ranks.leader:  # updates count from that round
+                self.round_start = transport.unpack_tensors(self._fetch_global(done))
         if self.ranks.leader:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
