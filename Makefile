@@ -83,6 +83,7 @@ dev-cluster: install dev-cluster-build
 
 bench: install dev-cluster-build
 	$(PYTHON) bench/federation_overhead.py
+	$(PYTHON) bench/step_cost.py
 	$(PYTHON) bench/secagg.py --quick
 	$(PYTHON) bench/transport.py
 	$(PYTHON) bench/operator_reconcile.py

@@ -26,7 +26,6 @@ import transformers
 
 from fedtune import certs, files, metrics, privacy, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
-from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
 from fedtune.models import (
     adapter_schema,
@@ -38,6 +37,7 @@ from fedtune.models import (
     save_checkpoint,
 )
 from fedtune.precision import resolve_precision, with_mixed_precision
+from fedtune.procstat import process_age_s
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
@@ -51,6 +51,7 @@ from fedtune.spec import (
     resolve_path,
     shared_config,
 )
+from fedtune.tokencache import default_cache_dir, load_features
 from fedtune.training import CHECKPOINT_PREFIX, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,26 @@ class Context:
     connect_deadline_s: float = 600.0
 
 
+class Startup:
+    """Where a party's time goes before its first optimizer step, for its log."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = [("imports", process_age_s())]
+        self.last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return f"{total:.1f} s after the process started: " + ", ".join(f"{p} {s:.1f} s" for p, s in self.phases)
+
+
 class Party:
     def __init__(self, ctx: Context) -> None:
+        self.startup = Startup()
         self.ctx = ctx
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
@@ -107,11 +126,14 @@ class Party:
         authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
         own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
+        self.startup.mark("join")
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = job_codec(self.spec)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
+        self.startup.mark("model")
         self.features = self._load_data()
+        self.startup.mark("data")
         self.args = with_mixed_precision(self.spec.trainer_args(self.me), self.precision,
                                          self.spec.base_model_field(self.me))
         self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
@@ -122,6 +144,7 @@ class Party:
                 self._take_start(self.scheduler.ready(self._ready_request()))
             if not self.standalone:
                 self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            self.startup.mark("waiting for the others")
             if self.features:
                 self._train(agg_steps)
             else:
@@ -157,8 +180,8 @@ class Party:
         entries = self.spec.trainset(self.me)
         if not entries:
             return []
-        items = load_qa(entries, self.ctx.base_dir, self.spec.dataset)
-        return tokenize_qa(items, self.tokenizer, self.spec.dataset)
+        return load_features(entries, self.ctx.base_dir, self.spec.dataset, self.tokenizer,
+                             cache_dir=default_cache_dir())
 
     # --- start -----------------------------------------------------------------------------
 
@@ -325,6 +348,9 @@ class Party:
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
+            if step == 1:
+                self.startup.mark("first step")
+                log.info("%s: first optimizer step %s", self.ctx.name, self.startup)
 
         state_dir = self.state_dir / "trainer"
         resume = latest_state(state_dir)
