@@ -15,6 +15,7 @@ import copy
 import json
 import re
 import shutil
+import signal
 import socket
 import time
 import urllib.request
@@ -27,7 +28,7 @@ import yaml
 
 from fedtune import roles
 from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
-from support.kube import Api, Runner, kubectl_for, unavailable, wait_for
+from support.kube import Api, OperatorProcess, Runner, kubectl_for, unavailable, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -406,6 +407,60 @@ def test_suspended_mid_job_resumes_from_its_last_round(cluster, operator, api, k
     logs = kubectl("logs", "-n", ns, f"{name}-node-1", "--tail", "200").stdout
     assert "node-1: resuming from its saved state" in logs, logs
     assert all(rec["restarts"] == 0 for rec in status["parties"].values()), status["parties"]
+
+
+def test_the_standby_operator_takes_over_when_the_leader_dies(cluster, operator, api, kubectl, namespace, workspace,
+                                                              tmp_path) -> None:  # fmt: skip
+    """Two replicas with leader election: only the leader reconciles; SIGKILLed mid-job (and a party's pod
+    deleted with it), the standby takes the Lease, makes the pod again and sees the job to its end. The
+    chart's operator is scaled to zero meanwhile: the replicas run on the node's host, as processes."""
+    ns, name = namespace, "poems-ha"
+    workspace(ns)
+    kubectl("scale", "deployment", "fedtune-fedtune-operator", "-n", operator, "--replicas=0")
+    wait_for("the chart's operator pod to go", lambda: not api.pods(operator), 120)
+    replicas = {
+        who: OperatorProcess(cluster.plane.kubeconfig, tmp_path / f"{who}.log", namespaces=[ns], args=(
+            "--leader-elect", "--lease-namespace", ns, "--lease-duration", "6", "--identity", who)).start()
+        for who in ("replica-a", "replica-b")
+    }  # fmt: skip
+    try:
+        def holder() -> str:
+            lease = kubectl("get", "lease", "fedtune-operator", "-n", ns, "-o", "jsonpath={.spec.holderIdentity}",
+                            check=False)
+            return lease.stdout.strip()
+
+        leader_name = wait_for("a leader", holder, 60)
+        leader = replicas[leader_name]
+        standby_name, standby = next((w, r) for w, r in replicas.items() if w != leader_name)
+        doc = example(EXAMPLE, name)
+        doc["spec"]["trainer"]["num_train_epochs"] = 10  # rounds long enough to fail over between them
+        apply(kubectl, ns, doc)
+        output = outputs(cluster, ns, name)
+        describe = lambda: _describe(api, kubectl, ns, name) + f"\nstandby:\n{standby.tail()}"  # noqa: E731
+        killed: list[str] = []
+
+        def kill_the_leader(_status: dict[str, Any]) -> None:
+            if not killed and state_saved(output, "node-1"):
+                leader.stop(signal.SIGKILL)
+                kubectl("delete", "pod", f"{name}-node-1", "-n", ns, "--wait=false")
+                killed.append(leader_name)
+
+        status, rounds = run_to_phase(api, ns, name, ("Succeeded",), describe, kill_the_leader)
+        assert killed, "the job ended before its leader could be killed"
+        assert holder() == standby_name
+        assert status["parties"]["node-1"]["restarts"] >= 1  # the pod deleted with the leader was made again
+        assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
+        # Only the leader reconciled: the standby made nothing before it held the Lease.
+        lines = standby.lines()
+        took_over = next(i for i, line in enumerate(lines) if f"{standby_name} leads" in line)
+        assert not [line for line in lines[:took_over] if "fedtune_operator.reconcile" in line]
+        assert any("created Pod" in line for line in lines[took_over:])
+        assert any("created Pod" in line for line in leader.lines())
+    finally:
+        for replica in replicas.values():
+            replica.stop()
+        kubectl("scale", "deployment", "fedtune-fedtune-operator", "-n", operator, "--replicas=1")
+        wait_for("the chart's operator to be ready again", lambda: _operator_ready(api), 180)
 
 
 def test_malformed_dataset_fails_naming_the_file(cluster, operator, api, kubectl, namespace, workspace) -> None:

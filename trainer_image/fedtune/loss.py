@@ -48,6 +48,12 @@ def _say_once(message: str) -> None:
 # --- the chunked linear cross-entropy -------------------------------------------------------
 
 
+def _chunk_rows(vocab: int, width: int) -> int:
+    """Rows per chunk: logits that stay in cache, but at least width/8 rows, so that reading the
+    (vocab x width) weight matrix once per chunk stays cheap beside the chunk's own work."""
+    return max(1, CHUNK_BYTES // (4 * vocab), width // 8)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i) * scale, with d/d(hidden) made during the forward pass.
 
@@ -57,12 +63,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, scale: float) -> torch.Tensor:
-        rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        rows = _chunk_rows(*weight.shape)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], rows):
             chunk_targets = targets[start:start + rows]
-            logits = nn.functional.linear(hidden[start:start + rows], weight, bias).float()
+            # In the weight's dtype, as lm_head computes under autocast (a half-precision base's hidden states may
+            # arrive in float32 here, outside the autocast region).
+            logits = nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
             probs = torch.softmax(logits, dim=-1)
             index = torch.arange(len(chunk_targets), device=hidden.device)
             picked = probs[index, chunk_targets]

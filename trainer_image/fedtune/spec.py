@@ -39,13 +39,23 @@ class PathRef(_Strict):
     path: str = Field(min_length=1)
 
 
+class PretrainedModel(PathRef):
+    """The base model: a local folder (native GLM, or a ChatGLM2/3 / GLM-4 folder converted at load), how it is held."""
+
+    # auto: bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU. Adapters always
+    # train, travel and are aggregated in float32; the Trainer's mixed precision follows this dtype.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # QLoRA: the base weights quantised to 4 or 8 bits by bitsandbytes (CUDA only).
+    quantization: Literal["4bit", "8bit"] | None = None
+
+
 class TrainsetEntry(_Strict):
     type: Literal["QA"] = "QA"
     path: str = Field(min_length=1)
 
 
 class Input(_Strict):
-    pretrained_model: PathRef
+    pretrained_model: PretrainedModel
     adapter_model: PathRef | None = None
     trainset: list[TrainsetEntry] = Field(default_factory=list)
 
@@ -141,6 +151,21 @@ class Encryption(_Strict):
     def masking(self) -> Otp | None:
         """The settings of the masking scheme (`otp` or `secagg_plus`), None for `plain`."""
         return self.otp or self.secagg_plus
+
+
+class Dp(_Strict):
+    """Differential privacy of the global adapter (`fedtune.privacy`)."""
+
+    # C: each party's update of a round is clipped to this L2 norm (over all its tensors).
+    clip_norm: float = Field(gt=0)
+    # σ: the aggregate carries Gaussian noise of σ times its sensitivity (σ·C with equal weights).
+    noise_multiplier: float = Field(ge=0)
+    # ε is reported for this δ.
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class Privacy(_Strict):
+    dp: Dp | None = None
 
 
 class Lora(BaseModel):
@@ -315,7 +340,7 @@ class Party(_Strict):
     name: str = Field(pattern=_PARTY_NAME)
     role: Literal["assist_trainer", "label_trainer"]
     trainset: list[TrainsetEntry] | None = None
-    pretrained_model: PathRef | None = None
+    pretrained_model: PretrainedModel | None = None
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
     # Data-parallel training processes of this party (default: one per `resources.gpu`, at least one).
@@ -391,6 +416,7 @@ class JobSpec(_Strict):
     output: Output | None = None
     aggregation: Aggregation = Field(default_factory=Aggregation)
     encryption: Encryption = Field(default_factory=Encryption)
+    privacy: Privacy = Field(default_factory=Privacy)
     peft: Peft
     trainer: Trainer = Field(default_factory=Trainer)
     dataset: Dataset = Field(default_factory=Dataset)
@@ -503,7 +529,17 @@ class JobSpec(_Strict):
         return f"spec.parties[{index}].{'ranks' if party.ranks else 'resources.gpu'}"
 
     def pretrained_model(self, party: Party) -> str:
-        return (party.pretrained_model or self.input.pretrained_model).path
+        return self.base_model(party).path
+
+    def base_model(self, party: Party) -> PretrainedModel:
+        """The party's own `pretrained_model` (path, dtype, quantization) if set, else `input.pretrained_model`."""
+        return party.pretrained_model or self.input.pretrained_model
+
+    def base_model_field(self, party: Party) -> str:
+        """Where `base_model(party)` comes from, for messages."""
+        if party.pretrained_model is None:
+            return "input.pretrained_model"
+        return f"parties[{self.parties.index(party)}].pretrained_model"
 
     def trainer_args(self, party: Party) -> dict[str, Any]:
         """The assist_trainer's shared trainer keys with this party's local ones on top."""
@@ -538,7 +574,7 @@ class FederatedFineTune(BaseModel):
         return self.metadata.name
 
 
-SHARED_SECTIONS = ("aggregation", "encryption", "peft", "dataset")
+SHARED_SECTIONS = ("aggregation", "encryption", "privacy", "peft", "dataset")
 
 
 def shared_config(spec: JobSpec) -> dict[str, Any]:
