@@ -416,6 +416,8 @@ def test_the_standby_operator_takes_over_when_the_leader_dies(cluster, operator,
     chart's operator is scaled to zero meanwhile: the replicas run on the node's host, as processes."""
     ns, name = namespace, "poems-ha"
     workspace(ns)
+    chart_replicas = kubectl("get", "deployment", "fedtune-fedtune-operator", "-n", operator, "-o",
+                             "jsonpath={.spec.replicas}").stdout.strip()
     kubectl("scale", "deployment", "fedtune-fedtune-operator", "-n", operator, "--replicas=0")
     wait_for("the chart's operator pod to go", lambda: not api.pods(operator), 120)
     replicas = {
@@ -459,7 +461,7 @@ def test_the_standby_operator_takes_over_when_the_leader_dies(cluster, operator,
     finally:
         for replica in replicas.values():
             replica.stop()
-        kubectl("scale", "deployment", "fedtune-fedtune-operator", "-n", operator, "--replicas=1")
+        kubectl("scale", "deployment", "fedtune-fedtune-operator", "-n", operator, f"--replicas={chart_replicas}")
         wait_for("the chart's operator to be ready again", lambda: _operator_ready(api), 180)
 
 
