@@ -68,7 +68,7 @@ def main() -> None:
         for name, tls in variants.items():
             state = JobState.connect(redis_server.address, redis_server.password, f"bench-{name}")
             service = AggregatorService(state, codec, args.rounds + 1, round_timeout_s=600)
-            service.configure(set(PARTIES), "assist_trainer")
+            service.configure(dict.fromkeys(PARTIES, 1 / len(PARTIES)), "assist_trainer")
             server, port = start_server(service, "127.0.0.1:0", tls["assist_trainer"] if tls else None)
             clients = {p: AggregatorClient(f"127.0.0.1:{port}", p, tls[p] if tls else None, deadline_s=60)
                        for p in PARTIES[1:]}

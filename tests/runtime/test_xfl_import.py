@@ -71,6 +71,20 @@ def test_import_carries_every_key(tmp_path: Path) -> None:
     assert spec.tls.enabled is False  # the reference's grpc.use_tls
 
 
+@pytest.mark.parametrize("otp", [TRAIN_PARAMS["encryption"]["otp"], {"key_bitlength": 64}])
+def test_imported_otp_keeps_the_reference_key_exchange_and_generator(tmp_path: Path, monkeypatch, otp: dict) -> None:
+    """fedtune's own defaults are x25519 and chacha20; an imported job behaves as it did in the reference."""
+    from fedtune.secagg import make_codec
+
+    monkeypatch.setitem(TRAIN_PARAMS, "encryption", {"otp": otp})
+    imported = parse_job(yaml.safe_load(import_xfl(write_xfl(tmp_path / "xfl")))).spec.encryption
+    codec = make_codec(imported)
+    assert (codec.key_agreement.name, codec.generator.name, codec.generator.method) == (
+        "ffdhe3072", "hmac_drbg", "sha512")
+    fresh = make_codec({"otp": {}})
+    assert (fresh.key_agreement.name, fresh.generator.name) == ("x25519", "chacha20")
+
+
 def test_import_cli_writes_file(tmp_path: Path) -> None:
     folder = write_xfl(tmp_path / "demo")
     out = tmp_path / "job.yaml"

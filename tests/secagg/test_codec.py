@@ -89,13 +89,15 @@ def test_protected_updates_survive_safetensors(otp_codec, random_update, protect
 
 def test_make_codec_follows_the_spec(otp_codec) -> None:
     assert make_codec(Encryption()).scheme == "plain"
-    codec = make_codec(Encryption.model_validate({"otp": {}}))  # the reference's defaults
+    codec = make_codec(Encryption.model_validate({"otp": {}}))  # fedtune's defaults: fast, equally strong
     assert (codec.scheme, codec.needs_keys, codec.fixed.bits) == ("otp", True, 64)
-    assert (codec.key_agreement.name, codec.generator.name, codec.generator.method) == (
-        "ffdhe3072",
-        "hmac_drbg",
-        "sha512",
-    )
+    assert (codec.key_agreement.name, codec.generator.name) == ("x25519", "chacha20")
+    # The reference's configuration (as `import-xfl` writes it, or with its keys alone) is the reference's scheme.
+    for otp in ({"key_exchange": {"curve": "ffdhe"}, "csprng": {"name": "hmac_drbg"}},
+                {"key_exchange": {"key_bitlength": 3072, "optimized": True}, "csprng": {"method": "sha512"}}):
+        codec = make_codec(Encryption.model_validate({"otp": otp}))
+        assert (codec.key_agreement.name, codec.generator.name, codec.generator.method) == (
+            "ffdhe3072", "hmac_drbg", "sha512")
     codec = otp_codec(128, "chacha20", curve="x25519")
     assert (codec.fixed.bits, codec.key_agreement.name, codec.generator.name) == (128, "x25519", "chacha20")
 

@@ -45,7 +45,7 @@ def servers(redis_server, federation) -> Iterator[dict[str, int]]:
     scheduler, scheduler_port = transport.make_server("127.0.0.1:0", material(federation, "scheduler"))
     pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state, identity), scheduler)
     aggregator = AggregatorService(state, make_codec(job.spec.encryption), 5, round_timeout_s=30, identity=identity)
-    aggregator.configure({"assist_trainer", "node-1", "node-2"}, "assist_trainer")
+    aggregator.configure(dict.fromkeys(("assist_trainer", "node-1", "node-2"), 1 / 3), "assist_trainer")
     agg_server, agg_port = start_server(aggregator, "127.0.0.1:0", material(federation, "assist_trainer"))
     scheduler.start()
     yield {"scheduler": scheduler_port, "aggregator": agg_port}

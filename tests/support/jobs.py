@@ -25,8 +25,8 @@ PTUNING = {"PREFIX_TUNING": {"task_type": "CAUSAL_LM", "pre_seq_len": 4, "prefix
 
 
 def write_share(folder: Path, part: int, count: int) -> Path:
-    """The first `count` instances of one bundled poems part, as a QA file of its own."""
-    source = json.loads((POEMS / f"part-{part}.json").read_text(encoding="utf-8"))
+    """The first `count` instances of a bundled poems part (`part` modulo the three), as a QA file of its own."""
+    source = json.loads((POEMS / f"part-{part % 3}.json").read_text(encoding="utf-8"))
     instances = (source["instances"] * (count // len(source["instances"]) + 1))[:count]
     path = folder / f"share-{part}.json"
     path.write_text(json.dumps({"instruction": source["instruction"], "instances": instances}, ensure_ascii=False),
@@ -34,10 +34,11 @@ def write_share(folder: Path, part: int, count: int) -> Path:
     return path
 
 
-def write_job(folder: Path, model: Path, *, sizes: tuple[int, int, int] = (12, 20, 16), peft: dict | None = None,
+def write_job(folder: Path, model: Path, *, sizes: tuple[int, ...] = (12, 20, 16), peft: dict | None = None,
               encryption: dict | None = None, agg_steps: float = 0.5, epochs: float = 2, name: str = "job",
               party_overrides: dict[str, dict] | None = None, **spec_overrides: Any) -> Path:
-    """A 3-party job (assist_trainer with data, node-1, node-2) over shares of the bundled poems."""
+    """A job over shares of the bundled poems: the assist_trainer with `sizes[0]` samples, then node-1, node-2, ...
+    with the others (by default 3 parties, as PARTIES)."""
     folder.mkdir(parents=True, exist_ok=True)
     shares = [write_share(folder, part, n) for part, n in enumerate(sizes)]
     spec: dict[str, Any] = {
@@ -48,10 +49,9 @@ def write_job(folder: Path, model: Path, *, sizes: tuple[int, int, int] = (12, 2
         "trainer": {"per_device_train_batch_size": 4, "learning_rate": 1e-2, "num_train_epochs": epochs,
                     "no_cuda": True, "seed": 7},
         "dataset": {"max_src_length": 32, "max_dst_length": 32},
-        "parties": [
-            {"name": "assist_trainer", "role": "assist_trainer", "trainset": [{"path": str(shares[0])}]},
-            {"name": "node-1", "role": "label_trainer", "trainset": [{"path": str(shares[1])}]},
-            {"name": "node-2", "role": "label_trainer", "trainset": [{"path": str(shares[2])}]},
+        "parties": [{"name": "assist_trainer", "role": "assist_trainer", "trainset": [{"path": str(shares[0])}]}] + [
+            {"name": f"node-{i}", "role": "label_trainer", "trainset": [{"path": str(share)}]}
+            for i, share in enumerate(shares[1:], start=1)
         ],
     }
     for party in spec["parties"]:
@@ -74,17 +74,17 @@ def adapter_tensors(checkpoint: Path) -> dict:
     return load_file(str(checkpoint / "adapter_model.safetensors"))
 
 
-def assert_identical_adapters(out: Path, checkpoint: str) -> dict:
+def assert_identical_adapters(out: Path, checkpoint: str, parties: tuple[str, ...] = PARTIES) -> dict:
     """Every party's adapter at `out/<party>/<checkpoint>` is the same, tensor for tensor; returns it."""
     import torch
 
-    reference = adapter_tensors(out / PARTIES[0] / checkpoint)
+    reference = adapter_tensors(out / parties[0] / checkpoint)
     assert reference, "empty adapter"
-    for party in PARTIES[1:]:
+    for party in parties[1:]:
         other = adapter_tensors(out / party / checkpoint)
         assert other.keys() == reference.keys()
         for name, tensor in reference.items():
-            assert torch.equal(tensor, other[name]), f"{party}/{checkpoint}: {name} differs from {PARTIES[0]}'s"
+            assert torch.equal(tensor, other[name]), f"{party}/{checkpoint}: {name} differs from {parties[0]}'s"
     return reference
 
 

@@ -213,9 +213,64 @@ class QACollator:
         }
 
 
-def collator_for(tokenizer: _Tokenizer) -> QACollator:
+@dataclass
+class PackedCollator:
+    """A batch as one row without padding (`dataset.packing`): the samples one after another.
+
+    Position ids restart at 0 with each sample and there is no attention mask: transformers'
+    attention then lets each token see only the earlier tokens of its own sample. A sample's
+    first label is ignored, so no sample learns to predict the next one.
+    """
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for sample in batch:
+            ids += sample["input_ids"]
+            labels += [IGNORE_INDEX, *sample["labels"][1:]]
+            positions += range(len(sample["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
+def collator_for(tokenizer: _Tokenizer, *, packing: bool = False) -> QACollator | PackedCollator:
     """Pads with the tokenizer's pad token, or EOS when it has none (padding is masked out anyway)."""
+    if packing:
+        return PackedCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a PAD nor an EOS token to pad batches with")
     return QACollator(pad_id=pad)
+
+
+def check_packing(model: torch.nn.Module) -> None:
+    """Refuse `dataset.packing` unless the model keeps the samples of a packed row apart.
+
+    Tried, not assumed: two short samples packed into one row must give the second sample the
+    outputs it has alone. Models that ignore restarting position ids (their own remote code,
+    peft's prefix tuning, whose cache switches transformers' packed masks off) fail this.
+    """
+    first, second = [4, 5, 6, 7], [8, 9, 10]
+    packed = PackedCollator()([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
+    alone = PackedCollator()([{"input_ids": second, "labels": second}])
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            together = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                             use_cache=False).logits[0, len(first):]
+            apart = model(input_ids=alone["input_ids"].to(device), position_ids=alone["position_ids"].to(device),
+                          use_cache=False).logits[0]
+        tolerance = 1e-3 if together.dtype == torch.float32 else 5e-2
+        kept_apart = bool(torch.allclose(together.float(), apart.float(), atol=tolerance, rtol=tolerance))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"dataset.packing: {type(model).__name__} cannot take packed rows ({err}); "
+                        "set dataset.packing to false") from None
+    finally:
+        model.train(training)
+    if not kept_apart:
+        raise DataError(f"dataset.packing: the attention of {type(model).__name__} (as adapted here) does not keep "
+                        "the samples of a packed row apart (it ignores restarting position ids); "
+                        "set dataset.packing to false")

@@ -43,6 +43,8 @@ class JobStatus:
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     parties: dict[str, PartyStatus] = field(default_factory=dict)
+    # secagg_plus: round -> the label_trainers that round completed without
+    dropouts: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -156,11 +158,11 @@ class JobState:
         return {k.decode() for k in self.r.hkeys(self._k("updates", round_))}
 
     def put_global(self, round_: int, blob: bytes) -> None:
-        """The round's global adapter; its updates are dropped in the same transaction."""
+        """The round's global adapter; its updates (and secagg_plus reveals) are dropped in the same transaction."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._k("global", round_), blob)
         if round_ > 0:
-            pipe.delete(self._k("updates", round_))
+            pipe.delete(self._k("updates", round_), self._k("split", round_), self._k("reveals", round_))
             pipe.set(self._k("round"), round_)
         pipe.execute()
 
@@ -170,6 +172,38 @@ class JobState:
     def completed_round(self) -> int:
         value = self.r.get(self._k("round"))
         return int(value) if value else 0
+
+    # --- secagg_plus: encrypted shares, each round's split into uploaded and dropped, reveals ------
+
+    def put_shares(self, party: str, blob: bytes) -> None:
+        """A label_trainer's encrypted shares; the first ones stay (a restarted party sends the same again)."""
+        self.r.hsetnx(self._k("shares"), party, blob)
+
+    def shares(self) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("shares")).items()}
+
+    def share_senders(self) -> set[str]:
+        return {k.decode() for k in self.r.hkeys(self._k("shares"))}
+
+    def set_split(self, round_: int, uploaded: list[str], dropped: list[str]) -> dict[str, list[str]]:
+        """Fix which label_trainers a round sums; once set it never changes. Returns the split in force."""
+        split = {"uploaded": sorted(uploaded), "dropped": sorted(dropped)}
+        if self.r.set(self._k("split", round_), json.dumps(split), nx=True) and dropped:
+            self.r.hset(self._k("dropouts"), str(round_), json.dumps(split["dropped"]))
+        return self.split(round_) or split
+
+    def split(self, round_: int) -> dict[str, list[str]] | None:
+        value = self.r.get(self._k("split", round_))
+        return json.loads(value) if value else None
+
+    def put_reveal(self, round_: int, party: str, blob: bytes) -> None:
+        self.r.hset(self._k("reveals", round_), party, blob)
+
+    def reveals(self, round_: int) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("reveals", round_)).items()}
+
+    def revealed(self, round_: int, party: str) -> bool:
+        return bool(self.r.hexists(self._k("reveals", round_), party))
 
     # --- reading it all --------------------------------------------------------------------
 
@@ -183,6 +217,7 @@ class JobState:
             error=self.error(),
             warnings=[w.decode() for w in self.r.lrange(self._k("warnings"), 0, -1)],
             parties={name: self.party(name) for name in self.party_names()},
+            dropouts={k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k("dropouts")).items()},
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]
         status.loss = sum(losses) / len(losses) if losses else None

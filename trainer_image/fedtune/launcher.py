@@ -314,7 +314,8 @@ class LocalJob:
                 "output": str(self.output / name),
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
-                "warnings": status.warnings, "rounds": len(fractions), "wall_s": round(wall_s, 3),
+                "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
+                "wall_s": round(wall_s, 3),
                 "parties": parties}
 
 

@@ -39,7 +39,7 @@ from fedtune.models import (
 )
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -82,7 +82,8 @@ class Party:
                                          ctx.name, ctx.tls, deadline_s=ctx.connect_deadline_s)
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
-        self.secrets: dict[str, bytes] = {}
+        self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
+        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
 
     @staticmethod
@@ -98,7 +99,7 @@ class Party:
         own = shared_config(self.spec) if self.is_assist else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = make_codec(self.spec.encryption)
+        self.codec = job_codec(self.spec)
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
@@ -174,14 +175,22 @@ class Party:
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
-            self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer) for peer in peers}
+            if isinstance(self.codec, SecAggPlusCodec):
+                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                                             journal=self.state_dir / "reveals.json")
+            else:
+                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
+                                for peer in peers}
         if self.aggregator is not None:
-            self.aggregator.configure(set(start.weights), self.ctx.name if self.weight > 0 else None)
+            self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
+                                      dict(start.public_keys))
         else:
             address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
                                                       server_name=self.spec.assist_trainer.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
+            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -193,8 +202,11 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        plus = self.spec.encryption.secagg_plus
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
-                                            round_timeout_s=self.spec.aggregation.round_timeout_s, identity=identity)
+                                            round_timeout_s=self.spec.aggregation.round_timeout_s,
+                                            dropout_timeout_s=plus.dropout_timeout_s if plus else None,
+                                            identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -213,7 +225,13 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_)
+        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
+
+    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
+        assert self.plus is not None
+        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
+                 ", ".join(request.dropped) or "none")
+        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
         """Rank 0 fetches the round's global adapter; every rank takes it."""
@@ -234,8 +252,11 @@ class Party:
         if self.aggregator is not None:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
         else:
-            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                           job_id=self.ctx.job.job_id, round_=round_)
+            if self.plus is not None:
+                protected = self.plus.protect(update, round_)
+            else:
+                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                               job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
@@ -262,7 +283,8 @@ class Party:
         if self.ranks.leader:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
-              on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir)
+              on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              packing=self.spec.dataset.packing)
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:

@@ -169,13 +169,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             weights = {name: n / total for name, n in training.items()}
         keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
                 for name, e in ready.items() if e["public_key"]}
-        if spec.encryption.scheme == "otp" and len(spec.label_trainers) == 1:
-            warning = ("encryption.otp with a single label_trainer: pairwise masks cannot hide its update "
+        scheme = spec.encryption.scheme
+        if scheme != "plain" and len(spec.label_trainers) == 1:
+            warning = (f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
                        "from the aggregator")
             log.warning("%s", warning)
             self.state.add_warning(warning)
-        if spec.encryption.scheme == "otp" and not spec.tls.enabled:
-            warning = "encryption.otp without TLS: key-agreement values are not authenticated (tls.enabled is false)"
+        if scheme != "plain" and not spec.tls.enabled:
+            warning = (f"encryption.{scheme} without TLS: key-agreement values are not authenticated "
+                       "(tls.enabled is false)")
             log.warning("%s", warning)
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})

@@ -63,15 +63,34 @@ class Aggregation(_Strict):
 
 
 class KeyExchange(_Strict):
+    """X25519 by default; `curve: ffdhe` is the reference's RFC 7919 group of `key_bitlength` bits.
+
+    Setting `key_bitlength` or `optimized` without `curve` means the finite-field group, as in
+    the reference's configuration.
+    """
+
     key_bitlength: Literal[2048, 3072, 4096, 6144, 8192] = 3072
     optimized: bool = True
-    # `x25519` replaces the finite-field group when set.
-    curve: Literal["x25519"] | None = None
+    curve: Literal["x25519", "ffdhe"] | None = None
+
+    @model_validator(mode="after")
+    def _resolve_curve(self) -> KeyExchange:
+        if self.curve is None:
+            self.curve = "ffdhe" if {"key_bitlength", "optimized"} & self.model_fields_set else "x25519"
+        return self
 
 
 class Csprng(_Strict):
-    name: Literal["hmac_drbg", "chacha20"] = "hmac_drbg"
+    """ChaCha20 by default; `hmac_drbg` (the reference's) when named, or when its `method` is set alone."""
+
+    name: Literal["hmac_drbg", "chacha20"] | None = None
     method: Literal["sha256", "sha512"] = "sha512"
+
+    @model_validator(mode="after")
+    def _resolve_name(self) -> Csprng:
+        if self.name is None:
+            self.name = "hmac_drbg" if "method" in self.model_fields_set else "chacha20"
+        return self
 
 
 class Otp(_Strict):
@@ -206,6 +225,9 @@ class Dataset(_Strict):
     prompt_pattern: str = "{}：\n问：{}\n答："
     key_query: str = Field("input", min_length=1)
     key_answer: str = Field("output", min_length=1)
+    # Each batch as one row without padding, position ids restarting per sample (models whose
+    # attention cannot keep the samples apart are refused at start).
+    packing: bool = False
 
     @field_validator("prompt_pattern")
     @classmethod

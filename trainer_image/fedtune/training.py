@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from fedtune.data import FeatureDataset, collator_for
+from fedtune.data import FeatureDataset, check_packing, collator_for
 from fedtune.files import fsync_files, replace_dir
 from fedtune.loss import causal_lm_loss, supports_fused_loss
 from fedtune.models import adapter_state, load_adapter_state
@@ -100,6 +100,8 @@ def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: 
     args = dict(trainer_args)
     if args.pop("no_cuda", False) or (world_size() > 1 and _on_cpu(args)):
         args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way; gloo ranks need it
+    if args.pop("group_by_length", False):
+        args["train_sampling_strategy"] = "group_by_length"  # and transformers 4's `group_by_length` this way
     args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
     for key in MANAGED_TRAINER_KEYS:
         if key in args:
@@ -263,11 +265,17 @@ def train(
     on_round: OnRound,
     on_log: OnLog | None = None,
     state_dir: Path,
+    packing: bool = False,
 ) -> TrainResult:
     """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step.
 
     Under torch.distributed (a party's ranks), every rank calls it with the same features and the
-    same `on_round`; each trains on its share of every batch."""
+    same `on_round`; each trains on its share of every batch. `packing`: each batch as one row
+    without padding (`dataset.packing`), refused for a model whose attention cannot keep the
+    samples apart.
+    """
+    if packing:
+        check_packing(model)
     max_steps = plan_max_steps(len(features), trainer_args, world_size())
     _check_agg_steps(agg_steps, max_steps)
     state_dir = Path(state_dir)
@@ -279,7 +287,7 @@ def train(
         model=model,
         args=training_arguments(trainer_args, max_steps, state_dir),
         train_dataset=FeatureDataset(features),
-        data_collator=collator_for(tokenizer),
+        data_collator=collator_for(tokenizer, packing=packing),
         callbacks=[_RoundCallback(agg_steps, on_round, on_log, result)],
         state_dir=state_dir,
     )

@@ -62,6 +62,7 @@ def import_xfl(config_dir: Path, *, name: str | None = None) -> str:
     assist_config = configs[assist[0]]
     params = _params(assist_config, paths[assist[0]])
     spec: dict[str, Any] = {key: params[key] for key in _SECTIONS if key in params}
+    _keep_reference_crypto(spec.get("encryption"))
     spec["input"] = {k: v for k, v in assist_config.get("input", {}).items() if k != "trainset"}
     if "output" in assist_config:
         spec["output"] = assist_config["output"]
@@ -72,6 +73,17 @@ def import_xfl(config_dir: Path, *, name: str | None = None) -> str:
                 "metadata": {"name": job_name}, "spec": spec}
     header = f"# Imported from the XFL config folder {config_dir.name} by `fedtune import-xfl`.\n"
     return header + dump_job(parse_job(document, str(config_dir)))
+
+
+def _keep_reference_crypto(encryption: Any) -> None:
+    """An imported `otp` keeps the reference's key exchange and generator (ffdhe, HMAC_DRBG), written
+    out: fedtune's own defaults are x25519 and chacha20."""
+    otp = encryption.get("otp") if isinstance(encryption, dict) else None
+    if not isinstance(otp, dict):
+        return
+    for section, key, value in (("key_exchange", "curve", "ffdhe"), ("csprng", "name", "hmac_drbg")):
+        if isinstance(otp.setdefault(section, {}), dict):
+            otp[section].setdefault(key, value)
 
 
 def _party(node: str, config: dict[str, Any], path: Path) -> dict[str, Any]:

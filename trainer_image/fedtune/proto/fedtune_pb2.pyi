@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -151,17 +151,70 @@ class Chunk(_message.Message):
     def __init__(self, header: _Optional[_Union[BlobHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BlobHeader(_message.Message):
-    __slots__ = ("party", "round", "size", "ready", "phase", "error")
+    __slots__ = ("party", "round", "size", "ready", "phase", "error", "unmask")
     PARTY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
     party: str
     round: int
     size: int
     ready: bool
     phase: str
     error: str
-    def __init__(self, party: _Optional[str] = ..., round: _Optional[int] = ..., size: _Optional[int] = ..., ready: _Optional[bool] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    unmask: UnmaskRequest
+    def __init__(self, party: _Optional[str] = ..., round: _Optional[int] = ..., size: _Optional[int] = ..., ready: _Optional[bool] = ..., phase: _Optional[str] = ..., error: _Optional[str] = ..., unmask: _Optional[_Union[UnmaskRequest, _Mapping]] = ...) -> None: ...
+
+class EncryptedShares(_message.Message):
+    __slots__ = ("party", "shares")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    PARTY_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    party: str
+    shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, party: _Optional[str] = ..., shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("round", "uploaded", "dropped", "ciphertexts")
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    uploaded: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    def __init__(self, round: _Optional[int] = ..., uploaded: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class RevealedShares(_message.Message):
+    __slots__ = ("party", "round", "shares")
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    PARTY_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    party: str
+    round: int
+    shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, party: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...

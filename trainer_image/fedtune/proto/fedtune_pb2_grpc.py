@@ -255,6 +255,16 @@ class AggregatorStub:
                 request_serializer=fedtune_dot_proto_dot_fedtune__pb2.FetchRequest.SerializeToString,
                 response_deserializer=fedtune_dot_proto_dot_fedtune__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedtune.v1.Aggregator/ShareKeys',
+                request_serializer=fedtune_dot_proto_dot_fedtune__pb2.EncryptedShares.SerializeToString,
+                response_deserializer=fedtune_dot_proto_dot_fedtune__pb2.JobPhase.FromString,
+                _registered_method=True)
+        self.Reveal = channel.unary_unary(
+                '/fedtune.v1.Aggregator/Reveal',
+                request_serializer=fedtune_dot_proto_dot_fedtune__pb2.RevealedShares.SerializeToString,
+                response_deserializer=fedtune_dot_proto_dot_fedtune__pb2.JobPhase.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -270,6 +280,21 @@ class AggregatorServicer:
 
     def Fetch(self, request, context):
         """The global adapter of a round (round 0: the initial adapter every party starts from).
+        Under secagg_plus the answer may instead ask the party to reveal shares (BlobHeader.unmask).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """secagg_plus, once before round 1: a label_trainer's shares of its secrets, each encrypted to one peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reveal(self, request, context):
+        """secagg_plus: a survivor's shares, which let the aggregator remove a round's masks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +312,16 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=fedtune_dot_proto_dot_fedtune__pb2.FetchRequest.FromString,
                     response_serializer=fedtune_dot_proto_dot_fedtune__pb2.Chunk.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedtune_dot_proto_dot_fedtune__pb2.EncryptedShares.FromString,
+                    response_serializer=fedtune_dot_proto_dot_fedtune__pb2.JobPhase.SerializeToString,
+            ),
+            'Reveal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reveal,
+                    request_deserializer=fedtune_dot_proto_dot_fedtune__pb2.RevealedShares.FromString,
+                    response_serializer=fedtune_dot_proto_dot_fedtune__pb2.JobPhase.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +379,60 @@ class Aggregator:
             '/fedtune.v1.Aggregator/Fetch',
             fedtune_dot_proto_dot_fedtune__pb2.FetchRequest.SerializeToString,
             fedtune_dot_proto_dot_fedtune__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Aggregator/ShareKeys',
+            fedtune_dot_proto_dot_fedtune__pb2.EncryptedShares.SerializeToString,
+            fedtune_dot_proto_dot_fedtune__pb2.JobPhase.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reveal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Aggregator/Reveal',
+            fedtune_dot_proto_dot_fedtune__pb2.RevealedShares.SerializeToString,
+            fedtune_dot_proto_dot_fedtune__pb2.JobPhase.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedtune.spec import Encryption, format_validation_error, majority
+from fedtune.spec import Encryption, JobSpec, format_validation_error, majority
 
 from .codec import OtpCodec, PlainCodec, UpdateCodec
 from .common import SecAggError, Tensors
@@ -36,18 +36,19 @@ __all__ = [
     "SecAggPlusParty",
     "Tensors",
     "UpdateCodec",
+    "job_codec",
     "make_codec",
     "make_key_agreement",
 ]
 
 
 def make_key_agreement(key_exchange: Any, section: str = "otp") -> KeyAgreement:
-    """The key agreement named by a `fedtune.spec.KeyExchange` (`curve: x25519` wins over the group)."""
+    """The key agreement named by a `fedtune.spec.KeyExchange`: X25519, or an RFC 7919 group."""
     if key_exchange.curve == "x25519":
         return X25519KeyAgreement()
-    if key_exchange.curve is not None:
+    if key_exchange.curve != "ffdhe":
         curve = key_exchange.curve
-        raise SecAggError(f"encryption.{section}.key_exchange.curve: unknown curve `{curve}` (have x25519)")
+        raise SecAggError(f"encryption.{section}.key_exchange.curve: unknown curve `{curve}` (have x25519, ffdhe)")
     try:
         group = ffdhe_group(key_exchange.key_bitlength)
     except KeyError as err:
@@ -78,3 +79,9 @@ def make_codec(encryption: Encryption | Mapping[str, Any], *, label_trainers: Se
         return OtpCodec(settings.key_bitlength, agreement, generator)
     return SecAggPlusCodec(settings.key_bitlength, agreement, generator, holders=label_trainers, rounds=rounds,
                            threshold=threshold or encryption.secagg_plus.threshold or majority(len(label_trainers)))
+
+
+def job_codec(spec: JobSpec) -> UpdateCodec | SecAggPlusCodec:
+    """The codec of a job's parties: its `encryption`, its label_trainers, rounds and threshold."""
+    return make_codec(spec.encryption, label_trainers=[p.name for p in spec.label_trainers],
+                      rounds=len(spec.fractions()), threshold=spec.secagg_threshold())

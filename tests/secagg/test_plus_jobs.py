@@ -1,0 +1,61 @@
+"""secagg_plus inside a whole job: label_trainers die mid-round and the federation goes on."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from fedtune.launcher import LocalJob
+from fedtune.party import STATE_DIR
+from fedtune.spec import load_job
+from fedtune.training import latest_state
+from support.jobs import adapter_tensors, assert_identical_adapters, wait_until, write_job
+
+pytestmark = pytest.mark.slow
+PARTIES = ("assist_trainer", "node-1", "node-2", "node-3", "node-4")
+SECAGG_PLUS = {"secagg_plus": {"key_bitlength": 64, "key_exchange": {"curve": "x25519"},
+                               "csprng": {"name": "chacha20"}, "dropout_timeout_s": 8}}
+
+
+def test_a_round_completes_without_a_dropped_party_which_rejoins_later(tmp_path: Path, tiny_model: Path) -> None:
+    """4 label_trainers, threshold 3. In round 2 node-2 dies before it uploads and node-1 right after it uploaded.
+
+    node-1 is restarted at once (as a pod would be): its upload counts, and it comes back in time to reveal
+    its shares (with node-2 out, only three label_trainers can answer, and three are needed). node-2 is dropped
+    from round 2 after 8 s of silence and only then restarted: its late upload is ignored, it takes round 2's
+    result and trains round 3 with everyone.
+    """
+    job_path = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 64, 32, 32),
+                         agg_steps=0.34, epochs=1)
+    local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
+    state_of = {p: local.output / p / STATE_DIR / "trainer" for p in PARTIES}
+    try:
+        local.start()
+        wait_until(lambda: latest_state(state_of["node-2"]) is not None, 240, "node-2's state after round 1", local)
+        local.kill_role("node-2", signal.SIGKILL)
+        assert "node-2" not in local.state.submitted(2), "node-2 uploaded round 2 before it could be killed"
+        wait_until(lambda: "node-1" in local.state.submitted(2), 120, "node-1's round-2 upload")
+        local.kill_role("node-1", signal.SIGKILL)
+        assert local.state.get_global(2) is None
+        local.start_role("node-1")
+        wait_until(lambda: local.state.split(2) is not None or local.state.get_global(2) is not None, 120,
+                   "node-2 to be dropped from round 2")
+        local.start_role("node-2")
+        wait_until(lambda: local.state.get_global(2) is not None, 180, "round 2 without node-2")
+        wait_until(local.finished, 300, "the job to finish", local)
+        status = local.status()
+    finally:
+        local.stop()
+    assert status.phase == "Succeeded"
+    assert status.dropouts == {"2": ["node-2"]}
+    out = tmp_path / "out"
+    for checkpoint in ("checkpoint-0.34", "checkpoint-0.68", "checkpoint-1"):
+        tensors = assert_identical_adapters(out, checkpoint, PARTIES)
+        # Masks that were not removed decode to values near +-2^31, not to adapter weights.
+        assert all(float(t.abs().max()) < 100 for t in tensors.values()), checkpoint
+    assert adapter_tensors(out / "node-2" / "checkpoint-0.68").keys() == tensors.keys()
+    log = local.roles["assist_trainer"].log_path.read_text()
+    assert "round 2 aggregated from assist_trainer, node-1, node-3, node-4 without node-2" in log
+    assert "round 3 aggregated from assist_trainer, node-1, node-2, node-3, node-4 in" in log
