@@ -13,8 +13,8 @@ from fedtune import chat as chat_module
 from fedtune import cli
 from fedtune.chat import Chat, Sampling, answer_ids
 from fedtune.data import build_prompt
-from fedtune.models import apply_adapter, load_base_model, native_prefix_overrides, save_checkpoint
-from fedtune.spec import Dataset, Peft, PrefixTuning
+from fedtune.models import apply_adapter, load_base_model, save_checkpoint
+from fedtune.spec import Dataset, Peft
 from support.jobs import write_job
 
 PROMPT = "根据上句，写出下一句。：\n问：床前明月光\n答："
@@ -59,19 +59,6 @@ def test_the_answer_streams_as_it_is_generated_and_equals_the_greedy_answer(tiny
     assert rest, "the whole answer came in one piece"
     text = first + "".join(rest)
     assert len(text) >= 4 and text.rstrip() == greedy_text(tiny_chat, PROMPT, TOKENS.max_new_tokens)
-
-
-def test_the_own_prefix_chatglm_path_streams_the_same_answer(tmp_path: Path, remote_chatglm: Path) -> None:
-    peft = Peft(PREFIX_TUNING=PrefixTuning(pre_seq_len=4))
-    model, _ = load_base_model(remote_chatglm, config_overrides=native_prefix_overrides(remote_chatglm, peft))
-    model, note = apply_adapter(model, peft)
-    assert "own transformer.prefix_encoder" in note
-    with torch.no_grad():
-        model.transformer.prefix_encoder.embedding.weight.normal_(generator=torch.Generator().manual_seed(3))
-    save_checkpoint(model, tmp_path / "checkpoint-1")
-    chat = Chat(remote_chatglm, tmp_path / "checkpoint-1", device="cpu")
-    pieces = list(chat.stream(PROMPT, Sampling(8)))
-    assert len(pieces) >= 2 and "".join(pieces).rstrip() == greedy_text(chat, PROMPT, 8)
 
 
 def test_sampling_options(tiny_chat: Chat) -> None:
