@@ -65,10 +65,18 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
     "Encryption": [
         {"rule": "!(has(self.plain) && has(self.otp))", "message": "set exactly one of `plain` or `otp`"},
     ],
+    "OutputStorage": [
+        {
+            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode))",
+            "message": "`claimName` names an existing claim: size, storageClassName and accessMode would not apply",
+        }
+    ],
     "JobSpec": [
         {
-            "rule": "self.parties.filter(p, p.role == 'assist_trainer').size() == 1",
-            "message": "parties: exactly one party must have role `assist_trainer`",
+            "rule": "self.parties.filter(p, p.role == 'assist_trainer').size() == 1 || "
+            "(size(self.parties) == 1 && self.parties[0].role == 'label_trainer')",
+            "message": "parties: exactly one party must have role `assist_trainer` "
+            "(or a single label_trainer trains alone)",
             "fieldPath": ".parties",
         },
         {
@@ -261,7 +269,7 @@ def status_schema() -> dict[str, Any]:
             "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
             "round": {"type": "string", "description": "aggregation rounds done, `k/K`"},
             "loss": {"type": "number", "nullable": True, "description": "the last training loss reported"},
-            "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output/`"},
+            "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output-<party>/`"},
             "message": {"type": "string"},
             "startTime": {"type": "string", "format": "date-time"},
             "completionTime": {"type": "string", "format": "date-time"},

@@ -9,12 +9,13 @@ The builders of each kind live in `children/`.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.roles import SCHEDULER
-from fedtune.spec import API_VERSION, KIND, FederatedFineTune, JobSpec, Party
+from fedtune.spec import API_VERSION, KIND, FederatedFineTune, JobSpec, Party, expand_output_path
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "federatedfinetunes"
@@ -25,6 +26,7 @@ LABEL_JOB = "fedtune.io/job"
 LABEL_COMPONENT = "fedtune.io/component"
 LABEL_PARTY = "fedtune.io/party"
 
+OUTPUT_DIR = "/fedtune/output"  # where the output claim is mounted in every role's pod
 # Party names that would make `J-<party>` collide with the job's own pods and Services.
 RESERVED_PARTY_NAMES = (SCHEDULER, "redis")
 # Services are DNS-1035 labels.
@@ -71,7 +73,7 @@ def hosts_federation(spec: JobSpec) -> bool:
     this cluster runs only its own label_trainers, which call that scheduler
     (`spec.scheduler.address`) and that aggregator (the assist_trainer's `remote.address`).
     """
-    return spec.assist_trainer.remote is None
+    return spec.authority.remote is None
 
 
 def workloads(job: Job) -> list[Workload]:
@@ -84,12 +86,71 @@ def redis_pod_name(job: Job) -> str | None:
     return child_name(job.name, "redis") if hosts_federation(job.spec) else None
 
 
-def output_claim(job: Job) -> str:
-    return job.spec.storage.output.claimName or child_name(job.name, "output")
+def shared_output(job: Job) -> bool:
+    """All parties write to one claim (the user's, or a ReadWriteMany one); else each to its own."""
+    out = job.spec.storage.output
+    return bool(out.claimName) or out.accessMode == "ReadWriteMany"
+
+
+def output_claim(job: Job, party: Party) -> str:
+    """The claim a party's adapters land in (in its folder `<party>/`)."""
+    out = job.spec.storage.output
+    if out.claimName:
+        return out.claimName
+    return child_name(job.name, "output" if shared_output(job) else f"output-{party.dns_name}")
+
+
+def party_output_dir(job: Job, party: str) -> str:
+    """Where a party's pod writes its adapters: OUTPUT_DIR/<party> in the output claim, or
+    spec.output.path filled in (relative: inside the output claim; absolute: as given)."""
+    if job.spec.output is None:
+        return f"{OUTPUT_DIR}/{party}"
+    path = expand_output_path(job.spec.output.path, job.name, party)
+    return path if path.startswith("/") else posixpath.normpath(posixpath.join(OUTPUT_DIR, path))
 
 
 def output_location(job: Job) -> str:
-    return f"pvc://{output_claim(job)}/"
+    """Where the adapters land, for the status: the shared claim, or the per-party claims' pattern
+    (with spec.output.path inside them, when given; or that path, when it is absolute)."""
+    shared = shared_output(job)
+    claim = output_claim(job, job.spec.parties[0]) if shared else f"{child_name(job.name, 'output')}-<party>"
+    if job.spec.output is None:
+        return f"pvc://{claim}/"
+    return _location(party_output_dir(job, "<party>"), claim)
+
+
+def _location(folder: str, claim: str) -> str:
+    """A folder of a party's pod as the status shows it: in its output claim, or as it is."""
+    return f"pvc://{claim}/{folder[len(OUTPUT_DIR) + 1:]}" if folder.startswith(OUTPUT_DIR + "/") else folder
+
+
+def output_problems(job: Job) -> list[str]:
+    """An absolute spec.output.path must lie on a writable claim mounted in the party's pod
+    (the root filesystem is read-only)."""
+    problems = []
+    for party in local_parties(job.spec):
+        folder = party_output_dir(job, party.name)
+        if folder.startswith(OUTPUT_DIR + "/"):
+            continue
+        mounts = [v.mountPath for v in [*job.spec.storage.volumes, *party.volumes] if not v.readOnly]
+        if not any(folder == m or folder.startswith(m.rstrip("/") + "/") for m in mounts):
+            problems.append(f"spec.output.path: {folder} (party `{party.name}`) is on no writable volume; use a "
+                            "relative path (inside the output claim) or mount a claim there (spec.storage.volumes)")
+    return problems
+
+
+def storage_classes(job: Job) -> dict[str, str]:
+    """The StorageClasses the claims fedtune creates name, by the field that names them."""
+    out = job.spec.storage.output
+    if out.claimName or not out.storageClassName:
+        return {}
+    return {"spec.storage.output.storageClassName": out.storageClassName}
+
+
+def party_outputs(job: Job) -> dict[str, str]:
+    """Each local party's adapters folder, for its record in the status."""
+    return {p.name: _location(party_output_dir(job, p.name), output_claim(job, p)) + "/"
+            for p in local_parties(job.spec)}
 
 
 # --- names and metadata ---------------------------------------------------------------------
@@ -133,7 +194,7 @@ def federation_problems(job: Job) -> list[str]:
     problems = []
     if not hosts_federation(spec) and not spec.scheduler.address:
         problems.append(
-            f"the assist_trainer `{spec.assist_trainer.name}` is remote, and the scheduler runs with it: set "
+            f"the assist_trainer `{spec.authority.name}` is remote, and the scheduler runs with it: set "
             "spec.scheduler.address to the host:port where that organisation serves it"
         )
     if not spec.tls.enabled:

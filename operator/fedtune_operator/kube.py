@@ -25,10 +25,11 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Event": "events",
     "NetworkPolicy": "networkpolicies",
+    "StorageClass": "storageclasses",
     KIND: PLURAL,
 }
 # The API group and version of kinds outside the core group.
-GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", KIND: API_VERSION}
+GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", "StorageClass": "storage.k8s.io/v1", KIND: API_VERSION}
 
 
 class ApiError(Exception):
@@ -83,12 +84,14 @@ class Kube:
     # --- objects ------------------------------------------------------------------------------
 
     @staticmethod
-    def path(kind: str, namespace: str, name: str | None = None) -> str:
+    def path(kind: str, namespace: str | None, name: str | None = None) -> str:
+        """The URL path of a kind's collection or of one object; namespace None: a cluster-scoped kind."""
         prefix = f"/apis/{GROUP_VERSIONS[kind]}" if kind in GROUP_VERSIONS else "/api/v1"
-        base = f"{prefix}/namespaces/{quote(namespace)}/{PLURALS[kind]}"
+        scope = "" if namespace is None else f"/namespaces/{quote(namespace)}"
+        base = f"{prefix}{scope}/{PLURALS[kind]}"
         return base if name is None else f"{base}/{quote(name)}"
 
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             return self.request("GET", self.path(kind, namespace, name))
         except ApiError as err:

@@ -38,7 +38,7 @@ from fedtune import certs
 from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 
-from . import children, jobs, status, tls
+from . import children, jobs, metrics, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
@@ -89,6 +89,7 @@ class Reconciler:
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
     _static_ok: set[str] = field(default_factory=set)  # job uids whose static children all exist
+    _storage_classes: set[str] = field(default_factory=set)  # StorageClasses seen to exist
     # Bumped by every deletion seen: a pass that listed before it must not mark the job complete.
     _static_epoch: dict[str, int] = field(default_factory=dict)
 
@@ -116,13 +117,28 @@ class Reconciler:
             while True:
                 with self._mutex:
                     gate.dirty = False
-                phase = self._pass(namespace, name)
+                phase = self._counted_pass(namespace, name)
                 with self._mutex:
                     if not gate.dirty:
                         return phase
         finally:
             with self._mutex:
                 gate.running = False
+
+    def _counted_pass(self, namespace: str, name: str) -> str | None:
+        """One pass, counted and timed for the operator's metrics."""
+        try:
+            with metrics.PASS_SECONDS.time():
+                phase = self._pass(namespace, name)
+        except Retry:
+            metrics.PASSES.labels(result="retry").inc()
+            raise
+        except Exception:
+            metrics.PASSES.labels(result="error").inc()
+            raise
+        metrics.PASSES.labels(result="ok").inc()
+        metrics.job_phase(namespace, name, phase)
+        return phase
 
     def static_changed(self, owner_uid: str) -> None:
         """A Service, ConfigMap or PVC of this job went away: check them all on the next pass."""
@@ -132,6 +148,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
         """The resource is gone: drop what this process remembered of it."""
+        metrics.job_phase(namespace, name, None)
         with self._mutex:
             self._gates.pop((namespace, name), None)
             if uid is not None:
@@ -165,7 +182,14 @@ class Reconciler:
             try:
                 self._ensure_static(job)
             except tls.TlsUnavailable as err:
-                return self._tls_unavailable(body, prev, str(err))
+                return self._wait(body, prev, "TLS", "CAUnavailable", str(err))
+        classes = jobs.storage_classes(job)
+        if prev.get("phase", status.PENDING) == status.PENDING:
+            missing = self._missing_storage_classes(classes)
+            if missing:
+                message = "; ".join(f"{field} `{name}`: no StorageClass of that name, so the claims wait "
+                                    "(and no pod starts) until it exists" for field, name in missing.items())
+                return self._wait(body, prev, "Storage", "StorageClassNotFound", message)
         pods = {
             p["metadata"]["name"]: status.pod_view(p)
             for p in self.kube.list("Pod", namespace, jobs.selector(name))
@@ -184,6 +208,8 @@ class Reconciler:
             now=now_iso(),
             progress=progress,
             tls=status.Tls(tls.enabled(job), f"Secret {tls.ca_secret_name(job)}"),
+            outputs=jobs.party_outputs(job),
+            storage_classes=tuple(sorted(set(classes.values()))),
         )
         plan.status["observedGeneration"] = body["metadata"].get("generation")
         self._write_status(body, prev, plan.status)
@@ -204,9 +230,10 @@ class Reconciler:
             self.event(body, type_, reason, message)
         return plan.status["phase"]
 
-    def _tls_unavailable(self, body: dict[str, Any], prev: dict[str, Any], message: str) -> str:
-        """The job's CA Secret is missing or unusable: say so and wait (the resync looks again)."""
-        new, events = status.tls_unavailable_status(prev, message, now_iso())
+    def _wait(self, body: dict[str, Any], prev: dict[str, Any], condition: str, reason: str, message: str) -> str:
+        """Something the job names is missing (its CA Secret, a StorageClass): say so and wait
+        (the resync looks again)."""
+        new, events = status.waiting_status(prev, condition, reason, message, now_iso())
         self._write_status(body, prev, new)
         for type_, reason, text in events:
             self.event(body, type_, reason, text)
@@ -337,6 +364,27 @@ class Reconciler:
                 raise
             log.debug("%s %s/%s already exists", manifest["kind"], meta["namespace"], meta["name"])
             return False
+
+    def _missing_storage_classes(self, classes: dict[str, str]) -> dict[str, str]:
+        """Those of `classes` (field -> name) the cluster lacks. Once found, a class is not asked for
+        again; without permission to read StorageClasses (a namespaced install that grants none),
+        the claims speak for themselves."""
+        missing = {}
+        for field_path, name in classes.items():
+            if name in self._storage_classes:
+                continue
+            try:
+                found = self.kube.get("StorageClass", None, name)
+            except ApiError as err:
+                if err.status != 403:
+                    raise
+                log.warning("cannot read StorageClass %s (%s): not checking it", name, err.message)
+                continue
+            if found is None:
+                missing[field_path] = name
+            else:
+                self._storage_classes.add(name)
+        return missing
 
     # --- progress and events ------------------------------------------------------------------------
 

@@ -129,15 +129,19 @@ def tls_condition(conditions: list[dict[str, Any]], tls: Tls, now: str) -> tuple
     return set_condition(conditions, "TLS", "False", "TLSDisabled", TLS_DISABLED_MESSAGE, now), events
 
 
-def tls_unavailable_status(prev: dict[str, Any], message: str, now: str) -> tuple[dict[str, Any], list]:
-    """The CA the job names cannot be used (yet): the job waits, saying why, and nothing starts."""
+def waiting_status(
+    prev: dict[str, Any], type_: str, reason: str, message: str, now: str
+) -> tuple[dict[str, Any], list]:
+    """Something the job names is not there (yet), e.g. its CA Secret (`TLS`, `CAUnavailable`) or a
+    StorageClass (`Storage`, `StorageClassNotFound`): the job waits, saying why, and no pod starts.
+    The Warning event is posted once per message."""
     status = copy.deepcopy(prev)
     status.setdefault("phase", PENDING)
-    old = find_condition(status.get("conditions", []), "TLS")
-    status["conditions"] = set_condition(status.get("conditions", []), "TLS", "False", "CAUnavailable", message, now)
+    old = find_condition(status.get("conditions", []), type_)
+    status["conditions"] = set_condition(status.get("conditions", []), type_, "False", reason, message, now)
     status["message"] = message
-    same = old is not None and old.get("reason") == "CAUnavailable" and old.get("message") == message
-    return status, [] if same else [("Warning", "CAUnavailable", message)]
+    same = old is not None and old.get("reason") == reason and old.get("message") == message
+    return status, [] if same else [("Warning", reason, message)]
 
 
 def invalid_status(prev: dict[str, Any], message: str, now: str) -> dict[str, Any]:
@@ -220,8 +224,13 @@ def plan(
     now: str,
     progress: Progress | None = None,
     tls: Tls = Tls(),
+    outputs: dict[str, str] | None = None,
+    storage_classes: tuple[str, ...] = (),
 ) -> Plan:
-    """The next status of one resource and the pod actions that lead there."""
+    """The next status of one resource and the pod actions that lead there.
+
+    `outputs`: each party's adapters folder, for its record; `storage_classes`: those the job
+    names, found in the cluster (condition `Storage`)."""
     status = copy.deepcopy(prev)
     result = Plan(status=status)
     prev_phase = prev.get("phase")
@@ -243,10 +252,16 @@ def plan(
     scheduler = records.pop(SCHEDULER, None)
     if scheduler is not None:  # none here when another organisation hosts the federation
         status["scheduler"] = scheduler
+    for key, where in (outputs or {}).items():
+        if key in records:
+            records[key]["output"] = where
     status["parties"] = records
     status["output"] = output
     conditions = set_condition(prev.get("conditions", []), "SpecValid", "True", "Valid", "spec accepted", now)
     conditions, tls_events = tls_condition(conditions, tls, now)
+    if storage_classes:
+        found = f"StorageClass {', '.join(storage_classes)} exists"
+        conditions = set_condition(conditions, "Storage", "True", "StorageClassFound", found, now)
     result.events += tls_events
 
     # --- phase ---------------------------------------------------------------------------
@@ -283,7 +298,12 @@ def plan(
 
     # --- progress from the runtime -----------------------------------------------------------
     if progress is not None:
-        status["round"] = f"{progress.round}/{progress.rounds or rounds}"
+        total = progress.rounds or rounds
+        done_before = int(str(prev.get("round", "0/0")).split("/")[0] or 0)
+        for k in range(done_before + 1, progress.round + 1):  # an Event per round completed since the last pass
+            loss = f"; loss {progress.loss:.4f}" if progress.loss is not None and k == progress.round else ""
+            result.events.append(("Normal", "RoundCompleted", f"round {k}/{total} aggregated{loss}"))
+        status["round"] = f"{progress.round}/{total}"
         if progress.loss is not None:
             status["loss"] = progress.loss
         if progress.error and phase != SUCCEEDED:

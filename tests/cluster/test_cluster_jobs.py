@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import yaml
 
 from devtools.nodeagent import hosts, podinit, podspec
 from devtools.nodeagent.network import netns_pids
+from fedtune import roles
 from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
 from support.kube import Api, OperatorProcess, unavailable, wait_for
 
@@ -195,6 +197,15 @@ class NodeAgent:
     def claim(self, ns: str, claim: str) -> Path:
         return self.data_dir / "volumes" / ns / claim
 
+    def outputs(self, ns: str, job: str) -> Path:
+        """Every party's adapters folder as one folder: `<party>/` links into that party's own claim."""
+        view = self.data_dir / "outputs" / ns / job
+        view.mkdir(parents=True, exist_ok=True)
+        for party in PARTIES:
+            if not (view / party).is_symlink():
+                (view / party).symlink_to(self.claim(ns, f"{job}-output-{party.replace('_', '-')}") / party)
+        return view
+
     def container_logs(self, ns: str, lines: int = 15) -> str:
         out = []
         for log in sorted((self.data_dir / "pods").glob(f"{ns}_*/*/*.log")):
@@ -235,8 +246,12 @@ def node(control_plane, api, kubectl, tmp_path_factory) -> Iterator[NodeAgent]:
 
 @pytest.fixture(scope="module")
 def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[OperatorProcess]:
-    kubectl("apply", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/federatedfinetunes.fedtune.io", "--timeout=60s")
+    kubectl("apply", "--server-side", "-f", str(CRD))
+    # `kubectl wait` fails outright while the new CRD has no conditions yet: poll instead.
+    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+    wait_for("the CRD to be established",
+             lambda: kubectl("get", "crd", "federatedfinetunes.fedtune.io", "-o", established, check=False).stdout
+             == "True", 60)
     namespaces = [ns for key, ns in NS.items() if key != "agent"]  # the agent tests run no operator
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(control_plane.kubeconfig, log, namespaces=namespaces).start()
@@ -608,16 +623,62 @@ def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
     assert len([n for n, _ in loaded.named_parameters() if "lora_" in n]) == len(final)
 
 
+def scrape_when(api: Api, ns: str, job: str, ready: Callable[[dict[str, Any]], bool], scraped: dict[str, str]) -> Hook:
+    """A `during` hook: once `ready(status)`, read every role pod's /metrics (once), as Prometheus would."""
+
+    def hook(status: dict[str, Any]) -> None:
+        if scraped or not ready(status):
+            return
+        for pod in api.pods(ns):
+            name, ip = pod["metadata"]["name"], pod["status"].get("podIP")
+            if name != f"{job}-redis" and ip and pod["status"].get("phase") == "Running":
+                url = f"http://{ip}:{roles.METRICS_PORT}/metrics"
+                try:
+                    scraped[name.removeprefix(f"{job}-")] = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError as err:
+                    scraped[name.removeprefix(f"{job}-")] = f"cannot scrape {url}: {err}"
+
+    return hook
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @cluster
 def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["lora"]
     folder = workspace(ns)
     kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     describe = diagnose(api, node, operator, ns, "poems-lora")
-    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
+    scraped: dict[str, str] = {}
+    scrape = scrape_when(api, ns, "poems-lora", lambda st: int(st.get("round", "0/5").split("/")[0]) >= 2, scraped)
+    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe, scrape)
 
-    output = node.claim(ns, "poems-lora-output")
-    assert status["output"] == "pvc://poems-lora-output/"
+    # Mid-job, every role served its metrics (a scrape as Prometheus makes it, at the pod's address).
+    assert set(scraped) == {"scheduler", "assist-trainer", "node-1", "node-2"}, sorted(scraped)
+    failed = {k: v for k, v in scraped.items() if v.startswith("cannot scrape")}
+    assert not failed, f"{failed}\n{describe()}"
+    for party in PARTIES:  # the scheduler sees every party's round and loss
+        assert series(scraped["scheduler"], "fedtune_round", party=party) >= 1, party
+    node1, assist = scraped["node-1"], scraped["assist-trainer"]
+    assert series(node1, "fedtune_round", party="node-1") >= 1 and series(node1, "fedtune_rounds", party="node-1") == 5
+    assert series(node1, "fedtune_train_loss", party="node-1") > 0
+    assert series(node1, "fedtune_sent_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_received_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_secure_aggregation_seconds_count", party="node-1", step="protect") >= 1
+    assert series(node1, "fedtune_aggregation_wait_seconds_count", party="node-1") >= 1
+    assert series(node1, "fedtune_round_duration_seconds_count", party="node-1") >= 1
+    assert series(assist, "fedtune_received_bytes_total", party="assist_trainer") > 0
+    assert series(assist, "fedtune_secure_aggregation_seconds_count", party="assist_trainer", step="combine") >= 1
+
+    output = node.outputs(ns, "poems-lora")
+    assert status["output"] == "pvc://poems-lora-output-<party>/"
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert all("lora_" in key for key in final)
@@ -635,7 +696,7 @@ def test_ptuning_example_applied_with_kubectl_succeeds(node, operator, api, kube
     describe = diagnose(api, node, operator, ns, "poems-ptuning")
     status, rounds = run_to_phase(api, ns, "poems-ptuning", ("Succeeded",), describe)
 
-    output = node.claim(ns, "poems-ptuning-output")
+    output = node.outputs(ns, "poems-ptuning")
     assert_every_round(status, rounds, output, ["0.5", "1"])
     final = assert_identical_adapters(output, "checkpoint-1")
     assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
@@ -672,7 +733,7 @@ def test_label_trainer_pod_deleted_mid_job_is_recreated(node, operator, api, kub
     ns, name = NS["party-restart"], "poems-party-restart"
     workspace(ns)
     apply(kubectl, ns, example(EXAMPLE, name))
-    output = node.claim(ns, f"{name}-output")
+    output = node.outputs(ns, name)
     deleted: list[str] = []
     hook = delete_pod_when(api, kubectl, ns, f"{name}-node-1", lambda: state_saved(output, "node-1"), deleted)
     status, rounds = run_to_phase(api, ns, name, ("Succeeded",), diagnose(api, node, operator, ns, name), hook)
@@ -689,7 +750,7 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     ns, name = NS["scheduler-restart"], "poems-scheduler-restart"
     workspace(ns)
     apply(kubectl, ns, example(EXAMPLE, name, redis={"persistence": True}))
-    output = node.claim(ns, f"{name}-output")
+    output = node.outputs(ns, name)
     scheduler: list[str] = []
     redis: list[str] = []
     # Both at once, once round 1 is behind node-1: the new scheduler finds its state in a

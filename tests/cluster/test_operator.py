@@ -13,6 +13,7 @@ import copy
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedtune.launcher import free_port
 from fedtune.spec import parse_job
 from support import kube
 from support.children import by_kind_name, pod_secrets
@@ -139,7 +141,8 @@ def operator_kubeconfig(control_plane, kubectl, chart, tmp_path_factory) -> Path
 
 @pytest.fixture(scope="module")
 def operator(operator_kubeconfig, tmp_path_factory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log").start()
+    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log",
+                         metrics_port=free_port()).start()
     try:
         yield op
     finally:
@@ -242,6 +245,24 @@ def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
     assert role == f"clusterrole.rbac.authorization.k8s.io/{SA}"
     lint = helm("lint", str(CHART), "--strict")
     assert "0 chart(s) failed" in lint.stdout
+
+
+def test_the_clusters_view_and_edit_roles_cover_jobs(chart, kubectl, namespace) -> None:
+    """The chart's aggregated ClusterRoles: `view` reads jobs, `edit` also writes them."""
+    for role in ("view", "edit"):
+        kubectl("create", "serviceaccount", role, "-n", namespace)
+        kubectl("create", "rolebinding", role, "-n", namespace, f"--clusterrole={role}",
+                f"--serviceaccount={namespace}:{role}")
+
+    def can(role: str, verb: str) -> bool:
+        user = f"--as=system:serviceaccount:{namespace}:{role}"
+        return kubectl("auth", "can-i", verb, "federatedfinetunes.fedtune.io", "-n", namespace, user,
+                       check=False).stdout.strip() == "yes"
+
+    # The aggregation controller fills `view` and `edit` in shortly after the chart's roles appear.
+    wait_for("view to read jobs", lambda: can("view", "list") and can("edit", "create"))
+    assert can("view", "get") and not can("view", "create") and not can("view", "delete")
+    assert can("edit", "delete") and can("edit", "patch")
 
 
 def create_ca_secret(api: Api, ns: str, name: str) -> Any:
@@ -370,12 +391,32 @@ def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, name
     wait_for("phase Succeeded", lambda: api.status(namespace, "runs").get("phase") == "Succeeded")
     st = api.status(namespace, "runs")
     assert any(c["type"] == "Succeeded" and c["status"] == "True" for c in st["conditions"])
-    assert st["completionTime"] and st["output"] == "pvc://runs-output/"
+    assert st["completionTime"] and st["output"] == "pvc://runs-output-<party>/"
+    assert st["parties"]["node-1"]["output"] == "pvc://runs-output-node-1/node-1/"
     # Redis is stopped once the job is done; finished pods stay for `kubectl logs`.
     wait_for("redis stopped", lambda: api.pod(namespace, "runs-redis") is None)
     assert all(api.pod(namespace, f"runs-{s}") for s in ROLE_PODS)
     events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=runs").stdout
     assert "Succeeded" in events
+
+
+def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl, namespace) -> None:
+    doc = small_job("counted")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in (*ROLE_PODS, "redis"):
+        api.set_pod_phase(namespace, f"counted-{suffix}", "Succeeded", exit_code=0)
+    wait_for("Succeeded", lambda: api.status(namespace, "counted").get("phase") == "Succeeded")
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    found = wait_for("the job counted as Succeeded", lambda: (m := scrape()).get(
+        'fedtune_operator_jobs{phase="Succeeded"}', 0) >= 1 and m)
+    assert found['fedtune_operator_reconciles_total{result="ok"}'] > 0
+    assert found["fedtune_operator_reconcile_duration_seconds_count"] > 0
 
 
 def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator, api, kubectl, namespace) -> None:
@@ -467,7 +508,7 @@ def test_network_policy_selects_the_jobs_pods_and_admits_redis_clients_only(oper
 
     everyone = {f"fenced-{s}" for s in ("redis", *ROLE_PODS)}
     assert selected(spec["podSelector"]) == everyone
-    redis, grpc = spec["ingress"]
+    redis, grpc, _metrics = spec["ingress"]
     assert [p["port"] for p in redis["ports"]] == [6379]
     (clients,) = redis["from"]  # the operator runs outside the cluster here: no rule for its pod
     assert selected(clients["podSelector"]) == {"fenced-scheduler", "fenced-assist-trainer"}
@@ -537,6 +578,33 @@ def test_a_named_ca_secret_is_waited_for_then_used(operator, api, kubectl, names
     assert not api.core.read_namespaced_secret("federation-ca", namespace).metadata.owner_references
 
 
+def test_a_missing_storage_class_is_waited_for_then_used(operator, api, kubectl, namespace) -> None:
+    storage_class = f"fast-{namespace}"
+    doc = small_job("fastdisk")
+    doc["spec"]["storage"]["output"] = {"storageClassName": storage_class, "size": "2Gi"}
+    apply(kubectl, namespace, doc)
+    waiting = wait_for("StorageClassNotFound", lambda: condition(api.status(namespace, "fastdisk"), "Storage").get(
+        "reason") == "StorageClassNotFound" and api.status(namespace, "fastdisk"), describe=operator.tail)
+    assert waiting["phase"] == "Pending"
+    assert f"spec.storage.output.storageClassName `{storage_class}`" in waiting["message"]
+    assert events_of(api, namespace, "fastdisk", "StorageClassNotFound")
+    children = api.children(namespace, "fastdisk")
+    assert not [k for k in children if k[0] == "Pod"]  # nothing starts on claims that cannot bind
+    claim = children[("PersistentVolumeClaim", "fastdisk-output-node-1")]
+    assert claim["spec"]["storageClassName"] == storage_class
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    kubectl("create", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": storage_class},
+        "provisioner": "example.com/none"}))
+    try:
+        wait_for_children(api, namespace, doc)
+        found = wait_for("Storage True", lambda: condition(api.status(namespace, "fastdisk"), "Storage").get(
+            "status") == "True" and condition(api.status(namespace, "fastdisk"), "Storage"))
+        assert storage_class in found["message"]
+    finally:
+        kubectl("delete", "storageclass", storage_class)
+
+
 def test_a_guest_organisation_runs_only_its_own_parties(operator, api, kubectl, namespace) -> None:
     """The assist_trainer, and with it the scheduler and Redis, run at another organisation."""
     doc = small_job("guest")
@@ -549,7 +617,7 @@ def test_a_guest_organisation_runs_only_its_own_parties(operator, api, kubectl, 
     apply(kubectl, namespace, doc)
     expected = wait_for_children(api, namespace, doc)
     assert set(expected) == {
-        ("ConfigMap", "guest-job"), ("Secret", "guest-tls-node-2"), ("PersistentVolumeClaim", "guest-output"),
+        ("ConfigMap", "guest-job"), ("Secret", "guest-tls-node-2"), ("PersistentVolumeClaim", "guest-output-node-2"),
         ("Service", "guest-node-2"), ("Pod", "guest-node-2"), ("NetworkPolicy", "guest-network"),
     }  # fmt: skip
     assert set(api.children(namespace, "guest")) == set(expected)
@@ -615,6 +683,9 @@ def test_progress_is_mirrored_from_the_jobs_redis(operator, api, kubectl, namesp
         assert st["loss"] == pytest.approx(0.75)
         assert st["parties"]["node-1"]["step"] == 30
         assert "3/5" in kubectl("get", "fft", "tracked", "-n", namespace).stdout
+        rounds = wait_for("an Event per round", lambda: len(e := events_of(api, namespace, "tracked",
+                                                                          "RoundCompleted")) == 3 and e)
+        assert sorted(rounds)[-1] == "Normal round 3/5 aggregated; loss 0.7500"
     finally:
         proc.terminate()
         proc.wait(10)

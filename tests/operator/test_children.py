@@ -22,7 +22,9 @@ def test_example_becomes_exactly_the_documented_children(job) -> None:
         ("Secret", "poems-lora-tls-node-2"),
         ("NetworkPolicy", "poems-lora-network"),
         ("ConfigMap", "poems-lora-job"),
-        ("PersistentVolumeClaim", "poems-lora-output"),
+        ("PersistentVolumeClaim", "poems-lora-output-assist-trainer"),
+        ("PersistentVolumeClaim", "poems-lora-output-node-1"),
+        ("PersistentVolumeClaim", "poems-lora-output-node-2"),
         ("Pod", "poems-lora-redis"),
         ("Service", "poems-lora-redis"),
         ("Pod", "poems-lora-scheduler"),
@@ -75,7 +77,7 @@ def test_a_guest_organisation_runs_only_its_label_trainers(example) -> None:
     assert names == {
         ("ConfigMap", "poems-lora-job"),
         ("Secret", "poems-lora-tls-node-2"),
-        ("PersistentVolumeClaim", "poems-lora-output"),
+        ("PersistentVolumeClaim", "poems-lora-output-node-2"),
         ("Service", "poems-lora-node-2"),
         ("Pod", "poems-lora-node-2"),
         ("NetworkPolicy", "poems-lora-network"),
@@ -84,5 +86,5 @@ def test_a_guest_organisation_runs_only_its_label_trainers(example) -> None:
     assert document["spec"]["scheduler"]["address"] == "fedtune.host.example:55005"
     assert document["spec"]["parties"][0]["address"] == "fedtune.host.example:55004"
     assert "address" not in document["spec"].get("redis", {})
-    # Nothing here serves: every ingress is denied.
-    assert network_policy(job)["spec"]["ingress"] == []
+    # Nothing here serves but its metrics: every other ingress is denied.
+    assert network_policy(job)["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]

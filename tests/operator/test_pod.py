@@ -10,7 +10,6 @@ import pytest
 
 from fedtune_operator.children import all_children
 from fedtune_operator.children.pod import CACHE_ENV, TRAINER_UID, redis_pod, role_pod
-from fedtune_operator.children.pvc import output_pvc
 from fedtune_operator.children.secret import redis_secret
 from fedtune_operator.jobs import workloads
 from support.children import ROLES, container, make_job, pod_secrets, pods_of, secret_volumes
@@ -47,13 +46,14 @@ def test_role_commands_env_and_mounts(job) -> None:
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert c["image"] == "fedtune/trainer:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        expected = {"/etc/fedtune": "job", "/fedtune/output": "output", "/tmp": "tmp", "/etc/fedtune-tls": "tls"}
-        if party != "scheduler":  # the example's workspace claim (spec.storage.volumes): parties only
-            expected["/workspace"] = "shared-0"
+        expected = {"/etc/fedtune": "job", "/tmp": "tmp", "/etc/fedtune-tls": "tls"}
+        if party != "scheduler":  # its output claim and the workspace claim (spec.storage.volumes): parties only
+            expected.update({"/fedtune/output": "output", "/workspace": "shared-0"})
         assert mounts == expected
         volumes = {v["name"]: v for v in pods[name]["spec"]["volumes"]}
         assert volumes["job"]["configMap"]["name"] == "poems-lora-job"
-        assert volumes["output"]["persistentVolumeClaim"]["claimName"] == "poems-lora-output"
+        if party != "scheduler":
+            assert volumes["output"]["persistentVolumeClaim"]["claimName"] == f"poems-lora-output-{party}"
         assert "emptyDir" in volumes["tmp"]
 
 
@@ -106,7 +106,7 @@ def test_gpu_cpu_memory_and_claims(example) -> None:
     assert mounts["/workspace/data"]["name"] == mounts["/workspace/models"]["name"]  # one volume per claim
     assert mounts["/data/bank-a"]["readOnly"] is True
     claims = {v["persistentVolumeClaim"]["claimName"] for v in node1["spec"]["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {"poems-lora-output", "models", "bank-a-data"}
+    assert claims == {"poems-lora-output-node-1", "models", "bank-a-data"}
     # Only node-1 gets its own claim and a GPU; everyone gets the shared claim.
     node2 = role_pod(job, workloads(job)[3])
     assert container(node2)["resources"] == {  # unsized: a small request, a cap
@@ -116,8 +116,6 @@ def test_gpu_cpu_memory_and_claims(example) -> None:
     assert "bank-a-data" not in str(node2["spec"]["volumes"]) and "models" in str(node2["spec"]["volumes"])
     scheduler = role_pod(job, workloads(job)[0])
     assert "models" not in str(scheduler["spec"]["volumes"])
-    pvc = output_pvc(job)
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi" and pvc["spec"]["storageClassName"] == "fast"
 
 
 def test_each_pod_mounts_its_own_certificate_and_no_other_secret(job) -> None:

@@ -1,20 +1,71 @@
-"""Claims: the adapters' output claim, or the one the user names."""
+"""Claims: one output claim per party, one ReadWriteMany claim they share, or the one the user names."""
 
 from __future__ import annotations
 
+import pytest
+
+from fedtune.spec import SpecError, parse_job
 from fedtune_operator.children import static_children
 from fedtune_operator.children.pod import role_pod
-from fedtune_operator.children.pvc import output_pvc
-from fedtune_operator.jobs import output_location, workloads
+from fedtune_operator.children.pvc import output_pvcs, redis_pvc
+from fedtune_operator.jobs import output_location, party_outputs, storage_classes, workloads
 from support.children import make_job
+
+
+def output_claims(pod: dict) -> list[str]:
+    return [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if v["name"] == "output"]
+
+
+def test_each_party_gets_its_own_claim_so_parties_may_run_on_different_nodes(example) -> None:
+    example["spec"]["storage"]["output"] = {"size": "5Gi", "storageClassName": "fast"}
+    job = make_job(example)
+    claims = {c["metadata"]["name"]: c for c in output_pvcs(job)}
+    assert set(claims) == {"poems-lora-output-assist-trainer", "poems-lora-output-node-1", "poems-lora-output-node-2"}
+    for claim in claims.values():
+        assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}},
+                                 "storageClassName": "fast"}
+    pods = {w.key: role_pod(job, w) for w in workloads(job)}
+    assert output_claims(pods["node-1"]) == ["poems-lora-output-node-1"]
+    assert output_claims(pods["assist_trainer"]) == ["poems-lora-output-assist-trainer"]
+    assert output_claims(pods["scheduler"]) == []  # it writes no adapters
+    assert output_location(job) == "pvc://poems-lora-output-<party>/"
+    assert party_outputs(job)["node-2"] == "pvc://poems-lora-output-node-2/node-2/"
+    assert storage_classes(job) == {"spec.storage.output.storageClassName": "fast"}
+
+
+def test_read_write_many_makes_one_claim_every_party_mounts(example) -> None:
+    example["spec"]["storage"]["output"] = {"accessMode": "ReadWriteMany", "storageClassName": "nfs"}
+    job = make_job(example)
+    (claim,) = output_pvcs(job)
+    assert claim["metadata"]["name"] == "poems-lora-output"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    for w in workloads(job)[1:]:
+        assert output_claims(role_pod(job, w)) == ["poems-lora-output"]
+    assert output_location(job) == "pvc://poems-lora-output/"
+    assert party_outputs(job)["node-1"] == "pvc://poems-lora-output/node-1/"
 
 
 def test_existing_output_claim_is_used_not_created(example) -> None:
     example["spec"]["storage"] = {"output": {"claimName": "shared-adapters"}}
     job = make_job(example)
-    assert output_pvc(job) is None
+    assert output_pvcs(job) == [] and storage_classes(job) == {}
     assert output_location(job) == "pvc://shared-adapters/"
     kinds = {c["kind"] for c in static_children(job, "pw")}
     assert "PersistentVolumeClaim" not in kinds
     pod = role_pod(job, workloads(job)[1])
     assert {"name": "output", "persistentVolumeClaim": {"claimName": "shared-adapters"}} in pod["spec"]["volumes"]
+
+
+def test_settings_an_existing_claim_would_ignore_are_refused(example) -> None:
+    example["spec"]["storage"] = {"output": {"claimName": "shared-adapters", "storageClassName": "fast"}}
+    with pytest.raises(SpecError, match=r"spec\.storage\.output.*storageClassName would not apply"):
+        parse_job(example, "job.yaml")
+
+
+def test_redis_gets_a_claim_only_with_persistence(example) -> None:
+    assert redis_pvc(make_job(example)) is None
+    example["spec"]["redis"] = {"persistence": True, "storage": "2Gi"}
+    claim = redis_pvc(make_job(example))
+    assert claim["metadata"]["name"] == "poems-lora-redis-data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"

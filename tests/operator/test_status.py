@@ -72,7 +72,7 @@ def test_first_pass_creates_every_pod_and_reports_pending(world) -> None:
     assert set(world.pods) == {"poems-lora-redis", *ROLE_PODS}
     assert world.status["phase"] == "Pending"
     assert world.status["round"] == "0/5"
-    assert world.status["output"] == "pvc://poems-lora-output/"
+    assert world.status["output"] == "pvc://poems-lora-output-<party>/"
     assert set(world.status["parties"]) == {"assist_trainer", "node-1", "node-2"}
     assert world.status["scheduler"]["pod"] == "poems-lora-scheduler"
     assert world.condition("SpecValid")["status"] == "True"
@@ -253,9 +253,39 @@ def test_tls_off_is_a_warning_once_and_a_false_condition() -> None:
 
 
 def test_a_missing_ca_secret_keeps_the_job_pending_and_says_why() -> None:
-    st, events = s.tls_unavailable_status({}, "spec.tls.caSecret `fed-ca`: Secret not found", "t0")
+    st, events = s.waiting_status({}, "TLS", "CAUnavailable", "spec.tls.caSecret `fed-ca`: Secret not found", "t0")
     assert st["phase"] == "Pending" and "fed-ca" in st["message"]
     assert [e[1] for e in events] == ["CAUnavailable"]
-    again, events = s.tls_unavailable_status(st, "spec.tls.caSecret `fed-ca`: Secret not found", "t1")
+    again, events = s.waiting_status(st, "TLS", "CAUnavailable", "spec.tls.caSecret `fed-ca`: Secret not found", "t1")
     assert again == st and events == []
 
+
+
+def test_a_missing_storage_class_keeps_the_job_pending_and_says_which() -> None:
+    message = "spec.storage.output.storageClassName `fast`: no StorageClass of that name"
+    st, events = s.waiting_status({}, "Storage", "StorageClassNotFound", message, "t0")
+    assert st["phase"] == "Pending" and st["message"] == message
+    (cond,) = st["conditions"]
+    assert (cond["type"], cond["status"], cond["reason"]) == ("Storage", "False", "StorageClassNotFound")
+    assert events == [("Warning", "StorageClassNotFound", message)]
+
+
+def test_each_party_record_says_where_its_adapters_land_and_a_found_class_is_a_true_condition() -> None:
+    world = World()
+    plan = s.plan(workloads=workloads(world.job), pods={}, redis_pod_name="poems-lora-redis", prev={},
+                  backoff_limit=1, rounds=5, output="pvc://j-output-<party>/", now="t0",
+                  outputs={"node-1": "pvc://j-output-node-1/node-1/"}, storage_classes=("fast",))
+    assert plan.status["parties"]["node-1"]["output"] == "pvc://j-output-node-1/node-1/"
+    storage = next(c for c in plan.status["conditions"] if c["type"] == "Storage")
+    assert storage["status"] == "True" and "fast" in storage["message"]
+    assert not any(c["type"] == "Storage" for c in world.step().status["conditions"])  # none named: none
+
+
+def test_an_event_per_completed_round(world) -> None:
+    world.step(s.Progress(round=1, rounds=5, loss=2.0))
+    assert [e for e in world.events if e[1] == "RoundCompleted"] == [
+        ("Normal", "RoundCompleted", "round 1/5 aggregated; loss 2.0000")]
+    world.step(s.Progress(round=1, rounds=5, loss=1.9))  # the same round again: no new event
+    world.step(s.Progress(round=3, rounds=5, loss=1.5))  # two rounds between passes: one event each
+    assert [e[2] for e in world.events if e[1] == "RoundCompleted"] == [
+        "round 1/5 aggregated; loss 2.0000", "round 2/5 aggregated", "round 3/5 aggregated; loss 1.5000"]

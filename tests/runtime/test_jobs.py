@@ -147,38 +147,14 @@ def assert_nothing_written(out: Path) -> None:
     assert not leftovers, leftovers
 
 
-def test_malformed_dataset_names_the_file(tmp_path: Path, tiny_model: Path) -> None:
+def test_malformed_dataset_fails_before_any_process_starts(tmp_path: Path, tiny_model: Path) -> None:
+    """The whole command, as a user runs it (tests/runtime/test_preflight.py has every other case)."""
     job = write_job(tmp_path / "job", tiny_model)
     (tmp_path / "job" / "share-2.json").write_text('{"instruction": "x", "instances": [', encoding="utf-8")
     code, output, summary = run_job(job, tmp_path / "out")
-    assert code != 0
-    assert "share-2.json" in output
-    assert summary["phase"] == "Failed" and "share-2.json" in summary["error"]
-    assert_nothing_written(tmp_path / "out")
-
-
-def test_missing_key_query_names_key_and_file(tmp_path: Path, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", tiny_model, dataset={"key_query": "question"})
-    code, output, _ = run_job(job, tmp_path / "out")
-    assert code != 0
-    assert "question" in output and "share-" in output
-    assert_nothing_written(tmp_path / "out")
-
-
-def test_missing_model_path_names_the_field(tmp_path: Path, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", tmp_path / "no-such-model")
-    code, output, _ = run_job(job, tmp_path / "out")
     assert code == 2
-    assert "spec.input.pretrained_model.path" in output and "no-such-model" in output
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_agg_steps_too_small_is_refused(tmp_path: Path, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", tiny_model, agg_steps=0.1, epochs=1)
-    code, output, _ = run_job(job, tmp_path / "out")
-    assert code != 0
-    assert "agg_steps is too small" in output
-    assert_nothing_written(tmp_path / "out")
+    assert f"{job}: spec.parties[2].trainset: " in output and "share-2.json: malformed JSON" in output
+    assert not summary and not (tmp_path / "out").exists()
 
 
 def test_parties_with_mismatched_adapters_are_refused(tmp_path: Path, tiny_model: Path) -> None:
@@ -199,5 +175,5 @@ def test_rerun_into_used_output_is_refused(tmp_path: Path, tiny_model: Path) -> 
     marker = tmp_path / "out" / "node-1" / "checkpoint-1" / "adapter_model.safetensors"
     marker.write_bytes(b"earlier run")
     code, output, _ = run_job(job, tmp_path / "out")
-    assert code == 2 and "already holds a run's results" in output and "--overwrite" in output
+    assert code == 2 and "holds an earlier run's results" in output and "--overwrite" in output
     assert marker.read_bytes() == b"earlier run"

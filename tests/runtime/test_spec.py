@@ -120,3 +120,17 @@ def test_ranks_come_from_ranks_or_gpus(doc: dict) -> None:
 
 def test_output_placeholders() -> None:
     assert expand_output_path("/opt/checkpoints/[JOB_ID]/[NODE_ID]", "j1", "node-1") == "/opt/checkpoints/j1/node-1"
+
+
+def test_a_single_label_trainer_trains_alone(doc) -> None:
+    alone = copy.deepcopy(doc)
+    alone["spec"]["parties"] = [doc["spec"]["parties"][1]]
+    spec = parse_job(alone).spec
+    assert spec.standalone and spec.assist_trainer is None and spec.authority.name == "node-1"
+    assert not parse_job(doc).spec.standalone and parse_job(doc).spec.authority.name == "assist_trainer"
+    only = copy.deepcopy(doc)
+    only["spec"]["parties"] = doc["spec"]["parties"][1:]
+    assert "exactly one party must have role `assist_trainer` (or a single label_trainer trains alone)" in (
+        error_of(only))
+    only["spec"]["parties"] = doc["spec"]["parties"][:1]
+    assert "at least one party must have role `label_trainer`" in error_of(only)

@@ -95,7 +95,7 @@ def test_altered_key_agreement_value_fails_the_job(tmp_path: Path, tiny_model: P
     server = None
     try:
         local.start(skip=("scheduler",))
-        tls_dir = local.run_dir / "tls" / "scheduler"
+        tls_dir = local.tls_dir("scheduler")
         tls = transport.TlsMaterial(*((tls_dir / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key")))
         server, _ = transport.make_server(f"127.0.0.1:{local.roles['scheduler'].listen_port}", tls)
         job = local.resolved

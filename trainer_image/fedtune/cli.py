@@ -14,15 +14,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from fedtune import roles
+from fedtune import __version__, logs, roles
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
 log = logging.getLogger("fedtune")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
+EXIT_CODES = f"""exit codes:
+  0    success
+  {EXIT_FAILED}    the job failed (a party's error and the tail of its log are printed)
+  {EXIT_BAD_INPUT}    bad input: the job file, a dataset, a model folder, a path or an option; nothing was
+       started and nothing written
+  {EXIT_TIMEOUT}  fedtune run --timeout expired; every role was stopped
+  {EXIT_INTERRUPTED}  interrupted"""
+DEFAULT_ROLE_OUTPUT = "output/[JOB_ID]/[NODE_ID]"  # a role's adapters without --output or spec.output.path
+
 
 def _setup_logging(name: str, level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    logs.setup(name, level)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -33,23 +43,33 @@ def _role_args(parser: argparse.ArgumentParser, party: bool) -> None:
         parser.add_argument("--party", required=True, help="this party's name in spec.parties")
     parser.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against "
                         "(default: the job file's folder)")
-    parser.add_argument("--output", type=Path, help="write this party's adapters to OUTPUT/<party>/ "
-                        "(default: spec.output.path)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--output", type=Path, help="write this party's adapters to OUTPUT/<party>/ "
+                        f"(default: spec.output.path, else {DEFAULT_ROLE_OUTPUT})")
+    output.add_argument("--output-dir", type=Path, help="write this party's adapters to exactly this folder")
     parser.add_argument("--listen", help="gRPC bind address (default: all interfaces, the port of the spec address)")
     parser.add_argument("--tls-dir", type=Path, default=os.environ.get(roles.TLS_DIR_ENV) or None,
                         help="folder with ca.crt, tls.crt, tls.key for mutual TLS")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get(roles.LOG_LEVEL_ENV, "INFO"))
+    parser = argparse.ArgumentParser(prog="fedtune", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=os.environ.get(roles.LOG_LEVEL_ENV, "INFO").upper(),
+                        help="for this command and, under `run`, every role it starts (default: "
+                        "$FEDTUNE_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run every role of a job on this machine")
+    run = sub.add_parser("run", help="run every role of a job on this machine", epilog=EXIT_CODES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("job", type=Path)
-    run.add_argument("--output", type=Path, default=Path("fedtune-output"), help="adapters land in OUTPUT/<party>/")
+    run.add_argument("--output", type=Path, help="adapters land in OUTPUT/<party>/ (default: spec.output.path "
+                     "with its [JOB_ID] and [NODE_ID] filled in, else fedtune-output/<party>/)")
     run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
-    run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+    run.add_argument("--timeout", type=float, default=24 * 3600,
+                     help="stop every role and exit 124 after this many seconds")
     run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
     run.add_argument("--gpus-per-party", type=int, metavar="N",
                      help="give every local party that trains N GPUs of its own (resources.gpu), one rank each")
@@ -86,34 +106,51 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--pretrain-steps", type=int, default=200,
                       help="steps of language-model training on the data's texts (0: random weights)")
 
-    xfl = sub.add_parser("import-xfl", help="turn an XFL config folder into a job YAML")
-    xfl.add_argument("config_dir", type=Path)
+    xfl = sub.add_parser("import-xfl", help="turn an XFL config folder into a job YAML that runs as XFL runs it")
+    xfl.add_argument("config_dir", type=Path, help="the folder of fed_conf.json and trainer_config_<node>.json "
+                     "(without fed_conf.json, the network comes from $__ENIGMA_FEDAPP_TASK_NETWORK__ and "
+                     "$ENIGMA_redis_HOST, as XFL reads it)")
     xfl.add_argument("-o", "--out", type=Path, help="write here (default: stdout)")
-    xfl.add_argument("--name", help="metadata.name of the job (default: the folder's name)")
+    xfl.add_argument("--name", help="metadata.name of the job (default: the demo folder's name)")
+    xfl.add_argument("--base-dir", type=Path, help="resolve the configs' relative paths against this folder "
+                     "(default: XFL's, the folder holding its xfl.py above CONFIG_DIR)")
+    xfl.add_argument("--local", action="append", metavar="NODE", help="a node run here (repeatable; default: "
+                     "every node); the others become remote parties at their fed_conf address")
 
-    validate = sub.add_parser("validate", help="check a job YAML and print what it will do")
+    validate = sub.add_parser("validate", help="check a job (schema, model folders, datasets, keys, rounds) "
+                              "and print what it will do")
     validate.add_argument("job", type=Path)
+    validate.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against "
+                          "(default: the job file's folder)")
+    validate.add_argument("--schema-only", action="store_true",
+                          help="check only the schema (a job whose files are elsewhere, e.g. on a cluster)")
 
     certs = sub.add_parser("certs", help="make and inspect the federation's CA and party certificates")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     ca = certs_sub.add_parser("ca", help="create a federation CA: OUT/ca.crt and OUT/ca.key")
     ca.add_argument("--out", required=True, type=Path)
     ca.add_argument("--name", default="federation")
+    ca.add_argument("--force", action="store_true", help="replace an existing CA in OUT (its certificates stop "
+                    "verifying)")
     issue = certs_sub.add_parser("issue", help="issue a party certificate: OUT/ca.crt, OUT/tls.crt, OUT/tls.key")
     issue.add_argument("--ca", required=True, type=Path, help="folder holding ca.crt and ca.key")
     issue.add_argument("--name", required=True, help="the party's name, exactly as in spec.parties")
     issue.add_argument("--out", required=True, type=Path)
     issue.add_argument("--dns", action="append", default=[], help="extra DNS name the party serves under")
     issue.add_argument("--ip", action="append", default=[], help="extra IP address the party serves under")
+    issue.add_argument("--force", action="store_true", help="replace an existing certificate in OUT")
     show = certs_sub.add_parser("show", help="print a certificate's subject, names and validity")
     show.add_argument("cert", type=Path)
     return parser
 
 
-def _party_output(job: FederatedFineTune, party: str, output: Path | None, base_dir: Path) -> Path:
-    if output is not None:
-        return output / party
-    return resolve_path(expand_output_path(job.spec.output.path, job.job_id, party), base_dir)
+def _party_output(job: FederatedFineTune, party: str, args: argparse.Namespace, base_dir: Path) -> Path:
+    if args.output_dir is not None:
+        return args.output_dir
+    if args.output is not None:
+        return args.output / party
+    template = job.spec.output.path if job.spec.output is not None else DEFAULT_ROLE_OUTPUT
+    return resolve_path(expand_output_path(template, job.job_id, party), base_dir)
 
 
 def _listen(args: argparse.Namespace, role: str, address: str | None) -> str:
@@ -134,12 +171,21 @@ def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune.launcher import run_job, with_party_ranks
+    from fedtune.preflight import check_job
 
-    source = f"{args.job} with --gpus-per-party/--ranks-per-party"
-    job = with_party_ranks(load_job(args.job), source, gpus=args.gpus_per_party, ranks=args.ranks_per_party)
+    job = load_job(args.job)
+    if args.gpus_per_party is not None or args.ranks_per_party is not None:
+        from fedtune.launcher import with_party_ranks
+
+        source = f"{args.job} with --gpus-per-party/--ranks-per-party"
+        job = with_party_ranks(job, source, gpus=args.gpus_per_party, ranks=args.ranks_per_party)
     base_dir = (args.base_dir or args.job.parent).resolve()
-    return run_job(job, args.output.resolve(), base_dir, timeout_s=args.timeout, overwrite=args.overwrite)
+    check_job(job, base_dir, str(args.job))  # before the launcher's imports: bad input fails at once
+
+    from fedtune.launcher import run_job
+
+    return run_job(job, args.output.resolve() if args.output else None, base_dir, source=str(args.job),
+                   timeout_s=args.timeout, overwrite=args.overwrite, log_level=args.log_level)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -169,7 +215,7 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     base_dir = (args.base_dir or args.job.parent).resolve()
     ctx = Context(job=job, name=me.name, base_dir=base_dir,
-                  output_dir=_party_output(job, me.name, args.output, base_dir), tls=_tls(args),
+                  output_dir=_party_output(job, me.name, args, base_dir), tls=_tls(args),
                   redis_password=os.environ.get(roles.REDIS_PASSWORD_ENV),
                   listen=_listen(args, me.role, me.address))
     return run_party(ctx)
@@ -228,7 +274,10 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def cmd_import_xfl(args: argparse.Namespace) -> int:
     from fedtune.xfl import import_xfl
 
-    text = import_xfl(args.config_dir, name=args.name)
+    imported = import_xfl(args.config_dir, name=args.name, base_dir=args.base_dir, local=args.local)
+    for note in imported.notes:
+        print(f"fedtune import-xfl: {note}", file=sys.stderr)
+    text = imported.text
     if args.out is None:
         sys.stdout.write(text)
     else:
@@ -242,20 +291,32 @@ def cmd_import_xfl(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     spec = job.spec
+    plans = {}
+    if not args.schema_only:
+        from fedtune.preflight import check_job
+
+        plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
         where = f"remote at {party.remote.address}" if party.remote else "local"
         if spec.ranks(party) > 1:
             where += f", {spec.ranks(party)} ranks"
+        plan = plans.get(party.name)
+        steps = f", {plan.samples} samples, {plan.max_steps} steps" if plan and plan.samples else ""
         print(f"  {party.name}: {party.role}, {where}, trainset: "
-              f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}")
+              f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}{steps}")
     return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedtune import certs, files
 
+    if args.certs_command in ("ca", "issue"):
+        names = (certs.CA_FILE, "ca.key") if args.certs_command == "ca" else (certs.CERT_FILE, certs.KEY_FILE)
+        present = [n for n in names if (args.out / n).exists()]
+        if present and not args.force:
+            raise SpecError(f"--out {args.out}: {present[0]} exists; pass --force to replace it")
     if args.certs_command == "ca":
         ca = certs.make_ca(args.name)
         files.write_atomic(args.out / certs.CA_FILE, ca.cert_pem)
@@ -297,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (SpecError, ValueError, FileNotFoundError) as err:
         print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def entry() -> None:

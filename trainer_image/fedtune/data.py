@@ -11,6 +11,7 @@ run sees the same order). Each instance becomes one training sample:
     labels  = [-100] * len(src) + dst + [eos]            (only the answer is learned)
 
 Every problem with the data raises `DataError` naming the file (and the instance and key).
+Reading and checking the files needs no torch (`fedtune validate` runs them in a blink).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedtune.spec import Dataset, TrainsetEntry, resolve_path
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
@@ -56,12 +58,12 @@ def build_prompt(instruction: str, query: str, dataset_spec: Dataset) -> str:
     return dataset_spec.prompt_pattern.format(instruction, query)
 
 
-def dataset_files(entries: Sequence[TrainsetEntry], base_dir: Path) -> list[Path]:
+def dataset_files(entries: Sequence[TrainsetEntry], base_dir: Path, field: str = "trainset") -> list[Path]:
     """The json files the entries name: a file as is, a folder as its `*.json` files in name order."""
     files: list[Path] = []
     for i, entry in enumerate(entries):
         path = resolve_path(entry.path, base_dir)
-        where = f"trainset[{i}].path: {path}"
+        where = f"{field}[{i}].path: {path}"
         if path.is_dir():
             found = sorted(p for p in path.glob("*.json") if p.is_file())
             if not found:
@@ -181,7 +183,7 @@ def tokenize_qa(items: Sequence[QAItem], tokenizer: _Tokenizer, dataset_spec: Da
     return [tokenize_item(item, tokenizer, dataset_spec) for item in items]
 
 
-class FeatureDataset(torch.utils.data.Dataset):
+class FeatureDataset:
     """Tokenized samples as a map-style dataset (Trainer needs `__len__` to plan its steps)."""
 
     def __init__(self, features: Sequence[dict[str, list[int]]]) -> None:
@@ -201,6 +203,8 @@ class QACollator:
     pad_id: int
 
     def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
         width = max(len(sample["input_ids"]) for sample in batch)
 
         def pad(key: str, value: int) -> torch.Tensor:
@@ -223,6 +227,8 @@ class PackedCollator:
     """
 
     def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        import torch
+
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -251,6 +257,8 @@ def check_packing(model: torch.nn.Module) -> None:
     outputs it has alone. Models that ignore restarting position ids (their own remote code,
     peft's prefix tuning, whose cache switches transformers' packed masks off) fail this.
     """
+    import torch
+
     first, second = [4, 5, 6, 7], [8, 9, 10]
     packed = PackedCollator()([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
     alone = PackedCollator()([{"input_ids": second, "labels": second}])

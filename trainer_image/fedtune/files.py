@@ -33,13 +33,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 
 @contextmanager
-def staged_dir(dest: Path) -> Iterator[Path]:
-    """A temporary sibling folder to write `dest`'s files into; on success they are flushed and it
-    replaces `dest` whole (`replace_dir`), on failure it is removed and `dest` is left as it was."""
+def staged_dir(dest: Path, *, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary sibling folder to write `dest`'s files into; on success they are flushed, given
+    `mode` (some writers make 0600 files) and it replaces `dest` whole (`replace_dir`); on failure
+    it is removed and `dest` is left as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield staging
+        for path in staging.iterdir():
+            if path.is_file():
+                os.chmod(path, mode)
         fsync_files(staging)
         replace_dir(staging, dest)
     except BaseException:

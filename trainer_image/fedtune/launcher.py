@@ -23,10 +23,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import certs, files, roles
+from fedtune.cli import EXIT_FAILED, EXIT_TIMEOUT
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
-from fedtune.spec import FederatedFineTune, SpecError, checkpoint_name, dump_job, parse_job, resolve_path
+from fedtune.spec import (
+    STATE_DIR,
+    FederatedFineTune,
+    SpecError,
+    checkpoint_name,
+    dump_job,
+    output_dirs,
+    parse_job,
+    resolve_path,
+)
 
 LOOPBACK = "127.0.0.1"
+DEFAULT_OUTPUT = "fedtune-output"
+RUN_DIR = ".fedtune"  # in the run's folder: the resolved job and each role's log, nothing secret
 
 
 def free_port() -> int:
@@ -115,31 +127,19 @@ class Role:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def preflight(job: FederatedFineTune, base_dir: Path) -> None:
-    """Paths the job cannot run without, checked before any process starts."""
-    spec = job.spec
-    for i, party in enumerate(spec.parties):
-        if party.remote is not None:
-            continue
-        where = f"spec.parties[{i}].pretrained_model" if party.pretrained_model else "spec.input.pretrained_model"
-        model = resolve_path(spec.pretrained_model(party), base_dir)
-        if not model.is_dir():
-            raise SpecError(f"{where}.path: model folder {model} does not exist")
-        for j, entry in enumerate(spec.trainset(party)):
-            path = resolve_path(entry.path, base_dir)
-            if not path.exists():
-                owner = f"spec.parties[{i}]" if party.trainset is not None else "spec.input"
-                where = f"{owner}.trainset[{j}]"
-                raise SpecError(f"{where}.path: {path} does not exist")
-    if spec.input.adapter_model is not None:
-        adapter = resolve_path(spec.input.adapter_model.path, base_dir)
-        if not adapter.is_dir():
-            raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
-    for party in spec.parties:
-        if party.remote is None and spec.ranks(party) > 1:
-            from fedtune.ranks import check_devices
+def output_layout(job: FederatedFineTune, output: Path | None, base_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """The run's folder (summary.json, logs) and each local party's adapter folder.
 
-            check_devices(spec, party)
+    `--output DIR` puts party P in DIR/P. Without it, `spec.output.path` decides, its placeholders
+    filled in, and the run's folder is the one every party's folder lies in; with neither,
+    `fedtune-output/P`.
+    """
+    local = [p.name for p in job.spec.parties if p.remote is None]
+    if output is None and job.spec.output is not None:
+        dirs = output_dirs(job, local, base_dir)
+        return Path(os.path.commonpath(list(dirs.values()))), dirs
+    root = (output or Path(DEFAULT_OUTPUT)).resolve()
+    return root, {name: root / name for name in local}
 
 
 def with_party_ranks(job: FederatedFineTune, source: str, *, gpus: int | None = None,
@@ -176,14 +176,14 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def claim_output(output: Path, job: FederatedFineTune, *, overwrite: bool) -> None:
+def claim_output(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) -> None:
     """A new run never mixes its rounds with an earlier run's: refuse, or clear explicitly."""
-    earlier = [output / "summary.json", output / ".fedtune"] + [output / p.name for p in job.spec.parties]
-    present = [p for p in earlier if p.exists()]
+    earlier = [output / "summary.json", output / RUN_DIR, *party_dirs.values()]
+    present = [p for p in earlier if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
     if not present:
         return
     if not overwrite:
-        raise SpecError(f"--output {output} already holds a run's results ({present[0].name}); choose another folder "
+        raise SpecError(f"{present[0]} holds an earlier run's results; choose another output folder "
                         "or pass --overwrite to replace them")
     for path in present:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -198,20 +198,28 @@ def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict
 
 
 class LocalJob:
-    """Every role of one job as local processes; the pieces tests drive one by one."""
+    """Every role of one job as local processes; the pieces tests drive one by one.
 
-    def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *, torch_threads: int | None = None,
-                 redis_appendonly: bool = False) -> None:
+    What is secret (the Redis password in its config, the run's TLS keys) lives in a private
+    temporary folder that `stop` removes; the output holds adapters, the summary and logs.
+    """
+
+    def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *,
+                 party_dirs: dict[str, Path] | None = None, torch_threads: int | None = None,
+                 redis_appendonly: bool = False, log_level: str = "INFO") -> None:
         self.job = job
         self.output = output
         self.base_dir = base_dir
-        self.run_dir = output / ".fedtune"
-        self.redis = RedisServer(workdir=self.run_dir / "redis", appendonly=redis_appendonly)
+        self.log_level = log_level
+        self.run_dir = output / RUN_DIR
+        self.private_dir: Path | None = None  # made by start(), removed by stop()
+        self.redis = RedisServer(appendonly=redis_appendonly)  # its own private folder, removed on stop
         self.roles: dict[str, Role] = {roles.SCHEDULER: Role(roles.SCHEDULER, roles.SCHEDULER, free_port())}
         for party in job.spec.parties:
             if party.remote is None:
                 port = free_port() if party.role == roles.ASSIST_TRAINER else None
                 self.roles[party.name] = Role(party.name, party.role, port)
+        self.party_dirs = party_dirs or {name: output / name for name in self.roles if name != roles.SCHEDULER}
         training = sum(1 for p in job.spec.parties if p.remote is None and job.spec.trainset(p))
         # Parties share this machine's cores instead of each claiming all of them.
         self.torch_threads = (torch_threads or int(os.environ.get(roles.TORCH_THREADS_ENV, "0"))
@@ -219,6 +227,10 @@ class LocalJob:
         self.gpus, self.gpus_shared = self._assign_gpus()
         self.job_file = self.run_dir / "job.yaml"
         self.started = 0.0
+
+    def tls_dir(self, name: str) -> Path:
+        assert self.private_dir is not None, "start() first"
+        return self.private_dir / "tls" / name
 
     def _assign_gpus(self) -> tuple[dict[str, str], bool]:
         """Each local party's GPUs, and whether the parties must share some."""
@@ -235,11 +247,12 @@ class LocalJob:
         ca = certs.make_ca(self.job.job_id)
         for name in self.roles:
             issued = certs.issue(ca, name, dns_names=["localhost"], ips=[LOOPBACK])
-            certs.write_bundle(self.run_dir / "tls" / name, ca.cert_pem, issued)
+            certs.write_bundle(self.tls_dir(name), ca.cert_pem, issued)
 
     def start(self, *, skip: tuple[str, ...] = ()) -> None:
         """Start Redis and every role but those in `skip` (tests start those themselves)."""
         self.output.mkdir(parents=True, exist_ok=True)
+        self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
         if self.job.spec.tls.enabled:
             self.make_certificates()
         self.redis.start()
@@ -253,10 +266,12 @@ class LocalJob:
 
     def start_role(self, name: str) -> None:
         role = self.roles[name]
+        party = None if role.role == roles.SCHEDULER else name
         command = [sys.executable, "-m", "fedtune", *roles.role_argv(
-            role.role, self.job_file, party=None if role.role == roles.SCHEDULER else name, base_dir=self.base_dir,
-            output=self.output, listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
-            tls_dir=self.run_dir / "tls" / name if self.job.spec.tls.enabled else None)]
+            role.role, self.job_file, party=party, base_dir=self.base_dir,
+            output_dir=self.party_dirs[name] if party else None, log_level=self.log_level,
+            listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
+            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None)]
         env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
                roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
         if name in self.gpus:
@@ -284,12 +299,18 @@ class LocalJob:
         return all(r.proc is not None and r.proc.poll() == 0 for r in self.roles.values())
 
     def stop(self) -> None:
+        """Stop every role and Redis; remove the secrets and the parties' resumable state (with its
+        key-agreement key): a finished run is never resumed."""
         for name in self.roles:
             self.kill_role(name, signal.SIGTERM)
         for role in self.roles.values():
             if role.log_file is not None:
                 role.log_file.close()
         self.redis.stop()
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+        for folder in self.party_dirs.values():
+            shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
 
     def status(self) -> JobStatus:
         return self.state.snapshot()
@@ -311,7 +332,7 @@ class LocalJob:
                 "losses": losses, "rounds": rounds,
                 "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
                             "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3)},
-                "output": str(self.output / name),
+                "output": str(self.party_dirs.get(name, "")),
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
@@ -383,16 +404,21 @@ def loss_trend(party: dict[str, Any]) -> str:
     return f"  (loss {sum(losses[:fifth]) / fifth:.3f} -> {sum(losses[-fifth:]) / fifth:.3f})"
 
 
-def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: float = 24 * 3600,
-            overwrite: bool = False, stream: IO[str] = sys.stdout) -> int:
-    preflight(job, base_dir)
-    claim_output(output, job, overwrite=overwrite)
-    local = LocalJob(job, output, base_dir)
+def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, source: str = "<job>",
+            timeout_s: float = 24 * 3600, overwrite: bool = False, log_level: str = "INFO",
+            stream: IO[str] = sys.stdout) -> int:
+    """Run a job `fedtune.preflight` passed to its end, write summary.json; the exit code."""
+    try:
+        root, party_dirs = output_layout(job, output, base_dir)
+    except SpecError as err:
+        raise SpecError(f"{source}: {err}") from None
+    claim_output(root, party_dirs, overwrite=overwrite)
+    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level)
     progress = Progress(stream)
     start = time.monotonic()
-    error = ""
+    error, code = "", 0
     print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
-          f"output {output}", file=stream)
+          f"output {root}", file=stream)
     if not job.spec.tls.enabled:
         print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the ports "
               "can join; keep it for debugging on one machine only", file=sys.stderr)
@@ -404,29 +430,29 @@ def run_job(job: FederatedFineTune, output: Path, base_dir: Path, *, timeout_s: 
         while not local.finished():
             failed = local.failed_role()
             if failed is not None:
-                error = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}"  # type: ignore[union-attr]
+                error, code = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}", EXIT_FAILED  # type: ignore[union-attr]
                 print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
                       f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
                 break
             if time.monotonic() - start > timeout_s:
-                error = f"timed out after {timeout_s:.0f} s"
+                error, code = f"timed out after {timeout_s:g} s (--timeout); every role was stopped", EXIT_TIMEOUT
+                print(f"fedtune: job {job.job_id} {error}; logs in {local.run_dir / 'logs'}", file=sys.stderr)
                 break
             progress.show(local.status())
             time.sleep(0.1)
         else:
             progress.show(local.status())
         summary = local.summary(time.monotonic() - start, error)
-        files.write_json_atomic(output / "summary.json", summary)
+        files.write_json_atomic(root / "summary.json", summary)
     finally:
         local.stop()
-    if error:
-        return 1
+    if code:
+        return code
     print(f"fedtune: job {job.job_id} succeeded in {time.monotonic() - start:.1f} s; adapters:", file=stream)
     last = checkpoint_name(job.spec.fractions()[-1])
-    for name in local.roles:
-        if name != roles.SCHEDULER:
-            print(f"  {output / name / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
-    first = next(n for n in local.roles if n != roles.SCHEDULER)
+    for name, folder in party_dirs.items():
+        print(f"  {folder / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
+    first = next(iter(party_dirs))
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
-    print(f"chat with it:\n  fedtune chat --model {model} --adapter {output / first / last}", file=stream)
+    print(f"chat with it:\n  fedtune chat --model {model} --adapter {party_dirs[first] / last}", file=stream)
     return 0

@@ -133,14 +133,26 @@ def map_target_modules(model: nn.Module, targets: list[str]) -> tuple[list[str],
     return mapped, notes
 
 
+def check_peft_keys(peft_spec: Peft) -> None:
+    """Every key under `peft.<TYPE>` is a field of peft's config for that type (P-tuning v2 keeps the
+    reference's own names, which its schema checks)."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    kind = peft_spec.kind
+    if kind == "PREFIX_TUNING":
+        return
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[kind]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for key in getattr(peft_spec, kind).model_dump():
+        if key not in known:
+            raise ModelError(f"peft.{kind}.{key}: not an option of peft's {config_class.__name__}")
+
+
 def lora_config(model: nn.Module, spec: Lora) -> tuple[Any, list[str]]:
     from peft import LoraConfig
 
+    check_peft_keys(Peft(LORA=spec))
     options = spec.model_dump()
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    for key in options:
-        if key not in known:
-            raise ModelError(f"peft.LORA.{key}: not an option of peft's LoraConfig")
     notes: list[str] = []
     if isinstance(options["target_modules"], list):
         options["target_modules"], notes = map_target_modules(model, options["target_modules"])

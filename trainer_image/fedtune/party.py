@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, ranks, roles, transport
+from fedtune import certs, files, metrics, ranks, roles, transport
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -41,6 +41,7 @@ from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
 from fedtune.spec import (
+    STATE_DIR,
     FederatedFineTune,
     JobSpec,
     aggregation_steps,
@@ -52,8 +53,6 @@ from fedtune.spec import (
 from fedtune.training import latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
-
-STATE_DIR = ".fedtune-state"  # inside the party's output: resumable training state and its key
 
 
 @dataclass
@@ -76,6 +75,7 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
+        self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
         self.ranks = ranks.start(self.spec, self.me)
         self.scheduler = SchedulerClient(self._address(self.spec.scheduler.address, "spec.scheduler.address"),
@@ -96,10 +96,16 @@ class Party:
 
     def run(self) -> None:
         lead = self.ranks.leader
-        own = shared_config(self.spec) if self.is_assist else None
+        if lead:  # rank 0 speaks for the party, its metrics included
+            metrics.serve(self.ctx.name)
+            metrics.mine(metrics.ROUNDS).set(len(self.spec.fractions()))
+        self.round_started = time.perf_counter()
+        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
+        own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = job_codec(self.spec)
+        self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.features = self._load_data()
         self.args = self.spec.trainer_args(self.me)
@@ -109,7 +115,8 @@ class Party:
         try:
             if lead:
                 self._take_start(self.scheduler.ready(self._ready_request()))
-            self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if not self.standalone:
+                self._load_global(0)  # every party starts from the assist_trainer's initial adapter
             if self.features:
                 self._train(agg_steps)
             else:
@@ -151,7 +158,7 @@ class Party:
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
                                   adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
-        if self.codec.needs_keys and not self.is_assist:
+        if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
             if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
                 request.certificate = self.ctx.tls.cert
@@ -170,7 +177,9 @@ class Party:
 
     def _take_start(self, start: pb.StartInfo) -> None:
         self.weight = start.weights.get(self.ctx.name, 0.0)
-        if self.codec.needs_keys and not self.is_assist:
+        if self.standalone:
+            return
+        if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
@@ -185,9 +194,9 @@ class Party:
             self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
                                       dict(start.public_keys))
         else:
-            address = self._address(self.spec.assist_trainer.endpoint, "spec.parties[assist_trainer].address")
-            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls,
-                                                      server_name=self.spec.assist_trainer.name,
+            assist = self.spec.authority
+            address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
+            self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
             if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
                 self.aggregator_client.share_keys(self.plus.encrypted_shares())
@@ -243,6 +252,11 @@ class Party:
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
+        if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            if self.ranks.leader:
+                self._save_round(round_)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+            return
         if not self.ranks.leader:
             self._load_global(round_)
             return
@@ -250,19 +264,30 @@ class Party:
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
-            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                plain = self.codec.encode_plain(update)
+            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
-            if self.plus is not None:
-                protected = self.plus.protect(update, round_)
-            else:
-                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                               job_id=self.ctx.job.job_id, round_=round_)
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                if self.plus is not None:
+                    protected = self.plus.protect(update, round_)
+                else:
+                    protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                                   job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
         self._save_round(round_)
-        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
-                              round_wait_s=time.perf_counter() - waited)
+        wait_s = time.perf_counter() - waited
+        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s)
+        metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
+        self._round_done(round_)
+
+    def _round_done(self, round_: int) -> None:
+        metrics.mine(metrics.ROUND).set(round_)
+        now = time.perf_counter()
+        metrics.mine(metrics.ROUND_SECONDS).observe(now - self.round_started)
+        self.round_started = now
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -271,6 +296,7 @@ class Party:
 
     def _train(self, agg_steps: list[int]) -> None:
         def on_log(step: int, loss: float) -> None:
+            metrics.mine(metrics.TRAIN_LOSS).set(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
@@ -297,6 +323,7 @@ class Party:
             self._load_global(round_)
             self._save_round(round_)
             self.scheduler.report("aggregated", round=round_)
+            self._round_done(round_)
 
     def _serve_until_done(self) -> None:
         """Keep serving the last global adapter until every party has it and the job is over."""

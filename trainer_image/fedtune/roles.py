@@ -30,6 +30,8 @@ REDIS_PASSWORD_ENV = "FEDTUNE_REDIS_PASSWORD"
 TLS_DIR_ENV = "FEDTUNE_TLS_DIR"  # a folder holding ca.crt, tls.crt, tls.key (the default of --tls-dir)
 TORCH_THREADS_ENV = "FEDTUNE_TORCH_THREADS"  # a training party's torch threads (its share of the CPUs)
 LOG_LEVEL_ENV = "FEDTUNE_LOG_LEVEL"
+METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"  # serve Prometheus metrics on this port (`fedtune.metrics`)
+METRICS_PORT = 9090  # the port the operator gives every role pod
 PARTY_ENV = "FEDTUNE_PARTY"  # which party a process is, for people and tools looking at it (logs, `kubectl exec`)
 
 
@@ -37,13 +39,20 @@ def uses_redis(role: str) -> bool:
     return role in REDIS_ROLES
 
 
-def role_argv(role: str, job_file: str | Path, *, party: str | None, base_dir: str | Path, output: str | Path,
+def role_argv(role: str, job_file: str | Path, *, party: str | None, base_dir: str | Path,
+              output: str | Path | None = None, output_dir: str | Path | None = None, log_level: str | None = None,
               listen: str | None = None, tls_dir: str | Path | None = None) -> list[str]:
-    """The arguments after `fedtune` that run one role (the scheduler takes no party)."""
-    argv = [SUBCOMMANDS[role], "--job", str(job_file)]
+    """The arguments after `fedtune` that run one role (the scheduler takes no party). A party writes
+    its adapters to `output`/<party>, or to exactly `output_dir`."""
+    argv = ["--log-level", log_level] if log_level else []
+    argv += [SUBCOMMANDS[role], "--job", str(job_file)]
     if party is not None:
         argv += ["--party", party]
-    argv += ["--base-dir", str(base_dir), "--output", str(output)]
+    argv += ["--base-dir", str(base_dir)]
+    if output_dir is not None:
+        argv += ["--output-dir", str(output_dir)]
+    elif output is not None:
+        argv += ["--output", str(output)]
     if listen is not None:
         argv += ["--listen", listen]
     if tls_dir is not None:

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedtune import transport
+from fedtune import metrics, transport
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.roles import SCHEDULER
 from fedtune.spec import FederatedFineTune
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
             )
-        if request.role == "assist_trainer":
+        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
             self.state.set_json("shared_config", json.loads(request.shared_config_json))
         self.state.update_party(party, state="joined")
         log.info("%s joined", party)
@@ -117,8 +118,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         fields: dict[str, Any] = {"state": request.state, "round": request.round, "step": request.step}
         if request.max_steps:
             fields["max_steps"] = request.max_steps
+        if request.state != "failed":  # a failure report carries no round
+            metrics.ROUND.labels(party=party).set(request.round)
         if request.has_loss:
             fields["loss"] = request.loss
+            metrics.TRAIN_LOSS.labels(party=party).set(request.loss)
             record = {"step": request.step, "loss": request.loss, "round": request.round, "t": time.time()}
             self.state.append_metric(party, record)
         if request.state == "aggregated":
@@ -170,7 +174,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
                 for name, e in ready.items() if e["public_key"]}
         scheme = spec.encryption.scheme
-        if scheme != "plain" and len(spec.label_trainers) == 1:
+        if scheme != "plain" and len(spec.label_trainers) == 1 and not spec.standalone:
             warning = (f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
                        "from the aggregator")
             log.warning("%s", warning)
@@ -243,6 +247,9 @@ def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.T
     server, port = transport.make_server(listen, tls)
     pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state, identity), server)
     state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
+    metrics.serve(SCHEDULER)
+    for party in job.spec.parties:
+        metrics.ROUNDS.labels(party=party.name).set(len(job.spec.fractions()))
     server.start()
     log.info("scheduler of job %s listening on port %d", job.job_id, port)
     try:

@@ -51,7 +51,8 @@ class Input(_Strict):
 
 
 class Output(_Strict):
-    path: str = Field("output/[JOB_ID]/[NODE_ID]", min_length=1)
+    # `[JOB_ID]` and `[NODE_ID]` become the job's and the party's name (the reference's placeholders).
+    path: str = Field(min_length=1)
 
 
 class Aggregation(_Strict):
@@ -333,10 +334,23 @@ class RedisSpec(_Strict):
 
 
 class OutputStorage(_Strict):
+    """Where the adapters land on Kubernetes: by default one ReadWriteOnce claim per local party
+    (`<job>-output-<party>`, so parties may run on different nodes); `ReadWriteMany` makes one
+    claim all parties share (`<job>-output`: name a storage class that provides that mode)."""
+
     size: str = "1Gi"
     storageClassName: str | None = None
-    # Use this existing claim for the adapters instead of creating one.
+    accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
+    # Use this existing claim for the adapters instead of creating any.
     claimName: str | None = None
+
+    @model_validator(mode="after")
+    def _claim_or_settings(self) -> OutputStorage:
+        given = self.model_fields_set & {"size", "storageClassName", "accessMode"}
+        if self.claimName and given:
+            raise ValueError(f"`claimName` names an existing claim: {', '.join(sorted(given))} would not apply; "
+                             "remove it, or remove claimName to have fedtune create the claims")
+        return self
 
 
 class Storage(_Strict):
@@ -358,13 +372,15 @@ class ModelInfo(_Strict):
 class JobSpec(_Strict):
     model_info: ModelInfo = Field(default_factory=ModelInfo)
     input: Input
-    output: Output = Field(default_factory=Output)
+    # Where each party writes its adapters; unset: `fedtune run --output` / the operator's output claim decide.
+    output: Output | None = None
     aggregation: Aggregation = Field(default_factory=Aggregation)
     encryption: Encryption = Field(default_factory=Encryption)
     peft: Peft
     trainer: Trainer = Field(default_factory=Trainer)
     dataset: Dataset = Field(default_factory=Dataset)
-    parties: list[Party] = Field(min_length=2)
+    # An assist_trainer and label_trainers; or one label_trainer alone, which trains without aggregation.
+    parties: list[Party] = Field(min_length=1)
     scheduler: Endpoint = Field(default_factory=Endpoint)
     redis: RedisSpec = Field(default_factory=RedisSpec)
     image: str = "fedtune/trainer:0.1.0"
@@ -379,8 +395,9 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _parties_make_a_federation(self) -> JobSpec:
         roles = [p.role for p in self.parties]
-        if roles.count("assist_trainer") != 1:
-            raise ValueError("parties: exactly one party must have role `assist_trainer`")
+        if roles.count("assist_trainer") != 1 and not self.standalone:
+            raise ValueError("parties: exactly one party must have role `assist_trainer` "
+                             "(or a single label_trainer trains alone)")
         if "label_trainer" not in roles:
             raise ValueError("parties: at least one party must have role `label_trainer`")
         seen: dict[str, str] = {}
@@ -435,8 +452,18 @@ class JobSpec(_Strict):
         raise SpecError(f"no party named `{name}` in spec.parties (have: {', '.join(p.name for p in self.parties)})")
 
     @property
-    def assist_trainer(self) -> Party:
-        return next(p for p in self.parties if p.role == "assist_trainer")
+    def standalone(self) -> bool:
+        """One label_trainer alone: it trains on its own data, saving at the same points, aggregating nothing."""
+        return len(self.parties) == 1 and self.parties[0].role == "label_trainer"
+
+    @property
+    def assist_trainer(self) -> Party | None:
+        return next((p for p in self.parties if p.role == "assist_trainer"), None)
+
+    @property
+    def authority(self) -> Party:
+        """The party whose aggregation, encryption, peft, dataset and trainer keys every party takes."""
+        return self.assist_trainer or self.parties[0]
 
     @property
     def label_trainers(self) -> list[Party]:
@@ -516,6 +543,9 @@ def apply_shared_config(spec: JobSpec, shared: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate(data)
 
 
+STATE_DIR = ".fedtune-state"  # inside a party's output: resumable training state and its key
+
+
 def checkpoint_name(fraction: float) -> str:
     """`checkpoint-0.2` ... `checkpoint-1`, as the reference names them."""
     return f"checkpoint-{fraction:g}"
@@ -535,6 +565,21 @@ def aggregation_steps(fractions: list[float], max_steps: int) -> list[int]:
 
 def expand_output_path(template: str, job_id: str, party: str) -> str:
     return template.replace("[JOB_ID]", job_id).replace("[NODE_ID]", party)
+
+
+def output_dirs(job: FederatedFineTune, parties: list[str], base_dir: Path) -> dict[str, Path]:
+    """Each party's folder under `spec.output.path` (relative paths against `base_dir`); two local
+    parties may not share one, which a template without `[NODE_ID]` would make them do."""
+    assert job.spec.output is not None
+    dirs: dict[str, Path] = {}
+    for name in parties:
+        folder = resolve_path(expand_output_path(job.spec.output.path, job.job_id, name), base_dir).resolve()
+        other = next((n for n, d in dirs.items() if d == folder), None)
+        if other is not None:
+            raise SpecError(f"spec.output.path: parties `{other}` and `{name}` would both write to {folder}; "
+                            "put [NODE_ID] in the path")
+        dirs[name] = folder
+    return dirs
 
 
 def resolve_path(path: str, base_dir: Path) -> Path:

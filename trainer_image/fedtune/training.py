@@ -95,21 +95,30 @@ def plan_max_steps(n_samples: int, trainer_args: dict[str, Any], ranks: int = 1)
     return math.ceil(float(trainer_args.get("num_train_epochs", 3.0)) * per_epoch)
 
 
+# Trainer keys that are no TrainingArguments field of transformers 5: the reference's `no_cuda` and
+# `save_strategy`, transformers 4's `group_by_length`; `training_arguments` translates or sets them.
+TRANSLATED_TRAINER_KEYS = ("no_cuda", "save_strategy", "group_by_length")
+
+
+def check_trainer_keys(trainer_args: dict[str, Any]) -> None:
+    """Every trainer key is a TrainingArguments field (or one fedtune translates), none is fedtune's own."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in trainer_args:
+        if key in MANAGED_TRAINER_KEYS:
+            raise ValueError(f"trainer.{key}: managed by fedtune (checkpoints follow aggregation.agg_steps)")
+        if key not in known and key not in TRANSLATED_TRAINER_KEYS:
+            raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
+
+
 def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: Path) -> TrainingArguments:
     """The spec's trainer keys as TrainingArguments, with what fedtune manages fixed."""
+    check_trainer_keys(trainer_args)
     args = dict(trainer_args)
     if args.pop("no_cuda", False) or (world_size() > 1 and _on_cpu(args)):
         args["use_cpu"] = True  # transformers 5 spells the reference's `no_cuda` this way; gloo ranks need it
     if args.pop("group_by_length", False):
         args["train_sampling_strategy"] = "group_by_length"  # and transformers 4's `group_by_length` this way
     args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
-    for key in MANAGED_TRAINER_KEYS:
-        if key in args:
-            raise ValueError(f"trainer.{key}: managed by fedtune (checkpoints follow aggregation.agg_steps)")
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in args:
-        if key not in known:
-            raise ValueError(f"trainer.{key}: not an option of transformers' TrainingArguments")
     args.setdefault("ddp_find_unused_parameters", False)  # every adapter weight gets a gradient at every step
     args.update(
         output_dir=str(state_dir),

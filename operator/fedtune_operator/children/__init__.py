@@ -7,7 +7,8 @@
     ConfigMap J-job            job.yaml: the spec as given, addresses filled in       configmap.py
     Pod       J-scheduler      `fedtune scheduler`, Service J-scheduler:55005         pod.py, service.py
     Pod       J-<party>        one per local party, Service J-<party>:55004/55006     pod.py, service.py
-    PVC       J-output         adapters land here (unless spec.storage.output.claimName)   pvc.py
+    PVC       J-output-<party> a party's adapters (or one J-output they share: ReadWriteMany;
+                               none with spec.storage.output.claimName)               pvc.py
     Secret    J-ca, J-tls-<role>   the federation's CA and each role's certificate    secret.py (tls.py)
     NetworkPolicy J-network    ingress to the job's pods: Redis from the roles that use it and
                                the operator, gRPC from the job's pods; nothing else   networkpolicy.py
@@ -21,26 +22,27 @@ from __future__ import annotations
 from typing import Any
 
 from .. import tls
-from ..jobs import Job, federation_problems, hosts_federation, name_problems, workloads
+from ..jobs import Job, federation_problems, hosts_federation, name_problems, output_problems, workloads
 from .configmap import job_configmap
 from .networkpolicy import OperatorPeer, network_policy
 from .pod import redis_pod, role_pod
-from .pvc import output_pvc, redis_pvc
+from .pvc import output_pvcs, redis_pvc
 from .secret import secrets
 from .service import redis_service, role_service
 
 
 def problems(job: Job) -> list[str]:
     """Why some child would be refused or unsafe (checked before creating any)."""
-    return name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
+    return (name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
+            + output_problems(job))
 
 
 def plain_children(job: Job, operator: OperatorPeer | None = None) -> list[dict[str, Any]]:
     """The static children that hold no secret: ConfigMap, claims, Services, NetworkPolicy."""
-    hosts = hosts_federation(job.spec)
-    out = [job_configmap(job)]
-    out += [pvc for pvc in (output_pvc(job), redis_pvc(job) if hosts else None) if pvc is not None]
-    out += [redis_service(job)] if hosts else []
+    out = [job_configmap(job), *output_pvcs(job)]
+    if hosts_federation(job.spec):
+        redis_claim = redis_pvc(job)
+        out += [redis_service(job), *([redis_claim] if redis_claim else [])]
     out += [role_service(job, w) for w in workloads(job)]
     return [*out, network_policy(job, operator)]
 

@@ -23,11 +23,13 @@ def job_document(job: Job) -> dict[str, Any]:
     """
     assist = job.spec.assist_trainer
     if hosts_federation(job.spec):
+        # A party training alone (no assist_trainer) serves nothing.
+        served = {assist.name: f"{party_object_name(job.name, assist)}:{roles.PORTS[ASSIST_TRAINER]}"} if assist else {}
         spec = roles.with_addresses(
             job.document,
             scheduler=f"{child_name(job.name, SCHEDULER)}:{roles.PORTS[SCHEDULER]}",
             redis=f"{child_name(job.name, 'redis')}:{REDIS_PORT}",
-            parties={assist.name: f"{party_object_name(job.name, assist)}:{roles.PORTS[ASSIST_TRAINER]}"},
+            parties=served,
         )
     else:  # spec.scheduler.address is the hosting organisation's, as the user gave it
         spec = roles.with_addresses(job.document, parties={assist.name: assist.remote.address})  # type: ignore[union-attr]

@@ -19,11 +19,20 @@ from fedtune.roles import REDIS_PORT, SCHEDULER
 from fedtune.spec import Party, Volume
 
 from .. import tls
-from ..jobs import Job, Workload, child_name, component_of, metadata, output_claim, workload_party
+from ..jobs import (
+    OUTPUT_DIR,
+    Job,
+    Workload,
+    child_name,
+    component_of,
+    metadata,
+    output_claim,
+    party_output_dir,
+    workload_party,
+)
 from . import scheduling
 from .configmap import CONFIG_DIR, JOB_FILE
 
-OUTPUT_DIR = "/fedtune/output"
 REDIS_DATA_DIR = "/data"
 REDIS_CONFIG_DIR = "/etc/redis"
 REDIS_CONFIG = "redis.conf"
@@ -171,6 +180,7 @@ def _role_env(job: Job, workload: Workload) -> list[dict[str, Any]]:
         env.append({"name": roles.TORCH_THREADS_ENV, "valueFrom": {"resourceFieldRef": cpus}})
     env += [
         {"name": roles.PARTY_ENV, "value": workload.key},
+        {"name": roles.METRICS_PORT_ENV, "value": str(roles.METRICS_PORT)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *({"name": k, "value": v} for k, v in CACHE_ENV.items()),
@@ -200,14 +210,15 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
     component = component_of(workload.role)
     volumes: list[dict[str, Any]] = [
         {"name": "job", "configMap": {"name": child_name(job.name, "job")}},
-        {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job)}},
         {"name": "tmp", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "job", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "output", "mountPath": OUTPUT_DIR},
         {"name": "tmp", "mountPath": SCRATCH},
     ]
+    if party is not None:  # the scheduler writes no adapters
+        volumes.insert(1, {"name": "output", "persistentVolumeClaim": {"claimName": output_claim(job, party)}})
+        mounts.insert(1, {"name": "output", "mountPath": OUTPUT_DIR})
     if tls.enabled(job):
         # This role's own certificate and key, nobody else's (and never the CA's key).
         volumes.append(secret_volume("tls", tls.role_secret_name(job, workload)))
@@ -227,11 +238,13 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         "name": component,
         "image": spec.image,
         "imagePullPolicy": spec.imagePullPolicy,
-        "command": ["fedtune", *roles.role_argv(workload.role, JOB_FILE, party=party_name,
-                                                base_dir=spec.workingDir, output=OUTPUT_DIR)],
+        "command": ["fedtune", *roles.role_argv(
+            workload.role, JOB_FILE, party=party_name, base_dir=spec.workingDir, output=OUTPUT_DIR,
+            output_dir=party_output_dir(job, party_name) if party_name and spec.output else None)],
         "workingDir": spec.workingDir,
         "env": _role_env(job, workload),
-        "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]}],
+        "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]},
+                  {"name": "metrics", "containerPort": roles.METRICS_PORT}],
         "resources": _resources(party),
         "securityContext": container_security(TRAINER_UID),
         "volumeMounts": mounts,

@@ -1,10 +1,10 @@
-"""PersistentVolumeClaims: J-output (the adapters) and J-redis-data (with spec.redis.persistence)."""
+"""PersistentVolumeClaims: J-output-<party> or J-output (the adapters) and J-redis-data (spec.redis.persistence)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..jobs import Job, child_name, metadata
+from ..jobs import Job, child_name, local_parties, metadata, output_claim
 
 
 def pvc(job: Job, name: str, component: str, size: str, storage_class: str | None, modes: list[str]) -> dict[str, Any]:
@@ -21,11 +21,12 @@ def redis_pvc(job: Job) -> dict[str, Any] | None:
     return pvc(job, child_name(job.name, "redis-data"), "redis", job.spec.redis.storage, None, ["ReadWriteOnce"])
 
 
-def output_pvc(job: Job) -> dict[str, Any] | None:
-    """The adapters' claim, unless spec.storage.output.claimName names an existing one."""
+def output_pvcs(job: Job) -> list[dict[str, Any]]:
+    """The adapters' claims: one per local party (ReadWriteOnce: each pod may land on its own
+    node), or one ReadWriteMany claim they share; none when spec.storage.output.claimName
+    names an existing claim."""
     out = job.spec.storage.output
     if out.claimName:
-        return None
-    # Every role's pod mounts it: fine on one node; across nodes name a ReadWriteMany claim
-    # in spec.storage.output.claimName instead.
-    return pvc(job, child_name(job.name, "output"), "output", out.size, out.storageClassName, ["ReadWriteOnce"])
+        return []
+    names = sorted({output_claim(job, p) for p in local_parties(job.spec)})
+    return [pvc(job, name, "output", out.size, out.storageClassName, [out.accessMode]) for name in names]

@@ -1,0 +1,130 @@
+"""Checks that a job can start, made before any process does (`fedtune validate`, `fedtune run`).
+
+In the order of their cost, so that the usual mistakes fail within a second: the model folders
+and the datasets (files exist, parse, have the keys and at least one instance), then the trainer
+and peft keys against transformers' TrainingArguments and peft's config (importing those takes
+seconds), that a party's ranks fit its devices, then whether `aggregation.agg_steps` gives
+every party distinct rounds for its own step count. Each error names the job file and the
+field, and the data file and instance where there is one. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.data import DataError, dataset_files, load_file
+from fedtune.spec import (
+    FederatedFineTune,
+    JobSpec,
+    Party,
+    SpecError,
+    TrainsetEntry,
+    aggregation_steps,
+    resolve_path,
+)
+
+# What a model folder's weights are called: safetensors or torch files, possibly sharded with an index.
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+@dataclass(frozen=True)
+class PartyPlan:
+    """What one local party will do: its sample count, optimizer steps and the steps it aggregates at."""
+
+    name: str
+    samples: int
+    max_steps: int = 0
+    agg_steps: tuple[int, ...] = ()
+
+
+def check_job(job: FederatedFineTune, base_dir: Path, source: str) -> dict[str, PartyPlan]:
+    """Every local party's plan; a SpecError naming `source` and the field when the job cannot run."""
+    spec = job.spec
+    try:
+        samples = {party.name: _check_party_files(spec, i, party, base_dir)
+                   for i, party in enumerate(spec.parties) if party.remote is None}
+        _check_adapter(spec, base_dir)
+        _check_keys(spec)
+        _check_devices(spec)
+        return {name: _plan(spec, spec.party(name), n) for name, n in samples.items()}
+    except ValueError as err:  # SpecError, DataError, ModelError: each names its field or file
+        raise SpecError(f"{source}: {err}") from None
+
+
+def _check_party_files(spec: JobSpec, index: int, party: Party, base_dir: Path) -> int:
+    """The party's model folder and trainset; its number of training samples."""
+    owner = f"spec.parties[{index}]" if party.pretrained_model else "spec.input"
+    check_model_folder(resolve_path(spec.pretrained_model(party), base_dir), f"{owner}.pretrained_model.path")
+    entries = spec.trainset(party)
+    if not entries:
+        return 0  # an assist_trainer that only aggregates
+    field = f"spec.parties[{index}].trainset" if party.trainset is not None else "spec.input.trainset"
+    return count_instances(entries, base_dir, field, spec)
+
+
+def check_model_folder(folder: Path, field: str) -> None:
+    if not folder.is_dir():
+        raise SpecError(f"{field}: model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"{field}: {folder} has no config.json: not a transformers model folder")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
+
+
+def count_instances(entries: list[TrainsetEntry], base_dir: Path, field: str, spec: JobSpec) -> int:
+    """Instances in the QA files the entries name, every file read and checked whole."""
+    files = dataset_files(entries, base_dir, field)
+    total = 0
+    for path in files:
+        try:
+            total += len(load_file(path, spec.dataset))
+        except DataError as err:
+            raise DataError(f"{field}: {err}") from None
+    if total == 0:
+        raise DataError(f"{field}: {', '.join(map(str, files))}: no instances to train on")
+    return total
+
+
+def _check_adapter(spec: JobSpec, base_dir: Path) -> None:
+    if spec.input.adapter_model is not None:
+        adapter = resolve_path(spec.input.adapter_model.path, base_dir)
+        if not adapter.is_dir():
+            raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+
+
+def _check_keys(spec: JobSpec) -> None:
+    """Trainer keys are TrainingArguments fields, peft keys fields of the peft config (heavy imports)."""
+    from fedtune.models import check_peft_keys
+    from fedtune.training import check_trainer_keys
+
+    try:
+        check_trainer_keys(spec.trainer.model_dump(exclude_unset=True))
+    except ValueError as err:
+        raise SpecError(f"spec.{err}") from None
+    try:
+        check_peft_keys(spec.peft)
+    except ValueError as err:
+        raise SpecError(f"spec.{err}") from None
+
+
+def _check_devices(spec: JobSpec) -> None:
+    """A party's ranks fit its devices (CUDA's count needs torch: only for parties with several ranks)."""
+    for party in spec.parties:
+        if party.remote is None and spec.ranks(party) > 1:
+            from fedtune.ranks import check_devices
+
+            check_devices(spec, party)
+
+
+def _plan(spec: JobSpec, party: Party, samples: int) -> PartyPlan:
+    if samples == 0:
+        return PartyPlan(party.name, 0)
+    from fedtune.training import plan_max_steps
+
+    max_steps = plan_max_steps(samples, spec.trainer_args(party), spec.ranks(party))
+    try:
+        steps = aggregation_steps(spec.fractions(), max_steps)
+    except SpecError as err:
+        raise SpecError(f"party `{party.name}` ({samples} samples, {max_steps} steps): spec.{err}") from None
+    return PartyPlan(party.name, samples, max_steps, tuple(steps))
