@@ -15,6 +15,7 @@ import base64
 import contextlib
 import copy
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ NODE = "fedtune-test-node"
 # Every namespace the module uses: the agent and the operator touch nothing else.
 NS = {
     key: f"jobs-{key}"
-    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "malformed", "delete")
+    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "suspend", "malformed", "delete")
 }
 HOST_TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount"}
 JOB_TIMEOUT_S = 420.0
@@ -768,6 +769,42 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     assert status["scheduler"]["restarts"] >= 1
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
     assert_identical_adapters(output, "checkpoint-1")
+
+
+@cluster
+def test_suspended_mid_job_resumes_from_its_last_round(node, operator, api, kubectl, workspace) -> None:
+    """spec.runPolicy.suspend: the role pods go, Redis and the claims stay; resumed, the parties carry on
+    from their saved state and the rounds already made."""
+    ns, name = NS["suspend"], "poems-suspend"
+    workspace(ns)
+    doc = example(EXAMPLE, name)
+    doc["spec"]["trainer"]["num_train_epochs"] = 10  # rounds long enough to suspend between them
+    apply(kubectl, ns, doc)
+    output = node.outputs(ns, name)
+    describe = diagnose(api, node, operator, ns, name)
+    suspended: list[str] = []
+
+    def suspend(value: bool) -> None:
+        patch = json.dumps({"spec": {"runPolicy": {"suspend": value}}})
+        kubectl("patch", "fft", name, "-n", ns, "--type", "merge", "-p", patch)
+
+    def suspend_after_a_round(status: dict[str, Any]) -> None:
+        if not suspended and state_saved(output, "node-1"):
+            suspend(True)
+            suspended.append(status.get("round", ""))
+
+    _, before = run_to_phase(api, ns, name, ("Suspended",), describe, suspend_after_a_round)
+    wait_for("the role pods to go", lambda: {p["metadata"]["name"] for p in api.pods(ns)} == {f"{name}-redis"},
+             60, describe)
+    done = checkpoints(output, "node-1")
+    assert 1 <= len(done) < 5, done  # suspended between rounds, with rounds still to go
+    suspend(False)
+    status, after = run_to_phase(api, ns, name, ("Succeeded",), describe)
+
+    assert_every_round(status, [r for r in [*before, *after] if r], output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    assert_identical_adapters(output, "checkpoint-1")
+    assert "node-1: resuming from its saved state" in node.container_logs(ns, lines=200)
+    assert all(rec["restarts"] == 0 for rec in status["parties"].values()), status["parties"]
 
 
 @cluster

@@ -360,6 +360,10 @@ def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> No
     doc["spec"]["backoffLimit"] = 7
     result = apply(kubectl, namespace, doc, check=False)
     assert result.returncode != 0 and "immutable" in result.stderr
+    doc["spec"]["backoffLimit"] = 3
+    doc["spec"]["scheduling"] = {"labels": {"team": "a"}}  # not there before: adding it is a change too
+    result = apply(kubectl, namespace, doc, check=False)
+    assert result.returncode != 0 and "immutable" in result.stderr
 
 
 def test_a_pod_the_api_refuses_fails_the_job_naming_the_field(operator, api, kubectl, namespace) -> None:
@@ -417,6 +421,43 @@ def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl
         'fedtune_operator_jobs{phase="Succeeded"}', 0) >= 1 and m)
     assert found['fedtune_operator_reconciles_total{result="ok"}'] > 0
     assert found["fedtune_operator_reconcile_duration_seconds_count"] > 0
+
+
+def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None:
+    """activeDeadlineSeconds fails a job that runs too long and stops its pods; ttlSecondsAfterFinished
+    then deletes the resource, and garbage collection its children."""
+    doc = small_job("bounded")
+    doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 3}
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in (*ROLE_PODS, "redis"):
+        api.set_pod_phase(namespace, f"bounded-{suffix}", "Running")
+    wait_for("Failed", lambda: api.status(namespace, "bounded").get("phase") == "Failed", describe=operator.tail)
+    failed = condition(api.status(namespace, "bounded"), "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (2 s)" in failed["message"]
+    wait_for("the pods to be stopped", lambda: all(p["metadata"].get("deletionTimestamp") or not
+                                                   p["metadata"]["name"].startswith("bounded-")
+                                                   for p in api.pods(namespace)))
+    wait_for("the resource deleted after its TTL", lambda: api.job(namespace, "bounded") is None, 30,
+             describe=operator.tail)
+
+
+def test_spec_run_policy_alone_may_change(operator, api, kubectl, namespace) -> None:
+    doc = small_job("pausable")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    patch = '{"spec": {"runPolicy": {"suspend": true}}}'
+    kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge", "-p", patch)
+    wait_for("Suspended", lambda: api.status(namespace, "pausable").get("phase") == "Suspended")
+    assert not [p for p in api.pods(namespace) if not p["metadata"].get("deletionTimestamp")
+                and p["metadata"]["name"] != "pausable-redis"]  # the role pods go; Redis keeps the state
+    kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    wait_for("Resumed", lambda: condition(api.status(namespace, "pausable"), "Suspended").get("reason") == "Resumed")
+    # Anything else is fixed, an added field included.
+    result = kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge",
+                     "-p", '{"spec": {"trainer": {"seed": 7}}}', check=False)
+    assert result.returncode != 0 and "immutable but for runPolicy" in result.stderr
 
 
 def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator, api, kubectl, namespace) -> None:

@@ -115,7 +115,10 @@ def test_cross_field_rules_are_cel(schema) -> None:
     rules = {r["rule"] for r in spec_field(schema, "peft")["x-kubernetes-validations"]}
     assert "has(self.LORA) != has(self.PREFIX_TUNING)" in rules
     spec_rules = [r["rule"] for r in schema["properties"]["spec"]["x-kubernetes-validations"]]
-    assert "self == oldSelf" in spec_rules
+    (immutable,) = [r for r in spec_rules if "oldSelf" in r]
+    for name in schema["properties"]["spec"]["properties"]:  # every field but runPolicy keeps its value
+        assert (f"self.{name} == oldSelf.{name}" in immutable) == (name != "runPolicy"), name
+    assert "has(self.trainer) ? has(oldSelf.trainer)" in immutable  # an optional field cannot be added later
     assert any("assist_trainer" in r for r in spec_rules)
     assert schema["properties"]["metadata"]["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
 
