@@ -61,6 +61,7 @@ def test_names_columns_and_status_subresource() -> None:
         "Phase": ".status.phase",
         "Round": ".status.round",
         "Loss": ".status.loss",
+        "Epsilon": ".status.privacy.epsilon",
         "Age": ".metadata.creationTimestamp",
     }
 
