@@ -20,7 +20,7 @@ CHECKOV := $(FEDTUNE_CACHE)/checkov/bin/checkov
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt | $(PYTHON)
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,operator,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,operator,report,dev]'
 	@mkdir -p $(dir $@) && touch $@
 
 $(PYTHON):

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     xfl.add_argument("--local", action="append", metavar="NODE", help="a node run here (repeatable; default: "
                      "every node); the others become remote parties at their fed_conf address")
 
+    report = sub.add_parser("report", help="loss curves (PNG) and an HTML page of a run's output folder")
+    report.add_argument("output", type=Path, help="the output folder of `fedtune run` (holding summary.json)")
+    report.add_argument("--to", type=Path, help="write here (default: OUTPUT/report)")
+
     validate = sub.add_parser("validate", help="check a job (schema, model folders, datasets, keys, rounds) "
                               "and print what it will do")
     validate.add_argument("job", type=Path)
@@ -247,6 +251,14 @@ def cmd_import_xfl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.report import write_report
+
+    for path in write_report(args.output, args.to):
+        print(path)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     spec = job.spec
@@ -297,8 +309,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, roles.SUBCOMMANDS[roles.SCHEDULER]: cmd_scheduler,
     roles.SUBCOMMANDS[roles.ASSIST_TRAINER]: cmd_party, roles.SUBCOMMANDS[roles.LABEL_TRAINER]: cmd_party,
-    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
-    "certs": cmd_certs,
+    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "report": cmd_report,
+    "validate": cmd_validate, "certs": cmd_certs,
 }
 
 

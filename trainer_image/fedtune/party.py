@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from fedtune import certs, files, ranks, roles, transport
+from fedtune.adalora import RankBudget
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
@@ -44,13 +45,14 @@ from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
     JobSpec,
+    TrainsetEntry,
     aggregation_steps,
     apply_shared_config,
     checkpoint_name,
     resolve_path,
     shared_config,
 )
-from fedtune.training import latest_state, plan_max_steps, train
+from fedtune.training import evaluate, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,9 @@ class Party:
         self.codec = job_codec(self.spec)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
-        self.features = self._load_data()
+        self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
+        self.features = self._load_data(self.spec.trainset(self.me))
+        self.valset = self._load_data(self.spec.valset(self.me))
         self.args = self.spec.trainer_args(self.me)
         self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
@@ -113,6 +117,9 @@ class Party:
                 self._take_start(self.scheduler.ready(self._ready_request()))
             if not self.standalone:
                 self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if lead and self.valset:  # where the curve starts: the initial adapter on the valset
+                self.scheduler.report("training" if self.features else "aggregating", round=0,
+                                      max_steps=self.max_steps, **self._evaluation(0))
             if self.features:
                 self._train(agg_steps)
             else:
@@ -142,12 +149,19 @@ class Party:
     def _device(self) -> str:
         return f"cuda:{self.ranks.local_rank}" if ranks.uses_cuda(self.spec, self.me) else "cpu"
 
-    def _load_data(self) -> list[dict[str, list[int]]]:
-        entries = self.spec.trainset(self.me)
+    def _load_data(self, entries: list[TrainsetEntry]) -> list[dict[str, list[int]]]:
         if not entries:
             return []
         items = load_qa(entries, self.ctx.base_dir, self.spec.dataset)
         return tokenize_qa(items, self.tokenizer, self.spec.dataset)
+
+    def _evaluation(self, round_: int) -> dict[str, Any]:
+        """The global adapter's loss on this party's valset, as report fields (none without a valset)."""
+        if not self.valset or not self.ranks.leader:
+            return {}
+        loss = evaluate(self.model, self.tokenizer, self.valset, self.args.get("per_device_eval_batch_size") or 8)
+        log.info("%s: round %d's global adapter has loss %.4f on the valset", self.ctx.name, round_, loss)
+        return {"has_eval_loss": True, "eval_loss": loss, "eval_samples": len(self.valset)}
 
     # --- start -----------------------------------------------------------------------------
 
@@ -239,19 +253,26 @@ class Party:
         return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
-        """Rank 0 fetches the round's global adapter; every rank takes it."""
+        """Rank 0 fetches the round's global adapter; every rank takes it (and AdaLoRA's ranks from it)."""
         if self.ranks.leader:
             tensors = transport.unpack_tensors(self._fetch_global(round_))
             load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
         self.ranks.share_adapter(self.model)
+        self._allocate_ranks(round_)
+
+    def _allocate_ranks(self, round_: int) -> None:
+        if self.rank_budget is not None and round_ > 0:
+            self.rank_budget.allocate(round_, self._adapter_arrays())
 
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
         if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            self._allocate_ranks(round_)
             if self.ranks.leader:
                 self._save_round(round_)
-                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
+                                      **self._evaluation(round_))
             return
         if not self.ranks.leader:
             self._load_global(round_)
@@ -272,7 +293,7 @@ class Party:
         self._load_global(round_)
         self._save_round(round_)
         self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
-                              round_wait_s=time.perf_counter() - waited)
+                              round_wait_s=time.perf_counter() - waited, **self._evaluation(round_))
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -280,6 +301,8 @@ class Party:
             save_checkpoint(self.model, dest)
 
     def _train(self, agg_steps: list[int]) -> None:
+        if self.args.get("report_to") not in (None, "none", []):  # TensorBoard's logs beside the adapters
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.ctx.output_dir / "runs"))
         def on_log(step: int, loss: float) -> None:
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
@@ -294,6 +317,7 @@ class Party:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
               on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              on_step=self.rank_budget.hold if self.rank_budget is not None else None,
               packing=self.spec.dataset.packing)
 
     @staticmethod
@@ -306,7 +330,7 @@ class Party:
         for round_ in range(1, len(self.spec.fractions()) + 1):
             self._load_global(round_)
             self._save_round(round_)
-            self.scheduler.report("aggregated", round=round_)
+            self.scheduler.report("aggregated", round=round_, **self._evaluation(round_))
 
     def _serve_until_done(self) -> None:
         """Keep serving the last global adapter until every party has it and the job is over."""
