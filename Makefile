@@ -82,6 +82,7 @@ dev-cluster: install dev-cluster-build
 	$(PYTHON) -m devtools.nodeagent dev-cluster
 
 bench: install dev-cluster-build
+	$(PYTHON) bench/bad_input.py
 	$(PYTHON) bench/federation_overhead.py
 	$(PYTHON) bench/secagg.py --quick
 	$(PYTHON) bench/transport.py

@@ -10,7 +10,7 @@ import pytest
 
 from fedtune.cli import main
 from fedtune.jobstate import JobState
-from support.jobs import PARTIES, write_job, write_share
+from support.jobs import PARTIES, run_cli, write_job, write_share
 
 
 def fedtune(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
@@ -78,8 +78,8 @@ def test_every_party_evaluates_every_round_on_its_valset(capsys: pytest.CaptureF
     overrides = {p: {"valset": [{"path": str(path)}]} for p, path in valsets.items()}
     job = write_job(folder, tiny_model, sizes=(8, 8, 8), epochs=2, party_overrides=overrides)
     out = tmp_path / "out"
-    code, output = fedtune(capsys, "run", str(job), "--output", str(out))
-    assert code == 0, output
+    done = run_cli("run", str(job), "--output", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
     for party in PARTIES:
         evaluated = summary["parties"][party]["eval"]
@@ -88,6 +88,6 @@ def test_every_party_evaluates_every_round_on_its_valset(capsys: pytest.CaptureF
     for round_ in range(3):  # the same global adapter: the job's loss is the parties' mean (equal valset sizes)
         losses = [summary["parties"][p]["eval"][round_]["loss"] for p in PARTIES]
         assert summary["eval_loss"][round_]["loss"] == pytest.approx(sum(losses) / 3)
-    assert "valset" in output
+    assert all(f"(valset {summary['parties'][p]['eval'][0]['loss']:.3f} -> " in done.stdout for p in PARTIES)
     code, output = fedtune(capsys, "report", str(out))
-    assert code == 0 and (out / "report" / "eval-loss.png").exists()
+    assert code == 0 and str(out / "report" / "index.html") in output and (out / "report" / "eval-loss.png").exists()

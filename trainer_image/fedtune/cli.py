@@ -266,7 +266,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.schema_only:
         from fedtune.preflight import check_job
 
-        plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        try:
+            plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        except SpecError as err:
+            raise SpecError(f"{err}\n(for files that live elsewhere, e.g. on a cluster: --base-dir or --schema-only)"
+                            ) from None
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
