@@ -588,7 +588,7 @@ class Agent:
         }
         if self.relay is not None:
             env.update(self.relay.env())
-        for name in ("LANG", "LC_ALL", "PYENV_ROOT", "VIRTUAL_ENV"):
+        for name in ("LANG", "LC_ALL", "PYENV_ROOT", "VIRTUAL_ENV", "PYTHONPATH"):  # the checkout the host runs
             if name in os.environ:
                 env[name] = os.environ[name]
         if run.gpu_ids:

@@ -85,11 +85,13 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
             "message": "parties: at least one party must have role `label_trainer`",
             "fieldPath": ".parties",
         },
-        # A running federation cannot change its spec consistently under every party;
-        # like a Job's template, the spec is fixed once applied.
-        {"rule": "self == oldSelf", "message": "spec is immutable: delete the resource and apply it again"},
     ],
 }
+# A running federation cannot change its spec consistently under every party; like a Job's
+# template, the spec is fixed once applied, but for spec.runPolicy (a queue suspends and
+# resumes jobs). The rule is made from the spec's fields (`_immutable_rule`).
+MUTABLE_SPEC_FIELDS = ("runPolicy",)
+IMMUTABLE_MESSAGE = "spec is immutable but for runPolicy: delete the resource and apply it again"
 
 # Rules on the whole object: child object names are `<job>-<party>`, and a Service name
 # is a DNS label of at most 63 characters.
@@ -217,12 +219,27 @@ def _convert_object(node: dict[str, Any], defs: dict[str, Any], out: dict[str, A
         out["x-kubernetes-preserve-unknown-fields"] = True
 
 
+def _immutable_rule(schema: dict[str, Any]) -> dict[str, str]:
+    """A transition rule: every field of .spec but MUTABLE_SPEC_FIELDS keeps its value, and one that
+    was absent stays absent (a rule on the field itself would not run when it is added)."""
+    required = set(schema.get("required", []))
+    terms = []
+    for name in schema["properties"]:
+        if name in MUTABLE_SPEC_FIELDS:
+            continue
+        same = f"self.{name} == oldSelf.{name}"
+        terms.append(same if name in required else
+                     f"(has(self.{name}) ? has(oldSelf.{name}) && {same} : !has(oldSelf.{name}))")
+    return {"rule": " && ".join(terms), "message": IMMUTABLE_MESSAGE}
+
+
 def spec_schema() -> dict[str, Any]:
     """The structural schema of `.spec`, from `fedtune.spec.JobSpec`."""
     raw = JobSpec.model_json_schema(mode="validation")
     defs = raw.pop("$defs", {})
     defs["JobSpec"] = raw
     schema = convert({"$ref": "#/$defs/JobSpec"}, defs)
+    schema["x-kubernetes-validations"].append(_immutable_rule(schema))
     parties = schema["properties"]["parties"]
     parties["maxItems"] = _MAX_PARTIES
     # Already implied by the name's pattern; stated so CEL's cost estimate knows it.
@@ -267,7 +284,7 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
-            "phase": {"type": "string", "enum": ["Pending", "Running", "Succeeded", "Failed"]},
+            "phase": {"type": "string", "enum": ["Pending", "Running", "Suspended", "Succeeded", "Failed"]},
             "round": {"type": "string", "description": "aggregation rounds done, `k/K`"},
             "loss": {"type": "number", "nullable": True, "description": "the last training loss reported"},
             "evalLoss": {"type": "number", "description": "the last round's global adapter on the parties' valsets"},

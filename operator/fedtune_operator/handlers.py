@@ -5,7 +5,8 @@
 - A Service, ConfigMap, claim or NetworkPolicy of a job was deleted -> reconcile its job,
   which makes it again.
 - Every `FEDTUNE_RESYNC_SECONDS` the unfinished jobs are reconciled once more: that
-  mirrors round and loss from Redis, which sends no Kubernetes events.
+  mirrors round and loss from Redis, which sends no Kubernetes events, and watches
+  activeDeadlineSeconds; finished jobs with a ttlSecondsAfterFinished stay until it deletes them.
 
 No handler needs a finalizer (no timers, daemons or mandatory delete handlers): children
 go with their owner through garbage collection, so deleting a resource works even when
@@ -64,8 +65,9 @@ def _reconciler() -> Reconciler:
 
 
 def _track(namespace: str, name: str, phase: str | None) -> None:
+    finished = phase in status.FINAL and not _reconciler().awaits_ttl(namespace, name)
     with _State.lock:
-        if phase is None or phase in status.FINAL:
+        if phase is None or finished:
             _State.jobs.discard((namespace, name))
         else:
             _State.jobs.add((namespace, name))

@@ -14,6 +14,9 @@ import sys
 
 import kopf
 
+from fedtune import logs, roles
+from fedtune import metrics as fedtune_metrics
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedtune-operator", description="The fedtune Kubernetes operator.")
@@ -24,6 +27,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level",
         default=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    parser.add_argument(
+        "--log-format", default=os.environ.get(logs.FORMAT_ENV, "text"), choices=logs.FORMATS,
+        help="text lines, or one JSON object per line",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get(roles.METRICS_PORT_ENV) or 0),
+        help="serve Prometheus metrics on this port (/metrics); 0: none",
     )
     parser.add_argument(
         "--liveness",
@@ -42,11 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup("operator", args.log_level, args.log_format)
     if args.log_level != "DEBUG":
         # kopf logs every event handler call ("Handler 'pod_changed' succeeded"): noise at INFO.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers  # noqa: F401  (registers the handlers, and through them the operator's metrics)
+
+    fedtune_metrics.serve("operator", args.metrics_port)
 
     asyncio.run(
         kopf.operator(

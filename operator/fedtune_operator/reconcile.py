@@ -38,7 +38,7 @@ from fedtune import certs
 from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 
-from . import children, jobs, status, tls
+from . import children, jobs, metrics, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
@@ -61,7 +61,7 @@ class Retry(Exception):
 
 
 def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime(status.TIME_FORMAT)
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -90,6 +90,7 @@ class Reconciler:
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
     _static_ok: set[str] = field(default_factory=set)  # job uids whose static children all exist
     _storage_classes: set[str] = field(default_factory=set)  # StorageClasses seen to exist
+    _expiring: set[Key] = field(default_factory=set)  # finished jobs within spec.runPolicy.ttlSecondsAfterFinished
     # Bumped by every deletion seen: a pass that listed before it must not mark the job complete.
     _static_epoch: dict[str, int] = field(default_factory=dict)
 
@@ -117,13 +118,28 @@ class Reconciler:
             while True:
                 with self._mutex:
                     gate.dirty = False
-                phase = self._pass(namespace, name)
+                phase = self._counted_pass(namespace, name)
                 with self._mutex:
                     if not gate.dirty:
                         return phase
         finally:
             with self._mutex:
                 gate.running = False
+
+    def _counted_pass(self, namespace: str, name: str) -> str | None:
+        """One pass, counted and timed for the operator's metrics."""
+        try:
+            with metrics.PASS_SECONDS.time():
+                phase = self._pass(namespace, name)
+        except Retry:
+            metrics.PASSES.labels(result="retry").inc()
+            raise
+        except Exception:
+            metrics.PASSES.labels(result="error").inc()
+            raise
+        metrics.PASSES.labels(result="ok").inc()
+        metrics.job_phase(namespace, name, phase)
+        return phase
 
     def static_changed(self, owner_uid: str) -> None:
         """A Service, ConfigMap or PVC of this job went away: check them all on the next pass."""
@@ -133,8 +149,10 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
         """The resource is gone: drop what this process remembered of it."""
+        metrics.job_phase(namespace, name, None)
         with self._mutex:
             self._gates.pop((namespace, name), None)
+            self._expiring.discard((namespace, name))
             if uid is not None:
                 self._passwords.pop(uid, None)
                 self._static_ok.discard(uid)
@@ -158,6 +176,8 @@ class Reconciler:
         except SpecError as err:
             return self._invalid(body, prev, str(err))
         job = Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
+        if self._expired(job, prev):
+            return None
         problems = children.problems(job)
         if problems:
             return self._invalid(body, prev, "; ".join(problems))
@@ -194,6 +214,7 @@ class Reconciler:
             tls=status.Tls(tls.enabled(job), f"Secret {tls.ca_secret_name(job)}"),
             outputs=jobs.party_outputs(job),
             storage_classes=tuple(sorted(set(classes.values()))),
+            run_policy=job.spec.runPolicy,
         )
         plan.status["observedGeneration"] = body["metadata"].get("generation")
         self._write_status(body, prev, plan.status)
@@ -212,7 +233,30 @@ class Reconciler:
             return self._invalid(body, plan.status, f"the API server refuses a pod of this job: {err.message}")
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
+        self._expired(job, plan.status)  # a job that has just finished: the resync watches its TTL from now
         return plan.status["phase"]
+
+    def _expired(self, job: Job, current: dict[str, Any]) -> bool:
+        """spec.runPolicy.ttlSecondsAfterFinished: delete a job that finished that long ago (its children
+        go with it); one still within its TTL is remembered, for the resync to look at again."""
+        ttl = job.spec.runPolicy.ttlSecondsAfterFinished
+        key = (job.namespace, job.name)
+        if ttl is None or current.get("phase") not in status.FINAL or not current.get("completionTime"):
+            return False
+        if status.seconds_between(current["completionTime"], now_iso()) < ttl:
+            with self._mutex:
+                self._expiring.add(key)
+            return False
+        self.kube.delete(jobs.KIND, job.namespace, job.name)
+        log.info("deleted %s/%s: finished %d s ago (spec.runPolicy.ttlSecondsAfterFinished)", *key, ttl)
+        with self._mutex:
+            self._expiring.discard(key)
+        return True
+
+    def awaits_ttl(self, namespace: str, name: str) -> bool:
+        """A finished job whose TTL has not run out yet."""
+        with self._mutex:
+            return (namespace, name) in self._expiring
 
     def _wait(self, body: dict[str, Any], prev: dict[str, Any], condition: str, reason: str, message: str) -> str:
         """Something the job names is missing (its CA Secret, a StorageClass): say so and wait

@@ -18,15 +18,18 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
 from __future__ import annotations
 
 import copy
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.roles import SCHEDULER
+from fedtune.spec import RunPolicy
 
 from .jobs import Workload
 
-PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+PENDING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Running", "Suspended", "Succeeded", "Failed"
 FINAL = (SUCCEEDED, FAILED)
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # how status writes times (`reconcile.now_iso`)
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,22 @@ def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backof
     return False
 
 
+def seconds_between(earlier: str, later: str) -> float:
+    """Seconds from one status time to another."""
+    start, end = (datetime.datetime.strptime(t, TIME_FORMAT) for t in (earlier, later))
+    return (end - start).total_seconds()
+
+
+def _suspend_workload(rec: dict[str, Any], pod: PodView | None, plan: Plan) -> None:
+    """spec.runPolicy.suspend: the role's pod goes (a role that succeeded stays done)."""
+    if rec["state"] == SUCCEEDED:
+        return
+    if pod is not None and not pod.deleting and pod.phase != SUCCEEDED:
+        plan.delete.append(pod.name)
+    rec["state"] = SUSPENDED
+    rec["podUID"] = None  # a removal the job asked for: its pod comes back on resume, not as a restart
+
+
 def plan(
     *,
     workloads: list[Workload],
@@ -227,15 +246,19 @@ def plan(
     tls: Tls = Tls(),
     outputs: dict[str, str] | None = None,
     storage_classes: tuple[str, ...] = (),
+    run_policy: RunPolicy | None = None,
 ) -> Plan:
     """The next status of one resource and the pod actions that lead there.
 
     `outputs`: each party's adapters folder, for its record; `storage_classes`: those the job
-    names, found in the cluster (condition `Storage`)."""
+    names, found in the cluster (condition `Storage`); `run_policy`: spec.runPolicy (suspend, and
+    the deadline counted from status.startTime, the job's last start)."""
     status = copy.deepcopy(prev)
     result = Plan(status=status)
     prev_phase = prev.get("phase")
     final = prev_phase in FINAL
+    run_policy = run_policy or RunPolicy()
+    suspended = run_policy.suspend and not final
 
     records: dict[str, dict[str, Any]] = {}
     exhausted: list[str] = []
@@ -247,7 +270,9 @@ def plan(
             if pod is not None and not pod.deleting and pod.phase in FINAL:
                 rec["state"] = pod.phase
             continue
-        if _step_workload(rec, pods.get(w.pod_name), w, backoff_limit, result):
+        if suspended:
+            _suspend_workload(rec, pods.get(w.pod_name), result)
+        elif _step_workload(rec, pods.get(w.pod_name), w, backoff_limit, result):
             exhausted.append(w.key)
 
     scheduler = records.pop(SCHEDULER, None)
@@ -267,6 +292,7 @@ def plan(
 
     # --- phase ---------------------------------------------------------------------------
     roles = [*([scheduler] if scheduler is not None else []), *records.values()]
+    deadline = run_policy.activeDeadlineSeconds
     if final:
         phase = prev_phase
     elif exhausted:
@@ -283,6 +309,15 @@ def plan(
         conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
         status["message"] = f"adapters in {output}"
         result.events.append(("Normal", "Succeeded", f"{message}; adapters in {output}"))
+    elif suspended:
+        phase = SUSPENDED
+        status.pop("startTime", None)  # the deadline counts from the next start
+    elif deadline and status.get("startTime") and seconds_between(status["startTime"], now) > deadline:
+        phase = FAILED
+        message = f"the job ran longer than spec.runPolicy.activeDeadlineSeconds ({deadline} s)"
+        conditions = set_condition(conditions, FAILED, "True", "DeadlineExceeded", message, now)
+        status["message"] = message
+        result.events.append(("Warning", "DeadlineExceeded", message))
     elif any(r["state"] == RUNNING for r in roles) or prev_phase == RUNNING:
         # Once started, a job stays Running while a role restarts or waits for the others.
         phase = RUNNING
@@ -295,11 +330,17 @@ def plan(
         status.setdefault("completionTime", now)
     running = "True" if phase == RUNNING else "False"
     conditions = set_condition(conditions, RUNNING, running, phase, f"job is {phase.lower()}", now)
+    conditions = _suspended_condition(conditions, prev_phase, phase, result, now)
     status["conditions"] = conditions
 
     # --- progress from the runtime -----------------------------------------------------------
     if progress is not None:
-        status["round"] = f"{progress.round}/{progress.rounds or rounds}"
+        total = progress.rounds or rounds
+        done_before = int(str(prev.get("round", "0/0")).split("/")[0] or 0)
+        for k in range(done_before + 1, progress.round + 1):  # an Event per round completed since the last pass
+            loss = f"; loss {progress.loss:.4f}" if progress.loss is not None and k == progress.round else ""
+            result.events.append(("Normal", "RoundCompleted", f"round {k}/{total} aggregated{loss}"))
+        status["round"] = f"{progress.round}/{total}"
         if progress.loss is not None:
             status["loss"] = progress.loss
         if progress.eval_loss:  # the global adapter on the parties' valsets: each round, and the last
@@ -324,10 +365,27 @@ def plan(
     elif redis_pod_name is None:
         pass  # Redis runs with the remote assist_trainer
     elif redis is None:
-        result.create_redis = True
+        result.create_redis = not suspended  # a suspended job that has not run yet starts nothing
     elif not redis.deleting and redis.phase in FINAL:
         # Redis serves until the job ends; when it stops, start it again (persistence keeps state).
         result.delete.append(redis.name)
         message = f"redis pod {redis.name} ended ({redis.phase}); restarting it"
         result.events.append(("Warning", "RedisRestart", message))
     return result
+
+
+def _suspended_condition(conditions: list[dict[str, Any]], prev_phase: str | None, phase: str, plan: Plan,
+                         now: str) -> list[dict[str, Any]]:
+    """Condition `Suspended` and its events, from the moment a job is first suspended."""
+    if phase == SUSPENDED:
+        if prev_phase != SUSPENDED:
+            plan.events.append(("Normal", "Suspended", SUSPENDED_MESSAGE))
+        return set_condition(conditions, SUSPENDED, "True", "Suspended", SUSPENDED_MESSAGE, now)
+    if prev_phase == SUSPENDED:
+        plan.events.append(("Normal", "Resumed", "spec.runPolicy.suspend is false: the job's pods start again"))
+        return set_condition(conditions, SUSPENDED, "False", "Resumed", "the job goes on from its last round", now)
+    return conditions
+
+
+SUSPENDED_MESSAGE = ("spec.runPolicy.suspend is true: the job's pods are removed; Redis, the output claims and the "
+                     "Secrets stay, and it goes on from its last round when resumed")

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import copy
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ import yaml
 
 from devtools.nodeagent import hosts, podinit, podspec
 from devtools.nodeagent.network import netns_pids
+from fedtune import roles
 from support.jobs import EXAMPLE, EXAMPLES, PARTIES, POEMS, REPO, assert_identical_adapters
 from support.kube import Api, OperatorProcess, unavailable, wait_for
 
@@ -43,7 +46,7 @@ NODE = "fedtune-test-node"
 # Every namespace the module uses: the agent and the operator touch nothing else.
 NS = {
     key: f"jobs-{key}"
-    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "malformed", "delete")
+    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "suspend", "malformed", "delete")
 }
 HOST_TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount"}
 JOB_TIMEOUT_S = 420.0
@@ -621,13 +624,59 @@ def assert_lora_loads(model: Path, checkpoint: Path, final: dict) -> None:
     assert len([n for n, _ in loaded.named_parameters() if "lora_" in n]) == len(final)
 
 
+def scrape_when(api: Api, ns: str, job: str, ready: Callable[[dict[str, Any]], bool], scraped: dict[str, str]) -> Hook:
+    """A `during` hook: once `ready(status)`, read every role pod's /metrics (once), as Prometheus would."""
+
+    def hook(status: dict[str, Any]) -> None:
+        if scraped or not ready(status):
+            return
+        for pod in api.pods(ns):
+            name, ip = pod["metadata"]["name"], pod["status"].get("podIP")
+            if name != f"{job}-redis" and ip and pod["status"].get("phase") == "Running":
+                url = f"http://{ip}:{roles.METRICS_PORT}/metrics"
+                try:
+                    scraped[name.removeprefix(f"{job}-")] = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError as err:
+                    scraped[name.removeprefix(f"{job}-")] = f"cannot scrape {url}: {err}"
+
+    return hook
+
+
+def series(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a /metrics page (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @cluster
 def test_lora_example_applied_with_kubectl_succeeds(node, operator, api, kubectl, workspace) -> None:
     ns = NS["lora"]
     folder = workspace(ns)
     kubectl("apply", "-n", ns, "-f", str(EXAMPLE))
     describe = diagnose(api, node, operator, ns, "poems-lora")
-    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe)
+    scraped: dict[str, str] = {}
+    scrape = scrape_when(api, ns, "poems-lora", lambda st: int(st.get("round", "0/5").split("/")[0]) >= 2, scraped)
+    status, rounds = run_to_phase(api, ns, "poems-lora", ("Succeeded",), describe, scrape)
+
+    # Mid-job, every role served its metrics (a scrape as Prometheus makes it, at the pod's address).
+    assert set(scraped) == {"scheduler", "assist-trainer", "node-1", "node-2"}, sorted(scraped)
+    failed = {k: v for k, v in scraped.items() if v.startswith("cannot scrape")}
+    assert not failed, f"{failed}\n{describe()}"
+    for party in PARTIES:  # the scheduler sees every party's round and loss
+        assert series(scraped["scheduler"], "fedtune_round", party=party) >= 1, party
+    node1, assist = scraped["node-1"], scraped["assist-trainer"]
+    assert series(node1, "fedtune_round", party="node-1") >= 1 and series(node1, "fedtune_rounds", party="node-1") == 5
+    assert series(node1, "fedtune_train_loss", party="node-1") > 0
+    assert series(node1, "fedtune_sent_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_received_bytes_total", party="node-1") > 0
+    assert series(node1, "fedtune_secure_aggregation_seconds_count", party="node-1", step="protect") >= 1
+    assert series(node1, "fedtune_aggregation_wait_seconds_count", party="node-1") >= 1
+    assert series(node1, "fedtune_round_duration_seconds_count", party="node-1") >= 1
+    assert series(assist, "fedtune_received_bytes_total", party="assist_trainer") > 0
+    assert series(assist, "fedtune_secure_aggregation_seconds_count", party="assist_trainer", step="combine") >= 1
 
     output = node.outputs(ns, "poems-lora")
     assert status["output"] == "pvc://poems-lora-output-<party>/"
@@ -720,6 +769,42 @@ def test_scheduler_and_redis_pods_deleted_mid_job(node, operator, api, kubectl, 
     assert status["scheduler"]["restarts"] >= 1
     assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
     assert_identical_adapters(output, "checkpoint-1")
+
+
+@cluster
+def test_suspended_mid_job_resumes_from_its_last_round(node, operator, api, kubectl, workspace) -> None:
+    """spec.runPolicy.suspend: the role pods go, Redis and the claims stay; resumed, the parties carry on
+    from their saved state and the rounds already made."""
+    ns, name = NS["suspend"], "poems-suspend"
+    workspace(ns)
+    doc = example(EXAMPLE, name)
+    doc["spec"]["trainer"]["num_train_epochs"] = 10  # rounds long enough to suspend between them
+    apply(kubectl, ns, doc)
+    output = node.outputs(ns, name)
+    describe = diagnose(api, node, operator, ns, name)
+    suspended: list[str] = []
+
+    def suspend(value: bool) -> None:
+        patch = json.dumps({"spec": {"runPolicy": {"suspend": value}}})
+        kubectl("patch", "fft", name, "-n", ns, "--type", "merge", "-p", patch)
+
+    def suspend_after_a_round(status: dict[str, Any]) -> None:
+        if not suspended and state_saved(output, "node-1"):
+            suspend(True)
+            suspended.append(status.get("round", ""))
+
+    _, before = run_to_phase(api, ns, name, ("Suspended",), describe, suspend_after_a_round)
+    wait_for("the role pods to go", lambda: {p["metadata"]["name"] for p in api.pods(ns)} == {f"{name}-redis"},
+             60, describe)
+    done = checkpoints(output, "node-1")
+    assert 1 <= len(done) < 5, done  # suspended between rounds, with rounds still to go
+    suspend(False)
+    status, after = run_to_phase(api, ns, name, ("Succeeded",), describe)
+
+    assert_every_round(status, [r for r in [*before, *after] if r], output, ["0.2", "0.4", "0.6", "0.8", "1"])
+    assert_identical_adapters(output, "checkpoint-1")
+    assert "node-1: resuming from its saved state" in node.container_logs(ns, lines=200)
+    assert all(rec["restarts"] == 0 for rec in status["parties"].values()), status["parties"]
 
 
 @cluster

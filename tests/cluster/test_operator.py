@@ -13,6 +13,7 @@ import copy
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedtune.launcher import free_port
 from fedtune.spec import parse_job
 from support import kube
 from support.children import by_kind_name, pod_secrets
@@ -139,7 +141,8 @@ def operator_kubeconfig(control_plane, kubectl, chart, tmp_path_factory) -> Path
 
 @pytest.fixture(scope="module")
 def operator(operator_kubeconfig, tmp_path_factory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log").start()
+    op = OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-log") / "operator.log",
+                         metrics_port=free_port()).start()
     try:
         yield op
     finally:
@@ -357,6 +360,10 @@ def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> No
     doc["spec"]["backoffLimit"] = 7
     result = apply(kubectl, namespace, doc, check=False)
     assert result.returncode != 0 and "immutable" in result.stderr
+    doc["spec"]["backoffLimit"] = 3
+    doc["spec"]["scheduling"] = {"labels": {"team": "a"}}  # not there before: adding it is a change too
+    result = apply(kubectl, namespace, doc, check=False)
+    assert result.returncode != 0 and "immutable" in result.stderr
 
 
 def test_a_pod_the_api_refuses_fails_the_job_naming_the_field(operator, api, kubectl, namespace) -> None:
@@ -395,6 +402,62 @@ def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, name
     assert all(api.pod(namespace, f"runs-{s}") for s in ROLE_PODS)
     events = kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=runs").stdout
     assert "Succeeded" in events
+
+
+def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl, namespace) -> None:
+    doc = small_job("counted")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in (*ROLE_PODS, "redis"):
+        api.set_pod_phase(namespace, f"counted-{suffix}", "Succeeded", exit_code=0)
+    wait_for("Succeeded", lambda: api.status(namespace, "counted").get("phase") == "Succeeded")
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    found = wait_for("the job counted as Succeeded", lambda: (m := scrape()).get(
+        'fedtune_operator_jobs{phase="Succeeded"}', 0) >= 1 and m)
+    assert found['fedtune_operator_reconciles_total{result="ok"}'] > 0
+    assert found["fedtune_operator_reconcile_duration_seconds_count"] > 0
+
+
+def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None:
+    """activeDeadlineSeconds fails a job that runs too long and stops its pods; ttlSecondsAfterFinished
+    then deletes the resource, and garbage collection its children."""
+    doc = small_job("bounded")
+    doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 3}
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in (*ROLE_PODS, "redis"):
+        api.set_pod_phase(namespace, f"bounded-{suffix}", "Running")
+    wait_for("Failed", lambda: api.status(namespace, "bounded").get("phase") == "Failed", describe=operator.tail)
+    failed = condition(api.status(namespace, "bounded"), "Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (2 s)" in failed["message"]
+    wait_for("the pods to be stopped", lambda: all(p["metadata"].get("deletionTimestamp") or not
+                                                   p["metadata"]["name"].startswith("bounded-")
+                                                   for p in api.pods(namespace)))
+    wait_for("the resource deleted after its TTL", lambda: api.job(namespace, "bounded") is None, 30,
+             describe=operator.tail)
+
+
+def test_spec_run_policy_alone_may_change(operator, api, kubectl, namespace) -> None:
+    doc = small_job("pausable")
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    patch = '{"spec": {"runPolicy": {"suspend": true}}}'
+    kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge", "-p", patch)
+    wait_for("Suspended", lambda: api.status(namespace, "pausable").get("phase") == "Suspended")
+    assert not [p for p in api.pods(namespace) if not p["metadata"].get("deletionTimestamp")
+                and p["metadata"]["name"] != "pausable-redis"]  # the role pods go; Redis keeps the state
+    kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    wait_for("Resumed", lambda: condition(api.status(namespace, "pausable"), "Suspended").get("reason") == "Resumed")
+    # Anything else is fixed, an added field included.
+    result = kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge",
+                     "-p", '{"spec": {"trainer": {"seed": 7}}}', check=False)
+    assert result.returncode != 0 and "immutable but for runPolicy" in result.stderr
 
 
 def test_a_failing_party_is_retried_then_fails_the_job_with_its_reason(operator, api, kubectl, namespace) -> None:
@@ -486,7 +549,7 @@ def test_network_policy_selects_the_jobs_pods_and_admits_redis_clients_only(oper
 
     everyone = {f"fenced-{s}" for s in ("redis", *ROLE_PODS)}
     assert selected(spec["podSelector"]) == everyone
-    redis, grpc = spec["ingress"]
+    redis, grpc, _metrics = spec["ingress"]
     assert [p["port"] for p in redis["ports"]] == [6379]
     (clients,) = redis["from"]  # the operator runs outside the cluster here: no rule for its pod
     assert selected(clients["podSelector"]) == {"fenced-scheduler", "fenced-assist-trainer"}
@@ -661,6 +724,9 @@ def test_progress_is_mirrored_from_the_jobs_redis(operator, api, kubectl, namesp
         assert st["loss"] == pytest.approx(0.75)
         assert st["parties"]["node-1"]["step"] == 30
         assert "3/5" in kubectl("get", "fft", "tracked", "-n", namespace).stdout
+        rounds = wait_for("an Event per round", lambda: len(e := events_of(api, namespace, "tracked",
+                                                                          "RoundCompleted")) == 3 and e)
+        assert sorted(rounds)[-1] == "Normal round 3/5 aggregated; loss 0.7500"
     finally:
         proc.terminate()
         proc.wait(10)

@@ -111,7 +111,7 @@ def test_deployment_is_hardened() -> None:
 
 
 def test_operator_says_who_it_is_and_takes_only_health_checks() -> None:
-    """Jobs' NetworkPolicies admit the operator's pod to Redis by these; its own admits only /healthz."""
+    """Jobs' NetworkPolicies admit the operator's pod to Redis by these; its own admits only /healthz and metrics."""
     docs = render()
     (deploy,) = by_kind(docs, "Deployment")
     pod = deploy["spec"]["template"]
@@ -122,7 +122,8 @@ def test_operator_says_who_it_is_and_takes_only_health_checks() -> None:
     assert all(pod["metadata"]["labels"][k] == v for k, v in pairs.items())
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"] == pairs
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}]}]
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080},
+                                                    {"protocol": "TCP", "port": 9090}]}]  # health, metrics
     assert not by_kind(render("networkPolicy.enabled=false"), "NetworkPolicy")
 
 
@@ -193,3 +194,31 @@ def test_every_value_is_documented_in_the_charts_readme() -> None:
     missing = [p for p in _value_paths(values) if f"`{p}`" not in readme]
     assert not missing, f"charts/fedtune-operator/README.md does not describe {missing}"
     assert "--server-side" in readme and "crds/" in readme  # how CRDs are upgraded
+
+
+def test_metrics_service_service_monitors_and_json_logs() -> None:
+    docs = render()
+    (deploy,) = by_kind(docs, "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-port=9090" in container["args"] and "--log-format=text" in container["args"]
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert all(deploy["spec"]["template"]["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert {"protocol": "TCP", "port": 9090} in policy["spec"]["ingress"][0]["ports"]
+    assert not by_kind(docs, "ServiceMonitor")  # needs the Prometheus Operator: only when asked
+
+    docs = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom",
+                  "watchNamespaces={team-a}")
+    monitors = {m["metadata"]["name"]: m for m in by_kind(docs, "ServiceMonitor")}
+    operator, jobs = monitors["fedtune-fedtune-operator"], monitors["fedtune-fedtune-operator-jobs"]
+    assert operator["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "metrics"
+    assert jobs["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert jobs["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/part-of": "fedtune"}
+    assert all(m["metadata"]["labels"]["release"] == "prom" and m["spec"]["endpoints"][0]["port"] == "metrics"
+               for m in monitors.values())
+
+    (deploy,) = by_kind(render("metrics.enabled=false", "logFormat=json"), "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--log-format=json" in args and not any(a.startswith("--metrics-port") for a in args)

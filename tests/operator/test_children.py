@@ -86,5 +86,5 @@ def test_a_guest_organisation_runs_only_its_label_trainers(example) -> None:
     assert document["spec"]["scheduler"]["address"] == "fedtune.host.example:55005"
     assert document["spec"]["parties"][0]["address"] == "fedtune.host.example:55004"
     assert "address" not in document["spec"].get("redis", {})
-    # Nothing here serves: every ingress is denied.
-    assert network_policy(job)["spec"]["ingress"] == []
+    # Nothing here serves but its metrics: every other ingress is denied.
+    assert network_policy(job)["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9090}]}]

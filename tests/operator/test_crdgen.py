@@ -117,7 +117,10 @@ def test_cross_field_rules_are_cel(schema) -> None:
     assert "(has(self.LORA) ? 1 : 0) + (has(self.PREFIX_TUNING) ? 1 : 0) + (has(self.ADALORA) ? 1 : 0)" in (
         " ".join(rules))
     spec_rules = [r["rule"] for r in schema["properties"]["spec"]["x-kubernetes-validations"]]
-    assert "self == oldSelf" in spec_rules
+    (immutable,) = [r for r in spec_rules if "oldSelf" in r]
+    for name in schema["properties"]["spec"]["properties"]:  # every field but runPolicy keeps its value
+        assert (f"self.{name} == oldSelf.{name}" in immutable) == (name != "runPolicy"), name
+    assert "has(self.trainer) ? has(oldSelf.trainer)" in immutable  # an optional field cannot be added later
     assert any("assist_trainer" in r for r in spec_rules)
     assert schema["properties"]["metadata"]["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
 

@@ -11,7 +11,8 @@ def test_the_hosting_side_lets_remote_parties_reach_its_grpc_ports(example) -> N
     example["spec"]["parties"][2]["remote"] = {"address": "bank-b.example:55006"}
     example["spec"]["tls"] = {"caSecret": "federation-ca"}
     policy = network_policy(make_job(example))
-    redis, grpc = policy["spec"]["ingress"]
+    redis, grpc, metrics = policy["spec"]["ingress"]
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}]}  # the roles' metrics: from anywhere
     assert "from" not in grpc  # another organisation's party calls in; mutual TLS decides
     assert grpc["ports"] == [{"protocol": "TCP", "port": 55004}, {"protocol": "TCP", "port": 55005}]
     assert redis["ports"] == [{"protocol": "TCP", "port": 6379}] and redis["from"]
@@ -22,7 +23,8 @@ def test_network_policy_denies_all_but_the_jobs_own_traffic(job) -> None:
     spec = policy["spec"]
     job_pods = {"matchLabels": {"app.kubernetes.io/part-of": "fedtune", "fedtune.io/job": "poems-lora"}}
     assert spec["podSelector"] == job_pods and spec["policyTypes"] == ["Ingress"]
-    redis, grpc = spec["ingress"]
+    redis, grpc, metrics = spec["ingress"]
+    assert metrics == {"ports": [{"protocol": "TCP", "port": 9090}]}
     assert redis["ports"] == [{"protocol": "TCP", "port": 6379}]
     clients, operator = redis["from"]
     assert clients["podSelector"]["matchLabels"] == job_pods["matchLabels"]

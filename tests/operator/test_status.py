@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from fedtune.spec import RunPolicy
 from fedtune_operator import status as s
 from fedtune_operator.jobs import output_location, workloads
 from support.children import make_job
@@ -26,6 +27,8 @@ class World:
         self.pods: dict[str, s.PodView] = {}
         self.status: dict[str, Any] = {}
         self.events: list[tuple[str, str, str]] = []
+        self.now = "2026-01-01T00:00:00Z"
+        self.policy = RunPolicy()
 
     def step(self, progress: s.Progress | None = None) -> s.Plan:
         plan = s.plan(
@@ -36,8 +39,9 @@ class World:
             backoff_limit=self.job.spec.backoffLimit,
             rounds=len(self.job.spec.fractions()),
             output=output_location(self.job),
-            now="2026-01-01T00:00:00Z",
+            now=self.now,
             progress=progress,
+            run_policy=self.policy,
         )
         self.status = plan.status
         self.events += plan.events
@@ -289,3 +293,60 @@ def test_each_party_record_says_where_its_adapters_land_and_a_found_class_is_a_t
     storage = next(c for c in plan.status["conditions"] if c["type"] == "Storage")
     assert storage["status"] == "True" and "fast" in storage["message"]
     assert not any(c["type"] == "Storage" for c in world.step().status["conditions"])  # none named: none
+
+
+def test_an_event_per_completed_round(world) -> None:
+    world.step(s.Progress(round=1, rounds=5, loss=2.0))
+    assert [e for e in world.events if e[1] == "RoundCompleted"] == [
+        ("Normal", "RoundCompleted", "round 1/5 aggregated; loss 2.0000")]
+    world.step(s.Progress(round=1, rounds=5, loss=1.9))  # the same round again: no new event
+    world.step(s.Progress(round=3, rounds=5, loss=1.5))  # two rounds between passes: one event each
+    assert [e[2] for e in world.events if e[1] == "RoundCompleted"] == [
+        "round 1/5 aggregated; loss 2.0000", "round 2/5 aggregated", "round 3/5 aggregated; loss 1.5000"]
+
+
+def running_world(**policy: Any) -> World:
+    world = World()
+    world.policy = RunPolicy(**policy)
+    world.step()
+    for name in [*ROLE_PODS, "poems-lora-redis"]:
+        world.set_phase(name, "Running")
+    world.step()
+    return world
+
+
+def test_suspend_removes_the_role_pods_and_resume_brings_them_back_without_counting_restarts() -> None:
+    world = running_world()
+    assert world.status["phase"] == "Running" and world.status["startTime"]
+    world.policy = RunPolicy(suspend=True)
+    plan = world.step()
+    assert sorted(plan.delete) == sorted(ROLE_PODS) and not plan.create  # Redis keeps the job's state
+    assert world.status["phase"] == "Suspended" and "startTime" not in world.status
+    assert world.condition("Suspended")["status"] == "True" and world.condition("Running")["status"] == "False"
+    assert all(r["state"] == "Suspended" for r in world.status["parties"].values())
+    assert world.step().create == [] and [e[1] for e in world.events].count("Suspended") == 1
+    world.policy = RunPolicy(suspend=False)
+    plan = world.step()
+    assert sorted(w.pod_name for w in plan.create) == sorted(ROLE_PODS)
+    assert world.condition("Suspended")["reason"] == "Resumed" and world.events[-1][1] == "Resumed"
+    assert all(r["restarts"] == 0 for r in world.status["parties"].values())
+    assert not [e for e in world.events if e[1] == "Recreating"]
+
+
+def test_a_job_created_suspended_starts_nothing() -> None:
+    world = World()
+    world.policy = RunPolicy(suspend=True)
+    plan = world.step()
+    assert not plan.create and not plan.create_redis and world.status["phase"] == "Suspended"
+
+
+def test_past_its_active_deadline_a_running_job_fails_and_stops() -> None:
+    world = running_world(activeDeadlineSeconds=60)
+    world.now = "2026-01-01T00:00:59Z"
+    assert world.step().delete == [] and world.status["phase"] == "Running"
+    world.now = "2026-01-01T00:01:01Z"
+    plan = world.step()
+    assert world.status["phase"] == "Failed"
+    failed = world.condition("Failed")
+    assert failed["reason"] == "DeadlineExceeded" and "activeDeadlineSeconds (60 s)" in failed["message"]
+    assert sorted(plan.delete) == sorted([*ROLE_PODS, "poems-lora-redis"])

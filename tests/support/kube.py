@@ -98,9 +98,9 @@ class OperatorProcess:
     """`python -m fedtune_operator.main` as a subprocess logging to a file (all namespaces unless given)."""
 
     def __init__(self, kubeconfig: Path, log: Path, *, namespaces: list[str] | None = None,
-                 resync_s: float | None = 1.0) -> None:
+                 resync_s: float | None = 1.0, metrics_port: int | None = None) -> None:
         self.kubeconfig, self.log = kubeconfig, log
-        self.namespaces, self.resync_s = namespaces, resync_s
+        self.namespaces, self.resync_s, self.metrics_port = namespaces, resync_s, metrics_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -108,6 +108,8 @@ class OperatorProcess:
         if self.resync_s is not None:
             env["FEDTUNE_RESYNC_SECONDS"] = f"{self.resync_s:g}"
         scope = [a for ns in self.namespaces for a in ("--namespace", ns)] if self.namespaces else ["--all-namespaces"]
+        if self.metrics_port:
+            scope += ["--metrics-port", str(self.metrics_port)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fedtune_operator.main", *scope, "--liveness", ""],

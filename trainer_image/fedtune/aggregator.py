@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
-from fedtune import transport
+from fedtune import metrics, transport
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
@@ -116,6 +116,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             survivors = sum(self.weights[p] for p in [*protected, *plaintext])
             total = {k: (v.astype(np.float64) / survivors).astype(np.float32) for k, v in total.items()}
         self.state.put_global(round_, transport.pack_tensors(total))
+        metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         without = f" without {', '.join(dropped)}" if dropped else ""
         log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
                  without, time.perf_counter() - started)
@@ -298,6 +299,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def Submit(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.JobPhase:
         header, blob = transport.join_chunks(request_iterator)
         self._training_caller(header.party, context)
+        metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
         return self._answer(context, lambda: self.accept(header.round, header.party, blob))
 
     def ShareKeys(self, request: pb.EncryptedShares, context: grpc.ServicerContext) -> pb.JobPhase:
@@ -321,6 +323,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {err}")
         header = pb.BlobHeader(party=request.party, round=request.round, ready=blob is not None,
                                phase=self.state.phase(), unmask=unmask)
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob or b""))
         yield from transport.blob_chunks(header, blob or b"")
 
 
@@ -348,6 +351,7 @@ class AggregatorClient:
             lambda: self.stub.Submit(transport.blob_chunks(header, blob), timeout=300),
             what=f"submit round {round_}", deadline_s=self.deadline_s,
         )
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob))
 
     def share_keys(self, shares: dict[str, bytes]) -> None:
         request = pb.EncryptedShares(party=self.party, shares=shares)
@@ -363,6 +367,7 @@ class AggregatorClient:
                 what=f"fetch round {round_}", deadline_s=self.deadline_s,
             )
             if header.ready:
+                metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
                 return blob
             if header.HasField("unmask"):
                 if reveal is None:

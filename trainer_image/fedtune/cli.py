@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedtune import __version__, roles
+from fedtune import __version__, logs, roles
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
 log = logging.getLogger("fedtune")
@@ -30,8 +30,7 @@ DEFAULT_ROLE_OUTPUT = "output/[JOB_ID]/[NODE_ID]"  # a role's adapters without -
 
 
 def _setup_logging(name: str, level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
-                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    logs.setup(name, level)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, ranks, roles, transport
+from fedtune import certs, files, metrics, ranks, roles, transport
 from fedtune.adalora import RankBudget
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.data import load_qa, tokenize_qa
@@ -98,6 +98,10 @@ class Party:
 
     def run(self) -> None:
         lead = self.ranks.leader
+        if lead:  # rank 0 speaks for the party, its metrics included
+            metrics.serve(self.ctx.name)
+            metrics.mine(metrics.ROUNDS).set(len(self.spec.fractions()))
+        self.round_started = time.perf_counter()
         authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
         own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
@@ -273,6 +277,7 @@ class Party:
                 self._save_round(round_)
                 self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
                                       **self._evaluation(round_))
+                self._round_done(round_)
             return
         if not self.ranks.leader:
             self._load_global(round_)
@@ -281,19 +286,31 @@ class Party:
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
         update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
         if self.aggregator is not None:
-            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(self.codec.encode_plain(update)))
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                plain = self.codec.encode_plain(update)
+            self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
-            if self.plus is not None:
-                protected = self.plus.protect(update, round_)
-            else:
-                protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                               job_id=self.ctx.job.job_id, round_=round_)
+            with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
+                if self.plus is not None:
+                    protected = self.plus.protect(update, round_)
+                else:
+                    protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                                   job_id=self.ctx.job.job_id, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
         self._save_round(round_)
-        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
-                              round_wait_s=time.perf_counter() - waited, **self._evaluation(round_))
+        wait_s = time.perf_counter() - waited
+        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s,
+                              **self._evaluation(round_))
+        metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
+        self._round_done(round_)
+
+    def _round_done(self, round_: int) -> None:
+        metrics.mine(metrics.ROUND).set(round_)
+        now = time.perf_counter()
+        metrics.mine(metrics.ROUND_SECONDS).observe(now - self.round_started)
+        self.round_started = now
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -304,6 +321,7 @@ class Party:
         if self.args.get("report_to") not in (None, "none", []):  # TensorBoard's logs beside the adapters
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.ctx.output_dir / "runs"))
         def on_log(step: int, loss: float) -> None:
+            metrics.mine(metrics.TRAIN_LOSS).set(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
@@ -331,6 +349,7 @@ class Party:
             self._load_global(round_)
             self._save_round(round_)
             self.scheduler.report("aggregated", round=round_, **self._evaluation(round_))
+            self._round_done(round_)
 
     def _serve_until_done(self) -> None:
         """Keep serving the last global adapter until every party has it and the job is over."""

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedtune import transport
+from fedtune import metrics, transport
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.roles import SCHEDULER
 from fedtune.spec import FederatedFineTune
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         fields: dict[str, Any] = {"state": request.state, "round": request.round, "step": request.step}
         if request.max_steps:
             fields["max_steps"] = request.max_steps
+        if request.state != "failed":  # a failure report carries no round
+            metrics.ROUND.labels(party=party).set(request.round)
         if request.has_loss:
             fields["loss"] = request.loss
+            metrics.TRAIN_LOSS.labels(party=party).set(request.loss)
             record = {"step": request.step, "loss": request.loss, "round": request.round, "t": time.time()}
             self.state.append_metric(party, record)
         if request.has_eval_loss:
@@ -248,6 +252,9 @@ def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.T
     server, port = transport.make_server(listen, tls)
     pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state, identity), server)
     state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
+    metrics.serve(SCHEDULER)
+    for party in job.spec.parties:
+        metrics.ROUNDS.labels(party=party.name).set(len(job.spec.fractions()))
     server.start()
     log.info("scheduler of job %s listening on port %d", job.job_id, port)
     try:

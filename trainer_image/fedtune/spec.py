@@ -327,6 +327,21 @@ class Scheduling(_Strict):
     podTemplate: dict[str, Any] | None = Field(None, json_schema_extra=_kube_type("PodTemplateOverlay"))
 
 
+class RunPolicy(_Strict):
+    """How long a job may run, how long it stays once finished, and whether it runs now (Kubernetes only).
+
+    The one part of a spec that may change once applied (a queue such as Kueue sets `suspend`).
+    """
+
+    # Counted from when the job last started running (a suspension restarts the count); past it, the job fails.
+    activeDeadlineSeconds: int | None = Field(None, ge=1)
+    # This long after the job succeeded or failed, the resource (and with it every child) is deleted.
+    ttlSecondsAfterFinished: int | None = Field(None, ge=0)
+    # True: the job's pods are removed (Redis, the claims and the Secrets stay); false again: it goes on
+    # from the last round.
+    suspend: bool = False
+
+
 class Remote(_Strict):
     """A party run by another organisation: only its address is known here."""
 
@@ -432,6 +447,7 @@ class JobSpec(_Strict):
     tls: Tls = Field(default_factory=Tls)
     backoffLimit: int = Field(3, ge=0)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    runPolicy: RunPolicy = Field(default_factory=RunPolicy)
 
     @model_validator(mode="after")
     def _parties_make_a_federation(self) -> JobSpec:

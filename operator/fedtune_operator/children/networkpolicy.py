@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.roles import LABEL_TRAINER, PORTS, REDIS_PORT, REDIS_ROLES
+from fedtune.roles import LABEL_TRAINER, METRICS_PORT, PORTS, REDIS_PORT, REDIS_ROLES
 
 from ..jobs import (
     LABEL_COMPONENT,
@@ -52,7 +52,9 @@ def network_policy(job: Job, operator: OperatorPeer | None = None) -> dict[str, 
     - Redis (6379): from the scheduler and the assist_trainer, which keep state there, and
       from the operator's pod, which reads round and loss for the status;
     - gRPC: from the job's own pods; when parties are remote, from anywhere, since another
-      organisation's parties call in (mutual TLS, required then, decides who may).
+      organisation's parties call in (mutual TLS, required then, decides who may);
+    - the roles' metrics port: from anywhere (Prometheus runs where the cluster puts it; the
+      metrics say how far training is, nothing of the data or the adapters).
     Egress stays open: the roles resolve names and the operator's pod may be anywhere.
     """
     job_pods = {"matchLabels": {LABEL_PART_OF: PART_OF, LABEL_JOB: job.name}}
@@ -79,6 +81,8 @@ def network_policy(job: Job, operator: OperatorPeer | None = None) -> dict[str, 
         if all(p.remote is None for p in job.spec.parties):
             rule = {"from": [{"podSelector": job_pods}], **rule}
         rules.append(rule)
+    if workloads(job):
+        rules.append({"ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -180,6 +180,7 @@ def _role_env(job: Job, workload: Workload) -> list[dict[str, Any]]:
         env.append({"name": roles.TORCH_THREADS_ENV, "valueFrom": {"resourceFieldRef": cpus}})
     env += [
         {"name": roles.PARTY_ENV, "value": workload.key},
+        {"name": roles.METRICS_PORT_ENV, "value": str(roles.METRICS_PORT)},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *({"name": k, "value": v} for k, v in CACHE_ENV.items()),
@@ -242,7 +243,8 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
             output_dir=party_output_dir(job, party_name) if party_name and spec.output else None)],
         "workingDir": spec.workingDir,
         "env": _role_env(job, workload),
-        "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]}],
+        "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]},
+                  {"name": "metrics", "containerPort": roles.METRICS_PORT}],
         "resources": _resources(party),
         "securityContext": container_security(TRAINER_UID),
         "volumeMounts": mounts,

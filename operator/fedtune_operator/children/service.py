@@ -1,4 +1,5 @@
-"""Services: J-redis:6379, J-scheduler:55005 and one per local party, J-<party>:55004/55006."""
+"""Services: J-redis:6379, J-scheduler:55005 and one per local party, J-<party>:55004/55006 (each role's also
+on its metrics port, 9090)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fedtune.roles import REDIS_PORT
 from ..jobs import Job, Workload, child_name, component_of, labels, metadata, workload_party
 
 
-def service(job: Job, name: str, component: str, port: int, port_name: str, party: str | None = None) -> dict:
+def service(job: Job, name: str, component: str, ports: dict[str, int], party: str | None = None) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -22,15 +23,15 @@ def service(job: Job, name: str, component: str, port: int, port_name: str, part
             # Resolvable as soon as the pod has an address: the roles retry until peers serve.
             "publishNotReadyAddresses": True,
             "selector": labels(job.name, component, party),
-            "ports": [{"name": port_name, "port": port, "targetPort": port, "protocol": "TCP"}],
+            "ports": [{"name": n, "port": port, "targetPort": port, "protocol": "TCP"} for n, port in ports.items()],
         },
     }
 
 
 def redis_service(job: Job) -> dict[str, Any]:
-    return service(job, child_name(job.name, "redis"), "redis", REDIS_PORT, "redis")
+    return service(job, child_name(job.name, "redis"), "redis", {"redis": REDIS_PORT})
 
 
 def role_service(job: Job, workload: Workload) -> dict[str, Any]:
-    component = component_of(workload.role)
-    return service(job, workload.pod_name, component, roles.PORTS[workload.role], "grpc", workload_party(workload))
+    ports = {"grpc": roles.PORTS[workload.role], "metrics": roles.METRICS_PORT}
+    return service(job, workload.pod_name, component_of(workload.role), ports, workload_party(workload))
