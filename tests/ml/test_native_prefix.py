@@ -123,3 +123,12 @@ def test_chat_refuses_an_own_encoder_prefix_on_a_model_without_one(tiny_model: P
     ckpt = save_checkpoint(model, tmp_path / "checkpoint-1")
     with pytest.raises(ModelError, match="builds none"):
         load_for_chat(tiny_model, ckpt)
+
+
+def test_a_folder_with_its_own_code_loads_alike_every_time(remote_chatglm: Path) -> None:
+    """transformers registers a remote class on its first load and takes it bare afterwards: LoRA must still apply."""
+    lora = Peft(LORA=Lora(r=2, target_modules=["query_key_value"]))
+    for _ in range(2):
+        model, _ = load_base_model(remote_chatglm)
+        peft_model, _ = apply_adapter(model, lora)
+        assert hasattr(peft_model, "prepare_inputs_for_generation")

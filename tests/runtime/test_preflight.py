@@ -114,6 +114,21 @@ def test_model_folder_without_config(capsys: pytest.CaptureFixture, tmp_path: Pa
     run_refused(capsys, job, tmp_path, "spec.parties[2].pretrained_model.path", "no config.json")
 
 
+def test_missing_shard_and_chatglm_v1_name_the_field(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                     model: Path) -> None:
+    (model / "model.safetensors").unlink()
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                            "b.weight": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    (model / "model-00001-of-00002.safetensors").write_bytes(b"")
+    job = write_job(tmp_path / "job", model)
+    run_refused(capsys, job, tmp_path, "spec.input.pretrained_model.path",
+                "shard model-00002-of-00002.safetensors named by model.safetensors.index.json is missing")
+    (model / "model-00002-of-00002.safetensors").write_bytes(b"")
+    (model / "config.json").write_text(json.dumps({"model_type": "chatglm", "position_encoding_2d": True}))
+    run_refused(capsys, job, tmp_path, "spec.input.pretrained_model.path", "ChatGLM-6B (v1) is not supported")
+
+
 # --- keys and rounds (these import transformers and peft) ---------------------------------------
 
 

@@ -30,6 +30,7 @@ from fedtune.models import (
     load_base_model,
     native_prefix_encoder,
     saved_adapter_kind,
+    use_chatglm_prefix,
 )
 from fedtune.spec import Peft, PrefixTuning
 
@@ -47,6 +48,8 @@ def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, devic
             model = PeftModel.from_pretrained(model, str(adapter_path)).to(device)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelError(f"{adapter_path}: cannot load the adapter onto {model_path}: {err}") from None
+        if _is_prefix_tuned(model):
+            use_chatglm_prefix(model)
     return model.eval(), tokenizer
 
 

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--pretrain-steps", type=int, default=200,
                       help="steps of language-model training on the data's texts (0: random weights)")
 
+    convert = sub.add_parser("convert", help="convert a ChatGLM2/3 or GLM-4 remote-code folder to a native GLM folder")
+    convert.add_argument("src", type=Path, help="the folder with config.json (model_type chatglm) and its weights")
+    convert.add_argument("dst", type=Path, help="the native folder to write (must not exist)")
+
+    export = sub.add_parser("export-adapter", help="write a checkpoint trained on a converted ChatGLM model in "
+                            "ChatGLM's own parameter names (for its inference code)")
+    export.add_argument("checkpoint", type=Path, help="a checkpoint-<fraction> folder")
+    export.add_argument("dst", type=Path, help="the folder to write (must not exist)")
+
     xfl = sub.add_parser("import-xfl", help="turn an XFL config folder into a job YAML that runs as XFL runs it")
     xfl.add_argument("config_dir", type=Path, help="the folder of fed_conf.json and trainer_config_<node>.json "
                      "(without fed_conf.json, the network comes from $__ENIGMA_FEDAPP_TASK_NETWORK__ and "
@@ -233,6 +242,27 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from fedtune.chatglm import convert_folder
+
+    _refuse_existing(args.dst)
+    print(convert_folder(args.src, args.dst))
+    return 0
+
+
+def cmd_export_adapter(args: argparse.Namespace) -> int:
+    from fedtune.chatglm import export_adapter
+
+    _refuse_existing(args.dst)
+    print(export_adapter(args.checkpoint, args.dst))
+    return 0
+
+
+def _refuse_existing(dst: Path) -> None:
+    if dst.exists():
+        raise SpecError(f"{dst}: already exists; choose a new folder")
+
+
 def cmd_import_xfl(args: argparse.Namespace) -> int:
     from fedtune.xfl import import_xfl
 
@@ -313,7 +343,7 @@ COMMANDS = {
     "run": cmd_run, roles.SUBCOMMANDS[roles.SCHEDULER]: cmd_scheduler,
     roles.SUBCOMMANDS[roles.ASSIST_TRAINER]: cmd_party, roles.SUBCOMMANDS[roles.LABEL_TRAINER]: cmd_party,
     "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "report": cmd_report,
-    "validate": cmd_validate, "certs": cmd_certs,
+    "validate": cmd_validate, "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
 }
 
 

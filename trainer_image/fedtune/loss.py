@@ -62,7 +62,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], rows):
             chunk_targets = targets[start:start + rows]
-            logits = nn.functional.linear(hidden[start:start + rows], weight, bias).float()
+            # In the weight's dtype, as lm_head computes under autocast (a half-precision base's hidden states may
+            # arrive in float32 here, outside the autocast region).
+            logits = nn.functional.linear(hidden[start:start + rows].to(weight.dtype), weight, bias).float()
             probs = torch.softmax(logits, dim=-1)
             index = torch.arange(len(chunk_targets), device=hidden.device)
             picked = probs[index, chunk_targets]

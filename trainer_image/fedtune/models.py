@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from fedtune.files import staged_dir
+from fedtune.modelfiles import ModelError, check_folder, is_chatglm
+from fedtune.precision import FLOAT32, Precision, quantization_config
 from fedtune.spec import Peft, PrefixTuning
 
 REFERENCE_PREFIX = "transformer.prefix_encoder."  # key prefix of the reference's P-tuning file
@@ -55,10 +57,6 @@ warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", ca
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
-class ModelError(ValueError):
-    """A model, adapter or adapter state that cannot be used; the message names the path, key or tensor."""
-
-
 # --- base model ---------------------------------------------------------------------------
 
 
@@ -68,38 +66,67 @@ def has_remote_code(folder: Path) -> bool:
 
 
 def load_base_model(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    config_overrides: dict[str, Any] | None = None,
+    path: str | Path, *, device: str | torch.device = "cpu", precision: Precision = FLOAT32,
+    config_overrides: dict[str, Any] | None = None, field: str = "input.pretrained_model",
 ) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local folder; nothing is downloaded. `config_overrides` change its config
-    before the model is built (ChatGLM's `pre_seq_len`)."""
+    """(model, tokenizer) from a local folder; nothing is downloaded. `precision` says how the base weights are held
+    (see `fedtune.precision`); `config_overrides` change its config before the model is built (ChatGLM's
+    `pre_seq_len`). A ChatGLM2/3 or GLM-4 remote-code folder is converted to the native GLM (`fedtune.chatglm`)."""
+    from transformers import CONFIG_MAPPING
+
+    from fedtune import chatglm
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: pretrained model folder not found")
+    config = check_folder(folder, CONFIG_MAPPING)  # the format and every weight shard, named if wrong
+    if is_chatglm(config):
+        if precision.quantization is not None:
+            raise ModelError(f"{field}.quantization: {folder} is a ChatGLM remote-code folder, converted at load in "
+                             "full precision; convert it once (fedtune convert SRC DST) and quantise the native DST")
+        model, tokenizer = chatglm.load_native(folder, precision.dtype), chatglm.load_tokenizer(folder)
+    else:
+        model, tokenizer = _load_with_transformers(folder, precision, device, config_overrides)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id will do
+    return (model if precision.quantization else model.to(device)), tokenizer
+
+
+def _load_with_transformers(folder: Path, precision: Precision, device: str | torch.device,
+                            config_overrides: dict[str, Any] | None) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: pretrained model folder not found")
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder}: no config.json: not a transformers model folder")
     remote = has_remote_code(folder)
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": remote}
+    weights: dict[str, Any] = {"dtype": precision.dtype}
+    if precision.quantization is not None:  # bitsandbytes places the quantised weights itself
+        weights.update(quantization_config=quantization_config(precision), device_map={"": torch.device(device)})
+    # A folder's own code may fail in any way on this transformers version: say which folder, and why.
+    failures = (OSError, ValueError, KeyError, RuntimeError) + ((AttributeError, TypeError, ImportError, NameError)
+                                                                if remote else ())
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
         if config_overrides:
             common["config"] = AutoConfig.from_pretrained(folder, **common, **config_overrides)
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **common)
+            model = AutoModelForCausalLM.from_pretrained(folder, **weights, **common)
         except ValueError:
             if not remote:
                 raise
-            # ChatGLM-6B (v1) maps only AutoModel to its causal-LM class.
-            model = AutoModel.from_pretrained(folder, dtype=dtype, **common)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"{folder}: cannot load the model: {err}") from None
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id will do
-    return model.to(device), tokenizer
+            # Checkpoints whose code maps only AutoModel to their causal-LM class.
+            model = AutoModel.from_pretrained(folder, **weights, **common)
+    except failures as err:
+        code = " (in the folder's own modelling code)" if remote else ""
+        raise ModelError(f"{folder}: cannot load the model{code}: {type(err).__name__}: {err}") from None
+    if remote:
+        # transformers gives a remote class GenerationMixin (which peft's causal-LM wrapper needs) only the first
+        # time a process loads it; later loads take the bare class it registered. Make every load alike.
+        from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
+
+        model.__class__ = add_generation_mixin_to_remote_model(type(model))
+    return model, tokenizer
 
 
 # --- adapters -----------------------------------------------------------------------------
@@ -237,7 +264,17 @@ def apply_adapter(model: nn.Module, peft_spec: Peft, adapter_path: str | Path | 
         if adapter_path is not None:
             _load_prefix_weights(peft_model, Path(adapter_path))
             notes.append(f"continuing from {adapter_path}")
+    if peft_spec.PREFIX_TUNING is not None:
+        use_chatglm_prefix(peft_model)
+    _adapter_in_float32(peft_model)
     return peft_model, describe(peft_model, notes)
+
+
+def _adapter_in_float32(model: nn.Module) -> None:
+    """Whatever the base's dtype, the adapter trains in float32: 16-bit weights would round small updates away."""
+    for _, param in _trainable(model):
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _continue_peft(model: nn.Module, adapter_path: str | Path, kind: str) -> Any:
@@ -292,6 +329,69 @@ def _from_reference_key(key: str) -> str:
     return key.replace("trans.", "transform.", 1) if key.startswith("trans.") else key
 
 
+# --- P-tuning v2 through peft, as ChatGLM runs it ----------------------------------------
+
+
+def use_chatglm_prefix(peft_model: Any) -> None:
+    """Make peft's prefix tuning behave as ChatGLM2/3's P-tuning v2, in training and in generation.
+
+    peft puts the prefix into the KV cache. Two things differ from ChatGLM, fixed by a pre-hook on
+    the base model:
+    - positions: ChatGLM numbers the tokens from 0, the prefix not counted (peft and transformers
+      would start at `pre_seq_len`). With the same positions, a prefix trained here is the same
+      function under ChatGLM's own code, which is what writing it back as
+      `transformer.prefix_encoder.*` promises.
+    - activation checkpointing: transformers drops the cache of checkpointed layers (the backward's
+      replay would append to it twice), which would silently drop the prefix. In training the
+      prefix is therefore handed over as a cache that is read and never written, which checkpointed
+      layers may keep.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = peft_model.get_base_model()
+    prefix_len = peft_model.active_peft_config.num_virtual_tokens
+    for module in base.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True  # safe: in training the cache is read-only (above)
+    base.register_forward_pre_hook(_chatglm_prefix_hook(prefix_len), with_kwargs=True)
+
+
+def _chatglm_prefix_hook(prefix_len: int) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        name = "cache" if kwargs.get("cache") is not None else "past_key_values"
+        cache = kwargs.get(name)
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if cache is None or tokens is None:
+            return None
+        if kwargs.get("position_ids") is None:
+            start = cache.get_seq_length() - prefix_len  # tokens already decoded; the prefix is not counted
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            kwargs["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+        if module.training:
+            kwargs[name] = _read_only(cache)
+        return args, kwargs
+
+    return hook
+
+
+def _read_only(cache: Any) -> Any:
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """One layer's prefix: every update returns prefix + new states and stores nothing."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return Cache(layers=[PrefixLayer(layer.keys, layer.values) for layer in cache.layers])
+
+
 # --- the model's own P-tuning v2 (ChatGLM) ------------------------------------------------
 
 
@@ -311,8 +411,8 @@ def native_prefix_overrides(folder: str | Path, peft_spec: Peft) -> dict[str, An
         declared = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # load_base_model says what is wrong with it
-    if "pre_seq_len" not in declared:
-        return None
+    if "pre_seq_len" not in declared or declared.get("model_type") == "chatglm":
+        return None  # ChatGLM2/3 and GLM-4 folders become native models: peft's prefix, ChatGLM's conventions
     if spec.prefix_hidden_size is not None:
         raise ModelError("peft.PREFIX_TUNING.prefix_hidden_size: the prefix encoder of "
                          f"{folder} is the model's own and uses its hidden_size; remove the option")

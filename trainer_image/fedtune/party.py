@@ -38,6 +38,7 @@ from fedtune.models import (
     native_prefix_overrides,
     save_checkpoint,
 )
+from fedtune.precision import resolve_precision, with_mixed_precision
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
@@ -112,7 +113,8 @@ class Party:
         self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
         self.features = self._load_data(self.spec.trainset(self.me))
         self.valset = self._load_data(self.spec.valset(self.me))
-        self.args = self.spec.trainer_args(self.me)
+        self.args = with_mixed_precision(self.spec.trainer_args(self.me), self.precision,
+                                         self.spec.base_model_field(self.me))
         self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
         agg_steps = aggregation_steps(self.spec.fractions(), self.max_steps) if self.features else []
         server = self._start_aggregator() if self.is_assist and lead else None
@@ -141,13 +143,15 @@ class Party:
 
     def _build_model(self) -> tuple[Any, Any]:
         transformers.set_seed(self.spec.trainer.seed)  # the same job gives the same initial adapter
-        model_path = resolve_path(self.spec.pretrained_model(self.me), self.ctx.base_dir)
-        model, tokenizer = load_base_model(str(model_path), device=self._device(),
+        base = self.spec.base_model(self.me)
+        self.precision = resolve_precision(base, self._device(), self.spec.base_model_field(self.me))
+        model_path = resolve_path(base.path, self.ctx.base_dir)
+        model, tokenizer = load_base_model(str(model_path), device=self._device(), precision=self.precision,
                                            config_overrides=native_prefix_overrides(model_path, self.spec.peft))
         adapter = self.spec.input.adapter_model
         adapter_path = str(resolve_path(adapter.path, self.ctx.base_dir)) if adapter else None
         model, note = apply_adapter(model, self.spec.peft, adapter_path)
-        log.info("%s: %s", self.ctx.name, note)
+        log.info("%s: %s; %s", self.ctx.name, note, self.precision.describe())
         return model, tokenizer
 
     def _device(self) -> str:

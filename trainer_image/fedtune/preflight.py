@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.data import DataError, dataset_files, load_file
+from fedtune.modelfiles import ModelError, check_folder
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -67,12 +68,17 @@ def _check_party_files(spec: JobSpec, index: int, party: Party, base_dir: Path) 
 
 
 def check_model_folder(folder: Path, field: str) -> None:
+    """The folder exists, holds a format fedtune loads (a ChatGLM folder it can convert) and every weight shard."""
     if not folder.is_dir():
         raise SpecError(f"{field}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise SpecError(f"{field}: {folder} has no config.json: not a transformers model folder")
     if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
+    try:
+        check_folder(folder)
+    except ModelError as err:
+        raise SpecError(f"{field}: {err}") from None
 
 
 def count_instances(entries: list[TrainsetEntry], base_dir: Path, field: str, spec: JobSpec) -> int:

@@ -39,13 +39,23 @@ class PathRef(_Strict):
     path: str = Field(min_length=1)
 
 
+class PretrainedModel(PathRef):
+    """The base model: a local folder (native GLM, or a ChatGLM2/3 / GLM-4 folder converted at load), how it is held."""
+
+    # auto: bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU. Adapters always
+    # train, travel and are aggregated in float32; the Trainer's mixed precision follows this dtype.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # QLoRA: the base weights quantised to 4 or 8 bits by bitsandbytes (CUDA only).
+    quantization: Literal["4bit", "8bit"] | None = None
+
+
 class TrainsetEntry(_Strict):
     type: Literal["QA"] = "QA"
     path: str = Field(min_length=1)
 
 
 class Input(_Strict):
-    pretrained_model: PathRef
+    pretrained_model: PretrainedModel
     adapter_model: PathRef | None = None
     trainset: list[TrainsetEntry] = Field(default_factory=list)
     # Held-out QA data: each party evaluates every round's global adapter on its valset.
@@ -356,7 +366,7 @@ class Party(_Strict):
     role: Literal["assist_trainer", "label_trainer"]
     trainset: list[TrainsetEntry] | None = None
     valset: list[TrainsetEntry] | None = None
-    pretrained_model: PathRef | None = None
+    pretrained_model: PretrainedModel | None = None
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
     # Data-parallel training processes of this party (default: one per `resources.gpu`, at least one).
@@ -550,7 +560,17 @@ class JobSpec(_Strict):
         return f"spec.parties[{index}].{'ranks' if party.ranks else 'resources.gpu'}"
 
     def pretrained_model(self, party: Party) -> str:
-        return (party.pretrained_model or self.input.pretrained_model).path
+        return self.base_model(party).path
+
+    def base_model(self, party: Party) -> PretrainedModel:
+        """The party's own `pretrained_model` (path, dtype, quantization) if set, else `input.pretrained_model`."""
+        return party.pretrained_model or self.input.pretrained_model
+
+    def base_model_field(self, party: Party) -> str:
+        """Where `base_model(party)` comes from, for messages."""
+        if party.pretrained_model is None:
+            return "input.pretrained_model"
+        return f"parties[{self.parties.index(party)}].pretrained_model"
 
     def trainer_args(self, party: Party) -> dict[str, Any]:
         """The assist_trainer's shared trainer keys with this party's local ones on top."""
