@@ -149,6 +149,9 @@ def plain(job_file: Path, party: str) -> None:
     from fedtune.data import FeatureDataset, collator_for, load_qa, tokenize_qa
     from fedtune.spec import load_job
 
+    threads = os.environ.get("FEDTUNE_TORCH_THREADS")  # the same threads per process as the job's parties
+    if threads:
+        torch.set_num_threads(int(threads))
     spec = load_job(job_file).spec
     base = spec.input.pretrained_model
     on_cpu = spec.trainer.no_cuda
@@ -264,7 +267,7 @@ def compare(name: str, shape: Shape, args: argparse.Namespace, work: Path, on_gp
     fed_tps, fed_peak = run_federated(job_file, folder / "out", on_gpu, sequence * args.batch)
     flops, peak = shape.flops_per_token(sequence), peak_flops()
     mfu = (lambda tps: f"{100 * tps * flops / peak:.1f} %") if peak else (lambda tps: "n/a")
-    print(f"\n{name}: {shape.weights() / 1e9:.2f} B weights, sequence {sequence}, batch {args.batch}, "
+    print(f"\n{name}: {shape.weights() / 1e6:,.1f} M weights, sequence {sequence}, batch {args.batch}, "
           f"{args.steps} steps per party, {dtype}")
     print(f"  plain transformers + peft: {plain_tps:10.1f} tokens/s  MFU {mfu(plain_tps):>8}  "
           f"peak {plain_peak / 2 / 2**30:.2f} GiB per party")

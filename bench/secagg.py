@@ -11,8 +11,16 @@ next to `plain` (float32 copy; float64 sum) in the same run, and prints the byte
 sends. All times are single-threaded wall clock, best of --repeat runs. The aggregator's work
 does not depend on the generator, so it is timed once per (adapter, parties, bits).
 
-    python bench/secagg.py           # the full matrix (several minutes, mostly HMAC_DRBG)
-    python bench/secagg.py --quick   # LoRA only, 2 and 8 parties (about a minute)
+The dropout case (issue 14) times `secagg_plus` on the LoRA adapter for 8 and 32 label_trainers,
+one of which drops out, next to `otp` in the same run: a party's masking (`protect`, one more
+stream than otp: its self-mask) and reveal; the aggregator's round without dropouts (sum,
+n self-masks off, decode) against otp's `combine`; and its recovery, the round with one
+dropout (Shamir reconstruction, the survivors' self-masks and the pair masks with the dropped
+party off).
+
+    python bench/secagg.py             # the full matrix (several minutes, mostly HMAC_DRBG), then dropouts
+    python bench/secagg.py --quick     # LoRA only, 2 and 8 parties (about a minute), dropouts at 8
+    python bench/secagg.py --dropout   # only the dropout case, 8 and 32 parties
 """
 
 from __future__ import annotations
@@ -33,12 +41,14 @@ import numpy as np
 from common import chatglm_lora_shapes
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 
-from fedtune.secagg import Tensors, UpdateCodec, make_codec
+from fedtune.secagg import SecAggPlusCodec, Tensors, UpdateCodec, make_codec
 from fedtune.secagg.streams import make_generator, mask_info
 
 GOAL_SPEEDUP = 20.0  # fast generator vs HMAC_DRBG
 GOAL_MASK_GBPS = 1.0  # mask bytes per second and core
 GOAL_ADDED_S = 1.0  # added per round and party, 8 parties
+GOAL_PLUS_PARTY_S = 1.0  # secagg_plus, per party and round, 8 parties
+GOAL_RECOVERY_S = 2.0  # secagg_plus, the aggregator's round with one dropout, 8 parties
 
 
 def ptuning_shapes() -> dict[str, tuple[int, ...]]:
@@ -229,12 +239,129 @@ def verdicts(rates: dict[str, float], rows: list[dict]) -> list[str]:
     return out
 
 
+# --- dropouts (secagg_plus) ----------------------------------------------------------------------
+
+
+class PlusFederation:
+    """n label_trainers under secagg_plus that have published their keys and encrypted their shares."""
+
+    def __init__(self, names: list[str], bits: int) -> None:
+        self.names = names
+        self.codec: SecAggPlusCodec = make_codec({"secagg_plus": {"key_bitlength": bits}}, label_trainers=names,
+                                                 rounds=5)
+        self.masters = {p: self.codec.new_private_key() for p in names}
+        self.publics = {p: self.codec.public_key(m) for p, m in self.masters.items()}
+        self.parties = {p: self.join(p) for p in names}
+        self.shares = {p: party.encrypted_shares() for p, party in self.parties.items()}
+        self.masked: dict[str, Tensors] = {}
+
+    def join(self, name: str) -> Any:
+        return self.codec.party(self.masters[name], name, "bench", self.publics)
+
+    def reveals(self, uploaded: list[str], dropped: list[str]) -> dict[str, dict[str, bytes]]:
+        """The first `threshold` uploaders' answers to the aggregator's request for round 1 (each a fresh
+        party object: a party answers one split per round, and the benchmark asks for two)."""
+        revealers = uploaded[: self.codec.threshold]
+        return {p: self.join(p).reveal(1, uploaded, dropped, self.inbox(p)) for p in revealers}
+
+    def inbox(self, recipient: str) -> dict[str, bytes]:
+        return {o: self.codec.round_ciphertexts(self.shares[o][recipient], 1, o) for o in self.names if o != recipient}
+
+    def unmask(self, uploaded: list[str], dropped: list[str], answers: dict) -> Tensors:
+        return self.codec.unmask({p: self.masked[p] for p in uploaded}, {}, job_id="bench", round_=1,
+                                 publics=self.publics, dropped=dropped, reveals=answers)
+
+
+def setup_one(federation: PlusFederation, name: str) -> None:
+    """What a label_trainer computes before round 1: its keys, the pair keys, its encrypted shares."""
+    federation.join(name).encrypted_shares()
+
+
+def bench_dropout_case(n: int, bits: int, repeat: int) -> dict:
+    """secagg_plus against otp (both X25519 + ChaCha20), LoRA r=8, one label_trainer dropping out."""
+    shapes = chatglm_lora_shapes()
+    names = [f"node-{i:02d}" for i in range(n)]
+    me, gone, survivors = names[0], names[-1], names[:-1]
+    updates = updates_for(shapes, names)
+    plus = PlusFederation(names, bits)
+    setup_s, _ = best_of(repeat, setup_one, plus, me)
+    party_s, _ = best_of(repeat, plus.parties[me].protect, updates[me], 1)
+    plus.masked = {p: plus.parties[p].protect(updates[p], 1) for p in names}
+    reveal_s, _ = best_of(repeat, plus.parties[me].reveal, 1, survivors, [gone], plus.inbox(me))
+    agg_s, _ = best_of(repeat, plus.unmask, names, [], plus.reveals(names, []))
+    recovery_s, total = best_of(repeat, plus.unmask, survivors, [gone], plus.reveals(survivors, [gone]))
+    first = next(iter(shapes))
+    error = float(np.abs(total[first] - sum(updates[p][first].astype(np.float64) for p in survivors)).max())
+    plus.masked = {}
+    otp_codec = make_codec({"otp": {"key_bitlength": bits}})
+    pair = secrets_for(names)
+    otp_party_s, _ = best_of(repeat, protect_one, otp_codec, updates[me], me, pair[me])
+    protected = {p: protect_one(otp_codec, updates[p], p, pair[p]) for p in names}
+    otp_agg_s, _ = best_of(repeat, otp_codec.combine, protected, {})
+    row = {"parties": n, "bits": bits, "threshold": plus.codec.threshold, "setup_s": setup_s, "party_s": party_s,
+           "otp_party_s": otp_party_s, "reveal_s": reveal_s, "agg_s": agg_s, "otp_agg_s": otp_agg_s,
+           "recovery_s": recovery_s, "max_error": error}
+    print(format_dropout_row(row), flush=True)
+    return row
+
+
+DROPOUT_HEADER = (
+    f"{'parties':>7}{'t':>4}{'bits':>5}{'setup s':>9}{'party s':>9}{'x otp':>7}{'reveal s':>10}"
+    f"{'agg s':>8}{'x otp':>7}{'recovery s':>12}{'max err':>10}"
+)
+
+
+def format_dropout_row(r: dict) -> str:
+    return (
+        f"{r['parties']:>7}{r['threshold']:>4}{r['bits']:>5}{r['setup_s']:>9.3f}{r['party_s']:>9.3f}"
+        f"{r['party_s'] / r['otp_party_s']:>7.2f}{r['reveal_s']:>10.4f}{r['agg_s']:>8.3f}"
+        f"{r['agg_s'] / r['otp_agg_s']:>7.2f}{r['recovery_s']:>12.3f}{r['max_error']:>10.1e}"
+    )
+
+
+def dropout_verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["parties"] != 8:
+            continue
+        ok = "met" if r["party_s"] < GOAL_PLUS_PARTY_S else "MISSED"
+        out.append(f"secagg_plus, 8 parties: {r['party_s']:.3f} s per label_trainer and round "
+                   f"(goal < {GOAL_PLUS_PARTY_S:.0f} s): {ok}")
+        ok = "met" if r["recovery_s"] < GOAL_RECOVERY_S else "MISSED"
+        out.append(f"secagg_plus, 8 parties, one dropout: the aggregator's round takes {r['recovery_s']:.3f} s "
+                   f"(goal < {GOAL_RECOVERY_S:.0f} s): {ok}")
+    return out
+
+
+def print_dropout(party_counts: list[int], repeat: int) -> None:
+    print("dropout case (secagg_plus vs otp, X25519 + ChaCha20, LoRA r=8, 3,670,016 weights, 5 rounds of keys):")
+    print("setup: a party's keys, pair keys and encrypted shares for its peers; party: encode + masks;")
+    print("reveal: a survivor's shares for a round; agg: sum + masks off + decode, nobody dropped (x otp: against")
+    print("otp's combine); recovery: the aggregator's round with one label_trainer dropped out.")
+    print(DROPOUT_HEADER)
+    rows = [bench_dropout_case(n, 64, repeat) for n in party_counts]
+    print_goals("issue 14", dropout_verdicts(rows))
+
+
+def print_goals(issue: str, lines: list[str]) -> None:
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"goals ({issue}):")
+    for line in lines:
+        print(f"  {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="LoRA adapter, 2 and 8 parties only")
+    parser.add_argument("--dropout", action="store_true", help="only the secagg_plus dropout case")
     parser.add_argument("--repeat", type=int, default=None, help="best of N runs per measurement (default 3, quick 1)")
     args = parser.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
+    if args.dropout:
+        print(machine())
+        print()
+        print_dropout([8, 32], repeat)
+        return 0
     adapters = ["lora-r8"] if args.quick else list(ADAPTERS)
     party_counts = [2, 8] if args.quick else [2, 4, 8, 16]
 
@@ -253,10 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     for adapter in adapters:
         rows += bench_adapter(adapter, party_counts, [64, 128], ["chacha20", "hmac_drbg"], repeat)
     print()
-    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("goals (issue 3):")
-    for line in verdicts(rates, rows):
-        print(f"  {line}")
+    print_goals("issue 3", verdicts(rates, rows))
+    print()
+    print_dropout([8] if args.quick else [8, 32], repeat)
     return 0
 
 

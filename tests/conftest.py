@@ -10,6 +10,17 @@ import pytest
 from support.jobs import POEMS
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Jobs started by the tests cache their tokenised data here, not in the user's cache folder."""
+    from fedtune.roles import CACHE_DIR_ENV
+
+    folder = tmp_path_factory.mktemp("token-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_DIR_ENV, str(folder))
+        yield folder
+
+
 @pytest.fixture
 def redis_server() -> Iterator:
     from fedtune.launcher import RedisServer

@@ -301,6 +301,22 @@ def status_schema() -> dict[str, Any]:
             "scheduler": component,
             "parties": {"type": "object", "additionalProperties": copy.deepcopy(component)},
             "conditions": {"type": "array", "items": condition},
+            "warnings": {"type": "array", "items": {"type": "string"},
+                         "description": "what the job's settings leave open (each also a Warning event)"},
+            "dropouts": {"type": "object", "description": "secagg_plus: round -> the label_trainers it went without",
+                         "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+            "privacy": {
+                "type": "object",
+                "description": "privacy.dp: the (epsilon, delta) guarantee of the rounds done so far",
+                "properties": {
+                    "epsilon": {"type": "number", "nullable": True, "description": "null: no noise, no finite ε"},
+                    "delta": {"type": "number"},
+                    "rounds": {"type": "integer"},
+                    "noise_multiplier": {"type": "number"},
+                    "clip_norm": {"type": "number"},
+                    "accountant": {"type": "string"},
+                },
+            },
         },
     }
 
@@ -348,6 +364,7 @@ def crd() -> dict[str, Any]:
                         {"name": "Round", "type": "string", "jsonPath": ".status.round"},
                         {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
                         {"name": "Eval", "type": "number", "jsonPath": ".status.evalLoss"},
+                        {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacy.epsilon"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": schema},

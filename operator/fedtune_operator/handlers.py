@@ -23,11 +23,10 @@ import threading
 from typing import Any, ClassVar
 
 import kopf
-import kubernetes
 
 from . import status
 from .jobs import GROUP, KIND, LABEL_JOB, LABEL_PART_OF, PART_OF, PLURAL, VERSION
-from .kube import ApiError
+from .kube import ApiError, api_client
 from .reconcile import Reconciler, Retry
 
 log = logging.getLogger(__name__)
@@ -46,21 +45,9 @@ class _State:
     resync: threading.Thread | None = None
 
 
-def _api_client() -> kubernetes.client.ApiClient:
-    """In a pod: the service account; elsewhere: $KUBECONFIG, as kopf itself logs in."""
-    config = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=config)
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)
-    # Handlers run in a thread pool; let each of them hold a connection.
-    config.connection_pool_maxsize = 32
-    return kubernetes.client.ApiClient(config)
-
-
 def _reconciler() -> Reconciler:
     if _State.reconciler is None:
-        _State.reconciler = Reconciler(_api_client())
+        _State.reconciler = Reconciler(api_client())
     return _State.reconciler
 
 

@@ -12,6 +12,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import kubernetes
 from kubernetes import client
 
 from .jobs import API_VERSION, KIND, PLURAL
@@ -26,10 +27,28 @@ PLURALS = {
     "Event": "events",
     "NetworkPolicy": "networkpolicies",
     "StorageClass": "storageclasses",
+    "Lease": "leases",
     KIND: PLURAL,
 }
 # The API group and version of kinds outside the core group.
-GROUP_VERSIONS = {"NetworkPolicy": "networking.k8s.io/v1", "StorageClass": "storage.k8s.io/v1", KIND: API_VERSION}
+GROUP_VERSIONS = {
+    "NetworkPolicy": "networking.k8s.io/v1",
+    "StorageClass": "storage.k8s.io/v1",
+    "Lease": "coordination.k8s.io/v1",
+    KIND: API_VERSION,
+}
+
+
+def api_client() -> client.ApiClient:
+    """In a pod: the service account; elsewhere: $KUBECONFIG, as kopf itself logs in."""
+    config = client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)
+    # Handlers run in a thread pool; let each of them hold a connection.
+    config.connection_pool_maxsize = 32
+    return client.ApiClient(config)
 
 
 class ApiError(Exception):
@@ -105,6 +124,11 @@ class Kube:
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         meta = manifest["metadata"]
         return self.request("POST", self.path(manifest["kind"], meta["namespace"]), body=manifest)
+
+    def replace(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """PUT the whole object; with metadata.resourceVersion set, a 409 when it changed meanwhile."""
+        meta = manifest["metadata"]
+        return self.request("PUT", self.path(manifest["kind"], meta["namespace"], meta["name"]), body=manifest)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         try:

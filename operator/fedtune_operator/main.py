@@ -1,7 +1,11 @@
-"""`fedtune-operator`: run the operator (kopf, standalone: one replica, no peering).
+"""`fedtune-operator`: run the operator (kopf, standalone: no kopf peering).
 
 fedtune-operator --namespace team-a --namespace team-b   # only these namespaces
 fedtune-operator --all-namespaces                         # cluster-wide
+fedtune-operator -A --leader-elect --lease-namespace ops  # one of several replicas (`leader.py`)
+
+With --leader-elect a replica waits, answering its liveness probe, until it holds the Lease;
+then it reconciles until it loses it, and exits (status 1) so that it comes back as a standby.
 """
 
 from __future__ import annotations
@@ -10,12 +14,18 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kopf
 
 from fedtune import logs, roles
 from fedtune import metrics as fedtune_metrics
+
+EXIT_LOST_LEASE = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,8 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--liveness",
         default=os.environ.get("FEDTUNE_LIVENESS", "http://0.0.0.0:8080/healthz"),
-        help="kopf's liveness endpoint; empty to disable",
+        help="kopf's liveness endpoint (a standby answers it too); empty to disable",
     )
+    election = parser.add_argument_group("leader election (several replicas, one reconciling)")
+    election.add_argument("--leader-elect", action="store_true", help="reconcile only while holding the Lease")
+    election.add_argument("--lease-name", default="fedtune-operator")
+    election.add_argument("--lease-namespace", default=os.environ.get("FEDTUNE_OPERATOR_NAMESPACE") or "default")
+    election.add_argument("--lease-duration", type=float, default=15.0,
+                          help="seconds without renewal after which a standby takes the Lease")
+    election.add_argument("--identity", default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+                          help="this replica's name in the Lease (default: the pod's name)")
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         env = [n for n in os.environ.get("FEDTUNE_WATCH_NAMESPACES", "").replace(",", " ").split() if n]
@@ -49,6 +67,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             parser.error("name the namespaces to watch (--namespace, FEDTUNE_WATCH_NAMESPACES) or --all-namespaces")
     return args
+
+
+def _run_kopf(args: argparse.Namespace, stop: threading.Event | None = None) -> None:
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespace,
+            liveness_endpoint=args.liveness or None,
+            stop_flag=stop,
+        )
+    )
+
+
+def _standby_health(liveness: str) -> ThreadingHTTPServer | None:
+    """A standby's answer on the liveness endpoint (kopf serves it once this replica leads)."""
+    if not liveness:
+        return None
+    url = urllib.parse.urlsplit(liveness)
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            found = self.path == (url.path or "/")
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(b"standby\n" if found else b"")
+
+        def log_message(self, *_: object) -> None:  # probes every few seconds: no log line each
+            pass
+
+    server = ThreadingHTTPServer((url.hostname or "0.0.0.0", url.port or 80), Health)
+    threading.Thread(target=server.serve_forever, name="fedtune-standby-health", daemon=True).start()
+    return server
+
+
+def _lead_then_run(args: argparse.Namespace) -> int:
+    from .kube import Kube, api_client
+    from .leader import LeaseElector
+
+    renew_s = max(1.0, args.lease_duration / 3)
+    # Calls time out before a renewal is due: a hung call must not outlive the lease.
+    elector = LeaseElector(Kube(api_client(), timeout_s=renew_s), args.lease_namespace, args.lease_name,
+                           args.identity, duration_s=args.lease_duration, renew_s=renew_s)
+    never = threading.Event()
+    health = _standby_health(args.liveness)
+    try:
+        elector.acquire(never)
+    finally:
+        if health is not None:
+            health.shutdown()
+            health.server_close()
+    lost, done = threading.Event(), threading.Event()
+    elector.keep(lost.set, done)
+    try:
+        _run_kopf(args, stop=lost)
+    finally:
+        done.set()
+    if lost.is_set():
+        return EXIT_LOST_LEASE
+    elector.release()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,15 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # noqa: F401  (registers the handlers, and through them the operator's metrics)
 
     fedtune_metrics.serve("operator", args.metrics_port)
-
-    asyncio.run(
-        kopf.operator(
-            standalone=True,
-            clusterwide=args.all_namespaces,
-            namespaces=args.namespace,
-            liveness_endpoint=args.liveness or None,
-        )
-    )
+    if args.leader_elect:
+        return _lead_then_run(args)
+    _run_kopf(args)
     return 0
 
 

@@ -7,8 +7,10 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
   reason, exit code and message (then the job's other running pods are stopped).
 - Phase: any role Running -> Running (and it stays Running while a role restarts); the
   scheduler and every local party Succeeded -> Succeeded; Succeeded and Failed are final.
-- Round and loss come from the runtime's job state in Redis (`Progress`), when it could
-  be read; otherwise the last known values stay.
+- Round and loss (and, when the job has them, its dropouts and ε) come from the runtime's
+  job state in Redis (`Progress`), when it could be read; otherwise the last known values stay.
+  The runtime's warnings (DP without secure aggregation, ...) join `status.warnings`, each
+  with a Warning event, once.
 - Condition `TLS` says how the roles authenticate each other; a job with
   `spec.tls.enabled: false` gets it False with a Warning event, once.
 - A job whose assist_trainer is remote (another organisation hosts the federation) runs
@@ -56,6 +58,9 @@ class Progress:
     error: str = ""
     parties: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval_loss: list[dict[str, float]] = field(default_factory=list)  # by round, over every valset
+    dropouts: dict[str, list[str]] = field(default_factory=dict)  # secagg_plus: round -> who it went without
+    privacy: dict[str, Any] | None = None  # privacy.dp: ε for δ so far
+    warnings: list[str] = field(default_factory=list)  # what the job's settings leave open, said at its start
 
 
 @dataclass(frozen=True)
@@ -348,6 +353,14 @@ def plan(
             status["evalLoss"] = progress.eval_loss[-1]["loss"]
         if progress.error and phase != SUCCEEDED:
             status["message"] = progress.error
+        if progress.dropouts:
+            status["dropouts"] = progress.dropouts
+        if progress.privacy is not None:
+            status["privacy"] = progress.privacy
+        for warning in progress.warnings:  # each once, as a Warning event too
+            if warning not in status.setdefault("warnings", []):
+                status["warnings"].append(warning)
+                result.events.append(("Warning", "JobWarning", warning))
         for name, info in progress.parties.items():
             if name in records:
                 records[name].update({k: v for k, v in info.items() if k in ("round", "step", "loss")})

@@ -46,7 +46,8 @@ NODE = "fedtune-test-node"
 # Every namespace the module uses: the agent and the operator touch nothing else.
 NS = {
     key: f"jobs-{key}"
-    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "suspend", "malformed", "delete")
+    for key in ("agent", "lora", "ptuning", "party-restart", "scheduler-restart", "suspend", "ha", "malformed",
+                "delete")
 }
 HOST_TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "mount": "mount"}
 JOB_TIMEOUT_S = 420.0
@@ -253,7 +254,8 @@ def operator(control_plane, node, kubectl, tmp_path_factory) -> Iterator[Operato
     wait_for("the CRD to be established",
              lambda: kubectl("get", "crd", "federatedfinetunes.fedtune.io", "-o", established, check=False).stdout
              == "True", 60)
-    namespaces = [ns for key, ns in NS.items() if key != "agent"]  # the agent tests run no operator
+    # The agent tests run no operator; the HA test runs two of its own.
+    namespaces = [ns for key, ns in NS.items() if key not in ("agent", "ha")]
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(control_plane.kubeconfig, log, namespaces=namespaces).start()
     try:
@@ -805,6 +807,56 @@ def test_suspended_mid_job_resumes_from_its_last_round(node, operator, api, kube
     assert_identical_adapters(output, "checkpoint-1")
     assert "node-1: resuming from its saved state" in node.container_logs(ns, lines=200)
     assert all(rec["restarts"] == 0 for rec in status["parties"].values()), status["parties"]
+
+
+@cluster
+def test_the_standby_operator_takes_over_when_the_leader_dies(node, operator, api, kubectl, workspace,
+                                                              control_plane, tmp_path) -> None:
+    """Two replicas with leader election: only the leader reconciles; SIGKILLed mid-job (and a party's pod
+    deleted with it), the standby takes the Lease, makes the pod again and sees the job to its end."""
+    ns, name = NS["ha"], "poems-ha"
+    workspace(ns)
+    replicas = {
+        who: OperatorProcess(control_plane.kubeconfig, tmp_path / f"{who}.log", namespaces=[ns], args=(
+            "--leader-elect", "--lease-namespace", ns, "--lease-duration", "6", "--identity", who)).start()
+        for who in ("replica-a", "replica-b")
+    }  # fmt: skip
+    try:
+        def holder() -> str:
+            lease = kubectl("get", "lease", "fedtune-operator", "-n", ns, "-o", "jsonpath={.spec.holderIdentity}",
+                            check=False)
+            return lease.stdout.strip()
+
+        leader_name = wait_for("a leader", holder, 60)
+        leader = replicas[leader_name]
+        standby_name, standby = next((w, r) for w, r in replicas.items() if w != leader_name)
+        doc = example(EXAMPLE, name)
+        doc["spec"]["trainer"]["num_train_epochs"] = 10  # rounds long enough to fail over between them
+        apply(kubectl, ns, doc)
+        output = node.outputs(ns, name)
+        describe = diagnose(api, node, standby, ns, name)
+        killed: list[str] = []
+
+        def kill_the_leader(_status: dict[str, Any]) -> None:
+            if not killed and state_saved(output, "node-1"):
+                leader.stop(signal.SIGKILL)
+                kubectl("delete", "pod", f"{name}-node-1", "-n", ns, "--wait=false")
+                killed.append(leader_name)
+
+        status, rounds = run_to_phase(api, ns, name, ("Succeeded",), describe, kill_the_leader)
+        assert killed, "the job ended before its leader could be killed"
+        assert holder() == standby_name
+        assert status["parties"]["node-1"]["restarts"] >= 1  # the pod deleted with the leader was made again
+        assert_every_round(status, rounds, output, ["0.2", "0.4", "0.6", "0.8", "1"])
+        # Only the leader reconciled: the standby made nothing before it held the Lease.
+        lines = standby.lines()
+        took_over = next(i for i, line in enumerate(lines) if f"{standby_name} leads" in line)
+        assert not [line for line in lines[:took_over] if "fedtune_operator.reconcile" in line]
+        assert any("created Pod" in line for line in lines[took_over:])
+        assert any("created Pod" in line for line in leader.lines())
+    finally:
+        for replica in replicas.values():
+            replica.stop()
 
 
 @cluster

@@ -247,6 +247,50 @@ def test_helm_install_establishes_the_crd(chart, kubectl, helm) -> None:
     assert "0 chart(s) failed" in lint.stdout
 
 
+def test_one_replica_holds_the_lease_a_standby_takes_it_when_renewals_stop(operator_kubeconfig, kubectl) -> None:
+    """The election itself, with the chart's RBAC: a renewed Lease stays; one left to expire, or released,
+    goes to a standby; a leader that finds its Lease taken says so."""
+    import threading
+
+    import kubernetes
+
+    from fedtune_operator.kube import Kube
+    from fedtune_operator.leader import LeaseElector
+
+    kube = Kube(kubernetes.config.new_client_from_config(str(operator_kubeconfig)), timeout_s=2)
+    lease = f"lease-{uuid.uuid4().hex[:6]}"
+
+    def replica(who: str) -> LeaseElector:
+        return LeaseElector(kube, RELEASE_NS, lease, who, duration_s=6, renew_s=1, retry_s=0.2)
+
+    def holder() -> str:
+        return kubectl("get", "lease", lease, "-n", RELEASE_NS, "-o", "jsonpath={.spec.holderIdentity}").stdout
+
+    first, second, third = replica("a"), replica("b"), replica("c")
+    never, first_done = threading.Event(), threading.Event()
+    assert first.acquire(never) and holder() == "a"
+    first_lost = threading.Event()
+    first.keep(first_lost.set, first_done)
+    stop_second, got = threading.Event(), []
+    waiting = threading.Thread(target=lambda: got.append(second.acquire(stop_second)))
+    waiting.start()
+    try:
+        time.sleep(8)  # longer than the Lease: renewed, it stays with `a`
+        assert not got and holder() == "a" and not first_lost.is_set()
+        first_done.set()  # `a` stops renewing, as a killed replica would
+        wait_for("b to take the Lease", lambda: got == [True], 30)
+        assert holder() == "b"
+        again = threading.Event()
+        first.keep(first_lost.set, again)  # `a` comes back believing it leads: it learns otherwise
+        wait_for("a to learn it lost the Lease", first_lost.is_set, 10)
+        again.set()
+        second.release()  # a clean stop hands over at once
+        assert third.acquire(never) and holder() == "c"
+    finally:
+        stop_second.set()
+        waiting.join(10)
+
+
 def test_the_clusters_view_and_edit_roles_cover_jobs(chart, kubectl, namespace) -> None:
     """The chart's aggregated ClusterRoles: `view` reads jobs, `edit` also writes them."""
     for role in ("view", "edit"):
@@ -408,7 +452,8 @@ def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl
     doc = small_job("counted")
     apply(kubectl, namespace, doc)
     wait_for_children(api, namespace, doc)
-    for suffix in (*ROLE_PODS, "redis"):
+    api.set_pod_phase(namespace, "counted-redis", "Running")  # first: a finished job stops Redis
+    for suffix in ROLE_PODS:
         api.set_pod_phase(namespace, f"counted-{suffix}", "Succeeded", exit_code=0)
     wait_for("Succeeded", lambda: api.status(namespace, "counted").get("phase") == "Succeeded")
 
@@ -449,8 +494,10 @@ def test_spec_run_policy_alone_may_change(operator, api, kubectl, namespace) -> 
     patch = '{"spec": {"runPolicy": {"suspend": true}}}'
     kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge", "-p", patch)
     wait_for("Suspended", lambda: api.status(namespace, "pausable").get("phase") == "Suspended")
-    assert not [p for p in api.pods(namespace) if not p["metadata"].get("deletionTimestamp")
-                and p["metadata"]["name"] != "pausable-redis"]  # the role pods go; Redis keeps the state
+    # The role pods go (the status says Suspended first, then they are deleted); Redis keeps the state.
+    wait_for("the role pods deleted", lambda: not [p for p in api.pods(namespace) if not p["metadata"].get(
+        "deletionTimestamp") and p["metadata"]["name"] != "pausable-redis"])
+    assert api.pod(namespace, "pausable-redis") is not None
     kubectl("patch", "fft", "pausable", "-n", namespace, "--type", "merge",
             "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
     wait_for("Resumed", lambda: condition(api.status(namespace, "pausable"), "Suspended").get("reason") == "Resumed")

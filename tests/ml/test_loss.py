@@ -64,7 +64,7 @@ def test_equals_the_plain_loss_and_gradients(request, checkpoint: str, peft: dic
     model, tokenizer = adapted(folder, peft)
     batch = collator_for(tokenizer)(features(tokenizer))
     assert supports_fused_loss(model)
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 3 * 4 * model.config.vocab_size)  # several chunks of 3 rows
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 3 * 4 * model.config.vocab_size)  # chunks of a few rows
 
     head_calls = []
     plain = loss_and_grads(model, lambda: model(**batch).loss)

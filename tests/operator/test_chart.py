@@ -61,7 +61,11 @@ def test_cluster_wide_by_default() -> None:
     storage_class_reader(docs)
     role = jobs_role(docs)
     (binding,) = [b for b in by_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"]]
-    assert not by_kind(docs, "Role")
+    (leader,) = by_kind(docs, "Role")  # the Lease of leader election, in the release's namespace, nothing else
+    assert leader["metadata"]["namespace"] == "fedtune-system"
+    assert leader["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                "verbs": ["get", "create", "update"]}]
+    assert not by_kind(render("leaderElection.enabled=false", "replicas=1"), "Role")
     sa = {"kind": "ServiceAccount", "name": "fedtune-fedtune-operator", "namespace": "fedtune-system"}
     assert binding["subjects"] == [sa]
     (deploy,) = by_kind(docs, "Deployment")
@@ -85,9 +89,10 @@ def test_namespaced_install_grants_only_those_namespaces() -> None:
     docs = render("watchNamespaces={team-a,team-b}")
     # Cluster-wide, the operator may only read StorageClasses (the aggregated roles are for people).
     assert by_kind(docs, "ClusterRoleBinding") == [storage_class_reader(docs)]
-    roles = by_kind(docs, "Role")
+    roles = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-leader")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["team-a", "team-b"]
+    bindings = [b for b in by_kind(docs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     assert roles[0]["rules"] == jobs_role(render())["rules"]
     (deploy,) = by_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -97,7 +102,7 @@ def test_namespaced_install_grants_only_those_namespaces() -> None:
 def test_deployment_is_hardened() -> None:
     (deploy,) = by_kind(render("image.tag=1.2.3", "logLevel=DEBUG"), "Deployment")
     spec = deploy["spec"]["template"]["spec"]
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert deploy["spec"]["replicas"] == 2 and deploy["spec"]["strategy"]["type"] == "RollingUpdate"
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = spec["containers"]
@@ -222,3 +227,17 @@ def test_metrics_service_service_monitors_and_json_logs() -> None:
     (deploy,) = by_kind(render("metrics.enabled=false", "logFormat=json"), "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--log-format=json" in args and not any(a.startswith("--metrics-port") for a in args)
+
+
+def test_two_replicas_elect_a_leader() -> None:
+    (deploy,) = by_kind(render(), "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert {"--leader-elect", "--lease-name=fedtune-fedtune-operator", "--lease-duration=15"} <= set(container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # its name in the Lease
+    (deploy,) = by_kind(render("leaderElection.enabled=false", "replicas=1"), "Deployment")
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert "--leader-elect" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = [_helm(), "template", "x", str(CHART), "--kube-version", "1.34.0", "--set", "leaderElection.enabled=false"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "replicas > 1 needs leaderElection.enabled" in result.stderr

@@ -62,6 +62,7 @@ def test_names_columns_and_status_subresource() -> None:
         "Round": ".status.round",
         "Loss": ".status.loss",
         "Eval": ".status.evalLoss",
+        "Epsilon": ".status.privacy.epsilon",
         "Age": ".metadata.creationTimestamp",
     }
 

@@ -20,6 +20,17 @@ def test_reads_round_and_loss_from_redis(redis_server) -> None:
     assert progress is not None
     assert (progress.round, progress.rounds, progress.loss) == (2, 5, 1.0)
     assert progress.parties["node-1"]["step"] == 40
+    assert progress.dropouts == {} and progress.privacy is None
+
+
+def test_reads_dropouts_and_epsilon(redis_server) -> None:
+    state = JobState.connect(redis_server.address, redis_server.password, "poems-dp")
+    state.init(5, {"assist_trainer": "assist_trainer", "node-1": "label_trainer", "node-2": "label_trainer"})
+    state.set_split(1, ["node-1"], ["node-2"])
+    state.set_json("privacy", {"epsilon": 3.5, "delta": 1e-5, "rounds": 1})
+    progress = read_progress(redis_server.address, redis_server.password, "poems-dp")
+    assert progress is not None
+    assert progress.dropouts == {"1": ["node-2"]} and progress.privacy["epsilon"] == 3.5
 
 
 def test_wrong_password_or_no_server_gives_none_quickly(redis_server) -> None:

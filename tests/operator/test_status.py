@@ -205,6 +205,19 @@ def test_progress_sets_round_and_loss_and_keeps_them(world) -> None:
     assert world.status["parties"]["node-1"]["step"] == 40
     world.step(None)  # Redis unreachable: the last known values stay
     assert world.status["round"] == "2/5" and world.status["loss"] == 1.25
+    assert "privacy" not in world.status and "dropouts" not in world.status
+    privacy = {"epsilon": 2.5, "delta": 1e-5, "rounds": 2, "noise_multiplier": 1.0, "clip_norm": 0.1}
+    world.step(s.Progress(round=2, rounds=5, dropouts={"2": ["node-2"]}, privacy=privacy))
+    assert world.status["privacy"] == privacy and world.status["dropouts"] == {"2": ["node-2"]}
+
+
+def test_runtime_warnings_become_status_and_one_warning_event_each(world) -> None:
+    loud = "privacy.dp without secure aggregation (encryption: plain): ..."
+    plan = world.step(s.Progress(round=0, rounds=5, warnings=[loud]))
+    assert world.status["warnings"] == [loud]
+    assert ("Warning", "JobWarning", loud) in plan.events
+    plan = world.step(s.Progress(round=1, rounds=5, warnings=[loud]))
+    assert world.status["warnings"] == [loud] and not [e for e in plan.events if e[1] == "JobWarning"]
 
 
 def test_progress_carries_the_valset_loss_by_round(world) -> None:

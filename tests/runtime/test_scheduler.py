@@ -84,6 +84,17 @@ def test_single_label_trainer_under_otp_is_loud(redis_server, document) -> None:
         assert any("single label_trainer" in w for w in state.snapshot().warnings)
 
 
+def test_differential_privacy_without_secure_aggregation_is_loud(document) -> None:
+    from fedtune.scheduler import start_warnings
+    from fedtune.spec import parse_job
+
+    noisy = copy.deepcopy(document)
+    noisy["spec"]["privacy"] = {"dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+    assert any("privacy.dp without secure aggregation" in w for w in start_warnings(parse_job(noisy).spec))
+    noisy["spec"]["encryption"] = {"secagg_plus": {}}
+    assert not any("privacy.dp" in w for w in start_warnings(parse_job(noisy).spec))
+
+
 def test_joining_under_the_wrong_role_is_refused(redis_server, document) -> None:
     for stub, _ in serve(redis_server, document):
         with pytest.raises(grpc.RpcError) as info:

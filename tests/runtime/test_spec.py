@@ -70,6 +70,12 @@ def test_example_parses_with_reference_meaning() -> None:
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"dropout_timeout_s": 0}}),
          "spec.encryption.secagg_plus.dropout_timeout_s"),
         (lambda d: d["spec"].update(encryption={"otp": {}, "secagg_plus": {}}), "exactly one of `plain`, `otp` or"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clip_norm": 0, "noise_multiplier": 1}}),
+         "spec.privacy.dp.clip_norm: Input should be greater than 0"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clip_norm": 1, "noise_multiplier": -0.5}}),
+         "spec.privacy.dp.noise_multiplier: Input should be greater than or equal to 0"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clip_norm": 1, "noise_multiplier": 1, "delta": 1}}),
+         "spec.privacy.dp.delta"),
     ],
 )
 def test_bad_spec_names_the_field(doc: dict, mutate, expected: str) -> None:

@@ -1,7 +1,8 @@
-"""secagg_plus inside a whole job: label_trainers die mid-round and the federation goes on."""
+"""secagg_plus inside whole jobs: label_trainers die mid-round and the federation goes on; with DP, ε is reported."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from fedtune.launcher import LocalJob
 from fedtune.party import STATE_DIR
 from fedtune.spec import load_job
 from fedtune.training import latest_state
-from support.jobs import adapter_tensors, assert_identical_adapters, wait_until, write_job
+from support.jobs import adapter_tensors, assert_identical_adapters, run_cli, wait_until, write_job
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2", "node-3", "node-4")
@@ -59,3 +60,22 @@ def test_a_round_completes_without_a_dropped_party_which_rejoins_later(tmp_path:
     log = local.roles["assist_trainer"].log_path.read_text()
     assert "round 2 aggregated from assist_trainer, node-1, node-3, node-4 without node-2" in log
     assert "round 3 aggregated from assist_trainer, node-1, node-2, node-3, node-4 in" in log
+
+
+def test_secagg_plus_with_differential_privacy_reports_epsilon(tmp_path: Path, tiny_model: Path) -> None:
+    """`fedtune run` end to end: SecAgg+ rounds with nobody dropping out, noise from the label_trainers, and ε
+    for the rounds done in summary.json, as the accountant library gives it."""
+    from fedtune import privacy
+
+    dp = {"clip_norm": 0.5, "noise_multiplier": 0.8, "delta": 1e-5}
+    job = write_job(tmp_path / "job", tiny_model, encryption={"secagg_plus": {}}, epochs=1,
+                    privacy={"dp": dp})
+    done = run_cli("run", str(job), "--output", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["phase"] == "Succeeded" and summary["dropouts"] == {}
+    assert summary["privacy"]["rounds"] == 2
+    assert summary["privacy"]["epsilon"] == pytest.approx(privacy.epsilon(2, 0.8, 1e-5), rel=1e-12)
+    assert not any("privacy.dp" in w for w in summary["warnings"])
+    tensors = assert_identical_adapters(tmp_path / "out", "checkpoint-1", ("assist_trainer", "node-1", "node-2"))
+    assert all(bool(t.isfinite().all()) and float(t.abs().max()) < 100 for t in tensors.values())

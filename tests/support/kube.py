@@ -98,9 +98,10 @@ class OperatorProcess:
     """`python -m fedtune_operator.main` as a subprocess logging to a file (all namespaces unless given)."""
 
     def __init__(self, kubeconfig: Path, log: Path, *, namespaces: list[str] | None = None,
-                 resync_s: float | None = 1.0, metrics_port: int | None = None) -> None:
+                 resync_s: float | None = 1.0, metrics_port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.kubeconfig, self.log = kubeconfig, log
         self.namespaces, self.resync_s, self.metrics_port = namespaces, resync_s, metrics_port
+        self.args = args  # more of fedtune-operator's options
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -110,6 +111,7 @@ class OperatorProcess:
         scope = [a for ns in self.namespaces for a in ("--namespace", ns)] if self.namespaces else ["--all-namespaces"]
         if self.metrics_port:
             scope += ["--metrics-port", str(self.metrics_port)]
+        scope += self.args
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fedtune_operator.main", *scope, "--liveness", ""],

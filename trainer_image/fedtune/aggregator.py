@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterator
 import grpc
 import numpy as np
 
-from fedtune import metrics, transport
+from fedtune import metrics, privacy, transport
 from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.secagg import SecAggError, SecAggPlusCodec, UpdateCodec
+from fedtune.spec import Dp
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlin
 
 class AggregatorService(pb_grpc.AggregatorServicer):
     def __init__(self, state: JobState, codec: UpdateCodec | SecAggPlusCodec, rounds: int, *,
-                 round_timeout_s: float, dropout_timeout_s: float | None = None,
+                 round_timeout_s: float, dropout_timeout_s: float | None = None, dp: Dp | None = None,
                  identity: transport.PeerIdentity | None = None) -> None:
         self.state = state
         self.codec = codec
@@ -47,6 +48,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.rounds = rounds
         self.round_timeout_s = round_timeout_s
         self.dropout_timeout_s = dropout_timeout_s if dropout_timeout_s is not None else round_timeout_s
+        self.dp = dp
         self.identity = identity
         self.lock = threading.Lock()
         self.expected: set[str] | None = None  # the training parties; known once every party is ready
@@ -60,6 +62,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def configure(self, weights: dict[str, float], own: str | None, publics: dict[str, bytes] | None = None) -> None:
         self.expected, self.own, self.weights = set(weights), own, dict(weights)
         self.publics = dict(publics or {})
+        self._report_privacy()
         for round_ in range(self.state.completed_round() + 1, self.rounds + 1):
             self._maybe_aggregate(round_)  # a restart may find a round complete but not combined
 
@@ -117,9 +120,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             total = {k: (v.astype(np.float64) / survivors).astype(np.float32) for k, v in total.items()}
         self.state.put_global(round_, transport.pack_tensors(total))
         metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
+        self._report_privacy()
         without = f" without {', '.join(dropped)}" if dropped else ""
         log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
                  without, time.perf_counter() - started)
+
+    def _report_privacy(self) -> None:
+        """ε so far, for the job status: every completed round is one Gaussian mechanism."""
+        if self.dp is not None:
+            dp = self.dp
+            self.state.set_json("privacy", privacy.report(self.state.completed_round(), dp.noise_multiplier,
+                                                          dp.clip_norm, dp.delta))
 
     def _fail(self, round_: int, message: str) -> None:
         message = message if message.startswith(f"round {round_}:") else f"round {round_}: {message}"

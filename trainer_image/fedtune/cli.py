@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--kind", choices=["glm", "glm4"], default="glm")
     tiny.add_argument("--pretrain-steps", type=int, default=200,
                       help="steps of language-model training on the data's texts (0: random weights)")
+    tiny.add_argument("--vocab-size", type=int, help="the model's vocabulary width, at least the tokenizer's "
+                      "(e.g. 130528, ChatGLM-6B's; default: the tokenizer's)")
 
     convert = sub.add_parser("convert", help="convert a ChatGLM2/3 or GLM-4 remote-code folder to a native GLM folder")
     convert.add_argument("src", type=Path, help="the folder with config.json (model_type chatglm) and its weights")
@@ -237,7 +239,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from fedtune.tinymodel import build_tiny_model
 
     out = build_tiny_model(args.out, args.data, hidden_size=args.hidden_size, num_layers=args.layers, kind=args.kind,
-                           pretrain_steps=args.pretrain_steps)
+                           pretrain_steps=args.pretrain_steps, vocab_size=args.vocab_size)
     print(out)
     return 0
 

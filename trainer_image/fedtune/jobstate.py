@@ -49,6 +49,8 @@ class JobStatus:
     parties: dict[str, PartyStatus] = field(default_factory=dict)
     # secagg_plus: round -> the label_trainers that round completed without
     dropouts: dict[str, list[str]] = field(default_factory=dict)
+    # privacy.dp: ε for δ so far, and what it was computed from (`fedtune.privacy.report`)
+    privacy: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -238,6 +240,7 @@ class JobState:
             warnings=[w.decode() for w in self.r.lrange(self._k("warnings"), 0, -1)],
             parties={name: self.party(name) for name in self.party_names()},
             dropouts={k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k("dropouts")).items()},
+            privacy=self.get_json("privacy"),
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]
         status.loss = sum(losses) / len(losses) if losses else None

@@ -24,7 +24,9 @@ from typing import IO, Any
 
 from fedtune import certs, files, roles
 from fedtune.cli import EXIT_FAILED, EXIT_TIMEOUT
+from fedtune.forkserver import Forked, ForkServer
 from fedtune.jobstate import JobState, JobStatus, PartyStatus
+from fedtune.procstat import PeakMemory, process_age_s
 from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
@@ -39,6 +41,7 @@ from fedtune.spec import (
 LOOPBACK = "127.0.0.1"
 DEFAULT_OUTPUT = "fedtune-output"
 RUN_DIR = ".fedtune"  # in the run's folder: the resolved job and each role's log, nothing secret
+MEMORY_SAMPLE_S = 0.25  # how often `fedtune run` reads its processes' PSS for summary.json
 
 
 def free_port() -> int:
@@ -114,7 +117,7 @@ class Role:
     name: str
     role: str  # scheduler | assist_trainer | label_trainer
     listen_port: int | None = None
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | Forked | None = None
     log_path: Path | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
 
@@ -206,7 +209,8 @@ class LocalJob:
 
     def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *,
                  party_dirs: dict[str, Path] | None = None, torch_threads: int | None = None,
-                 redis_appendonly: bool = False, log_level: str = "INFO") -> None:
+                 redis_appendonly: bool = False, log_level: str = "INFO",
+                 fork_roles: bool | None = None, launched_at: float | None = None) -> None:
         self.job = job
         self.output = output
         self.base_dir = base_dir
@@ -226,7 +230,14 @@ class LocalJob:
                               or max(1, (os.cpu_count() or 1) // max(training, 1)))
         self.gpus, self.gpus_shared = self._assign_gpus()
         self.job_file = self.run_dir / "job.yaml"
-        self.started = 0.0
+        self.launched_at = launched_at or time.time()  # start-up: from here to each party's first optimizer step
+        self.memory = PeakMemory()
+        # Roles fork from one process that imported the training stack (fedtune.forkserver), unless a
+        # party may use CUDA: a process that forked after touching the driver could not use it.
+        local = [p for p in job.spec.parties if p.remote is None]
+        self.fork_roles = all(job.spec.trainer_args(p).get("no_cuda") for p in local) if fork_roles is None \
+            else fork_roles
+        self.forkserver: ForkServer | None = None
 
     def tls_dir(self, name: str) -> Path:
         assert self.private_dir is not None, "start() first"
@@ -253,13 +264,15 @@ class LocalJob:
         """Start Redis and every role but those in `skip` (tests start those themselves)."""
         self.output.mkdir(parents=True, exist_ok=True)
         self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
+        if self.fork_roles:  # its imports overlap with certificates and Redis
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.forkserver = ForkServer(self._role_env(), self.run_dir / "logs" / "forkserver.log")
         if self.job.spec.tls.enabled:
             self.make_certificates()
         self.redis.start()
         self.resolved = with_local_addresses(self.job, self.redis.address, self.roles)
         files.write_atomic(self.job_file, dump_job(self.resolved))
         self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
-        self.started = time.time()
         for role in self.roles.values():
             if role.name not in skip:
                 self.start_role(role.name)
@@ -267,20 +280,26 @@ class LocalJob:
     def start_role(self, name: str) -> None:
         role = self.roles[name]
         party = None if role.role == roles.SCHEDULER else name
-        command = [sys.executable, "-m", "fedtune", *roles.role_argv(
+        argv = roles.role_argv(
             role.role, self.job_file, party=party, base_dir=self.base_dir,
             output_dir=self.party_dirs[name] if party else None, log_level=self.log_level,
             listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
-            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None)]
-        env = {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
-               roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
+            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None)
+        env = self._role_env()
         if name in self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
         role.log_path = self.run_dir / "logs" / f"{name}.log"
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.forkserver is not None:
+            role.proc = self.forkserver.spawn(argv, env, role.log_path)
+            return
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        role.proc = subprocess.Popen(command, stdout=role.log_file, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        role.proc = subprocess.Popen([sys.executable, "-m", "fedtune", *argv], stdout=role.log_file,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def _role_env(self) -> dict[str, str]:
+        return {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
+                roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
 
     def kill_role(self, name: str, sig: int = signal.SIGKILL) -> None:
         role = self.roles[name]
@@ -306,6 +325,8 @@ class LocalJob:
         for role in self.roles.values():
             if role.log_file is not None:
                 role.log_file.close()
+        if self.forkserver is not None:
+            self.forkserver.stop()
         self.redis.stop()
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
@@ -315,10 +336,19 @@ class LocalJob:
     def status(self) -> JobStatus:
         return self.state.snapshot()
 
+    def sample_memory(self) -> None:
+        pids = [(r.name, r.proc.pid) for r in self.roles.values() if r.alive() and r.proc is not None]
+        if self.redis.proc is not None and self.redis.proc.poll() is None:
+            pids.append(("redis", self.redis.proc.pid))
+        if self.forkserver is not None and self.forkserver.proc.poll() is None:
+            pids.append(("forkserver", self.forkserver.proc.pid))
+        self.memory.sample(pids)
+
     def summary(self, wall_s: float, error: str) -> dict[str, Any]:
         status = self.status()
         fractions = self.job.spec.fractions()
         parties: dict[str, Any] = {}
+        peaks = self.memory.report()
         for name, party in status.parties.items():
             records = self.state.metrics(name)
             losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
@@ -333,13 +363,16 @@ class LocalJob:
                 "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
                 "losses": losses, "rounds": rounds, "eval": evaluated,
                 "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
-                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3)},
+                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
+                            # from the launcher's start to the end of this party's first optimizer step
+                            "startup_s": round(stamps[0] - self.launched_at, 3) if stamps else None},
+                "peak_pss_mb": peaks.get(name),
                 "output": str(self.party_dirs.get(name, "")),
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
-                "wall_s": round(wall_s, 3), "eval_loss": status.eval_loss,
-                "parties": parties}
+                "privacy": status.privacy, "eval_loss": status.eval_loss,
+                "wall_s": round(wall_s, 3), "peak_pss_mb": peaks, "parties": parties}
 
 
 class Progress:
@@ -419,7 +452,8 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, sour
     except SpecError as err:
         raise SpecError(f"{source}: {err}") from None
     claim_output(root, party_dirs, overwrite=overwrite)
-    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level)
+    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level,
+                     launched_at=time.time() - process_age_s())  # `fedtune run` itself started then
     progress = Progress(stream)
     start = time.monotonic()
     error, code = "", 0
@@ -431,9 +465,13 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, sour
     if local.gpus_shared:
         print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: {local.gpus}",
               file=sys.stderr)
+    sampled = 0.0
     try:
         local.start()
         while not local.finished():
+            if time.monotonic() - sampled >= MEMORY_SAMPLE_S:
+                local.sample_memory()
+                sampled = time.monotonic()
             failed = local.failed_role()
             if failed is not None:
                 error, code = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}", EXIT_FAILED  # type: ignore[union-attr]

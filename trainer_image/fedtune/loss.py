@@ -48,6 +48,12 @@ def _say_once(message: str) -> None:
 # --- the chunked linear cross-entropy -------------------------------------------------------
 
 
+def _chunk_rows(vocab: int, width: int) -> int:
+    """Rows per chunk: logits that stay in cache, but at least width/8 rows, so that reading the
+    (vocab x width) weight matrix once per chunk stays cheap beside the chunk's own work."""
+    return max(1, CHUNK_BYTES // (4 * vocab), width // 8)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i) * scale, with d/d(hidden) made during the forward pass.
 
@@ -57,7 +63,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, scale: float) -> torch.Tensor:
-        rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        rows = _chunk_rows(*weight.shape)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], rows):

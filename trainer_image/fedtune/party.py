@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import transformers
 
-from fedtune import certs, files, metrics, ranks, roles, transport
+from fedtune import certs, files, metrics, privacy, ranks, roles, transport
 from fedtune.adalora import RankBudget
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
-from fedtune.data import load_qa, tokenize_qa
 from fedtune.jobstate import JobState
 from fedtune.models import (
     adapter_schema,
@@ -39,6 +38,7 @@ from fedtune.models import (
     save_checkpoint,
 )
 from fedtune.precision import resolve_precision, with_mixed_precision
+from fedtune.procstat import process_age_s
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.scheduler import SchedulerClient
 from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
@@ -53,7 +53,8 @@ from fedtune.spec import (
     resolve_path,
     shared_config,
 )
-from fedtune.training import evaluate, latest_state, plan_max_steps, train
+from fedtune.tokencache import default_cache_dir, load_features
+from fedtune.training import CHECKPOINT_PREFIX, evaluate, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,26 @@ class Context:
     connect_deadline_s: float = 600.0
 
 
+class Startup:
+    """Where a party's time goes before its first optimizer step, for its log."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = [("imports", process_age_s())]
+        self.last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        total = sum(seconds for _, seconds in self.phases)
+        return f"{total:.1f} s after the process started: " + ", ".join(f"{p} {s:.1f} s" for p, s in self.phases)
+
+
 class Party:
     def __init__(self, ctx: Context) -> None:
+        self.startup = Startup()
         self.ctx = ctx
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
@@ -88,6 +107,9 @@ class Party:
         self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
         self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
+        self.round_start: dict[str, np.ndarray] = {}  # the global adapter this round started from
+        self.noise_std = 0.0  # privacy.dp: this party's share of the aggregate's noise
+        self.rng = np.random.default_rng()  # seeded from the OS: the noise must be unpredictable
 
     @staticmethod
     def _address(value: str | None, field: str) -> str:
@@ -106,13 +128,16 @@ class Party:
         authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
         own = shared_config(self.spec) if authority else None
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
+        self.startup.mark("join")
         self.spec = apply_shared_config(self.spec, shared)
         self.codec = job_codec(self.spec)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
+        self.startup.mark("model")
         self.features = self._load_data(self.spec.trainset(self.me))
         self.valset = self._load_data(self.spec.valset(self.me))
+        self.startup.mark("data")
         self.args = with_mixed_precision(self.spec.trainer_args(self.me), self.precision,
                                          self.spec.base_model_field(self.me))
         self.max_steps = plan_max_steps(len(self.features), self.args, self.ranks.world) if self.features else 0
@@ -126,6 +151,7 @@ class Party:
             if lead and self.valset:  # where the curve starts: the initial adapter on the valset
                 self.scheduler.report("training" if self.features else "aggregating", round=0,
                                       max_steps=self.max_steps, **self._evaluation(0))
+            self.startup.mark("waiting for the others")
             if self.features:
                 self._train(agg_steps)
             else:
@@ -160,8 +186,8 @@ class Party:
     def _load_data(self, entries: list[TrainsetEntry]) -> list[dict[str, list[int]]]:
         if not entries:
             return []
-        items = load_qa(entries, self.ctx.base_dir, self.spec.dataset)
-        return tokenize_qa(items, self.tokenizer, self.spec.dataset)
+        return load_features(entries, self.ctx.base_dir, self.spec.dataset, self.tokenizer,
+                             cache_dir=default_cache_dir())
 
     def _evaluation(self, round_: int) -> dict[str, Any]:
         """The global adapter's loss on this party's valset, as report fields (none without a valset)."""
@@ -197,6 +223,12 @@ class Party:
         self.weight = start.weights.get(self.ctx.name, 0.0)
         if self.standalone:
             return
+        dp = self.spec.privacy.dp
+        if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
+            labels = [p for p in start.weights if p != self.spec.authority.name]
+            noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
+            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
+                                                     noisy)
         if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
@@ -229,11 +261,13 @@ class Party:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
-        plus = self.spec.encryption.secagg_plus
+        plus, dp = self.spec.encryption.secagg_plus, self.spec.privacy.dp
+        if dp is not None:
+            privacy.check_accountant()
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
                                             round_timeout_s=self.spec.aggregation.round_timeout_s,
                                             dropout_timeout_s=plus.dropout_timeout_s if plus else None,
-                                            identity=identity)
+                                            dp=dp, identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -265,6 +299,7 @@ class Party:
         if self.ranks.leader:
             tensors = transport.unpack_tensors(self._fetch_global(round_))
             load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+            self.round_start = tensors
         self.ranks.share_adapter(self.model)
         self._allocate_ranks(round_)
 
@@ -288,7 +323,7 @@ class Party:
             return
         waited = time.perf_counter()
         self.scheduler.report("aggregating", round=round_ - 1, step=step, max_steps=self.max_steps)
-        update = {k: (v * self.weight).astype(np.float32) for k, v in self._adapter_arrays().items()}
+        update = self._weighted_update()
         if self.aggregator is not None:
             with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
                 plain = self.codec.encode_plain(update)
@@ -316,6 +351,14 @@ class Party:
         metrics.mine(metrics.ROUND_SECONDS).observe(now - self.round_started)
         self.round_started = now
 
+    def _weighted_update(self) -> dict[str, np.ndarray]:
+        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first."""
+        arrays, dp = self._adapter_arrays(), self.spec.privacy.dp
+        if dp is None:
+            return {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
+        return privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
+                                 noise_std=self.noise_std, rng=self.rng)
+
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
         if not dest.exists():  # a restarted party never rewrites a completed round
@@ -330,11 +373,17 @@ class Party:
                                           max_steps=self.max_steps, has_loss=True, loss=loss)
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
+            if step == 1:
+                self.startup.mark("first step")
+                log.info("%s: first optimizer step %s", self.ctx.name, self.startup)
 
         state_dir = self.state_dir / "trainer"
         resume = latest_state(state_dir)
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
+            done = sum(1 for s in agg_steps if s <= int(resume.name.removeprefix(CHECKPOINT_PREFIX)))
+            if done and self.spec.privacy.dp is not None and self.ranks.leader:  # updates count from that round
+                self.round_start = transport.unpack_tensors(self._fetch_global(done))
         if self.ranks.leader:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,

@@ -22,7 +22,7 @@ from fedtune.jobstate import JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.roles import SCHEDULER
-from fedtune.spec import FederatedFineTune
+from fedtune.spec import FederatedFineTune, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +178,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             weights = {name: n / total for name, n in training.items()}
         keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
                 for name, e in ready.items() if e["public_key"]}
-        scheme = spec.encryption.scheme
-        if scheme != "plain" and len(spec.label_trainers) == 1 and not spec.standalone:
-            warning = (f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
-                       "from the aggregator")
-            log.warning("%s", warning)
-            self.state.add_warning(warning)
-        if scheme != "plain" and not spec.tls.enabled:
-            warning = (f"encryption.{scheme} without TLS: key-agreement values are not authenticated "
-                       "(tls.enabled is false)")
+        for warning in start_warnings(spec):
             log.warning("%s", warning)
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})
@@ -197,6 +189,21 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if all(self.state.party(name).state == "succeeded" for name in self.roles):
             self.state.set_phase("Succeeded")
             log.info("job %s succeeded", self.job.job_id)
+
+
+def start_warnings(spec: JobSpec) -> list[str]:
+    """What the job's security settings leave open, said once when it starts."""
+    scheme, warnings = spec.encryption.scheme, []
+    if scheme != "plain" and len(spec.label_trainers) == 1 and not spec.standalone:
+        warnings.append(f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
+                        "from the aggregator")
+    if spec.privacy.dp is not None and scheme == "plain":
+        warnings.append("privacy.dp without secure aggregation (encryption: plain): the aggregator sees each "
+                        "party's update with only that party's share of the noise; use encryption.secagg_plus or otp")
+    if scheme != "plain" and not spec.tls.enabled:
+        warnings.append(f"encryption.{scheme} without TLS: key-agreement values are not authenticated "
+                        "(tls.enabled is false)")
+    return warnings
 
 
 def describe_schema_difference(a: str, schema_a: list, b: str, schema_b: list) -> str:

@@ -155,6 +155,21 @@ class Encryption(_Strict):
         return self.otp or self.secagg_plus
 
 
+class Dp(_Strict):
+    """Differential privacy of the global adapter (`fedtune.privacy`)."""
+
+    # C: each party's update of a round is clipped to this L2 norm (over all its tensors).
+    clip_norm: float = Field(gt=0)
+    # σ: the aggregate carries Gaussian noise of σ times its sensitivity (σ·C with equal weights).
+    noise_multiplier: float = Field(ge=0)
+    # ε is reported for this δ.
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class Privacy(_Strict):
+    dp: Dp | None = None
+
+
 class Lora(BaseModel):
     """peft's LoraConfig: the common keys are checked here, any other LoraConfig key passes through."""
 
@@ -442,6 +457,7 @@ class JobSpec(_Strict):
     output: Output | None = None
     aggregation: Aggregation = Field(default_factory=Aggregation)
     encryption: Encryption = Field(default_factory=Encryption)
+    privacy: Privacy = Field(default_factory=Privacy)
     peft: Peft
     trainer: Trainer = Field(default_factory=Trainer)
     dataset: Dataset = Field(default_factory=Dataset)
@@ -605,7 +621,7 @@ class FederatedFineTune(BaseModel):
         return self.metadata.name
 
 
-SHARED_SECTIONS = ("aggregation", "encryption", "peft", "dataset")
+SHARED_SECTIONS = ("aggregation", "encryption", "privacy", "peft", "dataset")
 
 
 def shared_config(spec: JobSpec) -> dict[str, Any]:

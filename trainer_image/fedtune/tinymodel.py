@@ -130,12 +130,15 @@ def build_tiny_model(
     seed: int = 0,
     kind: Literal["glm", "glm4"] = "glm",
     pretrain_steps: int = 200,
+    vocab_size: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Build, save (safetensors) and return `out_dir`; written to a temporary folder, then renamed.
 
     The same arguments and data always give the same weights. An existing `out_dir` is refused
-    unless `overwrite`; then the new model replaces it whole.
+    unless `overwrite`; then the new model replaces it whole. `vocab_size` gives the model a real
+    checkpoint's vocabulary width (ChatGLM-6B: 130,528) beyond the tokenizer's characters, so that
+    the output projection costs what it costs there.
     """
     from transformers import Glm4ForCausalLM, GlmForCausalLM
 
@@ -143,7 +146,9 @@ def build_tiny_model(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite to replace it)")
     tokenizer = build_tokenizer(corpus_characters(data_paths))
-    config = build_config(len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, heads=heads,
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    config = build_config(vocab_size or len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, heads=heads,
                           kv_heads=kv_heads, kind=kind, intermediate_size=intermediate_size)
     model_cls = {"glm": GlmForCausalLM, "glm4": Glm4ForCausalLM}[kind]
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG

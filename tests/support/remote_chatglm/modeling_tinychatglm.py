@@ -122,6 +122,10 @@ class TinyChatGLMForConditionalGeneration(PreTrainedModel):
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutput(loss=loss, logits=logits)
 
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **_: object) -> dict[str, torch.Tensor]:
+        """As ChatGLM's code has it (peft's causal-LM wrapper asks for it); no cache here."""
+        return {"input_ids": input_ids}
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: list[int] | int | None = None,
                  **_: object) -> torch.Tensor:
