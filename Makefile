@@ -20,7 +20,7 @@ CHECKOV := $(FEDTUNE_CACHE)/checkov/bin/checkov
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt | $(PYTHON)
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,dp,operator,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,dp,operator,report,dev]'
 	@mkdir -p $(dir $@) && touch $@
 
 $(PYTHON):
@@ -82,6 +82,7 @@ dev-cluster: install dev-cluster-build
 	$(PYTHON) -m devtools.nodeagent dev-cluster
 
 bench: install dev-cluster-build
+	$(PYTHON) bench/bad_input.py
 	$(PYTHON) bench/federation_overhead.py
 	$(PYTHON) bench/step_cost.py
 	$(PYTHON) bench/secagg.py --quick

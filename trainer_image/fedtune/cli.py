@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     xfl.add_argument("--local", action="append", metavar="NODE", help="a node run here (repeatable; default: "
                      "every node); the others become remote parties at their fed_conf address")
 
+    report = sub.add_parser("report", help="loss curves (PNG) and an HTML page of a run's output folder")
+    report.add_argument("output", type=Path, help="the output folder of `fedtune run` (holding summary.json)")
+    report.add_argument("--to", type=Path, help="write here (default: OUTPUT/report)")
+
     validate = sub.add_parser("validate", help="check a job (schema, model folders, datasets, keys, rounds) "
                               "and print what it will do")
     validate.add_argument("job", type=Path)
@@ -320,6 +324,14 @@ def cmd_import_xfl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.report import write_report
+
+    for path in write_report(args.output, args.to):
+        print(path)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     spec = job.spec
@@ -327,7 +339,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.schema_only:
         from fedtune.preflight import check_job
 
-        plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        try:
+            plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        except SpecError as err:
+            raise SpecError(f"{err}\n(for files that live elsewhere, e.g. on a cluster: --base-dir or --schema-only)"
+                            ) from None
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
@@ -370,8 +386,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, roles.SUBCOMMANDS[roles.SCHEDULER]: cmd_scheduler,
     roles.SUBCOMMANDS[roles.ASSIST_TRAINER]: cmd_party, roles.SUBCOMMANDS[roles.LABEL_TRAINER]: cmd_party,
-    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
-    "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
+    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "report": cmd_report,
+    "validate": cmd_validate, "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
 }
 
 
