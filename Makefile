@@ -20,7 +20,7 @@ CHECKOV := $(FEDTUNE_CACHE)/checkov/bin/checkov
 install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt | $(PYTHON)
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,dp,operator,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[train,dp,operator,report,dev]'
 	@mkdir -p $(dir $@) && touch $@
 
 $(PYTHON):
@@ -83,6 +83,7 @@ dev-cluster: install dev-cluster-build images
 	$(PYTHON) -m devtools.cluster up --tag $(IMAGE_TAG)
 
 bench: install dev-cluster-build images
+	$(PYTHON) bench/bad_input.py
 	$(PYTHON) bench/federation_overhead.py
 	$(PYTHON) bench/step_cost.py
 	$(PYTHON) bench/secagg.py --quick

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fedtune.spec import KUBE_TYPE, FederatedFineTune, JobSpec
+from fedtune.spec import KUBE_TYPE, FederatedFineTune, JobSpec, Peft
 
 from . import kubeschema
 from .jobs import GROUP, KIND, PLURAL, VERSION
@@ -56,10 +56,11 @@ _KEPT = ("description", "minimum", "maximum", "minLength", "maxLength", "pattern
 # The cross-field rules of `fedtune.spec`'s model validators, as CEL, keyed by model name.
 # Messages match the spec module's so both layers read alike.
 _CEL_RULES: dict[str, list[dict[str, str]]] = {
+    # Of the types with a section of their own, at most one; the operator's own check counts the others.
     "Peft": [
         {
-            "rule": "has(self.LORA) != has(self.PREFIX_TUNING)",
-            "message": "set exactly one of `LORA` or `PREFIX_TUNING`",
+            "rule": " + ".join(f"(has(self.{name}) ? 1 : 0)" for name in Peft.model_fields) + " <= 1",
+            "message": "set exactly one adapter type (LORA, PREFIX_TUNING or another of peft's)",
         }
     ],
     "Encryption": [
@@ -286,6 +287,12 @@ def status_schema() -> dict[str, Any]:
             "phase": {"type": "string", "enum": ["Pending", "Running", "Suspended", "Succeeded", "Failed"]},
             "round": {"type": "string", "description": "aggregation rounds done, `k/K`"},
             "loss": {"type": "number", "nullable": True, "description": "the last training loss reported"},
+            "evalLoss": {"type": "number", "description": "the last round's global adapter on the parties' valsets"},
+            "evalLosses": {
+                "type": "array",
+                "description": "the global adapter's loss on the parties' valsets, by round (0: the initial one)",
+                "items": {"type": "object", "properties": {"round": {"type": "integer"}, "loss": {"type": "number"}}},
+            },
             "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output-<party>/`"},
             "message": {"type": "string"},
             "startTime": {"type": "string", "format": "date-time"},
@@ -356,6 +363,7 @@ def crd() -> dict[str, Any]:
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Round", "type": "string", "jsonPath": ".status.round"},
                         {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
+                        {"name": "Eval", "type": "number", "jsonPath": ".status.evalLoss"},
                         {"name": "Epsilon", "type": "number", "jsonPath": ".status.privacy.epsilon"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

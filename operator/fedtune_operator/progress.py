@@ -31,7 +31,8 @@ def _snapshot(address: str, password: str, job_id: str, timeout_s: float) -> Pro
         client.close()
     parties = {name: asdict(p) for name, p in snap.parties.items()}
     return Progress(round=snap.round, rounds=snap.rounds, loss=snap.loss, error=snap.error, parties=parties,
-                    dropouts=snap.dropouts, privacy=snap.privacy, warnings=snap.warnings)
+                    dropouts=snap.dropouts, privacy=snap.privacy, warnings=snap.warnings,
+                    eval_loss=snap.eval_loss)
 
 
 def read_progress(address: str, password: str, job_id: str, timeout_s: float = 1.0) -> Progress | None:

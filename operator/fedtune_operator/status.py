@@ -69,6 +69,7 @@ class Progress:
     loss: float | None = None
     error: str = ""
     parties: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_loss: list[dict[str, float]] = field(default_factory=list)  # by round, over every valset
     dropouts: dict[str, list[str]] = field(default_factory=dict)  # secagg_plus: round -> who it went without
     privacy: dict[str, Any] | None = None  # privacy.dp: ε for δ so far
     warnings: list[str] = field(default_factory=list)  # what the job's settings leave open, said at its start
@@ -416,6 +417,9 @@ def plan(
         status["round"] = f"{progress.round}/{total}"
         if progress.loss is not None:
             status["loss"] = progress.loss
+        if progress.eval_loss:  # the global adapter on the parties' valsets: each round, and the last
+            status["evalLosses"] = progress.eval_loss
+            status["evalLoss"] = progress.eval_loss[-1]["loss"]
         if progress.error and phase != SUCCEEDED:
             status["message"] = progress.error
         if progress.dropouts:
@@ -429,6 +433,8 @@ def plan(
         for name, info in progress.parties.items():
             if name in records:
                 records[name].update({k: v for k, v in info.items() if k in ("round", "step", "loss")})
+                if info.get("eval_loss") is not None:
+                    records[name]["evalLoss"] = info["eval_loss"]
     status.setdefault("round", f"0/{rounds}")
 
     # --- pods to stop or start ------------------------------------------------------------------

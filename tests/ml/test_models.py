@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.chat import answer_ids, generate, load_for_chat
+from fedtune.chat import Chat, Sampling, answer_ids, load_for_chat
 from fedtune.models import (
     ModelError,
     adapter_schema,
@@ -132,7 +132,7 @@ def test_chat_from_a_saved_checkpoint_decodes_like_the_trained_model(tmp_path: P
     assert got != base_only  # the adapter (the P-tuning prefix too) is really used
     stop = got.index(tok.eos_token_id) if tok.eos_token_id in got else len(got)
     text = tok.decode(got[:stop], skip_special_tokens=True).strip()
-    assert generate(tiny_model, tmp_path / "checkpoint-1", PROMPT, 12) == text
+    assert Chat(tiny_model, tmp_path / "checkpoint-1", device="cpu").answer(PROMPT, Sampling(12)) == text
 
 
 # --- adapter state -------------------------------------------------------------------------

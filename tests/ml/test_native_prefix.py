@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.chat import answer_ids, load_for_chat
+from fedtune.chat import Chat, Sampling, answer_ids, load_for_chat
 from fedtune.models import (
     NATIVE_PREFIX_CONFIG,
     PREFIX_WEIGHTS,
@@ -98,6 +98,16 @@ def test_checkpoint_is_the_reference_layout_and_its_snippet_loads_it(remote_chat
         assert torch.allclose(model.eval()(input_ids=ids).logits, expected)
     reply = answer_ids(chat_model, chat_tokenizer, PROMPT, 6, stop_at_eos=False)
     assert reply == snippet.generate(ids, max_new_tokens=6)[0, ids.shape[1]:].tolist()
+
+
+def test_chat_streams_the_answer_of_an_own_prefix_checkpoint(remote_chatglm: Path, tmp_path: Path) -> None:
+    """Through the model's own generate(), in a thread: the pieces as they come make the greedy answer."""
+    model, _, _ = prefix_tuned(remote_chatglm, ptuning())
+    scrambled(model)
+    chat = Chat(remote_chatglm, save_checkpoint(model, tmp_path / "checkpoint-1"), device="cpu")
+    pieces = list(chat.stream(PROMPT, Sampling(8)))
+    whole = chat.tokenizer.decode(answer_ids(chat.model, chat.tokenizer, PROMPT, 8), skip_special_tokens=True)
+    assert len(pieces) >= 2 and "".join(pieces).rstrip() == whole.strip()
 
 
 def test_training_continues_from_a_saved_prefix(remote_chatglm: Path, tmp_path: Path) -> None:

@@ -220,6 +220,16 @@ def test_runtime_warnings_become_status_and_one_warning_event_each(world) -> Non
     assert world.status["warnings"] == [loud] and not [e for e in plan.events if e[1] == "JobWarning"]
 
 
+def test_progress_carries_the_valset_loss_by_round(world) -> None:
+    world.set_phase("poems-lora-node-1", "Running")
+    by_round = [{"round": 0, "loss": 3.1}, {"round": 1, "loss": 2.7}]
+    progress = s.Progress(round=1, rounds=5, loss=1.25, eval_loss=by_round,
+                          parties={"node-1": {"round": 1, "step": 20, "loss": 1.3, "eval_loss": 2.6}})
+    world.step(progress)
+    assert world.status["evalLosses"] == by_round and world.status["evalLoss"] == 2.7
+    assert world.status["parties"]["node-1"]["evalLoss"] == 2.6
+
+
 def test_conditions_keep_their_transition_time() -> None:
     conds = s.set_condition([], "Running", "False", "Pending", "m", "t1")
     conds = s.set_condition(conds, "Running", "False", "Pending", "m2", "t2")

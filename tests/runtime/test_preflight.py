@@ -168,3 +168,20 @@ def test_output_path_shared_by_parties_is_refused(capsys: pytest.CaptureFixture,
     assert code == 2, output
     assert str(job) in output and "spec.output.path" in output and "[NODE_ID]" in output
     assert not (tmp_path / "adapters").exists()
+
+
+def test_malformed_valset_names_its_field(capsys: pytest.CaptureFixture, tmp_path: Path, model: Path) -> None:
+    job = write_job(tmp_path / "job", model, party_overrides={"node-2": {"valset": [{"path": "val.json"}]}})
+    (tmp_path / "job" / "val.json").write_text('{"instruction": "x", "instances": [{"input": "q"}]}')
+    run_refused(capsys, job, tmp_path, "spec.parties[2].valset", "val.json", "instances[0]", "`output`")
+
+
+def test_the_data_checks_import_no_training_stack() -> None:
+    """What lets a malformed dataset fail within a second: checking it loads neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, fedtune.cli, fedtune.preflight; "
+                           "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from fedtune import __version__, logs, roles
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
@@ -80,11 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "(aggregator) role"), (roles.LABEL_TRAINER, "a label_trainer role")):
         _role_args(sub.add_parser(roles.SUBCOMMANDS[role], help=f"run {what}"), party=role != roles.SCHEDULER)
 
-    chat = sub.add_parser("chat", help="answer prompts with a fine-tuned adapter")
-    chat.add_argument("--model", required=True, type=Path, help="the pretrained model folder")
+    chat = sub.add_parser("chat", help="answer prompts with a fine-tuned adapter, loading it once")
+    chat.add_argument("--model", type=Path,
+                      help="the pretrained model folder (default: the job's input.pretrained_model)")
     chat.add_argument("--adapter", type=Path, help="a checkpoint-<fraction> folder (omit for the base model)")
-    chat.add_argument("--prompt", help="answer this prompt and exit (default: read prompts from stdin)")
+    chat.add_argument("--prompt", action="append", help="answer this prompt and exit; repeatable "
+                      "(default: read prompts from stdin, one a line, until it ends)")
+    chat.add_argument("--job", type=Path, help="prompts are queries, put in this job's dataset.prompt_pattern")
+    chat.add_argument("--instruction", help="the instruction before each query (default with --job: that of the "
+                      "job's first trainset file; without --job, the reference's prompt_pattern is used)")
+    chat.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
     chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy, the same answer every time")
+    chat.add_argument("--top-p", type=float, default=1.0, help="sample from the most likely tokens whose "
+                      "probabilities add up to this (with --temperature)")
+    chat.add_argument("--seed", type=int, help="seed the sampling, for answers that can be repeated")
 
     tiny = sub.add_parser("tiny-model", help="build a tiny GLM-architecture model and tokenizer from QA data")
     tiny.add_argument("out", type=Path)
@@ -116,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: XFL's, the folder holding its xfl.py above CONFIG_DIR)")
     xfl.add_argument("--local", action="append", metavar="NODE", help="a node run here (repeatable; default: "
                      "every node); the others become remote parties at their fed_conf address")
+
+    report = sub.add_parser("report", help="loss curves (PNG) and an HTML page of a run's output folder")
+    report.add_argument("output", type=Path, help="the output folder of `fedtune run` (holding summary.json)")
+    report.add_argument("--to", type=Path, help="write here (default: OUTPUT/report)")
 
     validate = sub.add_parser("validate", help="check a job (schema, model folders, datasets, keys, rounds) "
                               "and print what it will do")
@@ -222,14 +238,44 @@ def cmd_party(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from fedtune.chat import generate
+    from fedtune.chat import Chat, Sampling, prompt_template
 
-    prompts = [args.prompt] if args.prompt else (line.rstrip("\n") for line in sys.stdin)
-    for prompt in prompts:
-        if prompt:
-            print(generate(str(args.model), str(args.adapter) if args.adapter else None,
-                           prompt.replace("\\n", "\n"), max_new_tokens=args.max_new_tokens), flush=True)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
+    job = load_job(args.job) if args.job else None
+    base_dir = args.job.parent.resolve() if args.job else Path.cwd()
+    model = args.model
+    if model is None:
+        if job is None:
+            raise SpecError("--model: the pretrained model folder is needed (or --job, to take the job's)")
+        model = resolve_path(job.spec.input.pretrained_model.path, base_dir)
+    template = prompt_template(job.spec if job else None, base_dir, args.instruction)
+    if args.seed is not None:
+        import transformers
+
+        transformers.set_seed(args.seed)
+    chat = Chat(model, args.adapter, device=args.device)
+    for prompt in args.prompt or _read_prompts(sys.stdin):
+        for piece in chat.stream(template(prompt.replace("\\n", "\n")), sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
+
+
+def _read_prompts(stream: IO[str]) -> Iterator[str]:
+    """Non-empty lines until the stream ends; on a terminal, with a `> ` before each."""
+    interactive = stream.isatty()
+    if interactive:
+        print("one prompt a line; Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stream.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -279,6 +325,14 @@ def cmd_import_xfl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.report import write_report
+
+    for path in write_report(args.output, args.to):
+        print(path)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     spec = job.spec
@@ -286,7 +340,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.schema_only:
         from fedtune.preflight import check_job
 
-        plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        try:
+            plans = check_job(job, (args.base_dir or args.job.parent).resolve(), str(args.job))
+        except SpecError as err:
+            raise SpecError(f"{err}\n(for files that live elsewhere, e.g. on a cluster: --base-dir or --schema-only)"
+                            ) from None
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
@@ -329,8 +387,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, roles.SUBCOMMANDS[roles.SCHEDULER]: cmd_scheduler,
     roles.SUBCOMMANDS[roles.ASSIST_TRAINER]: cmd_party, roles.SUBCOMMANDS[roles.LABEL_TRAINER]: cmd_party,
-    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "validate": cmd_validate,
-    "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
+    "chat": cmd_chat, "tiny-model": cmd_tiny_model, "import-xfl": cmd_import_xfl, "report": cmd_report,
+    "validate": cmd_validate, "certs": cmd_certs, "convert": cmd_convert, "export-adapter": cmd_export_adapter,
 }
 
 

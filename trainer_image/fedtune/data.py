@@ -98,13 +98,23 @@ def _string_field(obj: dict[str, Any], key: str, where: str, what: str) -> str:
     return value
 
 
-def load_file(path: Path, dataset_spec: Dataset) -> list[QAItem]:
-    """One QA json file; an empty `instances` list is allowed here (the whole trainset may not be empty)."""
+def _read_document(path: Path) -> tuple[dict[str, Any], str]:
+    """A QA file's JSON object and its instruction."""
     document = _read_json(path)
     if not isinstance(document, dict):
         raise DataError(f"{path}: expected a JSON object with `instruction` and `instances`, "
                         f"got {type(document).__name__}")
-    instruction = _string_field(document, "instruction", str(path), "the task instruction")
+    return document, _string_field(document, "instruction", str(path), "the task instruction")
+
+
+def read_instruction(path: Path) -> str:
+    """The task instruction of one QA file (what `fedtune chat --job` puts before each query)."""
+    return _read_document(path)[1]
+
+
+def load_file(path: Path, dataset_spec: Dataset) -> list[QAItem]:
+    """One QA json file; an empty `instances` list is allowed here (the whole trainset may not be empty)."""
+    document, instruction = _read_document(path)
     if "instances" not in document:
         raise DataError(f"{path}: missing key `instances` (the list of QA pairs)")
     instances = document["instances"]

@@ -29,6 +29,7 @@ class PartyStatus:
     max_steps: int = 0
     samples: int = 0
     loss: float | None = None
+    eval_loss: float | None = None  # the last global adapter's loss on this party's valset
     error: str = ""
     updated: float = 0.0
 
@@ -40,6 +41,9 @@ class JobStatus:
     round: int = 0
     rounds: int = 0
     loss: float | None = None
+    # The global adapter's loss on the parties' valsets, by round: [{"round": k, "loss": x}], the parties'
+    # losses averaged by their number of validation instances.
+    eval_loss: list[dict[str, float]] = field(default_factory=list)
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     parties: dict[str, PartyStatus] = field(default_factory=dict)
@@ -148,6 +152,22 @@ class JobState:
     def metrics(self, name: str) -> list[dict[str, Any]]:
         return [json.loads(v) for v in self.r.lrange(self._k("metrics", name), 0, -1)]
 
+    def put_eval(self, round_: int, party: str, loss: float, samples: int) -> None:
+        self.r.hset(self._k("eval", round_), party, json.dumps([loss, samples]))
+
+    def eval_losses(self, rounds: int) -> list[dict[str, float]]:
+        """Each evaluated round's loss over every party's valset (weighted by their instances)."""
+        pipe = self.r.pipeline(transaction=False)
+        for round_ in range(rounds + 1):
+            pipe.hgetall(self._k("eval", round_))
+        out = []
+        for round_, found in enumerate(pipe.execute()):
+            pairs = [json.loads(v) for v in found.values()]
+            samples = sum(n for _, n in pairs)
+            if samples:
+                out.append({"round": round_, "loss": sum(loss * n for loss, n in pairs) / samples})
+        return out
+
     # --- aggregation blobs -----------------------------------------------------------------
 
     def put_update(self, round_: int, party: str, blob: bytes) -> None:
@@ -224,4 +244,5 @@ class JobState:
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]
         status.loss = sum(losses) / len(losses) if losses else None
+        status.eval_loss = self.eval_losses(status.rounds)
         return status

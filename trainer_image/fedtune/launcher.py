@@ -356,10 +356,12 @@ class LocalJob:
                        "checkpoint": checkpoint_name(fractions[r["round"] - 1])}
                       for r in records if r.get("event") == "round"]
             stamps = [r["t"] for r in records if "loss" in r]
+            evaluated = [{"round": r["round"], "loss": r["eval_loss"], "samples": r["samples"]}
+                         for r in records if r.get("event") == "eval"]
             parties[name] = {
                 "role": party.role, "state": party.state, "samples": party.samples, "max_steps": party.max_steps,
                 "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
-                "losses": losses, "rounds": rounds,
+                "losses": losses, "rounds": rounds, "eval": evaluated,
                 "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
                             "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
                             # from the launcher's start to the end of this party's first optimizer step
@@ -369,7 +371,7 @@ class LocalJob:
             }
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
-                "privacy": status.privacy,
+                "privacy": status.privacy, "eval_loss": status.eval_loss,
                 "wall_s": round(wall_s, 3), "peak_pss_mb": peaks, "parties": parties}
 
 
@@ -429,12 +431,16 @@ class Progress:
 
 
 def loss_trend(party: dict[str, Any]) -> str:
-    """Mean training loss over the first and the last fifth of a party's steps."""
+    """Mean training loss over the first and the last fifth of a party's steps, and its valset's loss
+    from the first evaluated round to the last (flagged when it rose)."""
     losses = [loss for _, loss in party.get("losses", [])]
     fifth = len(losses) // 5
-    if fifth == 0:
-        return ""
-    return f"  (loss {sum(losses[:fifth]) / fifth:.3f} -> {sum(losses[-fifth:]) / fifth:.3f})"
+    trend = f"  (loss {sum(losses[:fifth]) / fifth:.3f} -> {sum(losses[-fifth:]) / fifth:.3f})" if fifth else ""
+    evaluated = party.get("eval", [])
+    if len(evaluated) > 1:
+        first, last = evaluated[0]["loss"], evaluated[-1]["loss"]
+        trend += f"  (valset {first:.3f} -> {last:.3f}{', ROSE' if last > first else ''})"
+    return trend
 
 
 def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, source: str = "<job>",
@@ -493,4 +499,5 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, sour
     first = next(iter(party_dirs))
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
     print(f"chat with it:\n  fedtune chat --model {model} --adapter {party_dirs[first] / last}", file=stream)
+    print(f"see its loss curves:\n  fedtune report {root}", file=stream)
     return 0

@@ -120,6 +120,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def _output_projection(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, lm_head) when lm_head is a frozen plain Linear that produces the logits as they are."""
+    if getattr(getattr(model, "active_peft_config", None), "orth_reg_weight", 0):
+        _say_once("the adapter adds a term to the model's loss (AdaLoRA's orth_reg_weight): using the plain "
+                  "cross-entropy")
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     for name in _OUTPUT_LAYER_NAMES:

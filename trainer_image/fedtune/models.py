@@ -25,7 +25,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +33,8 @@ from torch import nn
 from fedtune.files import staged_dir
 from fedtune.modelfiles import ModelError, check_folder, is_chatglm
 from fedtune.precision import FLOAT32, Precision, quantization_config
-from fedtune.spec import Lora, Peft, PrefixTuning
+from fedtune.spec import Peft, PrefixTuning
 
-AdapterKind = Literal["LORA", "PREFIX_TUNING"]
 REFERENCE_PREFIX = "transformer.prefix_encoder."  # key prefix of the reference's P-tuning file
 PREFIX_WEIGHTS = "pytorch_model.bin"
 NATIVE_PREFIX_CONFIG = "prefix_config.json"  # a checkpoint of the model's own prefix encoder
@@ -140,7 +139,8 @@ def _module_names(model: nn.Module) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear | Conv1D)}
 
 
-def map_target_modules(model: nn.Module, targets: list[str]) -> tuple[list[str], list[str]]:
+def map_target_modules(model: nn.Module, targets: list[str], field: str = "peft.LORA.target_modules",
+                       ) -> tuple[list[str], list[str]]:
     """Map ChatGLM module names onto the model's own; returns (targets, notes on what was mapped)."""
     present = _module_names(model)
     mapped: list[str] = []
@@ -152,7 +152,7 @@ def map_target_modules(model: nn.Module, targets: list[str]) -> tuple[list[str],
         group = next((g for g in TARGET_ALIASES.get(target, ()) if all(m in present for m in g)), None)
         if group is None:
             raise ModelError(
-                f"peft.LORA.target_modules: `{target}` is not a module of {type(model).__name__} "
+                f"{field}: `{target}` is not a module of {type(model).__name__} "
                 f"(its linear layers: {', '.join(sorted(present))})"
             )
         mapped.extend(m for m in group if m not in mapped)
@@ -160,33 +160,52 @@ def map_target_modules(model: nn.Module, targets: list[str]) -> tuple[list[str],
     return mapped, notes
 
 
-def check_peft_keys(peft_spec: Peft) -> None:
-    """Every key under `peft.<TYPE>` is a field of peft's config for that type (P-tuning v2 keeps the
-    reference's own names, which its schema checks)."""
+def peft_config_class(kind: str) -> type:
+    """peft's config class for an adapter type, or a ModelError naming the types peft has."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    known = {str(getattr(k, "value", k)): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    if kind not in known:
+        raise ModelError(f"peft.{kind}: not an adapter type of peft (it has {', '.join(sorted(known))})")
+    return known[kind]
+
+
+def check_peft_keys(peft_spec: Peft) -> None:
+    """The type is one of peft's and every key under `peft.<TYPE>` a field of its config (P-tuning v2
+    keeps the reference's own names, which its schema checks)."""
     kind = peft_spec.kind
     if kind == "PREFIX_TUNING":
         return
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[kind]
+    config_class = peft_config_class(kind)
     known = {f.name for f in dataclasses.fields(config_class)}
-    for key in getattr(peft_spec, kind).model_dump():
+    for key in peft_spec.options():
         if key not in known:
             raise ModelError(f"peft.{kind}.{key}: not an option of peft's {config_class.__name__}")
 
 
-def lora_config(model: nn.Module, spec: Lora) -> tuple[Any, list[str]]:
-    from peft import LoraConfig
+# Options naming modules, as LoRA's `target_modules` does: ChatGLM's names are mapped onto the model's.
+_MODULE_OPTIONS = ("target_modules", "feedforward_modules")
 
-    check_peft_keys(Peft(LORA=spec))
-    options = spec.model_dump()
+
+def peft_config(model: nn.Module, peft_spec: Peft) -> tuple[Any, list[str]]:
+    """peft's config for the spec's adapter type (other than P-tuning v2), module names mapped;
+    returns (config, notes on what was mapped)."""
+    from fedtune.adalora import adalora_options
+
+    check_peft_keys(peft_spec)
+    kind = peft_spec.kind
+    options = peft_spec.options()
     notes: list[str] = []
-    if isinstance(options["target_modules"], list):
-        options["target_modules"], notes = map_target_modules(model, options["target_modules"])
+    for key in _MODULE_OPTIONS:
+        if isinstance(options.get(key), list):
+            options[key], mapped = map_target_modules(model, options[key], f"peft.{kind}.{key}")
+            notes += [n for n in mapped if n not in notes]
+    if kind == "ADALORA":
+        options = adalora_options(options)
     try:
-        return LoraConfig(**options), notes
-    except (TypeError, ValueError) as err:
-        raise ModelError(f"peft.LORA: {err}") from None
+        return peft_config_class(kind)(**options), notes
+    except Exception as err:  # a config's own checks: ValueError, TypeError, ImportError of what it needs, ...
+        raise ModelError(f"peft.{kind}: {err}") from None
 
 
 def prefix_config(model: nn.Module, spec: PrefixTuning) -> Any:
@@ -202,8 +221,8 @@ def prefix_config(model: nn.Module, spec: PrefixTuning) -> Any:
     )
 
 
-def saved_adapter_kind(adapter_dir: str | Path) -> AdapterKind:
-    """LORA or PREFIX_TUNING, from a saved adapter's `adapter_config.json`."""
+def saved_adapter_kind(adapter_dir: str | Path) -> str:
+    """The adapter type (LORA, PREFIX_TUNING, IA3, ...) from a saved adapter's `adapter_config.json`."""
     if (Path(adapter_dir) / NATIVE_PREFIX_CONFIG).is_file():
         return "PREFIX_TUNING"
     config_file = Path(adapter_dir) / "adapter_config.json"
@@ -213,8 +232,8 @@ def saved_adapter_kind(adapter_dir: str | Path) -> AdapterKind:
         raise ModelError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"{config_file}: unreadable: {err}") from None
-    if peft_type not in ("LORA", "PREFIX_TUNING"):
-        raise ModelError(f"{config_file}: peft_type {peft_type!r} is neither LORA nor PREFIX_TUNING")
+    if not isinstance(peft_type, str) or not peft_type:
+        raise ModelError(f"{config_file}: no peft_type: not a peft adapter")
     return peft_type
 
 
@@ -229,19 +248,19 @@ def apply_adapter(model: nn.Module, peft_spec: Peft, adapter_path: str | Path | 
     if peft_spec.PREFIX_TUNING is not None and encoder is not None:
         return _apply_native_prefix(model, encoder, adapter_path)
     notes: list[str] = []
-    if peft_spec.LORA is not None and adapter_path is not None:
-        peft_model = _continue_lora(model, adapter_path)
-        notes.append(f"continuing from {adapter_path} with its own LoraConfig")
+    if peft_spec.PREFIX_TUNING is None and adapter_path is not None:
+        peft_model = _continue_peft(model, adapter_path, peft_spec.kind)
+        notes.append(f"continuing from {adapter_path} with its own config")
     else:
-        if peft_spec.LORA is not None:
-            config, notes = lora_config(model, peft_spec.LORA)
+        if peft_spec.PREFIX_TUNING is None:
+            config, notes = peft_config(model, peft_spec)
         else:
-            assert peft_spec.PREFIX_TUNING is not None
             config = prefix_config(model, peft_spec.PREFIX_TUNING)
         try:
             peft_model = get_peft_model(model, config)
-        except (ValueError, TypeError, RuntimeError) as err:
-            raise ModelError(f"peft.{peft_spec.kind}: cannot apply to {type(model).__name__}: {err}") from None
+        except Exception as err:  # peft's types fail in their own ways (ValueError, KeyError, ImportError, ...)
+            raise ModelError(f"peft.{peft_spec.kind}: cannot apply to {type(model).__name__}: "
+                             f"{type(err).__name__}: {err}") from None
         if adapter_path is not None:
             _load_prefix_weights(peft_model, Path(adapter_path))
             notes.append(f"continuing from {adapter_path}")
@@ -258,13 +277,13 @@ def _adapter_in_float32(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def _continue_lora(model: nn.Module, adapter_path: str | Path) -> Any:
+def _continue_peft(model: nn.Module, adapter_path: str | Path, kind: str) -> Any:
     from peft import PeftModel
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"input.adapter_model.path: {adapter_path}: cannot load the LoRA adapter: {err}") from None
+        raise ModelError(f"input.adapter_model.path: {adapter_path}: cannot load the {kind} adapter: {err}") from None
 
 
 def _load_prefix_weights(peft_model: Any, adapter_dir: Path) -> None:
@@ -436,13 +455,10 @@ def native_prefix_settings(model: nn.Module) -> dict[str, Any]:
     return {"pre_seq_len": model.config.pre_seq_len, "prefix_projection": bool(model.config.prefix_projection)}
 
 
-def adapter_kind(model: Any) -> AdapterKind:
+def adapter_kind(model: Any) -> str:
     if native_prefix_encoder(model) is not None:
         return "PREFIX_TUNING"
-    peft_type = str(getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type))
-    if peft_type not in ("LORA", "PREFIX_TUNING"):
-        raise ModelError(f"unsupported adapter type {peft_type}")
-    return peft_type
+    return str(getattr(model.active_peft_config.peft_type, "value", model.active_peft_config.peft_type))
 
 
 def describe(model: Any, notes: Iterable[str] = ()) -> str:
@@ -453,14 +469,19 @@ def describe(model: Any, notes: Iterable[str] = ()) -> str:
         projection = ", prefix_projection" if settings["prefix_projection"] else ""
         return f"P-tuning v2: pre_seq_len {settings['pre_seq_len']}{projection}{extra}; {trainable:,} trainable weights"
     config = model.active_peft_config
-    if adapter_kind(model) == "LORA":
-        targets = config.target_modules
-        shown = ", ".join(sorted(targets)) if isinstance(targets, set | list | tuple) else str(targets)
+    kind = adapter_kind(model)
+    targets = getattr(config, "target_modules", None)
+    shown = ", ".join(sorted(targets)) if isinstance(targets, set | list | tuple) else str(targets)
+    if kind == "LORA":
         what = f"LoRA r={config.r} alpha={config.lora_alpha:g} on {shown}"
-    else:
+    elif kind == "PREFIX_TUNING":
         projection = f", projection {config.encoder_hidden_size}" if config.prefix_projection else ""
         what = (f"P-tuning v2: {config.num_virtual_tokens} prefix tokens in each of {config.num_layers} layers"
                 f"{projection}")
+    elif kind == "ADALORA":
+        what = f"AdaLoRA rank {config.init_r} -> {config.target_r} on {shown}"
+    else:
+        what = f"{kind} on {shown}" if targets is not None else kind
     return f"{what}{extra}; {trainable:,} trainable weights"
 
 

@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from fedtune import certs, files, metrics, privacy, ranks, roles, transport
+from fedtune.adalora import RankBudget
 from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.jobstate import JobState
 from fedtune.models import (
@@ -45,6 +46,7 @@ from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
     JobSpec,
+    TrainsetEntry,
     aggregation_steps,
     apply_shared_config,
     checkpoint_name,
@@ -52,7 +54,7 @@ from fedtune.spec import (
     shared_config,
 )
 from fedtune.tokencache import default_cache_dir, load_features
-from fedtune.training import CHECKPOINT_PREFIX, latest_state, plan_max_steps, train
+from fedtune.training import CHECKPOINT_PREFIX, evaluate, latest_state, plan_max_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,10 @@ class Party:
         self.codec = job_codec(self.spec)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
+        self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
         self.startup.mark("model")
-        self.features = self._load_data()
+        self.features = self._load_data(self.spec.trainset(self.me))
+        self.valset = self._load_data(self.spec.valset(self.me))
         self.startup.mark("data")
         self.args = with_mixed_precision(self.spec.trainer_args(self.me), self.precision,
                                          self.spec.base_model_field(self.me))
@@ -144,6 +148,9 @@ class Party:
                 self._take_start(self.scheduler.ready(self._ready_request()))
             if not self.standalone:
                 self._load_global(0)  # every party starts from the assist_trainer's initial adapter
+            if lead and self.valset:  # where the curve starts: the initial adapter on the valset
+                self.scheduler.report("training" if self.features else "aggregating", round=0,
+                                      max_steps=self.max_steps, **self._evaluation(0))
             self.startup.mark("waiting for the others")
             if self.features:
                 self._train(agg_steps)
@@ -176,12 +183,19 @@ class Party:
     def _device(self) -> str:
         return f"cuda:{self.ranks.local_rank}" if ranks.uses_cuda(self.spec, self.me) else "cpu"
 
-    def _load_data(self) -> list[dict[str, list[int]]]:
-        entries = self.spec.trainset(self.me)
+    def _load_data(self, entries: list[TrainsetEntry]) -> list[dict[str, list[int]]]:
         if not entries:
             return []
         return load_features(entries, self.ctx.base_dir, self.spec.dataset, self.tokenizer,
                              cache_dir=default_cache_dir())
+
+    def _evaluation(self, round_: int) -> dict[str, Any]:
+        """The global adapter's loss on this party's valset, as report fields (none without a valset)."""
+        if not self.valset or not self.ranks.leader:
+            return {}
+        loss = evaluate(self.model, self.tokenizer, self.valset, self.args.get("per_device_eval_batch_size") or 8)
+        log.info("%s: round %d's global adapter has loss %.4f on the valset", self.ctx.name, round_, loss)
+        return {"has_eval_loss": True, "eval_loss": loss, "eval_samples": len(self.valset)}
 
     # --- start -----------------------------------------------------------------------------
 
@@ -281,20 +295,28 @@ class Party:
         return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
 
     def _load_global(self, round_: int) -> None:
-        """Rank 0 fetches the round's global adapter; every rank takes it."""
+        """Rank 0 fetches the round's global adapter; every rank takes it (and AdaLoRA's ranks from it)."""
         if self.ranks.leader:
             tensors = transport.unpack_tensors(self._fetch_global(round_))
             load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
             self.round_start = tensors
         self.ranks.share_adapter(self.model)
+        self._allocate_ranks(round_)
+
+    def _allocate_ranks(self, round_: int) -> None:
+        if self.rank_budget is not None and round_ > 0:
+            self.rank_budget.allocate(round_, self._adapter_arrays())
 
     def _exchange(self, index: int, step: int) -> None:
         """Called by the trainer at each aggregation point: adapter out, global adapter in."""
         round_ = index + 1
         if self.standalone:  # nothing to aggregate (the ranks agree already): rank 0 saves the round
+            self._allocate_ranks(round_)
             if self.ranks.leader:
                 self._save_round(round_)
-                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps)
+                self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps,
+                                      **self._evaluation(round_))
+                self._round_done(round_)
             return
         if not self.ranks.leader:
             self._load_global(round_)
@@ -318,7 +340,8 @@ class Party:
         self._load_global(round_)
         self._save_round(round_)
         wait_s = time.perf_counter() - waited
-        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s)
+        self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s,
+                              **self._evaluation(round_))
         metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
         self._round_done(round_)
 
@@ -342,6 +365,8 @@ class Party:
             save_checkpoint(self.model, dest)
 
     def _train(self, agg_steps: list[int]) -> None:
+        if self.args.get("report_to") not in (None, "none", []):  # TensorBoard's logs beside the adapters
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.ctx.output_dir / "runs"))
         def on_log(step: int, loss: float) -> None:
             metrics.mine(metrics.TRAIN_LOSS).set(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
@@ -363,6 +388,7 @@ class Party:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
               on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
+              on_step=self.rank_budget.hold if self.rank_budget is not None else None,
               packing=self.spec.dataset.packing)
 
     @staticmethod
@@ -375,7 +401,7 @@ class Party:
         for round_ in range(1, len(self.spec.fractions()) + 1):
             self._load_global(round_)
             self._save_round(round_)
-            self.scheduler.report("aggregated", round=round_)
+            self.scheduler.report("aggregated", round=round_, **self._evaluation(round_))
             self._round_done(round_)
 
     def _serve_until_done(self) -> None:

@@ -54,9 +54,12 @@ def check_job(job: FederatedFineTune, base_dir: Path, source: str) -> dict[str, 
 
 
 def _check_party_files(spec: JobSpec, index: int, party: Party, base_dir: Path) -> int:
-    """The party's model folder and trainset; its number of training samples."""
+    """The party's model folder, trainset and valset; its number of training samples."""
     owner = f"spec.parties[{index}]" if party.pretrained_model else "spec.input"
     check_model_folder(resolve_path(spec.pretrained_model(party), base_dir), f"{owner}.pretrained_model.path")
+    if spec.valset(party):
+        field = f"spec.parties[{index}].valset" if party.valset is not None else "spec.input.valset"
+        count_instances(spec.valset(party), base_dir, field, spec)
     entries = spec.trainset(party)
     if not entries:
         return 0  # an assist_trainer that only aggregates

@@ -125,6 +125,11 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             metrics.TRAIN_LOSS.labels(party=party).set(request.loss)
             record = {"step": request.step, "loss": request.loss, "round": request.round, "t": time.time()}
             self.state.append_metric(party, record)
+        if request.has_eval_loss:
+            fields["eval_loss"] = request.eval_loss
+            self.state.put_eval(request.round, party, request.eval_loss, request.eval_samples)
+            self.state.append_metric(party, {"event": "eval", "round": request.round, "eval_loss": request.eval_loss,
+                                             "samples": request.eval_samples, "t": time.time()})
         if request.state == "aggregated":
             self.state.append_metric(
                 party, {"event": "round", "round": request.round, "step": request.step,

@@ -23,7 +23,7 @@ KIND = "FederatedFineTune"
 LOCAL_TRAINER_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "torch_compile", "no_cuda")
 # Keys fedtune manages itself: a user value would break round alignment or checkpoint layout.
 MANAGED_TRAINER_KEYS = (
-    "output_dir", "save_steps", "save_total_limit", "logging_dir", "report_to", "resume_from_checkpoint",
+    "output_dir", "save_steps", "save_total_limit", "logging_dir", "resume_from_checkpoint",
 )
 
 
@@ -58,6 +58,8 @@ class Input(_Strict):
     pretrained_model: PretrainedModel
     adapter_model: PathRef | None = None
     trainset: list[TrainsetEntry] = Field(default_factory=list)
+    # Held-out QA data: each party evaluates every round's global adapter on its valset.
+    valset: list[TrainsetEntry] = Field(default_factory=list)
 
 
 class Output(_Strict):
@@ -191,19 +193,57 @@ class PrefixTuning(_Strict):
     prefix_hidden_size: int | None = Field(None, ge=1)
 
 
-class Peft(_Strict):
+class AdapterOptions(BaseModel):
+    """Any other peft type's config for a causal LM: its keys go to peft's config class for that type as
+    they are (checked against it before any process starts)."""
+
+    model_config = ConfigDict(extra="allow")
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+
+
+_PEFT_TYPE = re.compile(r"^[A-Z][A-Z0-9_]*$")  # peft's names: LORA, IA3, LOHA, BOFT, ...
+
+
+class Peft(BaseModel):
+    """Exactly one adapter type, named as peft names it. LoRA and P-tuning v2 (the reference's) and
+    the types below have a section of their own; any other type peft has for causal LMs is taken
+    under its name the same way."""
+
+    model_config = ConfigDict(extra="allow")
     LORA: Lora | None = None
     PREFIX_TUNING: PrefixTuning | None = None
+    ADALORA: AdapterOptions | None = None
+    IA3: AdapterOptions | None = None
+    LOHA: AdapterOptions | None = None
+    LOKR: AdapterOptions | None = None
+    OFT: AdapterOptions | None = None
+    BOFT: AdapterOptions | None = None
 
     @model_validator(mode="after")
     def _one_adapter(self) -> Peft:
-        if (self.LORA is None) == (self.PREFIX_TUNING is None):
-            raise ValueError("set exactly one of `LORA` or `PREFIX_TUNING`")
+        chosen = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        for name, options in (self.model_extra or {}).items():
+            if not _PEFT_TYPE.match(name):
+                raise ValueError(f"`{name}` is not a peft type (peft names them in capitals: LORA, IA3, ...)")
+            if not isinstance(options, dict):
+                raise ValueError(f"`{name}`: expected the options of peft's {name} config, a mapping")
+            AdapterOptions.model_validate(options)
+            chosen.append(name)
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one adapter type (LORA, PREFIX_TUNING or another of peft's); "
+                             f"found {', '.join(chosen) or 'none'}")
         return self
 
     @property
-    def kind(self) -> Literal["LORA", "PREFIX_TUNING"]:
-        return "LORA" if self.LORA is not None else "PREFIX_TUNING"
+    def kind(self) -> str:
+        """The adapter type: `LORA`, `PREFIX_TUNING`, `ADALORA`, `IA3`, ..."""
+        return next(name for name in [*type(self).model_fields, *(self.model_extra or {})]
+                    if getattr(self, name, None) is not None)
+
+    def options(self) -> dict[str, Any]:
+        """The chosen type's keys as given (defaults filled in for LORA and PREFIX_TUNING)."""
+        chosen = getattr(self, self.kind)
+        return (chosen if isinstance(chosen, BaseModel) else AdapterOptions.model_validate(chosen)).model_dump()
 
 
 class Trainer(BaseModel):
@@ -340,6 +380,7 @@ class Party(_Strict):
     name: str = Field(pattern=_PARTY_NAME)
     role: Literal["assist_trainer", "label_trainer"]
     trainset: list[TrainsetEntry] | None = None
+    valset: list[TrainsetEntry] | None = None
     pretrained_model: PretrainedModel | None = None
     trainer: PartyTrainer = Field(default_factory=PartyTrainer)
     resources: Resources = Field(default_factory=Resources)
@@ -516,6 +557,12 @@ class JobSpec(_Strict):
         if party.trainset is not None:
             return party.trainset
         return self.input.trainset if party.role == "label_trainer" else []
+
+    def valset(self, party: Party) -> list[TrainsetEntry]:
+        """As `trainset`: a label_trainer falls back to `input.valset`, the assist_trainer has only its own."""
+        if party.valset is not None:
+            return party.valset
+        return self.input.valset if party.role == "label_trainer" else []
 
     def ranks(self, party: Party) -> int:
         """The party's data-parallel processes: `ranks`, else one per GPU; one for a party that only aggregates."""

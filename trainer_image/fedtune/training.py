@@ -43,6 +43,7 @@ ADAPTER_STATE_FILE = "adapter_state.safetensors"
 STAGING = ".staging"  # Trainer writes a state here; it becomes visible by a rename when complete
 
 OnRound = Callable[[int, int], None]
+OnStep = Callable[[], None]
 OnLog = Callable[[int, float], None]
 
 
@@ -120,13 +121,13 @@ def training_arguments(trainer_args: dict[str, Any], max_steps: int, state_dir: 
         args["train_sampling_strategy"] = "group_by_length"  # and transformers 4's `group_by_length` this way
     args.pop("save_strategy", None)  # saving follows the aggregation points, not a strategy
     args.setdefault("ddp_find_unused_parameters", False)  # every adapter weight gets a gradient at every step
+    args.setdefault("report_to", "none")  # tensorboard, mlflow, ...: opted into with trainer.report_to
     args.update(
         output_dir=str(state_dir),
         max_steps=max_steps,  # the planned count, so Trainer and the aggregation points agree
         save_strategy="no",  # the round callback asks for each save
         logging_strategy="steps",
         logging_steps=1,
-        report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -221,13 +222,41 @@ class _FederatedTrainer(Trainer):
         return loss
 
 
+# --- evaluation ---------------------------------------------------------------------------
+
+
+def evaluate(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], batch_size: int = 8) -> float:
+    """The model's loss on `features`: the mean over every answer token (as training's loss counts them)."""
+    collate = collator_for(tokenizer)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(features), batch_size):
+                batch = {k: v.to(device) for k, v in collate(features[start:start + batch_size]).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]
+                logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:][:, :-1]  # prompt-learning tokens first
+                losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum",
+                                                           ignore_index=-100)
+                total += float(losses)
+                tokens += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / max(tokens, 1)
+
+
 # --- the rounds ---------------------------------------------------------------------------
 
 
 class _RoundCallback(TrainerCallback):
-    def __init__(self, agg_steps: Sequence[int], on_round: OnRound, on_log: OnLog | None, result: TrainResult) -> None:
+    def __init__(self, agg_steps: Sequence[int], on_round: OnRound, on_log: OnLog | None, result: TrainResult,
+                 on_step: OnStep | None = None) -> None:
         self.agg_steps = list(agg_steps)
         self.on_round = on_round
+        self.on_step = on_step
         self.on_log_fn = on_log
         self.result = result
         self.next_round = 0
@@ -242,6 +271,8 @@ class _RoundCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self.result.step_seconds.append(time.perf_counter() - self.step_started)
+        if self.on_step is not None:
+            self.on_step()
         while self.next_round < len(self.agg_steps) and self.agg_steps[self.next_round] <= state.global_step:
             self.on_round(self.next_round, state.global_step)
             self.result.rounds.append(self.next_round)
@@ -273,10 +304,12 @@ def train(
     agg_steps: Sequence[int],
     on_round: OnRound,
     on_log: OnLog | None = None,
+    on_step: OnStep | None = None,
     state_dir: Path,
     packing: bool = False,
 ) -> TrainResult:
-    """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step.
+    """Train `model` (a peft model) on `features`, calling `on_round` at each aggregation step (and
+    `on_step` after every optimizer step, before that).
 
     Under torch.distributed (a party's ranks), every rank calls it with the same features and the
     same `on_round`; each trains on its share of every batch. `packing`: each batch as one row
@@ -297,7 +330,7 @@ def train(
         args=training_arguments(trainer_args, max_steps, state_dir),
         train_dataset=FeatureDataset(features),
         data_collator=collator_for(tokenizer, packing=packing),
-        callbacks=[_RoundCallback(agg_steps, on_round, on_log, result)],
+        callbacks=[_RoundCallback(agg_steps, on_round, on_log, result, on_step)],
         state_dir=state_dir,
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through on_log, not stdout

@@ -128,13 +128,20 @@ class TinyChatGLMForConditionalGeneration(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: list[int] | int | None = None,
-                 **_: object) -> torch.Tensor:
-        """Greedy, without a cache: enough for a tiny model."""
+                 streamer: object = None, **_: object) -> torch.Tensor:
+        """Greedy, without a cache: enough for a tiny model. A `streamer` gets the prompt, then each
+        token as it is made, then `end()`, as from transformers' generate()."""
         stop = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id] if eos_token_id else [])
         ids = input_ids
+        if streamer is not None:
+            streamer.put(ids.cpu())
         for _ in range(max_new_tokens):
             token = self.transformer(ids)[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, token], dim=1)
+            if streamer is not None:
+                streamer.put(token[0].cpu())
             if int(token) in stop:
                 break
+        if streamer is not None:
+            streamer.end()
         return ids

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/proto/fedtune.proto\x12\nfedtune.v1\"V\n\x0bJoinRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1a\n\x12shared_config_json\x18\x03 \x01(\t\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"F\n\tJoinReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1a\n\x12shared_config_json\x18\x03 \x01(\t\"\xb5\x01\n\x0cReadyRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x11\n\tmax_steps\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x64\x61pter_schema_json\x18\x04 \x01(\t\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x1c\n\x14public_key_signature\x18\x06 \x01(\x0c\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x08 \x01(\x0c\"\xfd\x03\n\tStartInfo\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x33\n\x07weights\x18\x03 \x03(\x0b\x32\".fedtune.v1.StartInfo.WeightsEntry\x12:\n\x0bpublic_keys\x18\x04 \x03(\x0b\x32%.fedtune.v1.StartInfo.PublicKeysEntry\x12M\n\x15public_key_signatures\x18\x05 \x03(\x0b\x32..fedtune.v1.StartInfo.PublicKeySignaturesEntry\x12=\n\x0c\x63\x65rtificates\x18\x06 \x03(\x0b\x32\'.fedtune.v1.StartInfo.CertificatesEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fPublicKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a:\n\x18PublicKeySignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x33\n\x11\x43\x65rtificatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xa1\x01\n\x0cStatusReport\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x10\n\x08has_loss\x18\x06 \x01(\x08\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0cround_wait_s\x18\t \x01(\x01\"(\n\x08JobPhase\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1a\n\nStatusJson\x12\x0c\n\x04json\x18\x01 \x01(\t\"<\n\x0c\x46\x65tchRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"I\n\x05\x43hunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.BlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x90\x01\n\nBlobHeader\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\r\n\x05phase\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x06unmask\x18\x07 \x01(\x0b\x32\x19.fedtune.v1.UnmaskRequest\"\x88\x01\n\x0f\x45ncryptedShares\x12\r\n\x05party\x18\x01 \x01(\t\x12\x37\n\x06shares\x18\x02 \x03(\x0b\x32\'.fedtune.v1.EncryptedShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb6\x01\n\rUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x10\n\x08uploaded\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\x12?\n\x0b\x63iphertexts\x18\x04 \x03(\x0b\x32*.fedtune.v1.UnmaskRequest.CiphertextsEntry\x1a\x32\n\x10\x43iphertextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x95\x01\n\x0eRevealedShares\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x36\n\x06shares\x18\x03 \x03(\x0b\x32&.fedtune.v1.RevealedShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x32\xf7\x01\n\tScheduler\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12\x38\n\x05Ready\x12\x18.fedtune.v1.ReadyRequest\x1a\x15.fedtune.v1.StartInfo\x12\x38\n\x06Report\x12\x18.fedtune.v1.StatusReport\x1a\x14.fedtune.v1.JobPhase\x12>\n\tGetStatus\x12\x19.fedtune.v1.StatusRequest\x1a\x16.fedtune.v1.StatusJson2\xf5\x01\n\nAggregator\x12\x33\n\x06Submit\x12\x11.fedtune.v1.Chunk\x1a\x14.fedtune.v1.JobPhase(\x01\x12\x36\n\x05\x46\x65tch\x12\x18.fedtune.v1.FetchRequest\x1a\x11.fedtune.v1.Chunk0\x01\x12>\n\tShareKeys\x12\x1b.fedtune.v1.EncryptedShares\x1a\x14.fedtune.v1.JobPhase\x12:\n\x06Reveal\x12\x1a.fedtune.v1.RevealedShares\x1a\x14.fedtune.v1.JobPhaseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tune/proto/fedtune.proto\x12\nfedtune.v1\"V\n\x0bJoinRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x1a\n\x12shared_config_json\x18\x03 \x01(\t\x12\x0e\n\x06wait_s\x18\x04 \x01(\x01\"F\n\tJoinReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1a\n\x12shared_config_json\x18\x03 \x01(\t\"\xb5\x01\n\x0cReadyRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x11\n\tmax_steps\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x64\x61pter_schema_json\x18\x04 \x01(\t\x12\x12\n\npublic_key\x18\x05 \x01(\x0c\x12\x1c\n\x14public_key_signature\x18\x06 \x01(\x0c\x12\x0e\n\x06wait_s\x18\x07 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x08 \x01(\x0c\"\xfd\x03\n\tStartInfo\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x33\n\x07weights\x18\x03 \x03(\x0b\x32\".fedtune.v1.StartInfo.WeightsEntry\x12:\n\x0bpublic_keys\x18\x04 \x03(\x0b\x32%.fedtune.v1.StartInfo.PublicKeysEntry\x12M\n\x15public_key_signatures\x18\x05 \x03(\x0b\x32..fedtune.v1.StartInfo.PublicKeySignaturesEntry\x12=\n\x0c\x63\x65rtificates\x18\x06 \x03(\x0b\x32\'.fedtune.v1.StartInfo.CertificatesEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fPublicKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a:\n\x18PublicKeySignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x33\n\x11\x43\x65rtificatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xe1\x01\n\x0cStatusReport\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x11\n\tmax_steps\x18\x05 \x01(\x03\x12\x10\n\x08has_loss\x18\x06 \x01(\x08\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0cround_wait_s\x18\t \x01(\x01\x12\x15\n\rhas_eval_loss\x18\n \x01(\x08\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x14\n\x0c\x65val_samples\x18\x0c \x01(\x03\"(\n\x08JobPhase\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1a\n\nStatusJson\x12\x0c\n\x04json\x18\x01 \x01(\t\"<\n\x0c\x46\x65tchRequest\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"I\n\x05\x43hunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedtune.v1.BlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x90\x01\n\nBlobHeader\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\r\n\x05phase\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x06unmask\x18\x07 \x01(\x0b\x32\x19.fedtune.v1.UnmaskRequest\"\x88\x01\n\x0f\x45ncryptedShares\x12\r\n\x05party\x18\x01 \x01(\t\x12\x37\n\x06shares\x18\x02 \x03(\x0b\x32\'.fedtune.v1.EncryptedShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xb6\x01\n\rUnmaskRequest\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x10\n\x08uploaded\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\x12?\n\x0b\x63iphertexts\x18\x04 \x03(\x0b\x32*.fedtune.v1.UnmaskRequest.CiphertextsEntry\x1a\x32\n\x10\x43iphertextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x95\x01\n\x0eRevealedShares\x12\r\n\x05party\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x36\n\x06shares\x18\x03 \x03(\x0b\x32&.fedtune.v1.RevealedShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x32\xf7\x01\n\tScheduler\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12\x38\n\x05Ready\x12\x18.fedtune.v1.ReadyRequest\x1a\x15.fedtune.v1.StartInfo\x12\x38\n\x06Report\x12\x18.fedtune.v1.StatusReport\x1a\x14.fedtune.v1.JobPhase\x12>\n\tGetStatus\x12\x19.fedtune.v1.StatusRequest\x1a\x16.fedtune.v1.StatusJson2\xf5\x01\n\nAggregator\x12\x33\n\x06Submit\x12\x11.fedtune.v1.Chunk\x1a\x14.fedtune.v1.JobPhase(\x01\x12\x36\n\x05\x46\x65tch\x12\x18.fedtune.v1.FetchRequest\x1a\x11.fedtune.v1.Chunk0\x01\x12>\n\tShareKeys\x12\x1b.fedtune.v1.EncryptedShares\x1a\x14.fedtune.v1.JobPhase\x12:\n\x06Reveal\x12\x1a.fedtune.v1.RevealedShares\x1a\x14.fedtune.v1.JobPhaseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -62,33 +62,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTINFO_CERTIFICATESENTRY']._serialized_start=846
   _globals['_STARTINFO_CERTIFICATESENTRY']._serialized_end=897
   _globals['_STATUSREPORT']._serialized_start=900
-  _globals['_STATUSREPORT']._serialized_end=1061
-  _globals['_JOBPHASE']._serialized_start=1063
-  _globals['_JOBPHASE']._serialized_end=1103
-  _globals['_STATUSREQUEST']._serialized_start=1105
-  _globals['_STATUSREQUEST']._serialized_end=1120
-  _globals['_STATUSJSON']._serialized_start=1122
-  _globals['_STATUSJSON']._serialized_end=1148
-  _globals['_FETCHREQUEST']._serialized_start=1150
-  _globals['_FETCHREQUEST']._serialized_end=1210
-  _globals['_CHUNK']._serialized_start=1212
-  _globals['_CHUNK']._serialized_end=1285
-  _globals['_BLOBHEADER']._serialized_start=1288
-  _globals['_BLOBHEADER']._serialized_end=1432
-  _globals['_ENCRYPTEDSHARES']._serialized_start=1435
-  _globals['_ENCRYPTEDSHARES']._serialized_end=1571
-  _globals['_ENCRYPTEDSHARES_SHARESENTRY']._serialized_start=1526
-  _globals['_ENCRYPTEDSHARES_SHARESENTRY']._serialized_end=1571
-  _globals['_UNMASKREQUEST']._serialized_start=1574
-  _globals['_UNMASKREQUEST']._serialized_end=1756
-  _globals['_UNMASKREQUEST_CIPHERTEXTSENTRY']._serialized_start=1706
-  _globals['_UNMASKREQUEST_CIPHERTEXTSENTRY']._serialized_end=1756
-  _globals['_REVEALEDSHARES']._serialized_start=1759
-  _globals['_REVEALEDSHARES']._serialized_end=1908
-  _globals['_REVEALEDSHARES_SHARESENTRY']._serialized_start=1526
-  _globals['_REVEALEDSHARES_SHARESENTRY']._serialized_end=1571
-  _globals['_SCHEDULER']._serialized_start=1911
-  _globals['_SCHEDULER']._serialized_end=2158
-  _globals['_AGGREGATOR']._serialized_start=2161
-  _globals['_AGGREGATOR']._serialized_end=2406
+  _globals['_STATUSREPORT']._serialized_end=1125
+  _globals['_JOBPHASE']._serialized_start=1127
+  _globals['_JOBPHASE']._serialized_end=1167
+  _globals['_STATUSREQUEST']._serialized_start=1169
+  _globals['_STATUSREQUEST']._serialized_end=1184
+  _globals['_STATUSJSON']._serialized_start=1186
+  _globals['_STATUSJSON']._serialized_end=1212
+  _globals['_FETCHREQUEST']._serialized_start=1214
+  _globals['_FETCHREQUEST']._serialized_end=1274
+  _globals['_CHUNK']._serialized_start=1276
+  _globals['_CHUNK']._serialized_end=1349
+  _globals['_BLOBHEADER']._serialized_start=1352
+  _globals['_BLOBHEADER']._serialized_end=1496
+  _globals['_ENCRYPTEDSHARES']._serialized_start=1499
+  _globals['_ENCRYPTEDSHARES']._serialized_end=1635
+  _globals['_ENCRYPTEDSHARES_SHARESENTRY']._serialized_start=1590
+  _globals['_ENCRYPTEDSHARES_SHARESENTRY']._serialized_end=1635
+  _globals['_UNMASKREQUEST']._serialized_start=1638
+  _globals['_UNMASKREQUEST']._serialized_end=1820
+  _globals['_UNMASKREQUEST_CIPHERTEXTSENTRY']._serialized_start=1770
+  _globals['_UNMASKREQUEST_CIPHERTEXTSENTRY']._serialized_end=1820
+  _globals['_REVEALEDSHARES']._serialized_start=1823
+  _globals['_REVEALEDSHARES']._serialized_end=1972
+  _globals['_REVEALEDSHARES_SHARESENTRY']._serialized_start=1590
+  _globals['_REVEALEDSHARES_SHARESENTRY']._serialized_end=1635
+  _globals['_SCHEDULER']._serialized_start=1975
+  _globals['_SCHEDULER']._serialized_end=2222
+  _globals['_AGGREGATOR']._serialized_start=2225
+  _globals['_AGGREGATOR']._serialized_end=2470
 # @@protoc_insertion_point(module_scope)

@@ -93,7 +93,7 @@ class StartInfo(_message.Message):
     def __init__(self, ready: _Optional[bool] = ..., rounds: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ..., public_key_signatures: _Optional[_Mapping[str, bytes]] = ..., certificates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("party", "state", "round", "step", "max_steps", "has_loss", "loss", "error", "round_wait_s")
+    __slots__ = ("party", "state", "round", "step", "max_steps", "has_loss", "loss", "error", "round_wait_s", "has_eval_loss", "eval_loss", "eval_samples")
     PARTY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,9 @@ class StatusReport(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROUND_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    HAS_EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     party: str
     state: str
     round: int
@@ -112,7 +115,10 @@ class StatusReport(_message.Message):
     loss: float
     error: str
     round_wait_s: float
-    def __init__(self, party: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., round_wait_s: _Optional[float] = ...) -> None: ...
+    has_eval_loss: bool
+    eval_loss: float
+    eval_samples: int
+    def __init__(self, party: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[int] = ..., max_steps: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., error: _Optional[str] = ..., round_wait_s: _Optional[float] = ..., has_eval_loss: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., eval_samples: _Optional[int] = ...) -> None: ...
 
 class JobPhase(_message.Message):
     __slots__ = ("phase", "error")
