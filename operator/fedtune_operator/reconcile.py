@@ -186,7 +186,7 @@ class Reconciler:
             try:
                 self._ensure_static(job)
             except tls.TlsUnavailable as err:
-                return self._wait(body, prev, "TLS", "CAUnavailable", str(err))
+                return self._wait(body, prev, "TLS", err.reason, str(err))
         classes = jobs.storage_classes(job)
         if prev.get("phase", status.PENDING) == status.PENDING:
             missing = self._missing_storage_classes(classes)

@@ -9,9 +9,12 @@ Secrets that hold them are built in `children/secret.py`:
     Secret J-tls-<role>      ca.crt, tls.crt, tls.key (type kubernetes.io/tls): one per local
                              role, mounted read-only in that role's pod only
 
-A certificate's common name is the party's name (`scheduler` for the scheduler): that is
-what the roles check (`transport.PeerIdentity`, `ssl_target_name_override`). The Service
-names are added as DNS names so that ordinary TLS clients can verify the pods too.
+A certificate names the party (`scheduler` for the scheduler) as its first DNS name and its
+common name: that is what the roles check (`transport.PeerIdentity`,
+`ssl_target_name_override`). The Service names are added as DNS names so that ordinary TLS
+clients can verify the pods too; they hold the namespace, so they live in the SANs alone
+(a common name has at most 64 characters). A certificate that cannot be made is
+`CertificateFailed`: the job's `TLS` condition says which and why.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ TLS_DIR = "/etc/fedtune-tls"  # beside, not inside, the job ConfigMap's /etc/fed
 
 class TlsUnavailable(Exception):
     """The job's certificates cannot be made now (the named CA Secret is missing or unusable)."""
+
+    reason = "CAUnavailable"  # of the job's `TLS` condition
+
+
+class CertificateFailed(TlsUnavailable):
+    """The cryptography library refused a certificate of this job (a name it cannot carry, ...)."""
+
+    reason = "CertificateFailed"
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,17 @@ def name_problems(job: Job, workloads: list[Workload]) -> list[str]:
 
 
 def new_ca(job: Job) -> certs.Issued:
-    return certs.make_ca(f"{job.namespace}/{job.name}")
+    try:
+        return certs.make_ca(f"{job.namespace}/{job.name}")
+    except (ValueError, TypeError) as err:
+        raise CertificateFailed(f"cannot make the job's CA: {err}") from None
 
 
 def issue(job: Job, ca: certs.Issued, workload: Workload) -> certs.Issued:
-    return certs.issue(ca, common_name(workload), dns_names=dns_names(job, workload))
+    try:
+        return certs.issue(ca, common_name(workload), dns_names=dns_names(job, workload))
+    except (ValueError, TypeError) as err:
+        raise CertificateFailed(f"cannot make the certificate of {common_name(workload)}: {err}") from None
 
 
 def new_material(job: Job, workloads: list[Workload], ca: certs.Issued | None = None) -> Material:

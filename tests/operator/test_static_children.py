@@ -10,39 +10,9 @@ be told to delete between two of the operator's calls); the cluster test
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedtune_operator.jobs import Job
-from fedtune_operator.reconcile import Reconciler
 from support.children import UID
-
-
-class MemoryKube:
-    """get/list/create over a dict, as `fedtune_operator.kube.Kube` offers them."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.on_list: dict[str, Any] = {}
-
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.objects.get((kind, name))
-
-    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        listed = [obj for (k, _), obj in self.objects.items() if k == kind]
-        hook = self.on_list.pop(kind, None)
-        if hook is not None:
-            hook()  # happens after the listing was taken: the pass sees the old state
-        return listed
-
-    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = manifest
-        return manifest
-
-
-def reconciler() -> tuple[Reconciler, MemoryKube]:
-    rec = Reconciler(api=None, operator=None)  # type: ignore[arg-type]
-    rec.kube = MemoryKube()  # type: ignore[assignment]
-    return rec, rec.kube  # type: ignore[return-value]
+from support.memory_kube import memory_reconciler as reconciler
 
 
 def test_a_deletion_during_the_pass_makes_the_next_pass_look_again(job: Job) -> None:

@@ -1,13 +1,16 @@
 """The federation's certificates: a CA, one certificate per party, and signatures over key-agreement keys.
 
-A party's certificate names it (common name and a DNS SAN), so a server can tell which
+A party's certificate names it (a DNS SAN, and the common name), so a server can tell which
 party is calling and the party's peers can check that a relayed key-agreement public value
-really comes from it. Keys are ECDSA P-256: small, fast, and what gRPC's TLS handles well.
+really comes from it. The SAN holds the name whole; a common name longer than X.509's 64
+characters is cut (`_common_name`), so long namespaces and job names never break a
+certificate. Keys are ECDSA P-256: small, fast, and what gRPC's TLS handles well.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from fedtune import files
 
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
 _VALID = dt.timedelta(days=365)
+_COMMON_NAME_MAX = 64  # X.509's bound (RFC 5280's ub-common-name); cryptography refuses longer ones
 
 
 class CertError(ValueError):
@@ -43,9 +47,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _common_name(text: str) -> x509.Name:
+    """A subject whose common name is `text`, cut to 64 characters when longer: the cut keeps a digest
+    of the whole, so two long names that share their first 55 characters still differ."""
+    if len(text) > _COMMON_NAME_MAX:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        text = f"{text[:_COMMON_NAME_MAX - len(digest) - 1]}~{digest}"
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
 def make_ca(name: str, *, valid: dt.timedelta = _VALID) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedtune CA {name}")])
+    subject = _common_name(f"fedtune CA {name}")
     cert = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=5))
@@ -61,14 +74,14 @@ def make_ca(name: str, *, valid: dt.timedelta = _VALID) -> Issued:
 
 def issue(ca: Issued, name: str, *, dns_names: list[str] = (), ips: list[str] = (),  # type: ignore[assignment]
           valid: dt.timedelta = _VALID) -> Issued:
-    """A certificate naming party `name`, good for both ends of mutual TLS."""
+    """A certificate naming party `name` (its first DNS SAN), good for both ends of mutual TLS."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([name, *dns_names])]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        x509.CertificateBuilder().subject_name(_common_name(name))
         .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5)).not_valid_after(_now() + valid)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -88,19 +101,25 @@ def write_bundle(folder: Path, ca_pem: bytes, issued: Issued) -> Path:
     return folder
 
 
-def common_name(cert_pem: bytes) -> str:
+def _alt_names(cert: x509.Certificate) -> x509.SubjectAlternativeName:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectAlternativeName([])
+
+
+def names(cert_pem: bytes) -> list[str]:
+    """The names a certificate carries: its common name, then its DNS SANs (as `transport.peer_names` sees them).
+
+    A name longer than a common name may be lives in the SANs alone (`issue` puts it first there)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
+    common = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return list(dict.fromkeys(common + _alt_names(cert).get_values_for_type(x509.DNSName)))
 
 
 def describe(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [str(n.value) for n in sans]
-    except x509.ExtensionNotFound:
-        names = []
+    names = [str(n.value) for n in _alt_names(cert)]
     return (f"subject: {cert.subject.rfc4514_string()}\nissuer:  {cert.issuer.rfc4514_string()}\n"
             f"names:   {', '.join(names) or '-'}\nvalid:   {cert.not_valid_before_utc:%Y-%m-%d} .. "
             f"{cert.not_valid_after_utc:%Y-%m-%d}\nserial:  {cert.serial_number:x}")
@@ -130,8 +149,8 @@ def verify_public_key(ca_pem: bytes, cert_pem: bytes, job_id: str, party: str, p
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as err:
         raise CertError(f"{party}'s certificate is not from this federation's CA ({err or 'bad signature'})") from None
-    if common_name(cert_pem) != party:
-        raise CertError(f"the certificate sent for {party} names `{common_name(cert_pem)}`")
+    if party not in names(cert_pem):
+        raise CertError(f"the certificate sent for {party} names {', '.join(f'`{n}`' for n in names(cert_pem))}")
     public = cert.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise CertError(f"{party}'s certificate does not hold an ECDSA key")

@@ -1,0 +1,51 @@
+"""An in-memory stand-in for `fedtune_operator.kube.Kube`, for reconciler tests that need an exact order of
+events the real API server cannot be made to produce (its objects keyed by kind and name; one namespace)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+from fedtune_operator.reconcile import Reconciler
+
+
+class MemoryKube:
+    """get/list/create/delete/patch_status over a dict, as `Kube` offers them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.on_list: dict[str, Any] = {}  # kind -> called once, after a listing of that kind was taken
+        self._names = itertools.count(1)
+
+    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get((kind, name)))
+
+    def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        listed = [copy.deepcopy(obj) for (k, _), obj in self.objects.items() if k == kind]
+        hook = self.on_list.pop(kind, None)
+        if hook is not None:
+            hook()  # happens after the listing was taken: the pass sees the old state
+        return listed
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        name = meta.get("name") or f"{meta['generateName']}{next(self._names)}"
+        self.objects[(manifest["kind"], name)] = manifest
+        return manifest
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.objects.pop((kind, name), None)
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.objects[(kind, name)]["status"] = copy.deepcopy(status)
+
+    def kinds(self) -> set[str]:
+        return {kind for kind, _ in self.objects}
+
+
+def memory_reconciler() -> tuple[Reconciler, MemoryKube]:
+    """A Reconciler whose API is a MemoryKube (no operator pod: no peer in the NetworkPolicy)."""
+    rec = Reconciler(api=None, operator=None)  # type: ignore[arg-type]
+    rec.kube = MemoryKube()  # type: ignore[assignment]
+    return rec, rec.kube  # type: ignore[return-value]
