@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from fedtune.models import (
     load_adapter_state,
     load_base_model,
     save_checkpoint,
+    saved_adapter_kind,
 )
 from fedtune.spec import Peft
 from fedtune.tinymodel import build_tiny_model
@@ -52,6 +58,71 @@ def test_missing_or_unreadable_model_folder_is_named(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=r"empty: no config.json"):
         load_base_model(tmp_path / "empty")
+
+
+POD_UID = 10001  # the user the operator's pods run as
+
+
+def error_as_pod_user(call: Callable[[], object]) -> str:
+    """The message of the error `call()` raises when run by the pods' user: in a forked child that gives
+    up root (which may read anything); as this process's own user when the tests do not run as root."""
+    if os.geteuid() != 0:
+        try:
+            call()
+        except Exception as err:  # the message is what is compared
+            return str(err)
+        return ""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no torch work happens before the checks fail
+        os.close(read)
+        message = ""
+        try:
+            os.setgroups([])
+            os.setgid(POD_UID)
+            os.setuid(POD_UID)
+            call()
+        except BaseException as err:
+            message = str(err)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.fixture
+def shared_model(tiny_model: Path) -> Iterator[Path]:
+    """A copy of the tiny model where any user can reach it (pytest's own folders are root's alone)."""
+    top = Path(tempfile.mkdtemp(prefix="fedtune-shared-"))
+    top.chmod(0o755)
+    try:
+        yield Path(shutil.copytree(tiny_model, top / "tiny-glm"))
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_model_is_written_readable_by_every_user(tiny_model: Path) -> None:
+    assert stat.S_IMODE(tiny_model.stat().st_mode) == 0o755
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tiny_model.iterdir()} == {
+        p.name: "0o644" for p in tiny_model.iterdir()}
+
+
+def test_a_weights_file_the_user_cannot_read_is_named_as_permission_denied(shared_model: Path) -> None:
+    weights = shared_model / "model.safetensors"
+    weights.chmod(0o600)  # as a model written by root with a private umask: the pods' user may not read it
+    message = error_as_pod_user(lambda: load_base_model(shared_model))
+    # Not the "No such file or directory" safetensors says for a file it may not open.
+    assert f"{weights}: permission denied" in message and "(mode 0600)" in message, message
+    # An adapter folder (input.adapter_model) is checked alike.
+    assert error_as_pod_user(lambda: saved_adapter_kind(shared_model)) == message
+    weights.chmod(0o644)
+    assert error_as_pod_user(lambda: saved_adapter_kind(shared_model)).endswith("no adapter_config.json)")
+    shared_model.chmod(0o700)  # a folder the user cannot open: not "not found" either
+    message = error_as_pod_user(lambda: load_base_model(shared_model))
+    assert message.startswith(f"{shared_model}: permission denied") and "cannot open the folder" in message, message
 
 
 # --- LoRA ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ No torch here: `fedtune run` checks every party's model folder before it starts 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Container
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,35 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise ModelError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)}, or a shard index)")
 
 
+def check_readable(folder: Path) -> None:
+    """Every file of a model or adapter folder can be read by this process.
+
+    The libraries that load them report a file they may not read as missing (safetensors: "No
+    such file or directory"), so this says it first: which file, and which user cannot read it
+    (pods run as uid 10001; fedtune writes models and adapters 0644, `fedtune.files`)."""
+    who = f"this process (uid {os.getuid()})"
+    try:
+        entries = sorted(folder.iterdir())
+    except PermissionError:
+        raise ModelError(f"{folder}: permission denied: {who} cannot open the folder or one above it") from None
+    except OSError:
+        return  # missing, or not a folder: the caller says so in its own words
+    for path in entries:
+        if path.is_file():
+            try:
+                path.open("rb").close()
+            except PermissionError:
+                raise ModelError(f"{path}: permission denied: {who} cannot read it (mode "
+                                 f"{path.stat().st_mode & 0o777:04o}); make it readable, e.g. chmod a+r") from None
+
+
 def check_folder(folder: Path, known_types: Container[str] | None = None) -> dict[str, Any]:
     """A model folder's config.json, once its format is one fedtune loads and every weight shard is present.
 
     `known_types`: the model types transformers implements (not checked without it, as importing
     transformers costs seconds the launcher's preflight should not spend).
     """
+    check_readable(folder)
     config = read_config(folder)
     model_type = config.get("model_type")
     if is_chatglm(config):

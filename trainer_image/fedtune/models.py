@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fedtune.files import staged_dir
-from fedtune.modelfiles import ModelError, check_folder, is_chatglm
+from fedtune.modelfiles import ModelError, check_folder, check_readable, is_chatglm
 from fedtune.precision import FLOAT32, Precision, quantization_config
 from fedtune.spec import Peft, PrefixTuning
 
@@ -77,6 +77,7 @@ def load_base_model(
     from fedtune import chatglm
 
     folder = Path(path)
+    check_readable(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: pretrained model folder not found")
     config = check_folder(folder, CONFIG_MAPPING)  # the format and every weight shard, named if wrong
@@ -223,6 +224,7 @@ def prefix_config(model: nn.Module, spec: PrefixTuning) -> Any:
 
 def saved_adapter_kind(adapter_dir: str | Path) -> str:
     """The adapter type (LORA, PREFIX_TUNING, IA3, ...) from a saved adapter's `adapter_config.json`."""
+    check_readable(Path(adapter_dir))
     if (Path(adapter_dir) / NATIVE_PREFIX_CONFIG).is_file():
         return "PREFIX_TUNING"
     config_file = Path(adapter_dir) / "adapter_config.json"

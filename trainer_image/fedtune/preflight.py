@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.data import DataError, dataset_files, load_file
-from fedtune.modelfiles import ModelError, check_folder
+from fedtune.modelfiles import ModelError, check_folder, check_readable
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -69,6 +69,10 @@ def _check_party_files(spec: JobSpec, index: int, party: Party, base_dir: Path) 
 
 def check_model_folder(folder: Path, field: str) -> None:
     """The folder exists, holds a format fedtune loads (a ChatGLM folder it can convert) and every weight shard."""
+    try:
+        check_readable(folder)
+    except ModelError as err:
+        raise SpecError(f"{field}: {err}") from None
     if not folder.is_dir():
         raise SpecError(f"{field}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
@@ -98,6 +102,10 @@ def count_instances(entries: list[TrainsetEntry], base_dir: Path, field: str, sp
 def _check_adapter(spec: JobSpec, base_dir: Path) -> None:
     if spec.input.adapter_model is not None:
         adapter = resolve_path(spec.input.adapter_model.path, base_dir)
+        try:
+            check_readable(adapter)
+        except ModelError as err:
+            raise SpecError(f"spec.input.adapter_model.path: {err}") from None
         if not adapter.is_dir():
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
 
