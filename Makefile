@@ -28,9 +28,11 @@ $(PYTHON):
 	$(PYTHON) -m pip install -q --upgrade pip
 
 # Pin what is installed now (after changing pyproject.toml): review the diff before committing.
+# Lines with an environment marker (` ; `) pin what only other Pythons install (the images'
+# Debian Python 3.11.2 needs async-timeout): they are kept as they are.
 constraints: install
-	{ sed -n '1,2p' constraints.txt; $(PYTHON) -m pip freeze --exclude-editable | grep -v -iE '^(pip|setuptools|wheel)=='; } \
-		> constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	{ sed -n '1,2p' constraints.txt; $(PYTHON) -m pip freeze --exclude-editable | grep -v -iE '^(pip|setuptools|wheel)=='; \
+		grep -F ' ; ' constraints.txt; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 
 $(TINY_MODEL)/config.json: | install
 	$(PYTHON) -m fedtune tiny-model $(TINY_MODEL) --data $(EXAMPLES)/data/poems

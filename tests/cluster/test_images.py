@@ -4,6 +4,7 @@ no capabilities, no network, a /tmp of their own (the pods' emptyDir)."""
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 import subprocess
 
@@ -68,3 +69,26 @@ def test_trainer_image_imports_the_training_stack() -> None:
                         entrypoint="python")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def distribution(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # as pip compares names
+
+
+def pinned() -> dict[str, str]:
+    """constraints.txt: distribution -> version (marker lines included)."""
+    lines = [line.split(";")[0].strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    return {distribution(name): version for name, version in (line.split("==") for line in lines
+                                                              if line and not line.startswith("#"))}  # fmt: skip
+
+
+def test_image_holds_exactly_the_pinned_versions(image: str) -> None:
+    """Every distribution in the image (torch and its CUDA libraries too) is the one constraints.txt pins."""
+    result = docker_run(image, "-m", "pip", "freeze", "--exclude-editable", entrypoint="python")
+    assert result.returncode == 0, result.stderr
+    installed = dict(line.split("==") for line in result.stdout.splitlines() if "==" in line)
+    assert len(installed) > 20, result.stdout
+    pins = pinned()
+    wrong = {name: (version, pins.get(distribution(name))) for name, version in installed.items()
+             if pins.get(distribution(name)) != version}  # fmt: skip
+    assert not wrong, f"installed (version, pinned): {wrong}"
