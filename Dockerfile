@@ -15,6 +15,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# The user the chart runs it as (10001): kopf asks for the user's name (getpass), which
+# needs a passwd entry.
+RUN groupadd --gid 10001 fedtune \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin fedtune
 # Dependencies first, pinned by constraints.txt: this layer is rebuilt only when they
 # change, and a change to the project's code rebuilds the last two layers.
 WORKDIR /tmp/fedtune-src
@@ -31,7 +35,7 @@ COPY operator/fedtune_operator /tmp/fedtune-src/operator/fedtune_operator
 RUN pip install --no-deps --no-build-isolation /tmp/fedtune-src && rm -rf /tmp/fedtune-src
 
 WORKDIR /
-# Any non-root user works (the chart runs it read-only as 10001); no passwd entry is needed.
+ENV HOME=/tmp
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["fedtune-operator"]

@@ -77,11 +77,12 @@ proto:
 dev-cluster-build:
 	bash devtools/cluster/build.sh
 
-# Control plane plus a local node agent that runs pods as processes (needs root); prints the kubeconfig.
-dev-cluster: install dev-cluster-build
-	$(PYTHON) -m devtools.nodeagent dev-cluster
+# A local cluster: the control plane and a real node running the project's images (needs root);
+# prints the kubeconfig and the claims' folder, stays in the foreground (devtools/cluster).
+dev-cluster: install dev-cluster-build images
+	$(PYTHON) -m devtools.cluster up --tag $(IMAGE_TAG)
 
-bench: install dev-cluster-build
+bench: install dev-cluster-build images
 	$(PYTHON) bench/bad_input.py
 	$(PYTHON) bench/federation_overhead.py
 	$(PYTHON) bench/step_cost.py

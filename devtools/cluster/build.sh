@@ -2,7 +2,7 @@
 # Build a local Kubernetes cluster from source through the Go module proxy: the
 # control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler),
 # the node's kubelet and kube-proxy, CoreDNS, the NetworkPolicy engine
-# (kube-network-policies), an image registry for the node, the pause program,
+# (kube-router's), an image registry for the node, crictl, the pause program,
 # and helm.
 #
 # Binaries land in ${FEDTUNE_CACHE:-$HOME/.cache/fedtune}/bin; scratch Go
@@ -24,9 +24,9 @@ K8S_VERSION="${FEDTUNE_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${FEDTUNE_ETCD_VERSION:-v3.6.4}"
 HELM_VERSION="${FEDTUNE_HELM_VERSION:-v3.22.0}"
 COREDNS_VERSION="${FEDTUNE_COREDNS_VERSION:-v1.12.4}"
-NETPOL_VERSION="${FEDTUNE_NETPOL_VERSION:-v0.8.0}"
 REGISTRY_VERSION="${FEDTUNE_REGISTRY_VERSION:-v3.0.0}"
 CRICTL_VERSION="${FEDTUNE_CRICTL_VERSION:-v1.34.0}"
+KUBE_ROUTER_VERSION="${FEDTUNE_KUBE_ROUTER_VERSION:-v2.1.0}"
 K8S_COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${FEDTUNE_CACHE:-$HOME/.cache/fedtune}"
@@ -198,19 +198,22 @@ build_pause() {
 build_node_tools() {
     go_tool coredns github.com/coredns/coredns "$COREDNS_VERSION" \
         "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
-    go_tool kube-network-policies sigs.k8s.io/kube-network-policies/cmd "$NETPOL_VERSION"
     go_tool registry github.com/distribution/distribution/v3/cmd/registry "$REGISTRY_VERSION" \
         "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
     go_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION" \
         "-X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+    # The NetworkPolicy engine: kube-router's policy controller (iptables and ipset).
+    # kube-network-policies needs nftables' `queue` expression, which our kernels lack.
+    go_tool kube-router github.com/cloudnativelabs/kube-router/v2/cmd/kube-router "$KUBE_ROUTER_VERSION" \
+        "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
     build_pause
 }
 
 main() {
     if [[ "${1:-}" == versions ]]; then
-        printf 'kubernetes=%s\netcd=%s\nhelm=%s\ncoredns=%s\nkube-network-policies=%s\nregistry=%s\ncrictl=%s\n' \
-            "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" "$COREDNS_VERSION" "$NETPOL_VERSION" "$REGISTRY_VERSION" \
-            "$CRICTL_VERSION"
+        printf 'kubernetes=%s\netcd=%s\nhelm=%s\ncoredns=%s\nregistry=%s\ncrictl=%s\nkube-router=%s\n' \
+            "$K8S_VERSION" "$ETCD_VERSION" "$HELM_VERSION" "$COREDNS_VERSION" "$REGISTRY_VERSION" \
+            "$CRICTL_VERSION" "$KUBE_ROUTER_VERSION"
         return 0
     fi
     command -v go >/dev/null || { log "go is not on PATH"; exit 1; }
@@ -222,8 +225,8 @@ main() {
     build_node_tools
     log "done in $((SECONDS - start))s: $BIN"
     log "etcd $(etcd_version); kubernetes $(kube_version kubelet); helm $(helm_version);" \
-        "coredns $(stamped_version coredns); kube-network-policies $(stamped_version kube-network-policies);" \
-        "registry $(stamped_version registry)"
+        "coredns $(stamped_version coredns); registry $(stamped_version registry);" \
+        "kube-router $(stamped_version kube-router)"
 }
 
 main "$@"

@@ -1,9 +1,10 @@
-"""A real local Kubernetes control plane on loopback, envtest style.
+"""A real local Kubernetes control plane, envtest style.
 
-Runs etcd, kube-apiserver and kube-controller-manager built from source by
-``build.sh`` (cached in ``${FEDTUNE_CACHE:-~/.cache/fedtune}/bin``). There is
-no kubelet and no scheduler: objects are stored, validated, admitted,
-garbage-collected and namespaces finalise, but pods never run.
+Runs etcd, kube-apiserver and kube-controller-manager (and, for a cluster with a node,
+kube-scheduler) built from source by ``build.sh`` (cached in
+``${FEDTUNE_CACHE:-~/.cache/fedtune}/bin``). On its own there is no node: objects are
+stored, validated, admitted, garbage-collected and namespaces finalise, but pods never
+run. ``node.py`` adds a real node; ``python -m devtools.cluster up`` starts both.
 
 Library use::
 
@@ -327,11 +328,12 @@ class Component:
                 return
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path) -> Component:
+def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Component:
     log = log_dir / f"{name}.log"
     with log.open("ab") as handle:
         process = subprocess.Popen(
             argv,
+            env=None if env is None else {**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -71,17 +71,27 @@ torch_base() {
     site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     stage="$CACHE/images/torch-$version"
     rm -rf "$stage"
-    mkdir -p "$stage/site-packages"
     log "staging torch $version and its requirements from $site"
-    (cd "$site" && tail -n +2 "$files" | xargs -d '\n' cp -l --parents -P -t "$stage/site-packages" 2>/dev/null) \
-        || (cd "$site" && tail -n +2 "$files" | xargs -d '\n' cp --parents -P -t "$stage/site-packages")
-    rm -f "$files"
-    cat >"$stage/Dockerfile" <<DOCKERFILE
-FROM $PYTHON_BASE
-RUN python -m venv /opt/venv
-COPY site-packages/ /opt/venv/lib/python3.11/site-packages/
-ENV PATH=/opt/venv/bin:\$PATH
-DOCKERFILE
+    # Four layers of about 1-1.5 GB rather than one of 5.5: pushing and pulling them into
+    # the dev cluster's node compresses and unpacks them side by side.
+    local layer pattern dockerfile="FROM $PYTHON_BASE"$'\n'"RUN python -m venv /opt/venv"$'\n'
+    for layer in cuda-libs nvidia torch rest; do
+        case "$layer" in
+            cuda-libs) pattern='^nvidia/cu[0-9]+/' ;;
+            nvidia) pattern='^nvidia' ;;
+            torch) pattern='^(torch|torchgen|functorch)/' ;;
+            rest) pattern='.' ;;
+        esac
+        mkdir -p "$stage/$layer"
+        tail -n +2 "$files" | grep -E "$pattern" >"$stage/$layer.list" || true
+        tail -n +2 "$files" | grep -vE "$pattern" >"$files.rest" || true
+        { head -1 "$files"; cat "$files.rest"; } >"$files.next" && mv "$files.next" "$files"
+        (cd "$site" && xargs -a "$stage/$layer.list" -d '\n' cp -l --parents -P -t "$stage/$layer" 2>/dev/null) \
+            || (cd "$site" && xargs -a "$stage/$layer.list" -d '\n' cp --parents -P -t "$stage/$layer")
+        dockerfile+="COPY $layer/ /opt/venv/lib/python3.11/site-packages/"$'\n'
+    done
+    rm -f "$files" "$files.rest" "$stage"/*.list
+    printf '%sENV PATH=/opt/venv/bin:$PATH\n' "$dockerfile" >"$stage/Dockerfile"
     log "building $image"
     docker build -q -t "$image" "$stage" >/dev/null
     rm -rf "$stage"

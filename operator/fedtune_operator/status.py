@@ -11,6 +11,9 @@ Pure (no API calls): `plan()` decides, the reconciler in `reconcile.py` acts. Ru
   job state in Redis (`Progress`), when it could be read; otherwise the last known values stay.
   The runtime's warnings (DP without secure aggregation, ...) join `status.warnings`, each
   with a Warning event, once.
+- A pod whose image cannot be pulled (or is not on the node) stays Pending with the kubelet
+  retrying: condition `ImagesReady` False names the role and the image, and so does
+  `status.message`, until the image is there.
 - Condition `TLS` says how the roles authenticate each other; a job with
   `spec.tls.enabled: false` gets it False with a Warning event, once.
 - A job whose assist_trainer is remote (another organisation hosts the federation) runs
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +50,14 @@ class PodView:
     exit_code: int | None = None
     reason: str | None = None
     message: str | None = None
+    image: str | None = None
+    image_error: str | None = None  # why the kubelet cannot start the image (reason: message)
+    claims: tuple[tuple[str, str], ...] = ()  # (mount path, claim name) of the role's container
+
+
+# The kubelet's waiting reasons for an image it cannot get.
+IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "ImageInspectError",
+                "RegistryUnavailable")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,13 +103,19 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     """Read a pod (as the API returns it, camelCase keys) into a `PodView`."""
     meta = pod.get("metadata", {})
     status = pod.get("status") or {}
-    exit_code = reason = message = None
+    exit_code = reason = message = image_error = None
+    spec = pod.get("spec") or {}
+    image = next((c.get("image") for c in spec.get("containers") or []), None)
     for cs in status.get("containerStatuses") or []:
         terminated = (cs.get("state") or {}).get("terminated")
+        waiting = (cs.get("state") or {}).get("waiting") or {}
         if terminated:
             exit_code = terminated.get("exitCode")
             reason = terminated.get("reason")
             message = terminated.get("message")
+        if waiting.get("reason") in IMAGE_ERRORS:
+            image = cs.get("image") or image
+            image_error = f"{waiting['reason']}: {waiting.get('message') or 'no message'}"[:512]
     # Pod-level reasons (Evicted, DeadlineExceeded) when no container said more.
     reason = reason or status.get("reason")
     message = message or status.get("message")
@@ -110,7 +128,26 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         exit_code=exit_code,
         reason=reason,
         message=(message or "").strip()[-1024:] or None,  # keep status small: the tail says most
+        image=image,
+        image_error=image_error,
+        claims=_claim_mounts(spec),
     )
+
+
+def _claim_mounts(spec: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(mount path, claim name) for each claim the pod's first container mounts."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes") or []
+              if v.get("persistentVolumeClaim")}  # fmt: skip
+    containers = spec.get("containers") or [{}]
+    mounts = containers[0].get("volumeMounts") or []
+    return tuple((m["mountPath"], claims[m["name"]]) for m in mounts if m.get("name") in claims)
+
+
+def claims_in(message: str, claims: tuple[tuple[str, str], ...]) -> str:
+    """The claims whose files `message` names, as `claim C (mounted at P)`."""
+    named = [f"claim {claim} (mounted at {path})" for path, claim in claims
+             if re.search(re.escape(path.rstrip("/")) + r"(/|\b)", message)]  # fmt: skip
+    return ", ".join(named)
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -163,8 +200,12 @@ def invalid_status(prev: dict[str, Any], message: str, now: str) -> dict[str, An
     return status
 
 
+def _who(key: str) -> str:
+    return "scheduler" if key == SCHEDULER else f"party `{key}`"
+
+
 def describe_failure(key: str, rec: dict[str, Any]) -> str:
-    what = "scheduler" if key == SCHEDULER else f"party `{key}`"
+    what = _who(key)
     parts = []
     if rec.get("exitCode") is not None:
         parts.append(f"exit code {rec['exitCode']}")
@@ -172,7 +213,9 @@ def describe_failure(key: str, rec: dict[str, Any]) -> str:
         parts.append(f"reason {rec['reason']}")
     detail = ", ".join(parts) or "no exit code"
     tail = f": {rec['message']}" if rec.get("message") else ""
-    return f"{what} failed ({detail}){tail}"
+    # A file it could not read or write lies on a claim: say which, by name.
+    claim = f" [{rec['claim']}]" if rec.get("claim") else ""
+    return f"{what} failed ({detail}){claim}{tail}"
 
 
 def _record(prev: dict[str, Any], workload: Workload) -> dict[str, Any]:
@@ -208,6 +251,7 @@ def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backof
             rec["failedUID"] = pod.uid
             rec["failures"] += 1
             rec.update(exitCode=pod.exit_code, reason=pod.reason, message=pod.message)
+            rec["claim"] = claims_in(pod.message or "", pod.claims) or None
             plan.events.append(("Warning", "PodFailed", describe_failure(w.key, rec)))
         if rec["failures"] > backoff_limit:
             rec["state"] = FAILED
@@ -219,6 +263,30 @@ def _step_workload(rec: dict[str, Any], pod: PodView | None, w: Workload, backof
     if pod.phase == SUCCEEDED:
         rec["exitCode"] = 0
     return False
+
+
+def _images_condition(conditions: list[dict[str, Any]], status: dict[str, Any], records: dict[str, Any],
+                      scheduler: dict[str, Any] | None, pods: dict[str, PodView], redis_pod_name: str | None,
+                      phase: str, now: str, result: Plan) -> list[dict[str, Any]]:  # fmt: skip
+    """`ImagesReady`: False, naming each role and image the kubelet cannot get; True once they start."""
+    roles = {**({SCHEDULER: scheduler} if scheduler is not None else {}), **records}
+    owners = [(_who(key), rec.get("pod")) for key, rec in roles.items()]
+    if redis_pod_name:
+        owners.append(("Redis", redis_pod_name))
+    problems = [f"{who}: image {pod.image} cannot be started ({pod.image_error})"
+                for who, name in owners if (pod := pods.get(name or "")) is not None and pod.image_error]  # fmt: skip
+    old = find_condition(conditions, "ImagesReady")
+    if problems and phase not in FINAL:
+        message = "; ".join(problems)
+        if not old or old.get("message") != message:
+            result.events.append(("Warning", "ImageUnavailable", message))
+        status["message"] = message
+        return set_condition(conditions, "ImagesReady", "False", "ImageUnavailable", message, now)
+    if old is not None and old.get("status") == "False":
+        if status.get("message") == old.get("message"):
+            status.pop("message", None)
+        return set_condition(conditions, "ImagesReady", "True", "ImagesPulled", "every image is on the node", now)
+    return conditions
 
 
 def seconds_between(earlier: str, later: str) -> float:
@@ -329,6 +397,7 @@ def plan(
     else:
         phase = PENDING
     status["phase"] = phase
+    conditions = _images_condition(conditions, status, records, scheduler, pods, redis_pod_name, phase, now, result)
     if phase == RUNNING:
         status.setdefault("startTime", now)
     if phase in FINAL:

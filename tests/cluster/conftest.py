@@ -8,15 +8,13 @@ those binaries the cluster tests skip, unless FEDTUNE_REQUIRE_CLUSTER is set
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from devtools.cluster import devcluster
-from support.kube import unavailable
+from support.kube import kubectl_for, runner, unavailable
 
 Kubectl = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -47,35 +45,16 @@ def control_plane() -> Iterator[object]:
         plane.stop()
 
 
-def _runner(argv: list[str], timeout: float) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """A function running `argv + args`, raising with stderr on failure unless check=False."""
-
-    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*argv, *args], input=input, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"{Path(argv[0]).name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
-            )
-        return result
-
-    return run
-
-
 @pytest.fixture(scope="session")
 def helm() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run the helm that build.sh built (not whatever helm is on PATH)."""
     binary = devcluster.bin_dir() / "helm"
     if not binary.exists():
         unavailable(f"helm not built at {binary}; run devtools/cluster/build.sh")
-    return _runner([str(binary)], timeout=180)
+    return runner([str(binary)], timeout=180)
 
 
 @pytest.fixture(scope="session")
 def kubectl(control_plane: object) -> Kubectl:
     """Run `kubectl --kubeconfig <control plane> ARGS...`; returns the CompletedProcess."""
-    binary = shutil.which("kubectl")
-    if binary is None:
-        unavailable("kubectl is not on PATH")
-    return _runner([binary, "--kubeconfig", str(control_plane.kubeconfig)], timeout=60)  # type: ignore[attr-defined]
+    return kubectl_for(control_plane.kubeconfig)  # type: ignore[attr-defined]

@@ -288,6 +288,50 @@ def test_a_missing_ca_secret_keeps_the_job_pending_and_says_why() -> None:
 
 
 
+def test_an_image_that_cannot_be_pulled_is_named_with_its_party(world) -> None:
+    waiting = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "trainer", "image": "fedtune/trainer:9"}]},
+               "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "image": "fedtune/trainer:9",
+                          "state": {"waiting": {"reason": "ErrImagePull", "message": "not found"}}}]}}  # fmt: skip
+    view = s.pod_view(waiting)
+    assert (view.image, view.image_error) == ("fedtune/trainer:9", "ErrImagePull: not found")
+
+    world.set_phase("poems-lora-node-1", "Pending", image="fedtune/trainer:9", image_error="ImagePullBackOff: x")
+    world.step()
+    world.step()
+    condition = world.condition("ImagesReady")
+    assert condition is not None and condition["status"] == "False", world.status
+    assert "party `node-1`" in condition["message"] and "fedtune/trainer:9" in condition["message"]
+    assert world.status["message"] == condition["message"]
+    assert [e for e in world.events if e[1] == "ImageUnavailable"] == [("Warning", "ImageUnavailable",
+                                                                        condition["message"])]  # fmt: skip
+    world.set_phase("poems-lora-node-1", "Running")
+    world.step()
+    assert world.condition("ImagesReady")["status"] == "True"
+    assert "message" not in world.status
+
+
+def test_a_failure_on_a_claim_names_the_claim_and_the_path(world) -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {
+        "containers": [{"name": "t", "volumeMounts": [{"name": "out", "mountPath": "/fedtune/output"},
+                                                      {"name": "ws", "mountPath": "/workspace"},
+                                                      {"name": "tmp", "mountPath": "/tmp"}]}],
+        "volumes": [{"name": "out", "persistentVolumeClaim": {"claimName": "poems-lora-output"}},
+                    {"name": "ws", "persistentVolumeClaim": {"claimName": "fedtune-workspace"}},
+                    {"name": "tmp", "emptyDir": {}}]}}  # fmt: skip
+    claims = s.pod_view(pod).claims
+    assert claims == (("/fedtune/output", "poems-lora-output"), ("/workspace", "fedtune-workspace"))
+    assert s.claims_in("PermissionError: [Errno 13] Permission denied: '/workspace/models/x'", claims) == (
+        "claim fedtune-workspace (mounted at /workspace)")
+    assert s.claims_in("/tmp/cache is full", claims) == ""
+
+    message = "PermissionError: [Errno 13] Permission denied: '/fedtune/output/node-1'"
+    world.set_phase("poems-lora-node-1", "Failed", exit_code=1, reason="Error", message=message, claims=claims)
+    world.step()
+    failed = [e[2] for e in world.events if e[1] == "PodFailed"]
+    assert failed and "[claim poems-lora-output (mounted at /fedtune/output)]" in failed[-1]
+    assert "/fedtune/output/node-1" in failed[-1]
+
+
 def test_a_missing_storage_class_keeps_the_job_pending_and_says_which() -> None:
     message = "spec.storage.output.storageClassName `fast`: no StorageClass of that name"
     st, events = s.waiting_status({}, "Storage", "StorageClassNotFound", message, "t0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,33 @@ _KIND_OF = {
     "pods": "Pod", "services": "Service", "configmaps": "ConfigMap", "secrets": "Secret",
     "persistentvolumeclaims": "PersistentVolumeClaim", "networkpolicies": "NetworkPolicy",
 }  # fmt: skip
+
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+def runner(argv: list[str], timeout: float) -> Runner:
+    """A function running `argv + args`, raising with stderr on failure unless check=False."""
+
+    def run(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [*argv, *args], input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{Path(argv[0]).name} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
+        return result
+
+    return run
+
+
+def kubectl_for(kubeconfig: Path) -> Runner:
+    """`kubectl --kubeconfig KUBECONFIG ARGS...` (the kubectl on PATH)."""
+    binary = shutil.which("kubectl")
+    if binary is None:
+        unavailable("kubectl is not on PATH")
+    return runner([str(binary), "--kubeconfig", str(kubeconfig)], timeout=60)
 
 
 def unavailable(reason: str) -> None:

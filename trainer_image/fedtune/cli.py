@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -411,10 +412,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _terminate_on_sigterm_as_init() -> None:
+    """As a container's first process (PID 1: no init in the trainer image), a signal with its
+    default action is ignored: `kubectl delete pod` would leave the role working through the
+    whole grace period, then SIGKILL. End on SIGTERM as any other process would."""
+    if os.getpid() == 1:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: os._exit(128 + signum))
+
+
 def entry() -> None:
     """The `fedtune` executable. When a command loaded torch and transformers, leave without the
     interpreter's teardown of those modules: it costs over a second of CPU per process, paid by
     every party of a job at the same moment. Everything written is closed by then."""
+    _terminate_on_sigterm_as_init()
     code = main()
     if "torch" in sys.modules:
         logging.shutdown()
