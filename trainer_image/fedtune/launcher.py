@@ -485,7 +485,9 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
             source: str = "<job>", timeout_s: float = 24 * 3600, overwrite: bool = False, log_level: str = "INFO",
             stream: IO[str] | None = None) -> int:
     """Run a job whose files `preflight.check_files` passed (`samples`, its counts) to its end, write
-    summary.json; the exit code. Its other checks come first, in the fork server (`LocalJob.check`)."""
+    summary.json; the exit code. Its other checks come first, in the fork server (`LocalJob.check`);
+    `timeout_s` counts from here, those checks included."""
+    deadline = time.monotonic() + timeout_s
     try:
         root, party_dirs = output_layout(job, output, base_dir)
     except SpecError as err:
@@ -520,7 +522,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
                 print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
                       f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
                 break
-            if time.monotonic() - start > timeout_s:
+            if time.monotonic() > deadline:
                 error, code = f"timed out after {timeout_s:g} s (--timeout); every role was stopped", EXIT_TIMEOUT
                 print(f"fedtune: job {job.job_id} {error}; logs in {local.run_dir / 'logs'}", file=sys.stderr)
                 break
