@@ -18,8 +18,15 @@ attention (3 x 4 x layers x sequence x heads x head_dim). Peak memory is the mos
 use during the run (both processes, CUDA contexts included; halved per party). Goals:
 federated >= 0.98 x plain throughput; MFU >= 40 %.
 
+1 vs N ranks in one party, where N devices exist: the same job with the label_trainer training
+alone (the assist_trainer only aggregates, on the CPU), once with one rank and once with N
+(`resources.gpu: N`: a GPU each, NCCL), at the same per-device batch and steps: that party's
+tokens/s, their ratio (ideal: N) and the peak memory of its first device.
+
 Without CUDA, `--cpu-sized` (the default there) runs the same comparison on the same architecture
-scaled down, in float32: it checks the harness end to end, its speeds say nothing of GPUs.
+scaled down, in float32: it checks the harness end to end, its speeds say nothing of GPUs. There,
+1 vs N ranks compares one process with `--ranks` gloo ranks (a thread each), and peak memory is
+the resident memory of all the job's processes.
 `--estimate-memory` prints the peak memory per party of the full-size shapes estimated on the meta
 device (no memory, no compute): the figures the README quotes where no GPU was measured.
 """
@@ -233,7 +240,8 @@ def run_federated(job_file: Path, out: Path, on_gpu: bool, tokens_per_step: int)
     if done.returncode != 0:
         raise SystemExit(f"the federated run failed:\n{done.stderr[-3000:]}")
     parties = json.loads((out / "summary.json").read_text())["parties"].values()
-    return sum((len(p["losses"]) - 1) * tokens_per_step / p["timings"]["train_s"] for p in parties), sampler.peak
+    training = [p for p in parties if len(p["losses"]) > 1]  # an assist_trainer may only aggregate
+    return sum((len(p["losses"]) - 1) * tokens_per_step / p["timings"]["train_s"] for p in training), sampler.peak
 
 
 def peak_flops() -> float | None:
@@ -274,8 +282,32 @@ def compare(name: str, shape: Shape, args: argparse.Namespace, work: Path, on_gp
     print(f"  fedtune, 2 parties:        {fed_tps:10.1f} tokens/s  MFU {mfu(fed_tps):>8}  "
           f"peak {fed_peak / 2 / 2**30:.2f} GiB per party")
     print(f"  federated / plain throughput: {fed_tps / plain_tps:.3f}  (goal >= 0.98)")
-    # 1 vs N ranks in one party (data-parallel parties) goes here: the same job with
-    # resources.gpu N against 1, tokens/s and per-device memory, where N devices exist.
+    compare_ranks(folder, model, shares, args, dtype, on_gpu, sequence)
+
+
+def compare_ranks(folder: Path, model: Path, shares: list[Path], args: argparse.Namespace, dtype: str, on_gpu: bool,
+                  sequence: int) -> None:
+    """One party with 1 rank and with N: the label_trainer trains alone, the same per-device batch and steps."""
+    import torch
+
+    count = torch.cuda.device_count() if on_gpu else args.ranks
+    if count < 2:
+        print(f"  1 vs N ranks in one party: skipped, {count} CUDA device here")
+        return
+    results = {}
+    for ranks in (1, count):
+        document = job_document(model, shares, args, dtype, not on_gpu)
+        assist, label = document["spec"]["parties"]
+        del assist["trainset"]
+        assist["trainer"] = {"no_cuda": True}  # it only aggregates: off the devices measured
+        label.update({"resources": {"gpu": ranks}} if on_gpu else {"ranks": ranks})
+        job_file = folder / f"ranks-{ranks}.yaml"
+        job_file.write_text(yaml.safe_dump(document, allow_unicode=True))
+        results[ranks] = run_federated(job_file, folder / f"ranks-{ranks}", on_gpu, sequence * args.batch * ranks)
+    where = "GiB on its first GPU" if on_gpu else "GiB resident, all the job's processes"
+    for ranks, (tps, peak) in results.items():
+        print(f"  one party, {ranks} rank(s):     {tps:10.1f} tokens/s  peak {peak / 2**30:.2f} {where}")
+    print(f"  {count} ranks / 1 rank throughput: {results[count][0] / results[1][0]:.3f}  (ideal {count})")
 
 
 # --- memory estimate ------------------------------------------------------------------------
@@ -379,6 +411,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per party (30 on GPU, 10 on CPU)")
     parser.add_argument("--length", type=int, default=None, help="characters of each question and answer "
                         "(240 on GPU, 24 on CPU)")
+    parser.add_argument("--ranks", type=int, default=2, help="gloo ranks of the one-party comparison on the CPU "
+                        "(on GPUs: every device)")
     args = parser.parse_args()
     import torch
 

@@ -14,6 +14,8 @@ import pytest
 
 from fedtune.forkserver import ForkServer
 from fedtune.procstat import PeakMemory, process_tree, pss_bytes
+from fedtune.spec import SpecError, load_job
+from support.jobs import write_job
 
 HOLD_50MB = "import time; block = bytearray(50_000_000); block[::4096] = b'x' * len(block[::4096]); time.sleep(60)"
 
@@ -34,6 +36,17 @@ def test_a_forked_role_runs_the_command_with_its_own_log(server: ForkServer, tmp
     failing = server.spawn(["validate", str(tmp_path / "missing.yaml")], dict(os.environ), tmp_path / "bad.log")
     assert failing.wait(120) == 2
     assert "missing.yaml: cannot read job file" in (tmp_path / "bad.log").read_text()
+
+
+def test_the_server_makes_the_preflight_checks_that_need_the_training_stack(server: ForkServer,
+                                                                            tmp_path: Path) -> None:
+    job = load_job(write_job(tmp_path / "job", tmp_path / "model", agg_steps=0.25, epochs=1))
+    server.check(job, {"assist_trainer": 40, "node-1": 40, "node-2": 40}, "job.yaml")  # 10 steps each: sound
+    with pytest.raises(SpecError, match=r"^job\.yaml: party `assist_trainer` \(12 samples, 3 steps\): "
+                                        r"spec\.aggregation\.agg_steps is too small"):
+        server.check(job, {"assist_trainer": 12, "node-1": 40, "node-2": 40}, "job.yaml")
+    role = server.spawn(["certs", "ca", "--out", str(tmp_path / "ca")], dict(os.environ), tmp_path / "ca.log")
+    assert role.wait(120) == 0  # and it goes on forking roles
 
 
 def test_a_forked_role_is_its_own_process_group_and_its_death_is_reported(server: ForkServer, tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ def test_lora_job_completes_identical_and_learning(tmp_path: Path, tiny_model: P
             "checkpoint-0.5", "checkpoint-1"]
         assert not (tmp_path / "out" / party / ".fedtune-state").exists()
         assert [r["round"] for r in summary["parties"][party]["rounds"]] == [1, 2]
+    memory = summary["peak_pss_mb"]  # every process of the job, `fedtune run` itself among them
+    assert {*PARTIES, "scheduler", "redis", "forkserver", "launcher"} <= set(memory)
+    assert memory["job"] >= max(memory[name] for name in memory if name != "job") > 0
+    assert (tmp_path / "out" / ".fedtune" / "logs" / "forkserver.log").is_file()
     final = assert_identical_adapters(tmp_path / "out", "checkpoint-1")
     assert_identical_adapters(tmp_path / "out", "checkpoint-0.5")
     assert all("lora_" in name for name in final)

@@ -185,3 +185,20 @@ def test_the_data_checks_import_no_training_stack() -> None:
                            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_run_checks_the_keys_outside_its_own_process(tmp_path: Path, model: Path) -> None:
+    """`fedtune run` makes the checks that import transformers and peft in its fork server: the launcher,
+    alive for the whole job, never holds them (hundreds of MB), and the refusal reads as `validate`'s."""
+    import subprocess
+    import sys
+
+    lora = {"LORA": {"r": 4, "target_modules": ["query_key_value"], "lora_alpah": 8}}
+    job = write_job(tmp_path / "job", model, peft=lora)
+    script = ("import sys; from fedtune.cli import main; code = main(['run', sys.argv[1], '--output', sys.argv[2]]); "
+              "print(code, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script, str(job), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert f"{job}: spec.peft.LORA.lora_alpah: not an option of peft's LoraConfig" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

@@ -14,18 +14,20 @@ from fedtune.spec import SpecError, load_job
 from fedtune.training import latest_state
 from support.jobs import PARTIES, adapter_tensors, assert_identical_adapters, run_cli, wait_until, write_job
 
-# node-1 holds most data, so it is still training when it is killed after round 1.
-SIZES = (8, 48, 8)
+# node-1 holds most data, so it is still training when it is killed after round 1, and rounds
+# 2 and 3 come after its restart: its second rank must take those global adapters from rank 0.
+SIZES = (16, 48, 16)
+CHECKPOINTS = ("checkpoint-0.25", "checkpoint-0.5", "checkpoint-0.75", "checkpoint-1")
 TWO_RANKS = {"node-1": {"ranks": 2, "trainer": {"per_device_train_batch_size": 2}}}  # global batch 4, as one rank
 
 
 @pytest.mark.slow
 def test_two_ranks_end_like_one_rank_with_the_same_global_batch_and_resume(tmp_path: Path, tiny_model: Path) -> None:
-    one = write_job(tmp_path / "one", tiny_model, sizes=SIZES, epochs=1)
+    one = write_job(tmp_path / "one", tiny_model, sizes=SIZES, agg_steps=0.25, epochs=1)
     done = run_cli("run", str(one), "--output", str(tmp_path / "one-out"))
     assert done.returncode == 0, done.stdout + done.stderr
 
-    two = write_job(tmp_path / "two", tiny_model, sizes=SIZES, epochs=1, party_overrides=TWO_RANKS)
+    two = write_job(tmp_path / "two", tiny_model, sizes=SIZES, agg_steps=0.25, epochs=1, party_overrides=TWO_RANKS)
     local = LocalJob(load_job(two), tmp_path / "two-out", two.parent)
     state_dir = local.output / "node-1" / STATE_DIR / "trainer"
     try:
@@ -46,14 +48,14 @@ def test_two_ranks_end_like_one_rank_with_the_same_global_batch_and_resume(tmp_p
     log = (local.run_dir / "logs" / "node-1.log").read_text()
     assert "node-1[rank 1]" in log and "resuming from its saved state" in log
 
-    for checkpoint in ("checkpoint-0.5", "checkpoint-1"):
+    for checkpoint in CHECKPOINTS:
         assert_identical_adapters(local.output, checkpoint)
         expected = adapter_tensors(tmp_path / "one-out" / PARTIES[0] / checkpoint)
         got = adapter_tensors(local.output / PARTIES[0] / checkpoint)
         assert got.keys() == expected.keys()
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6, msg=f"{checkpoint}: {name}")
-    assert sorted(p.name for p in (local.output / "node-1").iterdir()) == ["checkpoint-0.5", "checkpoint-1"]
+    assert sorted(p.name for p in (local.output / "node-1").iterdir()) == list(CHECKPOINTS)
 
 
 def test_more_ranks_than_devices_is_refused_naming_the_field(tmp_path: Path, tiny_model: Path) -> None:

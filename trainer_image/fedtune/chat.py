@@ -3,7 +3,8 @@
 The adapter folder says what it is: LoRA or P-tuning v2 (`adapter_config.json`), both loaded
 with `PeftModel.from_pretrained`, or the P-tuning v2 prefix of a model that has its own prefix
 encoder (`prefix_config.json`, ChatGLM), loaded as the reference's snippet does it: the
-config's `pre_seq_len`, then `transformer.prefix_encoder`'s weights.
+config's `pre_seq_len`, then `transformer.prefix_encoder`'s weights. The base is held as a job's
+`dtype: auto` holds it: bfloat16 on GPUs that have it (else float16), float32 on the CPU.
 
 Answers stream: each token is decoded as it is made, and its text goes out as soon as it is
 whole (transformers' `TextStreamer` decides: complete characters, whole words). Decoding is
@@ -44,7 +45,8 @@ from fedtune.models import (
     saved_adapter_kind,
     use_chatglm_prefix,
 )
-from fedtune.spec import Dataset, JobSpec, Peft, PrefixTuning
+from fedtune.precision import FLOAT32, Precision, resolve_precision
+from fedtune.spec import Dataset, JobSpec, Peft, PrefixTuning, PretrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +86,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, device: str = "cpu") -> tuple[Any, Any]:
+def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, device: str = "cpu",
+                  precision: Precision = FLOAT32) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: the base alone, or with the adapter found in `adapter_path`."""
     from peft import PeftModel
 
     if adapter_path is not None and (Path(adapter_path) / NATIVE_PREFIX_CONFIG).is_file():
-        return _load_with_own_prefix(Path(model_path), Path(adapter_path), device)
-    model, tokenizer = load_base_model(model_path, device=device)
+        return _load_with_own_prefix(Path(model_path), Path(adapter_path), device, precision)
+    model, tokenizer = load_base_model(model_path, device=device, precision=precision)
     if adapter_path is not None:
         saved_adapter_kind(adapter_path)  # a clear error for a folder that holds no adapter
         try:
@@ -102,7 +105,7 @@ def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, devic
     return model.eval(), tokenizer
 
 
-def _load_with_own_prefix(model_path: Path, adapter_path: Path, device: str) -> tuple[Any, Any]:
+def _load_with_own_prefix(model_path: Path, adapter_path: Path, device: str, precision: Precision) -> tuple[Any, Any]:
     """The reference's inference snippet: the config's `pre_seq_len`, then the saved prefix encoder."""
     config_file = adapter_path / NATIVE_PREFIX_CONFIG
     try:
@@ -111,7 +114,7 @@ def _load_with_own_prefix(model_path: Path, adapter_path: Path, device: str) -> 
                      "prefix_projection": bool(settings["prefix_projection"])}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{config_file}: unreadable: {err}") from None
-    model, tokenizer = load_base_model(model_path, device=device, config_overrides=overrides)
+    model, tokenizer = load_base_model(model_path, device=device, precision=precision, config_overrides=overrides)
     encoder = native_prefix_encoder(model)
     if encoder is None:
         raise ModelError(f"{adapter_path} is a P-tuning v2 adapter for a model with its own prefix encoder "
@@ -287,9 +290,12 @@ class Chat:
     def __init__(self, model_path: str | Path, adapter_path: str | Path | None = None, *, device: str = "auto") -> None:
         started = time.perf_counter()
         self.device = resolve_device(device)
-        self.model, self.tokenizer = load_for_chat(model_path, adapter_path, self.device)
+        # As a job's `dtype: auto`: bfloat16 on GPUs that have it, else float16; float32 on the CPU.
+        precision = resolve_precision(PretrainedModel(path=str(model_path)), self.device)
+        self.model, self.tokenizer = load_for_chat(model_path, adapter_path, self.device, precision)
         with_adapter = f" with {adapter_path}" if adapter_path is not None else ""
-        log.info("loaded %s%s on %s in %.1f s", model_path, with_adapter, self.device, time.perf_counter() - started)
+        log.info("loaded %s%s on %s (%s) in %.1f s", model_path, with_adapter, self.device, precision.describe(),
+                 time.perf_counter() - started)
 
     def stream(self, prompt: str, sampling: Sampling = Sampling()) -> Iterator[str]:
         """The answer to `prompt` (the full prompt text), piece by piece as it is generated."""

@@ -187,7 +187,7 @@ def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedtune.preflight import check_job
+    from fedtune.preflight import check_files
 
     job = load_job(args.job)
     if args.gpus_per_party is not None or args.ranks_per_party is not None:
@@ -196,11 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = f"{args.job} with --gpus-per-party/--ranks-per-party"
         job = with_party_ranks(job, source, gpus=args.gpus_per_party, ranks=args.ranks_per_party)
     base_dir = (args.base_dir or args.job.parent).resolve()
-    check_job(job, base_dir, str(args.job))  # before the launcher's imports: bad input fails at once
+    samples = check_files(job, base_dir, str(args.job))  # bad files fail at once; the keys, in run_job
 
     from fedtune.launcher import run_job
 
-    return run_job(job, args.output.resolve() if args.output else None, base_dir, source=str(args.job),
+    return run_job(job, args.output.resolve() if args.output else None, base_dir, samples, source=str(args.job),
                    timeout_s=args.timeout, overwrite=args.overwrite, log_level=args.log_level)
 
 

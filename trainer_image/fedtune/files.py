@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ def staged_dir(dest: Path, *, mode: int = 0o644) -> Iterator[Path]:
     `mode` (some writers make 0600 files) and it replaces `dest` whole (`replace_dir`); on failure
     it is removed and `dest` is left as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(dest)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield staging
@@ -49,6 +51,19 @@ def staged_dir(dest: Path, *, mode: int = 0o644) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def clear_leftovers(dest: Path) -> None:
+    """Remove what a writer of `dest` killed mid-way left beside it: the staging folder of a write that
+    never finished, and the aside copy of a replaced `dest` — put back first when the kill fell between
+    `replace_dir`'s two renames, so the last complete `dest` is never lost."""
+    name = glob.escape(dest.name)
+    for aside in dest.parent.glob(f".{name}.old-*"):
+        if not dest.exists() and (aside / dest.name).exists():
+            os.rename(aside / dest.name, dest)
+        shutil.rmtree(aside, ignore_errors=True)
+    for staging in dest.parent.glob(f".{name}.tmp-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fsync_files(folder: Path) -> None:

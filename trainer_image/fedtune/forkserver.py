@@ -11,6 +11,11 @@ The server is single-threaded (forking a threaded process is unsafe) and never t
 so a child may still initialise it. It reads one JSON request per line on stdin (`argv`,
 `env`, `log`), answers `started <id> <pid>` on stdout, and `exited <pid> <code>` when it reaps
 a child. `ForkServer` is the launcher's side; `Forked` stands in for a `subprocess.Popen`.
+
+Before any role, the launcher asks it for the pre-flight checks that need the training stack
+(`{"check": ...}`, `fedtune.preflight.check_training`; answered `checked` or `refused <message>`),
+so that the launcher itself never imports torch. For a job whose roles are not forked (a party
+may use CUDA), that is all the server does: it may have asked CUDA for its device count.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import threading
 import traceback
 from pathlib import Path
 from typing import IO
+
+from fedtune.spec import FederatedFineTune, SpecError, parse_job
 
 # What every role would import anyway; importing it here is what the children share.
 PRELOAD = ("torch", "transformers", "transformers.modeling_utils", "peft", "fedtune.party", "fedtune.scheduler",
@@ -83,6 +90,18 @@ def _reap(out: IO[str]) -> None:
         out.flush()
 
 
+def _check(request: dict) -> str:
+    """The answer to a pre-flight check request (the job as JSON, each party's samples, the job's source)."""
+    from fedtune.preflight import check_training
+
+    source = request["source"]
+    try:
+        check_training(parse_job(request["job"], source), request["samples"], source)
+    except ValueError as err:  # SpecError, ModelError, ...: bad input, said as it was raised
+        return f"refused {json.dumps(str(err))}"
+    return "checked"
+
+
 def serve() -> None:
     for module in PRELOAD:
         __import__(module)
@@ -106,6 +125,10 @@ def serve() -> None:
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             request = json.loads(line)
+            if "check" in request:
+                out.write(_check(request["check"]) + "\n")
+                out.flush()
+                continue
             waiting, in_session = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -159,6 +182,7 @@ class ForkServer:
         self._exits: dict[int, int] = {}  # exits that arrived before their start was recorded
         self._ready = threading.Condition(self._lock)
         self._next = 0
+        self._verdict: str | None = None  # the answer to a check request
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -168,6 +192,11 @@ class ForkServer:
             if line.strip() == "ready":
                 with self._lock:
                     self.ready = True
+                    self._ready.notify_all()
+                continue
+            if line.startswith(("checked", "refused")):
+                with self._lock:
+                    self._verdict = line.rstrip("\n")
                     self._ready.notify_all()
                 continue
             kind, key, value = line.split()
@@ -189,17 +218,40 @@ class ForkServer:
                     forked._exited(-signal.SIGKILL)
             self._ready.notify_all()
 
+    def _failed(self, what: str) -> RuntimeError:
+        tail = self.log.read_text(errors="replace").splitlines()[-15:] if self.log.exists() else []
+        return RuntimeError("\n".join([f"the role fork server {what} (its log, {self.log}, ends:)", *tail]))
+
+    def _send(self, request: dict, timeout_s: float) -> None:
+        """Write one request once the server's imports are done (the caller holds the lock)."""
+        assert self.proc.stdin is not None
+        self._ready.wait_for(lambda: self.ready or self.proc.poll() is not None, timeout_s)
+        if not self.ready:
+            raise self._failed("did not start")
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def check(self, job: FederatedFineTune, samples: dict[str, int], source: str, timeout_s: float = 600.0) -> None:
+        """`preflight.check_training` run in the server; its SpecError raised here as it was raised there."""
+        with self._lock:
+            self._verdict = None
+            self._send({"check": {"job": job.model_dump(mode="json", exclude_unset=True), "samples": samples,
+                                  "source": source}}, timeout_s)
+            if not self._ready.wait_for(lambda: self._verdict is not None or self.proc.poll() is not None,
+                                        timeout_s):
+                raise RuntimeError("the role fork server did not answer the pre-flight check in time")
+            verdict = self._verdict
+        if verdict is None:
+            raise self._failed(f"exited with {self.proc.returncode} during the pre-flight check")
+        if verdict != "checked":
+            raise SpecError(json.loads(verdict.split(" ", 1)[1]))
+
     def spawn(self, argv: list[str], env: dict[str, str], log: Path, timeout_s: float = 600.0) -> Forked:
         """Fork a role running `fedtune ARGV...`; waits for the server's imports the first time."""
-        assert self.proc.stdin is not None
         with self._lock:
-            self._ready.wait_for(lambda: self.ready or self.proc.poll() is not None, timeout_s)
-            if not self.ready:
-                raise RuntimeError(f"the role fork server did not start (see {self.log})")
             self._next += 1
             key = self._next
-            self.proc.stdin.write(json.dumps({"id": key, "argv": argv, "env": env, "log": str(log)}) + "\n")
-            self.proc.stdin.flush()
+            self._send({"id": key, "argv": argv, "env": env, "log": str(log)}, timeout_s)
             if not self._ready.wait_for(lambda: key in self._started or self.proc.poll() is not None, timeout_s):
                 raise RuntimeError("the role fork server did not fork in time")
             if key not in self._started:

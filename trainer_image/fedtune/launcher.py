@@ -179,16 +179,20 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def claim_output(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) -> None:
-    """A new run never mixes its rounds with an earlier run's: refuse, or clear explicitly."""
+def earlier_results(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) -> list[Path]:
+    """What an earlier run left in the output, for `claim_output` to clear; refused without `overwrite`:
+    a new run never mixes its rounds with an earlier run's."""
     earlier = [output / "summary.json", output / RUN_DIR, *party_dirs.values()]
     present = [p for p in earlier if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
-    if not present:
-        return
-    if not overwrite:
+    if present and not overwrite:
         raise SpecError(f"{present[0]} holds an earlier run's results; choose another output folder "
                         "or pass --overwrite to replace them")
-    for path in present:
+    return present
+
+
+def claim_output(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) -> None:
+    """Refuse an output holding an earlier run's results, or clear them (`overwrite`)."""
+    for path in earlier_results(output, party_dirs, overwrite=overwrite):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -238,6 +242,7 @@ class LocalJob:
         self.fork_roles = all(job.spec.trainer_args(p).get("no_cuda") for p in local) if fork_roles is None \
             else fork_roles
         self.forkserver: ForkServer | None = None
+        self.started = False
 
     def tls_dir(self, name: str) -> Path:
         assert self.private_dir is not None, "start() first"
@@ -260,13 +265,42 @@ class LocalJob:
             issued = certs.issue(ca, name, dns_names=["localhost"], ips=[LOOPBACK])
             certs.write_bundle(self.tls_dir(name), ca.cert_pem, issued)
 
+    def check(self, samples: dict[str, int], source: str) -> None:
+        """The pre-flight checks that need the training stack (`preflight.check_training`, given
+        `check_files`' sample counts), made in the fork server, which imports that stack anyway: this
+        process never does. Nothing else has started, nothing is written; a refusal (SpecError) stops
+        the server. Where roles are not forked (a party may use CUDA), the server stops after it."""
+        self._start_forkserver()
+        assert self.forkserver is not None
+        try:
+            self.forkserver.check(self.job, samples, source)
+        except BaseException:
+            self._stop_forkserver()
+            raise
+        if not self.fork_roles:
+            self._stop_forkserver()
+
+    def _stop_forkserver(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.stop()
+            self.forkserver = None
+
+    def _start_forkserver(self) -> None:
+        """Its log lies in the private folder until the run has its output (copied there by `stop`)."""
+        if self.private_dir is None:
+            self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
+        if self.forkserver is None:
+            self.forkserver = ForkServer(self._role_env(), self.private_dir / "forkserver.log")
+
     def start(self, *, skip: tuple[str, ...] = ()) -> None:
         """Start Redis and every role but those in `skip` (tests start those themselves)."""
+        self.started = True
         self.output.mkdir(parents=True, exist_ok=True)
-        self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
-        if self.fork_roles:  # its imports overlap with certificates and Redis
-            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.forkserver = ForkServer(self._role_env(), self.run_dir / "logs" / "forkserver.log")
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.fork_roles:  # its imports (unless `check` made them) overlap with certificates and Redis
+            self._start_forkserver()
+        elif self.private_dir is None:
+            self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
         if self.job.spec.tls.enabled:
             self.make_certificates()
         self.redis.start()
@@ -327,11 +361,14 @@ class LocalJob:
                 role.log_file.close()
         if self.forkserver is not None:
             self.forkserver.stop()
+            if self.started and self.forkserver.log.exists():
+                files.write_atomic(self.run_dir / "logs" / self.forkserver.log.name, self.forkserver.log.read_bytes())
         self.redis.stop()
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
-        for folder in self.party_dirs.values():
-            shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
+        if self.started:
+            for folder in self.party_dirs.values():
+                shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
 
     def status(self) -> JobStatus:
         return self.state.snapshot()
@@ -342,6 +379,7 @@ class LocalJob:
             pids.append(("redis", self.redis.proc.pid))
         if self.forkserver is not None and self.forkserver.proc.poll() is None:
             pids.append(("forkserver", self.forkserver.proc.pid))
+        pids.append(("launcher", os.getpid()))  # last: the processes under it are counted by then
         self.memory.sample(pids)
 
     def summary(self, wall_s: float, error: str) -> dict[str, Any]:
@@ -443,30 +481,36 @@ def loss_trend(party: dict[str, Any]) -> str:
     return trend
 
 
-def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, source: str = "<job>",
-            timeout_s: float = 24 * 3600, overwrite: bool = False, log_level: str = "INFO",
-            stream: IO[str] = sys.stdout) -> int:
-    """Run a job `fedtune.preflight` passed to its end, write summary.json; the exit code."""
+def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples: dict[str, int], *,
+            source: str = "<job>", timeout_s: float = 24 * 3600, overwrite: bool = False, log_level: str = "INFO",
+            stream: IO[str] | None = None) -> int:
+    """Run a job whose files `preflight.check_files` passed (`samples`, its counts) to its end, write
+    summary.json; the exit code. Its other checks come first, in the fork server (`LocalJob.check`);
+    `timeout_s` counts from here, those checks included."""
+    deadline = time.monotonic() + timeout_s
     try:
         root, party_dirs = output_layout(job, output, base_dir)
     except SpecError as err:
         raise SpecError(f"{source}: {err}") from None
-    claim_output(root, party_dirs, overwrite=overwrite)
+    earlier_results(root, party_dirs, overwrite=overwrite)  # refused at once, before any import
     local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level,
                      launched_at=time.time() - process_age_s())  # `fedtune run` itself started then
-    progress = Progress(stream)
-    start = time.monotonic()
+    stream = stream or sys.stdout  # the one of now (tests replace it)
     error, code = "", 0
-    print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
-          f"output {root}", file=stream)
-    if not job.spec.tls.enabled:
-        print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the ports "
-              "can join; keep it for debugging on one machine only", file=sys.stderr)
-    if local.gpus_shared:
-        print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: {local.gpus}",
-              file=sys.stderr)
     sampled = 0.0
     try:
+        local.check(samples, source)
+        claim_output(root, party_dirs, overwrite=overwrite)
+        progress = Progress(stream)
+        start = time.monotonic()
+        print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
+              f"output {root}", file=stream)
+        if not job.spec.tls.enabled:
+            print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the "
+                  "ports can join; keep it for debugging on one machine only", file=sys.stderr)
+        if local.gpus_shared:
+            print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: "
+                  f"{local.gpus}", file=sys.stderr)
         local.start()
         while not local.finished():
             if time.monotonic() - sampled >= MEMORY_SAMPLE_S:
@@ -478,7 +522,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, *, sour
                 print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
                       f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
                 break
-            if time.monotonic() - start > timeout_s:
+            if time.monotonic() > deadline:
                 error, code = f"timed out after {timeout_s:g} s (--timeout); every role was stopped", EXIT_TIMEOUT
                 print(f"fedtune: job {job.job_id} {error}; logs in {local.run_dir / 'logs'}", file=sys.stderr)
                 break

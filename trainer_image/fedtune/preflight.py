@@ -1,11 +1,14 @@
 """Checks that a job can start, made before any process does (`fedtune validate`, `fedtune run`).
 
-In the order of their cost, so that the usual mistakes fail within a second: the model folders
-and the datasets (files exist, parse, have the keys and at least one instance), then the trainer
-and peft keys against transformers' TrainingArguments and peft's config (importing those takes
-seconds), that a party's ranks fit its devices, then whether `aggregation.agg_steps` gives
-every party distinct rounds for its own step count. Each error names the job file and the
-field, and the data file and instance where there is one. Nothing is written.
+In the order of their cost, so that the usual mistakes fail within a second. `check_files` reads
+files only: the model folders and the datasets (files exist, parse, have the keys and at least
+one instance). `check_training` needs the training stack (importing it takes seconds and
+hundreds of MB): the trainer and peft keys against transformers' TrainingArguments and peft's
+config, that a party's ranks fit its devices, then whether `aggregation.agg_steps` gives every
+party distinct rounds for its own step count. `fedtune validate` makes both here; `fedtune run`
+makes the first in the launcher and the second in its fork server, which imports that stack
+anyway, so that the launcher, alive for the whole job, never holds it. Each error names the job
+file and the field, and the data file and instance where there is one. Nothing is written.
 """
 
 from __future__ import annotations
@@ -41,15 +44,29 @@ class PartyPlan:
 
 def check_job(job: FederatedFineTune, base_dir: Path, source: str) -> dict[str, PartyPlan]:
     """Every local party's plan; a SpecError naming `source` and the field when the job cannot run."""
+    return check_training(job, check_files(job, base_dir, source), source)
+
+
+def check_files(job: FederatedFineTune, base_dir: Path, source: str) -> dict[str, int]:
+    """The checks that read files only (no torch): each local party's number of training samples."""
     spec = job.spec
     try:
         samples = {party.name: _check_party_files(spec, i, party, base_dir)
                    for i, party in enumerate(spec.parties) if party.remote is None}
         _check_adapter(spec, base_dir)
+        return samples
+    except ValueError as err:  # SpecError, DataError, ModelError: each names its field or file
+        raise SpecError(f"{source}: {err}") from None
+
+
+def check_training(job: FederatedFineTune, samples: dict[str, int], source: str) -> dict[str, PartyPlan]:
+    """The checks that import transformers and peft, given `check_files`' sample counts: the plans."""
+    spec = job.spec
+    try:
         _check_keys(spec)
         _check_devices(spec)
         return {name: _plan(spec, spec.party(name), n) for name, n in samples.items()}
-    except ValueError as err:  # SpecError, DataError, ModelError: each names its field or file
+    except ValueError as err:
         raise SpecError(f"{source}: {err}") from None
 
 
