@@ -138,5 +138,7 @@ def test_a_single_label_trainer_trains_alone(doc) -> None:
     only["spec"]["parties"] = doc["spec"]["parties"][1:]
     assert "exactly one party must have role `assist_trainer` (or a single label_trainer trains alone)" in (
         error_of(only))
+    alone["spec"]["privacy"] = {"dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}}
+    assert "privacy.dp: a single label_trainer training alone shares no update" in error_of(alone)
     only["spec"]["parties"] = doc["spec"]["parties"][:1]
     assert "at least one party must have role `label_trainer`" in error_of(only)

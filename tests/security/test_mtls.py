@@ -150,3 +150,15 @@ def test_redis_refuses_every_command_without_password(redis_server) -> None:
     with pytest.raises(redis.AuthenticationError):
         wrong.ping()
     assert redis.Redis(host=host, port=int(port), password=redis_server.password).ping()
+
+
+def test_a_members_report_sets_its_own_series_at_the_scheduler(servers, federation) -> None:
+    """What node-1 reports (its train and valset losses) is what the scheduler's /metrics says of node-1."""
+    from fedtune import metrics
+
+    stub = scheduler_stub(servers["scheduler"], material(federation, "node-1"))
+    stub.Report(pb.StatusReport(party="node-1", state="training", round=2, step=7, has_loss=True, loss=1.5,
+                                has_eval_loss=True, eval_loss=2.25, eval_samples=4), timeout=5)
+    assert metrics.TRAIN_LOSS.labels(party="node-1")._value.get() == 1.5
+    assert metrics.EVAL_LOSS.labels(party="node-1")._value.get() == 2.25
+    assert metrics.ROUND.labels(party="node-1")._value.get() == 2

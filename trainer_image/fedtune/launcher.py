@@ -9,6 +9,7 @@ them itself (`fedtune.ranks`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -339,7 +340,8 @@ class LocalJob:
         role = self.roles[name]
         if role.alive():
             assert role.proc is not None
-            os.killpg(role.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # it exited since the check, its group with it
+                os.killpg(role.proc.pid, sig)
             role.proc.wait()
 
     def failed_role(self) -> Role | None:

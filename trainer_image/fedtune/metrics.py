@@ -27,6 +27,8 @@ _PARTY = ["party"]
 ROUND = Gauge("fedtune_round", "Aggregation rounds the party has completed.", _PARTY)
 ROUNDS = Gauge("fedtune_rounds", "Aggregation rounds of the job.", _PARTY)
 TRAIN_LOSS = Gauge("fedtune_train_loss", "The party's last training loss.", _PARTY)
+EVAL_LOSS = Gauge("fedtune_eval_loss", "The latest global adapter's loss on the party's valset (absent without "
+                  "one).", _PARTY)
 ROUND_SECONDS = Histogram(
     "fedtune_round_duration_seconds", "Wall time of a round at the party: from the previous global adapter "
     "to this one (training, exchange, waiting).", _PARTY, buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200))

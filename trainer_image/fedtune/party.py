@@ -195,6 +195,7 @@ class Party:
             return {}
         loss = evaluate(self.model, self.tokenizer, self.valset, self.args.get("per_device_eval_batch_size") or 8)
         log.info("%s: round %d's global adapter has loss %.4f on the valset", self.ctx.name, round_, loss)
+        metrics.mine(metrics.EVAL_LOSS).set(loss)
         return {"has_eval_loss": True, "eval_loss": loss, "eval_samples": len(self.valset)}
 
     # --- start -----------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.state.append_metric(party, record)
         if request.has_eval_loss:
             fields["eval_loss"] = request.eval_loss
+            metrics.EVAL_LOSS.labels(party=party).set(request.eval_loss)
             self.state.put_eval(request.round, party, request.eval_loss, request.eval_samples)
             self.state.append_metric(party, {"event": "eval", "round": request.round, "eval_loss": request.eval_loss,
                                              "samples": request.eval_samples, "t": time.time()})

@@ -483,6 +483,9 @@ class JobSpec(_Strict):
                              "(or a single label_trainer trains alone)")
         if "label_trainer" not in roles:
             raise ValueError("parties: at least one party must have role `label_trainer`")
+        if self.standalone and self.privacy.dp is not None:
+            raise ValueError("privacy.dp: a single label_trainer training alone shares no update, so there is "
+                             "nothing to clip or noise; remove privacy.dp or add an assist_trainer")
         seen: dict[str, str] = {}
         for party in self.parties:
             if party.dns_name in seen:
