@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fedtune.launcher import LocalJob
+from fedtune.launcher import RUN_DIR, LocalJob
 from fedtune.party import STATE_DIR
 from fedtune.spec import load_job
 from fedtune.training import latest_state
@@ -79,3 +82,40 @@ def test_secagg_plus_with_differential_privacy_reports_epsilon(tmp_path: Path, t
     assert not any("privacy.dp" in w for w in summary["warnings"])
     tensors = assert_identical_adapters(tmp_path / "out", "checkpoint-1", ("assist_trainer", "node-1", "node-2"))
     assert all(bool(t.isfinite().all()) and float(t.abs().max()) < 100 for t in tensors.values())
+
+
+def pid_writing(log: Path) -> int:
+    """The process whose standard output is `log`: a role of `fedtune run` (found as `ps` would)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "fd" / "1") == str(log):
+                return int(proc.name)
+        except OSError:
+            continue  # gone, or not ours to read
+    raise AssertionError(f"no process writes {log}")
+
+
+def test_fedtune_run_goes_on_without_a_label_trainer_that_died(tmp_path: Path, tiny_model: Path) -> None:
+    """`fedtune run` under secagg_plus: node-3 is killed for good after round 1. Rounds 2 and 3 complete
+    without it once it has been silent for dropout_timeout_s, and the job succeeds, saying who was lost."""
+    job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 32), agg_steps=0.34,
+                    epochs=1)
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (out / "node-3" / "checkpoint-0.34").exists() or run.poll() is not None, 300,
+                   "node-3's first checkpoint")
+        os.kill(pid_writing(out / RUN_DIR / "logs" / "node-3.log"), signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert "node-3 exited with -9; secagg_plus carries on without it" in stderr
+    assert "node-3 dropped out" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phase"] == "Succeeded" and "node-3" in summary["dropouts"]["3"], summary["dropouts"]
+    tensors = assert_identical_adapters(out, "checkpoint-1", ("assist_trainer", "node-1", "node-2"))
+    assert all(float(t.abs().max()) < 100 for t in tensors.values())
+    assert not (out / "node-3" / "checkpoint-1").exists()

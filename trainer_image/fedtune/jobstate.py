@@ -214,6 +214,11 @@ class JobState:
             self.r.hset(self._k("dropouts"), str(round_), json.dumps(split["dropped"]))
         return self.split(round_) or split
 
+    def dropped(self, round_: int) -> list[str]:
+        """Who a completed (or splitting) round went without; kept after the round's split is cleared."""
+        value = self.r.hget(self._k("dropouts"), str(round_))
+        return json.loads(value) if value else []
+
     def split(self, round_: int) -> dict[str, list[str]] | None:
         value = self.r.get(self._k("split", round_))
         return json.loads(value) if value else None

@@ -344,14 +344,25 @@ class LocalJob:
                 os.killpg(role.proc.pid, sig)
             role.proc.wait()
 
+    def exited(self, ok: bool) -> list[Role]:
+        """The roles that exited, with 0 (`ok`) or not."""
+        return [r for r in self.roles.values() if r.proc is not None and r.proc.poll() is not None
+                and (r.proc.returncode == 0) == ok]  # fmt: skip
+
+    def dropout_tolerated(self, role: Role) -> bool:
+        """Under secagg_plus the federation goes on without a label_trainer that died: the job then fails
+        only when too few are left (the aggregator says so)."""
+        return self.job.spec.encryption.secagg_plus is not None and role.role == "label_trainer"
+
     def failed_role(self) -> Role | None:
-        for role in self.roles.values():
-            if role.proc is not None and role.proc.poll() not in (None, 0):
-                return role
-        return None
+        return next((r for r in self.exited(ok=False) if not self.dropout_tolerated(r)), None)
 
     def finished(self) -> bool:
-        return all(r.proc is not None and r.proc.poll() == 0 for r in self.roles.values())
+        if len(self.exited(ok=True)) == len(self.roles):
+            return True
+        lost = self.exited(ok=False)
+        return (bool(lost) and all(map(self.dropout_tolerated, lost))
+                and len(self.exited(ok=True)) + len(lost) == len(self.roles) and self.state.phase() == "Succeeded")
 
     def stop(self) -> None:
         """Stop every role and Redis; remove the secrets and the parties' resumable state (with its
@@ -500,6 +511,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
     stream = stream or sys.stdout  # the one of now (tests replace it)
     error, code = "", 0
     sampled = 0.0
+    lost: set[str] = set()
     try:
         local.check(samples, source)
         claim_output(root, party_dirs, overwrite=overwrite)
@@ -518,6 +530,12 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
             if time.monotonic() - sampled >= MEMORY_SAMPLE_S:
                 local.sample_memory()
                 sampled = time.monotonic()
+            for role in local.exited(ok=False):
+                if role.name not in lost:  # tolerated, or the job fails just below
+                    lost.add(role.name)
+                    if local.dropout_tolerated(role):
+                        print(f"WARNING: {role.name} exited with {role.proc.returncode}; secagg_plus carries on "  # type: ignore[union-attr]
+                              f"without it (its log: {role.log_path})", file=sys.stderr)
             failed = local.failed_role()
             if failed is not None:
                 error, code = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}", EXIT_FAILED  # type: ignore[union-attr]
@@ -541,8 +559,11 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
     print(f"fedtune: job {job.job_id} succeeded in {time.monotonic() - start:.1f} s; adapters:", file=stream)
     last = checkpoint_name(job.spec.fractions()[-1])
     for name, folder in party_dirs.items():
-        print(f"  {folder / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
-    first = next(iter(party_dirs))
+        if name in lost:
+            print(f"  {name} dropped out; its adapters from before: {folder}", file=stream)
+        else:
+            print(f"  {folder / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
+    first = next(name for name in party_dirs if name not in lost)
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
     print(f"chat with it:\n  fedtune chat --model {model} --adapter {party_dirs[first] / last}", file=stream)
     print(f"see its loss curves:\n  fedtune report {root}", file=stream)

@@ -187,7 +187,9 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         log.info("all %d parties ready; training starts (weights %s)", len(ready), weights)
 
     def _maybe_succeed(self) -> None:
-        if all(self.state.party(name).state == "succeeded" for name in self.roles):
+        # secagg_plus: a party dropped from the last round has nothing left to train or save.
+        excused = set(self.state.dropped(len(self.job.spec.fractions())))
+        if all(self.state.party(name).state == "succeeded" for name in self.roles if name not in excused):
             self.state.set_phase("Succeeded")
             log.info("job %s succeeded", self.job.job_id)
 
