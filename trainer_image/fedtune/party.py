@@ -383,14 +383,25 @@ class Party:
         if resume is not None:
             log.info("%s: resuming from its saved state %s", self.ctx.name, resume.name)
             done = sum(1 for s in agg_steps if s <= int(resume.name.removeprefix(CHECKPOINT_PREFIX)))
-            if done and self.spec.privacy.dp is not None and self.ranks.leader:  # updates count from that round
-                self.round_start = transport.unpack_tensors(self._fetch_global(done))
+            if done:
+                self._resume_after(done)
         if self.ranks.leader:
             self.scheduler.report("training", step=0, max_steps=self.max_steps)
         train(self.model, self.tokenizer, self.features, self.args, agg_steps=agg_steps,
               on_round=self._exchange, on_log=on_log if self.ranks.leader else None, state_dir=state_dir,
               on_step=self.rank_budget.hold if self.rank_budget is not None else None,
               packing=self.spec.dataset.packing)
+
+    def _resume_after(self, round_: int) -> None:
+        """What a restart must rebuild from the last global adapter it took: the start of DP's update,
+        AdaLoRA's rank pattern (else the pruned triplets would train again until the next round)."""
+        if self.standalone or (self.spec.privacy.dp is None and self.rank_budget is None):
+            return  # (a standalone AdaLoRA party has no global to rebuild from: its next round prunes again)
+        last = transport.unpack_tensors(self._fetch_global(round_)) if self.ranks.leader else {}
+        if self.spec.privacy.dp is not None and self.ranks.leader:  # updates count from that round
+            self.round_start = last
+        if self.rank_budget is not None:
+            self.rank_budget.allocate(round_, self.ranks.share(last))
 
     @staticmethod
     def _round_of(step: int, agg_steps: list[int]) -> int:
