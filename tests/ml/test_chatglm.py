@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtune.chat import load_for_chat
 from fedtune.chatglm import export_adapter, load_tokenizer
 from fedtune.cli import main
 from fedtune.models import ModelError, apply_adapter, load_base_model, save_checkpoint
@@ -130,6 +131,32 @@ def test_lora_written_back_loads_into_the_format_with_peft(chatglm3: Path, tmp_p
     expected = logits(peft_model.eval())
     assert not torch.allclose(expected, logits(load_reference(chatglm3)), atol=1e-3)  # the adapter matters
     assert torch.allclose(logits(reference), expected, atol=1e-4, rtol=0)
+    # And back: `fedtune chat` takes the exported adapter onto the converted model.
+    if "query_key_value" in targets or "dense" in targets:
+        chatted, _ = load_for_chat(chatglm3, tmp_path / "chatglm")
+        assert torch.allclose(logits(chatted), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["query_key_value"], ["query_key_value", "dense", "dense_4h_to_h"]])
+def test_a_lora_trained_on_chatglm_itself_loads_onto_the_converted_model(chatglm3: Path, tmp_path: Path,
+                                                                         targets: list) -> None:
+    """The reference's own adapters (peft on ChatGLM's modules: a dense B on query_key_value) serve
+    `fedtune chat` and continued training on the converted model, with the same logits."""
+    from peft import LoraConfig, get_peft_model
+
+    reference = get_peft_model(load_reference(chatglm3), LoraConfig(r=2, lora_alpha=8, lora_dropout=0.0,
+                                                                     target_modules=targets))
+    randomized(reference)
+    reference.save_pretrained(str(tmp_path / "xfl"))
+    expected = logits(reference.eval())
+    assert not torch.allclose(expected, logits(load_reference(chatglm3)), atol=1e-3)  # the adapter matters
+    chatted, _ = load_for_chat(chatglm3, tmp_path / "xfl")
+    assert torch.allclose(logits(chatted), expected, atol=1e-4, rtol=0)
+    base, _ = load_base_model(chatglm3)
+    lora = Peft.model_validate({"LORA": {"r": 2, "lora_alpha": 8, "target_modules": targets}})
+    continued, _ = apply_adapter(base, lora, tmp_path / "xfl")
+    assert torch.allclose(logits(continued.eval()), expected, atol=1e-4, rtol=0)
+    assert any(p.requires_grad for p in continued.parameters())
 
 
 def test_ptuning_prefix_loads_into_the_format_as_the_reference_snippet_does(chatglm3: Path, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from fedtune.models import (
     ModelError,
     apply_adapter,
     load_base_model,
+    load_saved_adapter,
     native_prefix_encoder,
     saved_adapter_kind,
     use_chatglm_prefix,
@@ -89,15 +90,13 @@ def resolve_device(device: str) -> str:
 def load_for_chat(model_path: str | Path, adapter_path: str | Path | None, device: str = "cpu",
                   precision: Precision = FLOAT32) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode: the base alone, or with the adapter found in `adapter_path`."""
-    from peft import PeftModel
-
     if adapter_path is not None and (Path(adapter_path) / NATIVE_PREFIX_CONFIG).is_file():
         return _load_with_own_prefix(Path(model_path), Path(adapter_path), device, precision)
     model, tokenizer = load_base_model(model_path, device=device, precision=precision)
     if adapter_path is not None:
         saved_adapter_kind(adapter_path)  # a clear error for a folder that holds no adapter
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_path)).to(device)
+            model = load_saved_adapter(model, adapter_path).to(device)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelError(f"{adapter_path}: cannot load the adapter onto {model_path}: {err}") from None
         if _is_prefix_tuned(model):

@@ -310,6 +310,57 @@ def _configured_specials(folder: Path, first_id: int) -> list[str]:
 
 
 _NATIVE_LORA = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight$")
+_ORIGINAL_LORA = re.compile(r"^base_model\.model\.transformer\.encoder\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight$")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def in_original_names(adapter: Path) -> bool:
+    """Whether a saved LoRA names ChatGLM's modules (the reference's adapters, or `export_adapter`'s)."""
+    found = [adapter / name for name in ADAPTER_FILES if (adapter / name).is_file()]
+    return bool(found) and any(_ORIGINAL_LORA.match(name) for name, _ in read_tensors(found[0]))
+
+
+def native_lora(adapter: Path, config: Any, dst: Path) -> Path:
+    """A LoRA saved in ChatGLM's names, written to `dst` in the converted model's names (`config`: its config).
+
+    The fused `query_key_value`'s LoRA (B·A) becomes one on each of q, k and v with the same A and that
+    part's rows of B: the same update, whether B is dense (trained on ChatGLM) or block diagonal (exported
+    from here). The other modules are renamed; rank and alpha stay, so the scaling does too.
+    """
+    from safetensors.torch import save_file
+
+    config_path = adapter / "adapter_config.json"
+    settings = json.loads(config_path.read_text(encoding="utf-8"))
+    if settings.get("peft_type") != "LORA":
+        raise ModelError(f"{config_path}: only a LoRA in ChatGLM's names can be converted")
+    weights = next(adapter / name for name in ADAPTER_FILES if (adapter / name).is_file())
+    native: dict[str, torch.Tensor] = {}
+    for name, tensor in read_tensors(weights):
+        match = _ORIGINAL_LORA.match(name)
+        if match is None or (match.group(2) != QKV and match.group(2) not in LAYER_NAMES):
+            raise ModelError(f"{weights}: tensor `{name}` is not a LoRA weight of a ChatGLM layer")
+        index, module, ab = match.groups()
+        prefix = f"base_model.model.model.layers.{index}."
+        if module != QKV:
+            native[f"{prefix}{LAYER_NAMES[module]}.{ab}.weight"] = tensor
+            continue
+        parts = [tensor.clone() for _ in QKV_PARTS] if ab == "lora_A" else tensor.split(_qkv_rows(config), dim=0)
+        for part, t in zip(QKV_PARTS, parts):
+            native[f"{prefix}{part}.{ab}.weight"] = t.contiguous()
+    renamed = {"query_key_value": ["q_proj", "k_proj", "v_proj"], "dense": ["o_proj"],
+               "dense_h_to_4h": ["gate_up_proj"], "dense_4h_to_h": ["down_proj"]}
+    targets = settings.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns[key] = {new: value for old, value in (settings.get(key) or {}).items()
+                         for new in renamed.get(old.rsplit(".", 1)[-1], [old])}
+    settings.update(target_modules=sorted({n for t in targets for n in renamed.get(t, [t])}),
+                    base_model_name_or_path=None, **patterns)
+    with staged_dir(dst.resolve()) as staging:
+        save_file(native, str(staging / "adapter_model.safetensors"))
+        (staging / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return dst
 
 
 def export_adapter(checkpoint: Path, dst: Path) -> Path:

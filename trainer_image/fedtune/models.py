@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -279,11 +280,26 @@ def _adapter_in_float32(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def _continue_peft(model: nn.Module, adapter_path: str | Path, kind: str) -> Any:
+def load_saved_adapter(model: nn.Module, adapter_path: str | Path, *, trainable: bool = False) -> Any:
+    """`PeftModel.from_pretrained`; a LoRA in ChatGLM's names (the reference's) is first renamed to fit a
+    model converted from ChatGLM (`fedtune.chatglm`)."""
     from peft import PeftModel
 
+    adapter = Path(adapter_path)
+    if getattr(model.config, "fedtune_source", None) is None:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    from fedtune import chatglm
+
+    if not chatglm.in_original_names(adapter):
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    with tempfile.TemporaryDirectory(prefix="fedtune-adapter-") as scratch:
+        native = chatglm.native_lora(adapter, model.config, Path(scratch) / "native")
+        return PeftModel.from_pretrained(model, str(native), is_trainable=trainable)
+
+
+def _continue_peft(model: nn.Module, adapter_path: str | Path, kind: str) -> Any:
     try:
-        return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+        return load_saved_adapter(model, adapter_path, trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelError(f"input.adapter_model.path: {adapter_path}: cannot load the {kind} adapter: {err}") from None
 
