@@ -55,6 +55,20 @@ def test_converted_model_computes_the_formats_logits(request: pytest.FixtureRequ
     assert torch.allclose(logits(model), expected, atol=1e-4, rtol=0), (logits(model) - expected).abs().max()
 
 
+def test_chatglm2_32k_rope_ratio_divides_the_positions(tmp_path: Path) -> None:
+    """ChatGLM2-6B-32k's rope_ratio (16) divides the positions, where ChatGLM3's and GLM-4's multiply the rotary base;
+    the folder's own code says which, and a folder without it is refused rather than guessed."""
+    folder = write_checkpoint(tmp_path / "chatglm2-32k", [POEMS], rope="positions", rope_ratio=16,
+                              _name_or_path="THUDM/chatglm2-6b-32k", seq_length=32768)
+    model, _ = load_base_model(folder)
+    expected = logits(load_reference(folder, rope_scales_positions=True))
+    assert torch.allclose(logits(model), expected, atol=1e-4, rtol=0), (logits(model) - expected).abs().max()
+    assert not torch.allclose(logits(load_reference(folder)), expected, atol=1e-3)  # the base reading differs
+    (folder / "modeling_chatglm.py").unlink()
+    with pytest.raises(ModelError, match=r"config.json: rope_ratio 16: modeling_chatglm.py is missing"):
+        load_base_model(folder)
+
+
 def test_fedtune_convert_writes_a_folder_transformers_loads_without_remote_code(chatglm3: Path,
                                                                                  tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -79,7 +79,10 @@ class SelfAttention(nn.Module):
         width = (self.heads + 2 * self.groups) * self.head_dim
         self.query_key_value = nn.Linear(c["hidden_size"], width, bias=c["add_qkv_bias"])
         self.dense = nn.Linear(self.heads * self.head_dim, c["hidden_size"], bias=False)
-        self.base = 10000.0 * c.get("rope_ratio", 1)
+        # rope_ratio: ChatGLM2-6B-32k divides the positions by it, ChatGLM3 and GLM-4 multiply the base.
+        ratio = c.get("rope_ratio", 1)
+        self.position_scale = ratio if c.get("rope_scales_positions") else 1
+        self.base = 10000.0 * (1 if c.get("rope_scales_positions") else ratio)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [batch, length, heads, head_dim]; pairs (2i, 2i+1) of the first half turn by position * theta_i."""
@@ -99,7 +102,7 @@ class SelfAttention(nn.Module):
         q = q.view(batch, length, self.heads, self.head_dim)
         k = k.view(batch, length, self.groups, self.head_dim)
         v = v.view(batch, length, self.groups, self.head_dim)
-        positions = torch.arange(length)
+        positions = torch.arange(length) / self.position_scale
         q, k = self.rotate(q, positions), self.rotate(k, positions)
         before = 0
         if prefix is not None:  # [batch, pre_seq_len, groups, head_dim], never rotated
@@ -304,9 +307,17 @@ def write_sentencepiece_tokenizer(folder: Path, data: list[Path]) -> int:
     return spm.SentencePieceProcessor(model_file=str(sp_model)).vocab_size() + len(SPECIALS)
 
 
+# What each format's own modeling_chatglm.py does with rope_ratio (the line that says it, in its rotary embedding).
+ROPE_CODE = {
+    "base": "        base = base * self.rope_ratio\n",  # ChatGLM3, GLM-4; ChatGLM2-6B-32k below
+    "positions": "        seq_idx = torch.arange(seq_len, dtype=torch.float, device=device) / self.rope_ratio\n",
+}
+
+
 def write_checkpoint(folder: Path, data: list[Path], *, glm4: bool = False, shards: int = 2,
-                     weights_format: str = "safetensors", seed: int = 0, **overrides: Any) -> Path:
-    """A ChatGLM-format folder: config.json, `shards` weight files under an index, the tokenizer's files."""
+                     weights_format: str = "safetensors", seed: int = 0, rope: str = "base", **overrides: Any) -> Path:
+    """A ChatGLM-format folder: config.json, `shards` weight files under an index, the tokenizer's files, and
+    with a rope_ratio the line of its modelling code that says how it applies (`rope`: a key of ROPE_CODE)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -314,6 +325,10 @@ def write_checkpoint(folder: Path, data: list[Path], *, glm4: bool = False, shar
     vocab = math.ceil(tokens / 64) * 64  # ChatGLM pads its vocabulary
     config = chatglm_config(vocab, glm4=glm4, **overrides)
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    if "rope_ratio" in config:
+        (folder / "modeling_chatglm.py").write_text("class RotaryEmbedding:\n    def forward_impl(self, seq_len, "
+                                                    "n_elem, dtype, device, base=10000):\n" + ROPE_CODE[rope],
+                                                    encoding="utf-8")
     state = random_reference(config, seed).state_dict()
     state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(config["kv_channels"] // 4)  # as the real ones carry
     names = list(state)

@@ -35,7 +35,15 @@ import torch
 from torch import nn
 
 from fedtune.files import staged_dir
-from fedtune.modelfiles import ModelError, check_convertible, checkpoint_files, is_chatglm, read_config, version
+from fedtune.modelfiles import (
+    ModelError,
+    check_convertible,
+    checkpoint_files,
+    is_chatglm,
+    read_config,
+    rope_ratio_scales_positions,
+    version,
+)
 from fedtune.models import PREFIX_WEIGHTS
 
 SOURCE_KEY = "fedtune_source"  # config attribute of a model converted from a ChatGLM folder
@@ -85,8 +93,7 @@ def native_config(config: dict[str, Any], folder: Path) -> Any:
         max_position_embeddings=int(config.get("seq_length", 8192)),
         rms_norm_eps=float(config.get("layernorm_epsilon", 1e-5)),
         attention_bias=bool(config.get("add_qkv_bias", False)),
-        rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5,
-                         "rope_theta": ROPE_BASE * float(config.get("rope_ratio", 1))},
+        rope_parameters=_rope(config, folder),
         tie_word_embeddings=False,
         pad_token_id=config.get("pad_token_id", 0),
         eos_token_id=config.get("eos_token_id", 2),
@@ -96,6 +103,13 @@ def native_config(config: dict[str, Any], folder: Path) -> Any:
     )
     native.architectures = ["GlmForCausalLM"]
     return native
+
+
+def _rope(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    ratio = float(config.get("rope_ratio", 1))
+    if rope_ratio_scales_positions(config, folder):  # ChatGLM2-6B-32k: positions / ratio, as linear scaling does
+        return {"rope_type": "linear", "factor": ratio, "partial_rotary_factor": 0.5, "rope_theta": ROPE_BASE}
+    return {"rope_type": "default", "partial_rotary_factor": 0.5, "rope_theta": ROPE_BASE * ratio}
 
 
 # --- weights ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Container
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,21 @@ def check_convertible(config: dict[str, Any], folder: Path) -> None:
             raise ModelError(f"{folder / 'config.json'}: {key} {config[key]!r}: this {name} variant has no native "
                              "transformers GLM equivalent (a quantised checkpoint: use its full-precision original "
                              "and pretrained_model.quantization)")
+    rope_ratio_scales_positions(config, folder)
+
+
+def rope_ratio_scales_positions(config: dict[str, Any], folder: Path) -> bool:
+    """How a ChatGLM folder's `rope_ratio` stretches the rotary embedding, as its own code says: ChatGLM2-6B-32k
+    divides the positions by it (linear interpolation), ChatGLM3 and GLM-4 multiply the base by it."""
+    if float(config.get("rope_ratio", 1)) == 1:
+        return False
+    code = folder / "modeling_chatglm.py"
+    text = code.read_text(encoding="utf-8", errors="replace") if code.is_file() else ""
+    if re.search(r"/\s*self\.rope_ratio", text):
+        return True
+    if re.search(r"base\s*\*\s*self\.rope_ratio", text):
+        return False
+    raise ModelError(f"{folder / 'config.json'}: rope_ratio {config['rope_ratio']}: {code.name} "
+                     f"{'does not say' if text else 'is missing, so nothing says'} whether it divides the positions "
+                     "(ChatGLM2-6B-32k) or multiplies the rotary base (ChatGLM3, GLM-4); keep the checkpoint's own "
+                     "code beside its weights")
