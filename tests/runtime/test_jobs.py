@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedtune.launcher import LocalJob
+from fedtune.party import STATE_DIR
 from fedtune.spec import load_job
+from fedtune.training import latest_state
 from support.jobs import (
     PARTIES,
     POEMS,
     PTUNING,
     assert_identical_adapters,
     kill_after_first_round,
+    pid_writing,
     run_cli,
     wait_until,
     write_job,
@@ -128,6 +134,31 @@ def test_label_trainer_killed_mid_job_rejoins(tmp_path: Path, tiny_model: Path) 
     assert_every_quarter_round(tmp_path / "out")
     log = (tmp_path / "out" / ".fedtune" / "logs" / "node-1.log").read_text()
     assert "resum" in log.lower()
+
+
+def test_fedtune_run_restarts_a_killed_party_as_a_kubelet_would(tmp_path: Path, tiny_model: Path) -> None:
+    """node-1, killed by a signal after round 1 (so it reports nothing), is started again by `fedtune run` itself
+    (spec.backoffLimit allows 3) and resumes: the job succeeds, saying so, with every party's adapters the same."""
+    job = write_job(tmp_path / "job", tiny_model, sizes=(16, 160, 16), agg_steps=0.25, epochs=1)
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        state = out / "node-1" / STATE_DIR / "trainer"
+        wait_until(lambda: latest_state(state) is not None or run.poll() is not None, 300,
+                   "node-1 to save its state after round 1")
+        os.kill(pid_writing(out / ".fedtune" / "logs" / "node-1.log"), signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stdout + stderr
+    assert "node-1 exited with -9; restarted it (1 of spec.backoffLimit 3" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phase"] == "Succeeded" and summary["parties"]["node-1"]["restarts"] == 1
+    assert summary["parties"]["node-2"]["restarts"] == 0
+    assert_every_quarter_round(out)
+    assert "resum" in (out / ".fedtune" / "logs" / "node-1.log").read_text().lower()
 
 
 def test_assist_trainer_and_scheduler_killed_mid_job_rejoin(tmp_path: Path, tiny_model: Path) -> None:

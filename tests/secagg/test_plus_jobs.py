@@ -15,7 +15,7 @@ from fedtune.launcher import RUN_DIR, LocalJob
 from fedtune.party import STATE_DIR
 from fedtune.spec import load_job
 from fedtune.training import latest_state
-from support.jobs import adapter_tensors, assert_identical_adapters, run_cli, wait_until, write_job
+from support.jobs import adapter_tensors, assert_identical_adapters, pid_writing, run_cli, wait_until, write_job
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2", "node-3", "node-4")
@@ -84,22 +84,11 @@ def test_secagg_plus_with_differential_privacy_reports_epsilon(tmp_path: Path, t
     assert all(bool(t.isfinite().all()) and float(t.abs().max()) < 100 for t in tensors.values())
 
 
-def pid_writing(log: Path) -> int:
-    """The process whose standard output is `log`: a role of `fedtune run` (found as `ps` would)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and os.readlink(proc / "fd" / "1") == str(log):
-                return int(proc.name)
-        except OSError:
-            continue  # gone, or not ours to read
-    raise AssertionError(f"no process writes {log}")
-
-
 def test_fedtune_run_goes_on_without_a_label_trainer_that_died(tmp_path: Path, tiny_model: Path) -> None:
     """`fedtune run` under secagg_plus: node-3 is killed for good after round 1. Rounds 2 and 3 complete
     without it once it has been silent for dropout_timeout_s, and the job succeeds, saying who was lost."""
     job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 32), agg_steps=0.34,
-                    epochs=1)
+                    epochs=1, backoffLimit=0)  # not restarted
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -124,3 +125,14 @@ def example_documents() -> list[tuple[str, dict[str, Any]]]:
             if isinstance(doc, dict) and doc.get("kind") == "FederatedFineTune":
                 out.append((str(path.relative_to(EXAMPLES)), doc))
     return out
+
+
+def pid_writing(log: Path) -> int:
+    """The process whose standard output is `log`: a role of `fedtune run` (found as `ps` would)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.readlink(proc / "fd" / "1") == str(log):
+                return int(proc.name)
+        except OSError:
+            continue  # gone, or not ours to read
+    raise AssertionError(f"no process writes {log}")

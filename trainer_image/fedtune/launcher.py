@@ -121,6 +121,7 @@ class Role:
     proc: subprocess.Popen | Forked | None = None
     log_path: Path | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -354,6 +355,16 @@ class LocalJob:
         only when too few are left (the aggregator says so)."""
         return self.job.spec.encryption.secagg_plus is not None and role.role == "label_trainer"
 
+    def restart(self, role: Role) -> bool:
+        """Start a role that died again, as a kubelet restarts a pod's container, while `spec.backoffLimit`
+        allows and nobody has failed the job (a role that reports its own failure fails it, and is not
+        retried); it resumes from its state folder. True when restarted."""
+        if role.restarts >= self.job.spec.backoffLimit or self.state.phase() == "Failed":
+            return False
+        role.restarts += 1
+        self.start_role(role.name)
+        return True
+
     def failed_role(self) -> Role | None:
         return next((r for r in self.exited(ok=False) if not self.dropout_tolerated(r)), None)
 
@@ -412,6 +423,7 @@ class LocalJob:
             parties[name] = {
                 "role": party.role, "state": party.state, "samples": party.samples, "max_steps": party.max_steps,
                 "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
+                "restarts": self.roles[name].restarts if name in self.roles else 0,
                 "losses": losses, "rounds": rounds, "eval": evaluated,
                 "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
                             "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
@@ -531,11 +543,15 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
                 local.sample_memory()
                 sampled = time.monotonic()
             for role in local.exited(ok=False):
-                if role.name not in lost:  # tolerated, or the job fails just below
+                exit_code = role.proc.returncode  # type: ignore[union-attr]
+                if role.name not in lost and local.restart(role):
+                    print(f"WARNING: {role.name} exited with {exit_code}; restarted it ({role.restarts} of "
+                          f"spec.backoffLimit {job.spec.backoffLimit}; its log: {role.log_path})", file=sys.stderr)
+                elif role.name not in lost:  # tolerated, or the job fails just below
                     lost.add(role.name)
                     if local.dropout_tolerated(role):
-                        print(f"WARNING: {role.name} exited with {role.proc.returncode}; secagg_plus carries on "  # type: ignore[union-attr]
-                              f"without it (its log: {role.log_path})", file=sys.stderr)
+                        print(f"WARNING: {role.name} exited with {exit_code}; secagg_plus carries on without it "
+                              f"(its log: {role.log_path})", file=sys.stderr)
             failed = local.failed_role()
             if failed is not None:
                 error, code = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}", EXIT_FAILED  # type: ignore[union-attr]
