@@ -151,15 +151,22 @@ def test_lora_written_back_loads_into_the_format_with_peft(chatglm3: Path, tmp_p
         assert torch.allclose(logits(chatted), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("targets", [["query_key_value"], ["query_key_value", "dense", "dense_4h_to_h"]])
+@pytest.mark.parametrize(("targets", "alpha_pattern"), [
+    (["query_key_value"], {}),
+    (["query_key_value", "dense", "dense_4h_to_h"], {}),
+    # Paths as peft also takes them, and layer 0's q/k/v scaled apart from layer 1's.
+    (["self_attention.query_key_value", "self_attention.dense"],
+     {"transformer.encoder.layers.0.self_attention.query_key_value": 16}),
+])
 def test_a_lora_trained_on_chatglm_itself_loads_onto_the_converted_model(chatglm3: Path, tmp_path: Path,
-                                                                         targets: list) -> None:
+                                                                         targets: list, alpha_pattern: dict) -> None:
     """The reference's own adapters (peft on ChatGLM's modules: a dense B on query_key_value) serve
     `fedtune chat` and continued training on the converted model, with the same logits."""
     from peft import LoraConfig, get_peft_model
 
     reference = get_peft_model(load_reference(chatglm3), LoraConfig(r=2, lora_alpha=8, lora_dropout=0.0,
-                                                                     target_modules=targets))
+                                                                     target_modules=targets,
+                                                                     alpha_pattern=alpha_pattern))
     randomized(reference)
     reference.save_pretrained(str(tmp_path / "xfl"))
     expected = logits(reference.eval())
@@ -167,7 +174,7 @@ def test_a_lora_trained_on_chatglm_itself_loads_onto_the_converted_model(chatglm
     chatted, _ = load_for_chat(chatglm3, tmp_path / "xfl")
     assert torch.allclose(logits(chatted), expected, atol=1e-4, rtol=0)
     base, _ = load_base_model(chatglm3)
-    lora = Peft.model_validate({"LORA": {"r": 2, "lora_alpha": 8, "target_modules": targets}})
+    lora = Peft.model_validate({"LORA": {"r": 2, "lora_alpha": 8, "target_modules": ["query_key_value"]}})
     continued, _ = apply_adapter(base, lora, tmp_path / "xfl")
     assert torch.allclose(logits(continued.eval()), expected, atol=1e-4, rtol=0)
     assert any(p.requires_grad for p in continued.parameters())

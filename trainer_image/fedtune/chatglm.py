@@ -361,16 +361,11 @@ def native_lora(adapter: Path, config: Any, dst: Path) -> Path:
         parts = [tensor.clone() for _ in QKV_PARTS] if ab == "lora_A" else tensor.split(_qkv_rows(config), dim=0)
         for part, t in zip(QKV_PARTS, parts):
             native[f"{prefix}{part}.{ab}.weight"] = t.contiguous()
-    renamed = {"query_key_value": ["q_proj", "k_proj", "v_proj"], "dense": ["o_proj"],
-               "dense_h_to_4h": ["gate_up_proj"], "dense_4h_to_h": ["down_proj"]}
-    targets = settings.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
-    patterns = {}
-    for key in ("rank_pattern", "alpha_pattern"):
-        patterns[key] = {new: value for old, value in (settings.get(key) or {}).items()
-                         for new in renamed.get(old.rsplit(".", 1)[-1], [old])}
-    settings.update(target_modules=sorted({n for t in targets for n in renamed.get(t, [t])}),
-                    base_model_name_or_path=None, **patterns)
+    patterns = {key: {new: value for old, value in (settings.get(key) or {}).items() for new in _native_modules(old)}
+                for key in ("rank_pattern", "alpha_pattern")}
+    # The targets are the modules the weights name (the saved list may be dotted paths or a regex).
+    targets = sorted({name.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for name in native if "lora_A" in name})
+    settings.update(target_modules=targets, base_model_name_or_path=None, **patterns)
     with staged_dir(dst.resolve()) as staging:
         save_file(native, str(staging / "adapter_model.safetensors"))
         (staging / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -414,6 +409,23 @@ def _export_prefix(checkpoint: Path, config: dict[str, Any], staging: Path) -> N
     (staging / PREFIX_WEIGHTS).write_bytes(raw.read_bytes())
     settings = {"pre_seq_len": config["num_virtual_tokens"], "prefix_projection": False}
     (staging / "prefix_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def _native_modules(name: str) -> list[str]:
+    """The converted model's module names for one of ChatGLM's, as peft's patterns name modules: a path
+    (`transformer.encoder.layers.N.self_attention.query_key_value`), a path within a layer, or a leaf."""
+    path = name.removeprefix("base_model.model.")
+    layer = re.match(r"^transformer\.encoder\.layers\.(\d+)\.(.+)$", path)
+    prefix, inner = (f"model.layers.{layer.group(1)}.", layer.group(2)) if layer else ("", path)
+    if inner == QKV:
+        return [prefix + part for part in QKV_PARTS]
+    if inner in LAYER_NAMES:
+        return [prefix + LAYER_NAMES[inner]]
+    leaves = {QKV.rsplit(".", 1)[-1]: [p.rsplit(".", 1)[-1] for p in QKV_PARTS],
+              **{k.rsplit(".", 1)[-1]: [v.rsplit(".", 1)[-1]] for k, v in LAYER_NAMES.items()}}
+    if not layer and inner in leaves:
+        return leaves[inner]
+    raise ModelError(f"`{name}` in the adapter's rank_pattern or alpha_pattern is not a module of a ChatGLM layer")
 
 
 def _original_lora(state: dict[str, torch.Tensor], config: dict[str, Any],

@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 PHASES = ("Pending", "Running", "Succeeded", "Failed")
+LOST = "lost"  # a party's state once its launcher gives up on it (a secagg_plus label_trainer out of restarts)
 
 
 @dataclass
@@ -213,11 +214,6 @@ class JobState:
         if self.r.set(self._k("split", round_), json.dumps(split), nx=True) and dropped:
             self.r.hset(self._k("dropouts"), str(round_), json.dumps(split["dropped"]))
         return self.split(round_) or split
-
-    def dropped(self, round_: int) -> list[str]:
-        """Who a completed (or splitting) round went without; kept after the round's split is cleared."""
-        value = self.r.hget(self._k("dropouts"), str(round_))
-        return json.loads(value) if value else []
 
     def split(self, round_: int) -> dict[str, list[str]] | None:
         value = self.r.get(self._k("split", round_))

@@ -26,7 +26,7 @@ from typing import IO, Any
 from fedtune import certs, files, roles
 from fedtune.cli import EXIT_FAILED, EXIT_TIMEOUT
 from fedtune.forkserver import Forked, ForkServer
-from fedtune.jobstate import JobState, JobStatus, PartyStatus
+from fedtune.jobstate import LOST, JobState, JobStatus, PartyStatus
 from fedtune.procstat import PeakMemory, process_age_s
 from fedtune.spec import (
     STATE_DIR,
@@ -329,6 +329,8 @@ class LocalJob:
         if self.forkserver is not None:
             role.proc = self.forkserver.spawn(argv, env, role.log_path)
             return
+        if role.log_file is not None:  # a restart: the last run's handle
+            role.log_file.close()
         role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
         role.proc = subprocess.Popen([sys.executable, "-m", "fedtune", *argv], stdout=role.log_file,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -351,22 +353,32 @@ class LocalJob:
                 and (r.proc.returncode == 0) == ok]  # fmt: skip
 
     def dropout_tolerated(self, role: Role) -> bool:
-        """Under secagg_plus the federation goes on without a label_trainer that died: the job then fails
-        only when too few are left (the aggregator says so)."""
-        return self.job.spec.encryption.secagg_plus is not None and role.role == "label_trainer"
+        """Under secagg_plus the federation goes on without a label_trainer that died (unless it failed the
+        job itself): the job then fails only when too few are left (the aggregator says so)."""
+        return (self.job.spec.encryption.secagg_plus is not None and role.role == "label_trainer"
+                and self.state.phase() != "Failed")  # fmt: skip
+
+    def give_up(self, role: Role) -> None:
+        """No more restarts for a tolerated role: the scheduler no longer waits for it to succeed."""
+        self.state.update_party(role.name, state=LOST)
 
     def restart(self, role: Role) -> bool:
         """Start a role that died again, as a kubelet restarts a pod's container, while `spec.backoffLimit`
-        allows and nobody has failed the job (a role that reports its own failure fails it, and is not
-        retried); it resumes from its state folder. True when restarted."""
-        if role.restarts >= self.job.spec.backoffLimit or self.state.phase() == "Failed":
+        allows and the job goes on (a role that reports its own failure fails the job, and is not retried);
+        it resumes from its state folder. True when restarted."""
+        if role.restarts >= self.job.spec.backoffLimit or self.state.phase() in ("Succeeded", "Failed"):
             return False
+        if self.forkserver is not None and self.forkserver.proc.poll() is not None:
+            return False  # nothing left to fork from (and its roles were reported dead with it)
         role.restarts += 1
         self.start_role(role.name)
         return True
 
     def failed_role(self) -> Role | None:
-        return next((r for r in self.exited(ok=False) if not self.dropout_tolerated(r)), None)
+        """A role that died and fails the job: the one the job's error names, if it is among them."""
+        failed = [r for r in self.exited(ok=False) if not self.dropout_tolerated(r)]
+        named = self.state.error().split(":", 1)[0] if failed else ""
+        return next((r for r in failed if r.name == named), failed[0] if failed else None)
 
     def finished(self) -> bool:
         if len(self.exited(ok=True)) == len(self.roles):
@@ -550,6 +562,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
                 elif role.name not in lost:  # tolerated, or the job fails just below
                     lost.add(role.name)
                     if local.dropout_tolerated(role):
+                        local.give_up(role)
                         print(f"WARNING: {role.name} exited with {exit_code}; secagg_plus carries on without it "
                               f"(its log: {role.log_path})", file=sys.stderr)
             failed = local.failed_role()
@@ -566,6 +579,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
             time.sleep(0.1)
         else:
             progress.show(local.status())
+        lost.update(r.name for r in local.exited(ok=False))  # one may have gone as the job finished
         summary = local.summary(time.monotonic() - start, error)
         files.write_json_atomic(root / "summary.json", summary)
     finally:

@@ -142,11 +142,12 @@ def rope_ratio_scales_positions(config: dict[str, Any], folder: Path) -> bool:
         return False
     code = folder / "modeling_chatglm.py"
     text = code.read_text(encoding="utf-8", errors="replace") if code.is_file() else ""
-    if re.search(r"/\s*self\.rope_ratio", text):
-        return True
-    if re.search(r"base\s*\*\s*self\.rope_ratio", text):
-        return False
-    raise ModelError(f"{folder / 'config.json'}: rope_ratio {config['rope_ratio']}: {code.name} "
-                     f"{'does not say' if text else 'is missing, so nothing says'} whether it divides the positions "
+    positions = re.search(r"/\s*self\.rope_ratio", text) is not None
+    base = re.search(r"base\s*\*\s*self\.rope_ratio", text) is not None
+    if positions != base:
+        return positions
+    says = "says both" if positions else "does not say" if text else "is missing, so nothing says"
+    raise ModelError(f"{folder / 'config.json'}: rope_ratio {config['rope_ratio']}: {code.name} {says} "
+                     "whether it divides the positions "
                      "(ChatGLM2-6B-32k) or multiplies the rotary base (ChatGLM3, GLM-4); keep the checkpoint's own "
                      "code beside its weights")

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedtune import metrics, transport
-from fedtune.jobstate import JobState
+from fedtune.jobstate import LOST, JobState
 from fedtune.proto import fedtune_pb2 as pb
 from fedtune.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.roles import SCHEDULER
@@ -143,7 +143,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.state.set_phase("Failed", f"{party}: {request.error or 'failed'}")
         elif request.state == "succeeded":
             log.info("%s succeeded", party)
-            self._maybe_succeed()
+            self.maybe_succeed()
         return pb.JobPhase(phase=self.state.phase(), error=self.state.error())
 
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusJson:
@@ -186,10 +186,12 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.state.set_phase("Running")
         log.info("all %d parties ready; training starts (weights %s)", len(ready), weights)
 
-    def _maybe_succeed(self) -> None:
-        # secagg_plus: a party dropped from the last round has nothing left to train or save.
-        excused = set(self.state.dropped(len(self.job.spec.fractions())))
-        if all(self.state.party(name).state == "succeeded" for name in self.roles if name not in excused):
+    def maybe_succeed(self) -> None:
+        """Succeeded once every party has, but for those its launcher gave up on (state `lost`: a secagg_plus
+        label_trainer out of restarts, which the rounds went without)."""
+        if self.state.phase() != "Running":
+            return
+        if all(self.state.party(name).state in ("succeeded", LOST) for name in self.roles):
             self.state.set_phase("Succeeded")
             log.info("job %s succeeded", self.job.job_id)
 
@@ -260,7 +262,8 @@ def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.T
     """Run the scheduler until the job ends; 0 when it succeeded."""
     identity = transport.PeerIdentity(p.name for p in job.spec.parties) if tls else None
     server, port = transport.make_server(listen, tls)
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerService(job, state, identity), server)
+    service = SchedulerService(job, state, identity)
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
     state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
     metrics.serve(SCHEDULER)
     for party in job.spec.parties:
@@ -268,7 +271,11 @@ def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.T
     server.start()
     log.info("scheduler of job %s listening on port %d", job.job_id, port)
     try:
+        checked = time.monotonic()
         while state.phase() not in ("Succeeded", "Failed"):
+            if time.monotonic() - checked > 1.0:  # a party given up on sends no report to decide on
+                service.maybe_succeed()
+                checked = time.monotonic()
             time.sleep(0.05)
         if state.phase() == "Failed":  # parties still polling learn why from us rather than from a closed port
             time.sleep(linger_s)
