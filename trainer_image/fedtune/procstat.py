@@ -29,7 +29,11 @@ def process_age_s() -> float:
 
 def _children(pid: int) -> list[int]:
     found: list[int] = []
-    for task in (PROC / str(pid) / "task").glob("*"):
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:  # it exited while the tree was walked
+        return found
+    for task in tasks:
         try:
             found += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError):
