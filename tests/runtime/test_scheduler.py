@@ -101,3 +101,30 @@ def test_joining_under_the_wrong_role_is_refused(redis_server, document) -> None
             stub.Join(pb.JoinRequest(party="node-1", role="assist_trainer", wait_s=0), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "lists it as label_trainer" in info.value.details()
+
+
+def test_a_role_waits_for_redis_that_comes_up_after_it() -> None:
+    """On Kubernetes a role's pod may start before Redis's, or before its Service name resolves: the role
+    waits for Redis to answer (up to wait_s) rather than fail; a wrong password still fails at once."""
+    import threading
+    import time
+
+    import redis
+
+    from fedtune.launcher import RedisServer
+
+    server = RedisServer()
+    starter = threading.Timer(1.5, server.start)
+    starter.start()
+    try:
+        began = time.monotonic()
+        state = JobState.connect(server.address, server.password, "late", wait_s=60)
+        assert time.monotonic() - began >= 1.0  # it did wait: Redis was not there at first
+        assert state.phase() == "Pending"
+        with pytest.raises(redis.AuthenticationError):
+            JobState.connect(server.address, "wrong", "late", wait_s=60)
+    finally:
+        starter.join()
+        server.stop()
+    with pytest.raises(redis.ConnectionError, match=rf"Redis at {server.address} did not answer within 1 s"):
+        JobState.connect(server.address, server.password, "late", wait_s=1)

@@ -87,7 +87,8 @@ def test_secagg_plus_with_differential_privacy_reports_epsilon(tmp_path: Path, t
 def test_fedtune_run_goes_on_without_a_label_trainer_that_died(tmp_path: Path, tiny_model: Path) -> None:
     """`fedtune run` under secagg_plus: node-3 is killed for good after round 1. Rounds 2 and 3 complete
     without it once it has been silent for dropout_timeout_s, and the job succeeds, saying who was lost."""
-    job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 32), agg_steps=0.34,
+    # node-3 holds the most data: after round 1 it trains longest, so the kill lands before its round-2 upload.
+    job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 160), agg_steps=0.34,
                     epochs=1, backoffLimit=0)  # not restarted
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],

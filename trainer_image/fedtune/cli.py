@@ -211,7 +211,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
-    state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id)
+    state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
+                             wait_s=roles.REDIS_WAIT_S)
     return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args))
 
 

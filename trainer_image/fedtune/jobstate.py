@@ -8,6 +8,7 @@ prefix `fedtune:<job_id>:`. Imports no torch: the operator reads status through 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+log = logging.getLogger(__name__)
 
 PHASES = ("Pending", "Running", "Succeeded", "Failed")
 LOST = "lost"  # a party's state once its launcher gives up on it (a secagg_plus label_trainer out of restarts)
@@ -84,8 +87,25 @@ class JobState:
         self.prefix = f"fedtune:{job_id}:"
 
     @classmethod
-    def connect(cls, address: str, password: str | None, job_id: str, *, timeout_s: float = 10.0) -> JobState:
-        return cls(redis_client(address, password, timeout_s=timeout_s), job_id)
+    def connect(cls, address: str, password: str | None, job_id: str, *, timeout_s: float = 10.0,
+                wait_s: float = 0.0) -> JobState:
+        """The job's state at Redis `address`; with `wait_s`, once Redis answers within that long (a role's pod
+        may start before Redis's, or before its Service name resolves). A wrong password fails at once."""
+        state = cls(redis_client(address, password, timeout_s=timeout_s), job_id)
+        deadline = time.monotonic() + wait_s
+        while wait_s:
+            try:
+                state.r.ping()
+                break
+            except redis.AuthenticationError:
+                raise
+            except (redis.ConnectionError, redis.TimeoutError) as err:
+                if time.monotonic() > deadline:
+                    raise redis.ConnectionError(f"Redis at {address} did not answer within {wait_s:g} s: "
+                                                f"{err}") from None
+                log.info("waiting for Redis at %s: %s", address, err)
+                time.sleep(1.0)
+        return state
 
     def _k(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)

@@ -260,7 +260,7 @@ class Party:
 
     def _start_aggregator(self) -> Any:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
-                                 self.ctx.redis_password, self.ctx.job.job_id)
+                                 self.ctx.redis_password, self.ctx.job.job_id, wait_s=roles.REDIS_WAIT_S)
         identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
         plus, dp = self.spec.encryption.secagg_plus, self.spec.privacy.dp
         if dp is not None:

@@ -24,6 +24,7 @@ PORTS = {SCHEDULER: 55005, ASSIST_TRAINER: 55004, LABEL_TRAINER: 55006}
 REDIS_PORT = 6379
 # The roles that keep state in Redis and so read its password; label_trainers only speak gRPC.
 REDIS_ROLES = (SCHEDULER, ASSIST_TRAINER)
+REDIS_WAIT_S = 120.0  # how long those roles wait for Redis to answer at start (its pod may come up later)
 
 # What a role reads from its environment.
 REDIS_PASSWORD_ENV = "FEDTUNE_REDIS_PASSWORD"
