@@ -328,10 +328,16 @@ _ORIGINAL_LORA = re.compile(r"^base_model\.model\.transformer\.encoder\.layers\.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+def _adapter_weights(adapter: Path) -> Path | None:
+    return next((adapter / name for name in ADAPTER_FILES if (adapter / name).is_file()), None)
+
+
 def in_original_names(adapter: Path) -> bool:
-    """Whether a saved LoRA names ChatGLM's modules (the reference's adapters, or `export_adapter`'s)."""
-    found = [adapter / name for name in ADAPTER_FILES if (adapter / name).is_file()]
-    return bool(found) and any(_ORIGINAL_LORA.match(name) for name, _ in read_tensors(found[0]))
+    """Whether a saved LoRA names ChatGLM's modules (the reference's adapters, or `export_adapter`'s): one
+    tensor's name says it, as an adapter's tensors all follow one model's names."""
+    weights = _adapter_weights(adapter)
+    first = next(read_tensors(weights), None) if weights is not None else None
+    return first is not None and _ORIGINAL_LORA.match(first[0]) is not None
 
 
 def native_lora(adapter: Path, config: Any, dst: Path) -> Path:
@@ -347,7 +353,9 @@ def native_lora(adapter: Path, config: Any, dst: Path) -> Path:
     settings = json.loads(config_path.read_text(encoding="utf-8"))
     if settings.get("peft_type") != "LORA":
         raise ModelError(f"{config_path}: only a LoRA in ChatGLM's names can be converted")
-    weights = next(adapter / name for name in ADAPTER_FILES if (adapter / name).is_file())
+    weights = _adapter_weights(adapter)
+    if weights is None:
+        raise ModelError(f"{adapter}: no {' or '.join(ADAPTER_FILES)}")
     native: dict[str, torch.Tensor] = {}
     for name, tensor in read_tensors(weights):
         match = _ORIGINAL_LORA.match(name)

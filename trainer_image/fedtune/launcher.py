@@ -381,11 +381,11 @@ class LocalJob:
         return next((r for r in failed if r.name == named), failed[0] if failed else None)
 
     def finished(self) -> bool:
-        if len(self.exited(ok=True)) == len(self.roles):
-            return True
-        lost = self.exited(ok=False)
-        return (bool(lost) and all(map(self.dropout_tolerated, lost))
-                and len(self.exited(ok=True)) + len(lost) == len(self.roles) and self.state.phase() == "Succeeded")
+        """Every role exited with 0, or the job succeeded without the tolerated ones that died."""
+        done, lost = self.exited(ok=True), self.exited(ok=False)
+        if len(done) + len(lost) < len(self.roles):
+            return False
+        return not lost or (all(map(self.dropout_tolerated, lost)) and self.state.phase() == "Succeeded")
 
     def stop(self) -> None:
         """Stop every role and Redis; remove the secrets and the parties' resumable state (with its

@@ -285,16 +285,14 @@ def load_saved_adapter(model: nn.Module, adapter_path: str | Path, *, trainable:
     model converted from ChatGLM (`fedtune.chatglm`)."""
     from peft import PeftModel
 
-    adapter = Path(adapter_path)
-    if getattr(model.config, "fedtune_source", None) is None:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     from fedtune import chatglm
 
-    if not chatglm.in_original_names(adapter):
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    with tempfile.TemporaryDirectory(prefix="fedtune-adapter-") as scratch:
-        native = chatglm.native_lora(adapter, model.config, Path(scratch) / "native")
-        return PeftModel.from_pretrained(model, str(native), is_trainable=trainable)
+    adapter = Path(adapter_path)
+    if getattr(model.config, chatglm.SOURCE_KEY, None) is not None and chatglm.in_original_names(adapter):
+        with tempfile.TemporaryDirectory(prefix="fedtune-adapter-") as scratch:
+            native = chatglm.native_lora(adapter, model.config, Path(scratch) / "native")
+            return PeftModel.from_pretrained(model, str(native), is_trainable=trainable)
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
 
 
 def _continue_peft(model: nn.Module, adapter_path: str | Path, kind: str) -> Any:
