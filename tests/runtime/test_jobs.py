@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,8 @@ from support.jobs import (
     PTUNING,
     assert_identical_adapters,
     kill_after_first_round,
-    pid_writing,
     run_cli,
+    run_killing,
     wait_until,
     write_job,
 )
@@ -141,18 +138,10 @@ def test_fedtune_run_restarts_a_killed_party_as_a_kubelet_would(tmp_path: Path, 
     (spec.backoffLimit allows 3) and resumes: the job succeeds, saying so, with every party's adapters the same."""
     job = write_job(tmp_path / "job", tiny_model, sizes=(16, 160, 16), agg_steps=0.25, epochs=1)
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        state = out / "node-1" / STATE_DIR / "trainer"
-        wait_until(lambda: latest_state(state) is not None or run.poll() is not None, 300,
-                   "node-1 to save its state after round 1")
-        os.kill(pid_writing(out / ".fedtune" / "logs" / "node-1.log"), signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, stdout + stderr
+    state = out / "node-1" / STATE_DIR / "trainer"
+    code, stdout, stderr = run_killing(job, out, "node-1", lambda: latest_state(state) is not None,
+                                       "node-1 to save its state after round 1")
+    assert code == 0, stdout + stderr
     assert "node-1 exited with -9; restarted it (1 of spec.backoffLimit 3" in stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["phase"] == "Succeeded" and summary["parties"]["node-1"]["restarts"] == 1

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fedtune.launcher import RUN_DIR, LocalJob
+from fedtune.launcher import LocalJob
 from fedtune.party import STATE_DIR
 from fedtune.spec import load_job
 from fedtune.training import latest_state
-from support.jobs import adapter_tensors, assert_identical_adapters, pid_writing, run_cli, wait_until, write_job
+from support.jobs import adapter_tensors, assert_identical_adapters, run_cli, run_killing, wait_until, write_job
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2", "node-3", "node-4")
@@ -91,17 +88,9 @@ def test_fedtune_run_goes_on_without_a_label_trainer_that_died(tmp_path: Path, t
     job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 160), agg_steps=0.34,
                     epochs=1, backoffLimit=0)  # not restarted
     out = tmp_path / "out"
-    run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: (out / "node-3" / "checkpoint-0.34").exists() or run.poll() is not None, 300,
-                   "node-3's first checkpoint")
-        os.kill(pid_writing(out / RUN_DIR / "logs" / "node-3.log"), signal.SIGKILL)
-        stdout, stderr = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, stdout + stderr
+    code, stdout, stderr = run_killing(job, out, "node-3", lambda: (out / "node-3" / "checkpoint-0.34").exists(),
+                                       "node-3's first checkpoint")
+    assert code == 0, stdout + stderr
     assert "node-3 exited with -9; secagg_plus carries on without it" in stderr
     assert "node-3 dropped out" in stdout
     summary = json.loads((out / "summary.json").read_text())

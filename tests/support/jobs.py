@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,20 @@ def pid_writing(log: Path) -> int:
         except OSError:
             continue  # gone, or not ours to read
     raise AssertionError(f"no process writes {log}")
+
+
+def run_killing(job: Path, out: Path, party: str, ready: Callable[[], bool], what: str) -> tuple[int, str, str]:
+    """`fedtune run JOB --output OUT`, its `party` killed with SIGKILL once `ready()` (`what` names that moment);
+    the run's exit code, stdout and stderr."""
+    from fedtune.launcher import RUN_DIR
+
+    run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: ready() or run.poll() is not None, 300, what)
+        os.kill(pid_writing(out / RUN_DIR / "logs" / f"{party}.log"), signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return run.returncode, stdout, stderr
