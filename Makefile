@@ -73,7 +73,7 @@ images: install
 	FEDTUNE_VENV=$(VENV) FEDTUNE_IMAGE_BASES=$(IMAGE_BASES) bash devtools/images/build.sh $(IMAGE_TAG)
 
 proto:
-	cd trainer_image && $(PYTHON) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedtune/proto/fedtune.proto
+	cd trainer_image && $(abspath $(PYTHON)) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. fedtune/federation/proto/fedtune.proto
 
 # The local cluster's binaries (control plane, kubelet, kube-proxy, CoreDNS, ...) and helm, built from source once.
 dev-cluster-build:

@@ -127,7 +127,7 @@ def run_local(workspace: Path, out: Path) -> float:
 
 def build_workspace(folder: Path) -> Path:
     """models/tiny-glm (built here, as `make demo` does) and data/poems."""
-    from fedtune.tinymodel import build_tiny_model
+    from fedtune.model.tiny import build_tiny_model
 
     build_tiny_model(folder / "models" / "tiny-glm", [POEMS])
     shutil.copytree(POEMS, folder / "data" / "poems")

@@ -56,9 +56,9 @@ def standalone(job_file: Path, party: str, threads: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-    from fedtune.data import FeatureDataset, collator_for, load_qa, tokenize_qa
     from fedtune.spec import load_job
-    from fedtune.training import plan_max_steps
+    from fedtune.train.data import FeatureDataset, collator_for, load_qa, tokenize_qa
+    from fedtune.train.loop import plan_max_steps
 
     torch.set_num_threads(threads)
     spec = load_job(job_file).spec
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 3 or 1))
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    from fedtune.tinymodel import build_tiny_model
+    from fedtune.model.tiny import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-federation-"))
     model = build_tiny_model(work / "model", [POEMS], hidden_size=args.hidden, num_layers=args.layers,

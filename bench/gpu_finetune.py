@@ -113,7 +113,7 @@ def build_model(folder: Path, shape: Shape, chars: str, device: str, dtype: str)
     import torch
     from transformers import GlmForCausalLM
 
-    from fedtune.tinymodel import build_tokenizer
+    from fedtune.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(sorted(set(chars + "续写：问答\n{}")))
     torch.manual_seed(0)
@@ -153,8 +153,8 @@ def plain(job_file: Path, party: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from fedtune.data import FeatureDataset, collator_for, load_qa, tokenize_qa
     from fedtune.spec import load_job
+    from fedtune.train.data import FeatureDataset, collator_for, load_qa, tokenize_qa
 
     threads = os.environ.get("FEDTUNE_TORCH_THREADS")  # the same threads per process as the job's parties
     if threads:
@@ -265,8 +265,8 @@ def compare(name: str, shape: Shape, args: argparse.Namespace, work: Path, on_gp
     plain_tps, plain_peak = run_plain(job_file, on_gpu)
     from transformers import AutoTokenizer
 
-    from fedtune.data import load_qa, tokenize_qa
     from fedtune.spec import load_job
+    from fedtune.train.data import load_qa, tokenize_qa
 
     spec = load_job(job_file).spec
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
@@ -371,7 +371,7 @@ def estimate_memory(shape: Shape, batch: int, sequence: int, checkpointing: bool
         tracker.track(param)
     tracker.track(ids)
     weights = tracker.current
-    # fedtune's loss (fedtune.loss) never builds the logits: the model returns its final hidden states and the
+    # fedtune's loss (fedtune.model.loss) never builds the logits: the model returns its final hidden states and the
     # cross-entropy runs over the vocabulary a few rows at a time, keeping only d(loss)/d(hidden). Its values
     # cannot be computed on the meta device, so a loss over the hidden states stands in, of the same memory.
     head = model.get_base_model().lm_head  # still in memory during training: keep it counted

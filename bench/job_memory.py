@@ -47,7 +47,7 @@ SAMPLE_S = 0.25
 
 
 def build_model(folder: Path) -> Path:
-    from fedtune.tinymodel import build_tiny_model
+    from fedtune.model.tiny import build_tiny_model
 
     return build_tiny_model(folder, [POEMS], hidden_size=16, num_layers=2, pretrain_steps=0, vocab_size=130_528)
 

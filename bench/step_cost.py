@@ -5,7 +5,7 @@ the same GLM on the same batches of the bundled poems, one optimizer step per ba
 
 - plain: `loss = model(**padded_batch).loss; loss.backward(); optimizer.step()`, transformers'
   own loss over every position's full-vocabulary logits;
-- fedtune: the step fedtune's Trainer takes (`fedtune.loss.causal_lm_loss`: only the answer
+- fedtune: the step fedtune's Trainer takes (`fedtune.model.loss.causal_lm_loss`: only the answer
   positions, chunked cross-entropy), on the same padded batches, and on packed rows
   (`dataset.packing`).
 
@@ -65,9 +65,9 @@ def build(shape: Shape, device: str, dtype) -> tuple:
     from peft import LoraConfig, get_peft_model
     from transformers import GlmForCausalLM
 
-    from fedtune.data import load_qa, tokenize_qa
+    from fedtune.model.tiny import build_config, build_tokenizer, corpus_characters
     from fedtune.spec import Dataset, TrainsetEntry
-    from fedtune.tinymodel import build_config, build_tokenizer, corpus_characters
+    from fedtune.train.data import load_qa, tokenize_qa
 
     tokenizer = build_tokenizer(corpus_characters([POEMS]))
     config = build_config(shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, heads=shape.heads,
@@ -114,8 +114,8 @@ def steps(model, batches: list, collate: Callable, loss_of: Callable, device: st
 
 
 def variants(model, tokenizer, batches: list, device: str) -> dict[str, Callable[[], float]]:
-    from fedtune.data import collator_for
-    from fedtune.loss import causal_lm_loss
+    from fedtune.model.loss import causal_lm_loss
+    from fedtune.train.data import collator_for
 
     padded, packed = collator_for(tokenizer), collator_for(tokenizer, packing=True)
     plain = lambda m, b: m(**b).loss  # noqa: E731 - transformers' own loss, every position
@@ -131,8 +131,8 @@ def check_equal_loss(model, tokenizer, batch: list) -> float:
     """The same loss from both computations on one batch (adapter untouched), as a sanity check."""
     import torch
 
-    from fedtune.data import collator_for
-    from fedtune.loss import causal_lm_loss
+    from fedtune.model.loss import causal_lm_loss
+    from fedtune.train.data import collator_for
 
     model.eval()  # no dropout: the two forward passes see the same network
     with torch.no_grad():

@@ -18,12 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import chatglm_lora_adapter, machine
 
-from fedtune import certs, transport
-from fedtune.aggregator import AggregatorClient, AggregatorService, start_server
-from fedtune.jobstate import JobState
-from fedtune.launcher import RedisServer
+from fedtune.federation import transport
+from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
+from fedtune.federation.jobstate import JobState
+from fedtune.local.launcher import RedisServer
 from fedtune.secagg import make_codec
 from fedtune.spec import Encryption
+from fedtune.trust import certs
 
 PARTIES = ("assist_trainer", "node-1", "node-2")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,19 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests that train in this process (torch imported) train on one thread, before any fixture does:
+    the tiny model is faster so, spinning threads crawl on a busy 2-core machine, and a module's
+    reference run and its tests then compute alike, bit for bit."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def redis_server() -> Iterator:
-    from fedtune.launcher import RedisServer
+    from fedtune.local.launcher import RedisServer
 
     with RedisServer() as server:
         yield server
@@ -31,7 +42,7 @@ def redis_server() -> Iterator:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedtune.tinymodel import build_tiny_model
+    from fedtune.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-glm", [POEMS])
 

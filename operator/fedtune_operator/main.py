@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import kopf
 
 from fedtune import logs, roles
-from fedtune import metrics as fedtune_metrics
+from fedtune.federation import metrics as fedtune_metrics
 
 EXIT_LOST_LEASE = 1
 

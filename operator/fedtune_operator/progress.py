@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 from dataclasses import asdict
 
-from fedtune.jobstate import JobState, redis_client
+from fedtune.federation.jobstate import JobState, redis_client
 
 from .status import Progress
 

@@ -34,9 +34,9 @@ from typing import Any
 
 from kubernetes import client
 
-from fedtune import certs
 from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
+from fedtune.trust import certs
 
 from . import children, jobs, metrics, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer

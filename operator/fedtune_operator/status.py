@@ -62,7 +62,7 @@ IMAGE_ERRORS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "Invali
 
 @dataclass(frozen=True)
 class Progress:
-    """The runtime's view, read from Redis (`fedtune.jobstate.JobStatus`)."""
+    """The runtime's view, read from Redis (`fedtune.federation.jobstate.JobStatus`)."""
 
     round: int
     rounds: int

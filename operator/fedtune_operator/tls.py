@@ -1,6 +1,6 @@
 """The federation's certificates on Kubernetes: which CA, which names, which Secrets.
 
-Pure functions (no API calls) over `fedtune.certs`, the runtime's own CA and certificate
+Pure functions (no API calls) over `fedtune.trust.certs`, the runtime's own CA and certificate
 code, so a pod's certificate is exactly what `fedtune certs issue` would make; the
 Secrets that hold them are built in `children/secret.py`:
 
@@ -26,8 +26,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from fedtune import certs
 from fedtune.roles import SCHEDULER
+from fedtune.trust import certs
 
 from .jobs import Job, Workload
 

@@ -293,7 +293,7 @@ def test_ptuning_example_applied_with_kubectl_succeeds(cluster, operator, api, k
     final = assert_identical_adapters(output, "checkpoint-1")
     assert sum(t.numel() for t in final.values()) < 50_000  # the prefix alone
 
-    from fedtune.chat import load_for_chat
+    from fedtune.tools.chat import load_for_chat
 
     model, _ = load_for_chat(folder / "models" / "tiny-glm", output / "node-2" / "checkpoint-1")
     assert type(model).__name__.startswith("Peft")
@@ -330,8 +330,8 @@ def series(text: str, name: str, **labels: str) -> float:
 
 
 def state_saved(output: Path, party: str) -> bool:
-    from fedtune.party import STATE_DIR
-    from fedtune.training import latest_state
+    from fedtune.federation.party import STATE_DIR
+    from fedtune.train.loop import latest_state
 
     return latest_state(output / party / STATE_DIR / "trainer") is not None
 

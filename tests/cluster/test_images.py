@@ -65,8 +65,8 @@ def test_trainer_image_imports_the_training_stack() -> None:
     name = f"fedtune/trainer:{TAG}"
     if subprocess.run(["docker", "image", "inspect", name], capture_output=True, check=False).returncode != 0:
         unavailable(f"image {name} not built: run `make images`")
-    result = docker_run(name, "-c", "import torch, transformers, peft, fedtune.party; print(torch.__version__)",
-                        entrypoint="python")  # fmt: skip
+    result = docker_run(name, "-c", "import torch, transformers, peft, fedtune.federation.party; "
+                        "print(torch.__version__)", entrypoint="python")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 

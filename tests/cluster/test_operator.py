@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fedtune.launcher import free_port
+from fedtune.local.launcher import free_port
 from fedtune.spec import parse_job
 from support import kube
 from support.children import by_kind_name, pod_secrets
@@ -178,7 +178,7 @@ def secret_data(api: Api, ns: str, name: str) -> dict[str, bytes]:
 
 def live_material(api: Api, ns: str, job: Any) -> Any:
     """The job's CA and certificates as the operator stored them."""
-    from fedtune import certs
+    from fedtune.trust import certs
     from fedtune_operator import tls
     from fedtune_operator.jobs import workloads
 
@@ -311,7 +311,7 @@ def test_the_clusters_view_and_edit_roles_cover_jobs(chart, kubectl, namespace) 
 
 def create_ca_secret(api: Api, ns: str, name: str) -> Any:
     """A federation CA the user brings (spec.tls.caSecret), as `kubectl create secret generic` makes it."""
-    from fedtune import certs
+    from fedtune.trust import certs
 
     ca = certs.make_ca("federation")
     data = {"ca.crt": base64.b64encode(ca.cert_pem).decode(), "ca.key": base64.b64encode(ca.key_pem).decode()}
@@ -322,7 +322,7 @@ def create_ca_secret(api: Api, ns: str, name: str) -> Any:
 def assert_certificates_chain_to(api: Api, ns: str, doc: dict[str, Any], ca_pem: bytes) -> None:
     from cryptography import x509
 
-    from fedtune import certs
+    from fedtune.trust import certs
     from fedtune_operator import tls
     from fedtune_operator.jobs import workloads
 
@@ -746,7 +746,7 @@ def test_progress_is_mirrored_from_the_jobs_redis(operator, api, kubectl, namesp
     import random
     import shutil
 
-    from fedtune.jobstate import JobState
+    from fedtune.federation.jobstate import JobState
 
     redis_server = shutil.which("redis-server")
     if redis_server is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from fedtune.jobstate import JobState
+from fedtune.federation.jobstate import JobState
 from fedtune_operator.progress import read_progress
 
 

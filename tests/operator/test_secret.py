@@ -7,7 +7,7 @@ import base64
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from fedtune import certs
+from fedtune.trust import certs
 from fedtune_operator import tls
 from fedtune_operator.children import all_children
 from fedtune_operator.children.pod import redis_pod

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from fedtune import certs
+from fedtune.trust import certs
 from fedtune_operator import tls
 from fedtune_operator.children import problems
 from fedtune_operator.status import find_condition

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtune import transport
-from fedtune.launcher import LocalJob
-from fedtune.proto import fedtune_pb2_grpc as pb_grpc
-from fedtune.scheduler import SchedulerService
+from fedtune.federation import transport
+from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.federation.scheduler import SchedulerService
+from fedtune.local.launcher import LocalJob
 from fedtune.spec import load_job
 from support.jobs import (
     PARTIES,

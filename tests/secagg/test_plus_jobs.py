@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.launcher import LocalJob
-from fedtune.party import STATE_DIR
+from fedtune.federation.party import STATE_DIR
+from fedtune.local.launcher import LocalJob
 from fedtune.spec import load_job
-from fedtune.training import latest_state
+from fedtune.train.loop import latest_state
 from support.jobs import adapter_tensors, assert_identical_adapters, run_cli, run_killing, wait_until, write_job
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.tinymodel import corpus_texts
+from fedtune.model.tiny import corpus_texts
 
 SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",

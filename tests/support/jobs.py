@@ -105,8 +105,8 @@ def wait_until(predicate, timeout: float, what: str, local=None) -> None:
 
 def kill_after_first_round(local, party: str = "node-1") -> None:
     """SIGKILL `party` once it has saved its resumable state after round 1, then start it again."""
-    from fedtune.party import STATE_DIR
-    from fedtune.training import latest_state
+    from fedtune.federation.party import STATE_DIR
+    from fedtune.train.loop import latest_state
 
     state_dir = local.output / party / STATE_DIR / "trainer"
     wait_until(lambda: latest_state(state_dir) is not None, 240, f"{party} to save its state after round 1", local)
@@ -142,7 +142,7 @@ def pid_writing(log: Path) -> int:
 def run_killing(job: Path, out: Path, party: str, ready: Callable[[], bool], what: str) -> tuple[int, str, str]:
     """`fedtune run JOB --output OUT`, its `party` killed with SIGKILL once `ready()` (`what` names that moment);
     the run's exit code, stdout and stderr."""
-    from fedtune.launcher import RUN_DIR
+    from fedtune.local.launcher import RUN_DIR
 
     run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

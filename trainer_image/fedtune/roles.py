@@ -31,8 +31,8 @@ REDIS_PASSWORD_ENV = "FEDTUNE_REDIS_PASSWORD"
 TLS_DIR_ENV = "FEDTUNE_TLS_DIR"  # a folder holding ca.crt, tls.crt, tls.key (the default of --tls-dir)
 TORCH_THREADS_ENV = "FEDTUNE_TORCH_THREADS"  # a training party's torch threads (its share of the CPUs)
 LOG_LEVEL_ENV = "FEDTUNE_LOG_LEVEL"
-CACHE_DIR_ENV = "FEDTUNE_CACHE_DIR"  # where a party caches tokenised datasets (fedtune.tokencache)
-METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"  # serve Prometheus metrics on this port (`fedtune.metrics`)
+CACHE_DIR_ENV = "FEDTUNE_CACHE_DIR"  # where a party caches tokenised datasets (fedtune.train.tokencache)
+METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"  # serve Prometheus metrics on this port (`fedtune.federation.metrics`)
 METRICS_PORT = 9090  # the port the operator gives every role pod
 PARTY_ENV = "FEDTUNE_PARTY"  # which party a process is, for people and tools looking at it (logs, `kubectl exec`)
 

@@ -230,7 +230,7 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         volumes += shared_vols + own_vols
         mounts += shared_mounts + own_mounts
         if spec.ranks(party) > 1:
-            # The party's command starts its ranks in this container (fedtune.ranks); they exchange
+            # The party's command starts its ranks in this container (fedtune.train.ranks); they exchange
             # tensors through shared memory (NCCL), and a container's own /dev/shm is 64 MiB.
             volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
             mounts.append({"name": "shm", "mountPath": "/dev/shm"})

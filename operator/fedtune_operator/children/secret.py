@@ -14,8 +14,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fedtune import certs
 from fedtune.roles import REDIS_PORT
+from fedtune.trust import certs
 
 from .. import tls
 from ..jobs import Job, Workload, child_name, hosts_federation, metadata, workload_party, workloads

@@ -1,0 +1,414 @@
+"""The aggregation service the assist_trainer runs: collect each round's protected updates, combine, serve.
+
+Updates and global adapters are kept in Redis, so a restarted assist_trainer serves what
+was aggregated before and keeps what was submitted. How updates are protected and
+combined (plain sums or one-time pads) is the codec's business (`fedtune.secagg`).
+
+Under `secagg_plus` a round may complete without some label_trainers. It waits for every
+upload; a label_trainer that has not uploaded is dropped once it has given no sign of life
+(an RPC, a progress report) for `dropout_timeout_s` since the round's first upload, and every
+latecomer once `aggregation.round_timeout_s` has passed. The round's split into uploaded and
+dropped is then fixed in Redis, later uploads for it are ignored, and each uploader, as it
+polls `Fetch`, is asked to `Reveal` its shares. With `threshold` answers (within
+`round_timeout_s` of the split) the masks come off; the mean is over the survivors' weights.
+A dropped party that comes back fetches the round's result and carries on from the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import numpy as np
+
+from fedtune import privacy
+from fedtune.federation import metrics, transport
+from fedtune.federation.jobstate import JobState
+from fedtune.federation.proto import fedtune_pb2 as pb
+from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.secagg import SecAggError, SecAggPlusCodec, UpdateCodec
+from fedtune.spec import Dp
+
+log = logging.getLogger(__name__)
+
+_MAX_POLL_S = 30.0
+_POLL_S = 0.02
+_DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlines (they read Redis)
+
+
+class AggregatorService(pb_grpc.AggregatorServicer):
+    def __init__(self, state: JobState, codec: UpdateCodec | SecAggPlusCodec, rounds: int, *,
+                 round_timeout_s: float, dropout_timeout_s: float | None = None, dp: Dp | None = None,
+                 identity: transport.PeerIdentity | None = None) -> None:
+        self.state = state
+        self.codec = codec
+        self.plus = codec if isinstance(codec, SecAggPlusCodec) else None
+        self.rounds = rounds
+        self.round_timeout_s = round_timeout_s
+        self.dropout_timeout_s = dropout_timeout_s if dropout_timeout_s is not None else round_timeout_s
+        self.dp = dp
+        self.identity = identity
+        self.lock = threading.Lock()
+        self.expected: set[str] | None = None  # the training parties; known once every party is ready
+        self.own: str | None = None  # the assist_trainer itself, when it trains: its update is plaintext
+        self.weights: dict[str, float] = {}
+        self.publics: dict[str, bytes] = {}  # secagg_plus: each label_trainer's public bundle
+        self.first_seen: dict[int, float] = {}  # round -> when its first upload (or split) was seen
+        self.last_check: dict[int, float] = {}
+        self.alive = _Liveness(state)
+
+    def configure(self, weights: dict[str, float], own: str | None, publics: dict[str, bytes] | None = None) -> None:
+        self.expected, self.own, self.weights = set(weights), own, dict(weights)
+        self.publics = dict(publics or {})
+        self._report_privacy()
+        for round_ in range(self.state.completed_round() + 1, self.rounds + 1):
+            self._maybe_aggregate(round_)  # a restart may find a round complete but not combined
+
+    # --- the assist_trainer's own update and the rounds ------------------------------------
+
+    def accept(self, round_: int, party: str, blob: bytes) -> None:
+        if not 1 <= round_ <= self.rounds:
+            raise SecAggError(f"{party} submitted round {round_}; this job has rounds 1..{self.rounds}")
+        if self.state.get_global(round_) is not None:
+            return  # a restarted party resubmitting a finished round: the global stands
+        split = self.state.split(round_) if self.plus and party != self.own else None
+        if split is not None:  # the round's uploads are fixed: a late one is never unmasked
+            if party not in split["uploaded"]:
+                log.info("round %d: ignored the late upload of %s, dropped from this round", round_, party)
+            return
+        self.state.put_update(round_, party, blob)
+        self.first_seen.setdefault(round_, time.monotonic())
+        self._maybe_aggregate(round_)
+
+    def _maybe_aggregate(self, round_: int) -> None:
+        with self.lock:
+            if self.expected is None or self.state.get_global(round_) is not None:
+                return
+            submitted = self.state.submitted(round_)
+            if self.own is not None and self.own not in submitted:
+                return
+            if self.plus is None:
+                if self.expected <= submitted:
+                    self._combine(round_, sorted(self.expected), [])
+                return
+            split = self.state.split(round_)
+            if split is None and self.expected <= submitted:  # nobody dropped: only the self-masks come off
+                split = self._set_split(round_, submitted)
+            if split is not None and len(self.state.reveals(round_)) >= self.plus.threshold:
+                self._combine(round_, split["uploaded"], split["dropped"])
+
+    def _combine(self, round_: int, uploaded: list[str], dropped: list[str]) -> None:
+        started = time.perf_counter()
+        blobs = self.state.updates(round_)
+        protected = {p: transport.unpack_tensors(blobs[p]) for p in uploaded if p != self.own}
+        plaintext = {p: transport.unpack_tensors(blobs[p]) for p in [self.own] if p is not None}
+        try:
+            if self.plus is None:
+                total = self.codec.combine(protected, plaintext)
+            else:
+                reveals = {p: dict(pb.RevealedShares.FromString(b).shares)
+                           for p, b in self.state.reveals(round_).items()}
+                total = self.plus.unmask(protected, plaintext, job_id=self.state.job_id, round_=round_,
+                                         publics=self.publics, dropped=dropped, reveals=reveals)
+        except SecAggError as err:
+            self._fail(round_, str(err))
+            return
+        if dropped:  # the mean over the survivors: their weights no longer sum to 1
+            survivors = sum(self.weights[p] for p in [*protected, *plaintext])
+            total = {k: (v.astype(np.float64) / survivors).astype(np.float32) for k, v in total.items()}
+        self.state.put_global(round_, transport.pack_tensors(total))
+        metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
+        self._report_privacy()
+        without = f" without {', '.join(dropped)}" if dropped else ""
+        log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
+                 without, time.perf_counter() - started)
+
+    def _report_privacy(self) -> None:
+        """ε so far, for the job status: every completed round is one Gaussian mechanism."""
+        if self.dp is not None:
+            dp = self.dp
+            self.state.set_json("privacy", privacy.report(self.state.completed_round(), dp.noise_multiplier,
+                                                          dp.clip_norm, dp.delta))
+
+    def _fail(self, round_: int, message: str) -> None:
+        message = message if message.startswith(f"round {round_}:") else f"round {round_}: {message}"
+        self.state.set_phase("Failed", message)
+        log.error("%s", message)
+
+    def wait_global(self, round_: int, wait_s: float, party: str | None = None) -> bytes | None:
+        """The round's global adapter, or None after `wait_s`; raises JobAborted when the job failed."""
+        blob, _ = self.wait_for(round_, wait_s, party)
+        return blob
+
+    def wait_for(self, round_: int, wait_s: float,
+                 party: str | None = None) -> tuple[bytes | None, pb.UnmaskRequest | None]:
+        """The round's global adapter; or, for a secagg_plus survivor, what it must reveal first; or
+        (None, None) after `wait_s`. Raises JobAborted when the job failed."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            blob = self.state.get_global(round_)
+            if blob is not None and (round_ > 0 or self._shares_complete()):
+                return blob, None
+            if self.state.phase() == "Failed":
+                raise transport.JobAborted(self.state.error())
+            if party is not None:
+                self.alive.saw(party)
+                request = self._unmask_request(round_, party)
+                if request is not None:
+                    return None, request
+            self._check_deadlines(round_)
+            if time.monotonic() >= deadline:
+                return None, None
+            time.sleep(_POLL_S)
+
+    def _check_deadlines(self, round_: int) -> None:
+        now = time.monotonic()
+        if round_ < 1 or now - self.last_check.get(round_, 0.0) < _DEADLINE_CHECK_S:
+            return
+        self.last_check[round_] = now
+        if self.expected is None or self.state.get_global(round_) is not None:
+            return
+        if self.plus is None:
+            self._check_timeout(round_)
+            return
+        with self.lock:
+            split = self.state.split(round_)
+            if split is None:
+                self._maybe_drop(round_, now)
+            else:
+                self._check_reveals(round_, split, now)
+        self._maybe_aggregate(round_)
+
+    def _check_timeout(self, round_: int) -> None:
+        """A party that never submits fails the round instead of blocking it forever."""
+        first = self.first_seen.get(round_)
+        if first is None or self.expected is None or time.monotonic() - first < self.round_timeout_s:
+            return
+        missing = sorted(self.expected - self.state.submitted(round_))
+        if missing:
+            self._fail(round_, f"no update from {', '.join(missing)} within "
+                               f"aggregation.round_timeout_s={self.round_timeout_s:g} s")
+
+    # --- secagg_plus ----------------------------------------------------------------------------
+
+    def _label_trainers(self) -> set[str]:
+        assert self.expected is not None
+        return self.expected - {self.own}
+
+    def _maybe_drop(self, round_: int, now: float) -> None:
+        """Fix the round's split once every label_trainer that has not uploaded is gone (or too late)."""
+        submitted = self.state.submitted(round_)
+        if not submitted:
+            return
+        first = self.first_seen.setdefault(round_, now)  # after a restart: from when this one first saw them
+        missing = sorted(self._label_trainers() - submitted)
+        if not missing:
+            return
+        late = now - first >= self.round_timeout_s
+        silent = all(now - max(first, self.alive.last(p)) >= self.dropout_timeout_s for p in missing)
+        if not (late or silent):
+            return
+        reason = (f"aggregation.round_timeout_s={self.round_timeout_s:g} s" if late
+                  else f"encryption.secagg_plus.dropout_timeout_s={self.dropout_timeout_s:g} s")
+        log.warning("round %d: dropping %s (no upload and no sign of life within %s)", round_, ", ".join(missing),
+                    reason)
+        self._set_split(round_, submitted)
+
+    def _set_split(self, round_: int, submitted: set[str]) -> dict[str, list[str]] | None:
+        assert self.plus is not None
+        uploaded = sorted(self._label_trainers() & submitted)
+        dropped = sorted(self._label_trainers() - submitted)
+        try:
+            self.plus.check_split(round_, uploaded, dropped)
+        except SecAggError as err:
+            self._fail(round_, f"{err} (dropped: {', '.join(dropped)})")
+            return None
+        self.first_seen[round_] = time.monotonic()  # the reveal deadline counts from here
+        return self.state.set_split(round_, uploaded, dropped)
+
+    def _check_reveals(self, round_: int, split: dict[str, list[str]], now: float) -> None:
+        """Fail the round when `threshold` survivors have not revealed within the round's timeout.
+
+        Waiting is cheap and failing ends the job, so an uploader that died is waited for: it
+        comes back (a pod restarts), derives its keys again and answers.
+        """
+        assert self.plus is not None
+        since = self.first_seen.setdefault(round_, now)
+        answered = sorted(self.state.reveals(round_))
+        if len(answered) >= self.plus.threshold or now - since < self.round_timeout_s:
+            return
+        self._fail(round_, f"only {len(answered)} survivors revealed their shares ({', '.join(answered) or 'none'}) "
+                           f"within aggregation.round_timeout_s={self.round_timeout_s:g} s; "
+                           f"encryption.secagg_plus.threshold needs {self.plus.threshold}")
+
+    def _unmask_request(self, round_: int, party: str) -> pb.UnmaskRequest | None:
+        """What `party` must reveal for `round_`, if it is an uploader that has not answered yet."""
+        if self.plus is None or round_ < 1:
+            return None
+        split = self.state.split(round_)
+        if split is None or party not in split["uploaded"] or self.state.revealed(round_, party):
+            return None
+        ciphertexts = {sender: self.plus.round_ciphertexts(shares[party], round_, sender)
+                       for sender, shares in self._shares().items() if sender != party}
+        return pb.UnmaskRequest(round=round_, uploaded=split["uploaded"], dropped=split["dropped"],
+                                ciphertexts=ciphertexts)
+
+    def _shares(self) -> dict[str, dict[str, bytes]]:
+        """Sender -> recipient -> the encrypted shares it handed in before round 1."""
+        return {p: dict(pb.EncryptedShares.FromString(b).shares) for p, b in self.state.shares().items()}
+
+    def _shares_complete(self) -> bool:
+        """Under secagg_plus, no party may start before every label_trainer's shares are in: a party
+        that dropped without them could never be unmasked."""
+        if self.plus is None:
+            return True
+        return self.expected is not None and self._label_trainers() <= self.state.share_senders()
+
+    def accept_shares(self, party: str, shares: dict[str, bytes]) -> None:
+        assert self.plus is not None
+        self.plus.check_share_upload(party, shares)
+        self.state.put_shares(party, pb.EncryptedShares(party=party, shares=shares).SerializeToString())
+
+    def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes]) -> None:
+        assert self.plus is not None
+        if self.state.get_global(round_) is not None:
+            return  # the round was unmasked with the others' shares while this one was on its way
+        split = self.state.split(round_)
+        if split is None or party not in split["uploaded"]:
+            raise SecAggError(f"round {round_}: `{party}` was not asked to reveal shares")
+        missing = sorted(set(self.plus.holders) - set(shares))
+        if missing or any(len(v) != 32 for v in shares.values()):
+            raise SecAggError(f"round {round_}: `{party}` must reveal one 32-byte share per label_trainer "
+                              f"(missing: {', '.join(missing) or 'none'})")
+        self.state.put_reveal(round_, party, pb.RevealedShares(party=party, round=round_, shares=shares)
+                              .SerializeToString())
+        self._maybe_aggregate(round_)
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    def _training_caller(self, party: str, context: grpc.ServicerContext) -> None:
+        """A training party other than the assist_trainer, while the job runs."""
+        if self.identity is not None:
+            self.identity.check(context, party)
+        if self.expected is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "aggregator is starting; retry")
+        if party not in self.expected or party == self.own:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a training party of this job")
+        if self.state.phase() == "Failed":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
+        self.alive.saw(party)
+
+    def _answer(self, context: grpc.ServicerContext, accept: Callable[[], None]) -> pb.JobPhase:
+        try:
+            accept()
+        except SecAggError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.JobPhase(phase=self.state.phase(), error=self.state.error())
+
+    def Submit(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.JobPhase:
+        header, blob = transport.join_chunks(request_iterator)
+        self._training_caller(header.party, context)
+        metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
+        return self._answer(context, lambda: self.accept(header.round, header.party, blob))
+
+    def ShareKeys(self, request: pb.EncryptedShares, context: grpc.ServicerContext) -> pb.JobPhase:
+        self._training_caller(request.party, context)
+        if self.plus is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
+        return self._answer(context, lambda: self.accept_shares(request.party, dict(request.shares)))
+
+    def Reveal(self, request: pb.RevealedShares, context: grpc.ServicerContext) -> pb.JobPhase:
+        self._training_caller(request.party, context)
+        if self.plus is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
+        return self._answer(context, lambda: self.accept_reveal(request.round, request.party, dict(request.shares)))
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        if self.identity is not None:
+            self.identity.check(context, request.party)
+        try:
+            blob, unmask = self.wait_for(request.round, min(max(request.wait_s, 0.0), _MAX_POLL_S), request.party)
+        except transport.JobAborted as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {err}")
+        header = pb.BlobHeader(party=request.party, round=request.round, ready=blob is not None,
+                               phase=self.state.phase(), unmask=unmask)
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob or b""))
+        yield from transport.blob_chunks(header, blob or b"")
+
+
+def start_server(service: AggregatorService, listen: str,
+                 tls: transport.TlsMaterial | None = None) -> tuple[grpc.Server, int]:
+    server, port = transport.make_server(listen, tls)
+    pb_grpc.add_AggregatorServicer_to_server(service, server)
+    server.start()
+    return server, port
+
+
+class AggregatorClient:
+    """A label_trainer's side: submit its protected update, fetch the global adapter."""
+
+    def __init__(self, address: str, party: str, tls: transport.TlsMaterial | None, *, deadline_s: float,
+                 server_name: str = "assist_trainer") -> None:
+        self.party = party
+        self.deadline_s = deadline_s
+        # Under mTLS the server must present the assist_trainer's own certificate, whatever the address.
+        self.stub = pb_grpc.AggregatorStub(transport.make_channel(address, tls, server_name=server_name))
+
+    def submit(self, round_: int, blob: bytes) -> None:
+        header = pb.BlobHeader(party=self.party, round=round_)
+        transport.call_with_retry(
+            lambda: self.stub.Submit(transport.blob_chunks(header, blob), timeout=300),
+            what=f"submit round {round_}", deadline_s=self.deadline_s,
+        )
+        metrics.mine(metrics.BYTES_SENT).inc(len(blob))
+
+    def share_keys(self, shares: dict[str, bytes]) -> None:
+        request = pb.EncryptedShares(party=self.party, shares=shares)
+        transport.call_with_retry(lambda: self.stub.ShareKeys(request, timeout=60), what="hand in the shares",
+                                  deadline_s=self.deadline_s)
+
+    def fetch(self, round_: int, reveal: Callable[[pb.UnmaskRequest], dict[str, bytes]] | None = None) -> bytes:
+        """The round's global adapter; under secagg_plus `reveal` answers the aggregator's requests meanwhile."""
+        request = pb.FetchRequest(party=self.party, round=round_, wait_s=_MAX_POLL_S)
+        while True:
+            header, blob = transport.call_with_retry(
+                lambda: transport.join_chunks(self.stub.Fetch(request, timeout=_MAX_POLL_S + 60)),
+                what=f"fetch round {round_}", deadline_s=self.deadline_s,
+            )
+            if header.ready:
+                metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
+                return blob
+            if header.HasField("unmask"):
+                if reveal is None:
+                    raise SecAggError(f"round {round_}: the aggregator asked for shares this party does not hold")
+                self._reveal(pb.RevealedShares(party=self.party, round=header.unmask.round,
+                                               shares=reveal(header.unmask)))
+
+    def _reveal(self, answer: pb.RevealedShares) -> None:
+        transport.call_with_retry(lambda: self.stub.Reveal(answer, timeout=60),
+                                  what=f"reveal shares for round {answer.round}", deadline_s=self.deadline_s)
+
+
+class _Liveness:
+    """When each party last gave a sign of life: an RPC to the aggregator, or a new progress report in Redis.
+
+    Times are this process's monotonic clock, so parties' clocks never matter.
+    """
+
+    def __init__(self, state: JobState) -> None:
+        self.state = state
+        self.seen: dict[str, float] = {}
+        self.reports: dict[str, float] = {}  # the `updated` stamp of each party's last report, as last read
+
+    def saw(self, party: str) -> None:
+        self.seen[party] = time.monotonic()
+
+    def last(self, party: str) -> float:
+        stamp = self.state.party(party).updated
+        if self.reports.get(party) != stamp:
+            self.reports[party] = stamp
+            self.saw(party)
+        return self.seen.get(party, 0.0)

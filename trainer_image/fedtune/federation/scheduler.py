@@ -1,0 +1,288 @@
+"""The scheduler role: parties join, get the shared configuration, start together, report progress.
+
+All of its state lives in Redis (`fedtune.federation.jobstate`), so a restarted scheduler carries on
+where the last one stopped. Calls that wait (Join, Ready) are long polls bounded by the
+caller's `wait_s`, never open-ended.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from fedtune.federation import metrics, transport
+from fedtune.federation.jobstate import LOST, JobState
+from fedtune.federation.proto import fedtune_pb2 as pb
+from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.roles import SCHEDULER
+from fedtune.spec import FederatedFineTune, JobSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_MAX_POLL_S = 30.0
+_POLL_S = 0.05
+
+
+class SchedulerService(pb_grpc.SchedulerServicer):
+    def __init__(self, job: FederatedFineTune, state: JobState, identity: transport.PeerIdentity | None = None) -> None:
+        self.job = job
+        self.state = state
+        self.identity = identity
+        self.roles = {p.name: p.role for p in job.spec.parties}
+        self.rounds = len(job.spec.fractions())
+        self.lock = threading.Lock()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _caller(self, party: str, context: grpc.ServicerContext) -> str:
+        if party not in self.roles:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a party of job {self.job.job_id}")
+        if self.identity is not None:
+            self.identity.check(context, party)
+        return party
+
+    def _fail(self, context: grpc.ServicerContext, message: str) -> None:
+        log.error("%s", message)
+        self.state.set_phase("Failed", message)
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+    def _wait_for(self, fetch: Callable[[], T | None], wait_s: float, context: grpc.ServicerContext) -> T | None:
+        deadline = time.monotonic() + min(max(wait_s, 0.0), _MAX_POLL_S)
+        while True:
+            if self.state.phase() == "Failed":
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
+            value = fetch()
+            if value is not None or time.monotonic() >= deadline or not context.is_active():
+                return value
+            time.sleep(_POLL_S)
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        party = self._caller(request.party, context)
+        if request.role != self.roles[party]:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
+            )
+        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
+            self.state.set_json("shared_config", json.loads(request.shared_config_json))
+        self.state.update_party(party, state="joined")
+        log.info("%s joined", party)
+        shared = self._wait_for(lambda: self.state.get_json("shared_config"), request.wait_s, context)
+        return pb.JoinReply(
+            ready=shared is not None, job_id=self.job.job_id, shared_config_json=json.dumps(shared) if shared else ""
+        )
+
+    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.StartInfo:
+        party = self._caller(request.party, context)
+        entry = {
+            "samples": request.samples,
+            "max_steps": request.max_steps,
+            "schema": json.loads(request.adapter_schema_json or "[]"),
+            "public_key": base64.b64encode(request.public_key).decode(),
+            "signature": base64.b64encode(request.public_key_signature).decode(),
+            "certificate": base64.b64encode(request.certificate).decode(),
+        }
+        with self.lock:
+            ready: dict[str, Any] = self.state.get_json("ready") or {}
+            self._check_schema(party, entry["schema"], ready, context)
+            self._check_same_key(party, entry, ready, context)
+            ready[party] = entry
+            self.state.set_json("ready", ready)
+            self.state.update_party(party, state="ready", samples=request.samples, max_steps=request.max_steps)
+            if set(ready) == set(self.roles) and self.state.get_json("start") is None:
+                self._start(ready)
+        start = self._wait_for(lambda: self.state.get_json("start"), request.wait_s, context)
+        if start is None:
+            return pb.StartInfo(ready=False)
+        return pb.StartInfo(
+            ready=True,
+            rounds=self.rounds,
+            weights=start["weights"],
+            public_keys={k: base64.b64decode(v["public_key"]) for k, v in start["keys"].items()},
+            public_key_signatures={k: base64.b64decode(v["signature"]) for k, v in start["keys"].items()},
+            certificates={k: base64.b64decode(v["certificate"]) for k, v in start["keys"].items()},
+        )
+
+    def Report(self, request: pb.StatusReport, context: grpc.ServicerContext) -> pb.JobPhase:
+        party = self._caller(request.party, context)
+        fields: dict[str, Any] = {"state": request.state, "round": request.round, "step": request.step}
+        if request.max_steps:
+            fields["max_steps"] = request.max_steps
+        if request.state != "failed":  # a failure report carries no round
+            metrics.ROUND.labels(party=party).set(request.round)
+        if request.has_loss:
+            fields["loss"] = request.loss
+            metrics.TRAIN_LOSS.labels(party=party).set(request.loss)
+            record = {"step": request.step, "loss": request.loss, "round": request.round, "t": time.time()}
+            self.state.append_metric(party, record)
+        if request.has_eval_loss:
+            fields["eval_loss"] = request.eval_loss
+            metrics.EVAL_LOSS.labels(party=party).set(request.eval_loss)
+            self.state.put_eval(request.round, party, request.eval_loss, request.eval_samples)
+            self.state.append_metric(party, {"event": "eval", "round": request.round, "eval_loss": request.eval_loss,
+                                             "samples": request.eval_samples, "t": time.time()})
+        if request.state == "aggregated":
+            self.state.append_metric(
+                party, {"event": "round", "round": request.round, "step": request.step,
+                        "wait_s": request.round_wait_s, "t": time.time()}
+            )
+        if request.error:
+            fields["error"] = request.error
+        self.state.update_party(party, **fields)
+        if request.state == "failed":
+            self.state.set_phase("Failed", f"{party}: {request.error or 'failed'}")
+        elif request.state == "succeeded":
+            log.info("%s succeeded", party)
+            self.maybe_succeed()
+        return pb.JobPhase(phase=self.state.phase(), error=self.state.error())
+
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusJson:
+        return pb.StatusJson(json=self.state.snapshot().to_json())
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def _check_schema(self, party: str, schema: list, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+        """Every party must train the very same adapter, or the average means nothing."""
+        for other, entry in ready.items():
+            if other == party or entry["schema"] == schema:
+                continue
+            difference = describe_schema_difference(party, schema, other, entry["schema"])
+            self._fail(context, f"adapters do not match: {difference}")
+
+    def _check_same_key(self, party: str, entry: dict, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+        """After the start, peers' pairwise secrets depend on this key: a new one cannot be taken."""
+        start = self.state.get_json("start")
+        if start and party in start["keys"] and start["keys"][party]["public_key"] != entry["public_key"]:
+            self._fail(
+                context,
+                f"{party} rejoined with a different key-agreement key; its masks could no longer cancel "
+                "(keep its state folder across restarts)",
+            )
+
+    def _start(self, ready: dict[str, Any]) -> None:
+        spec = self.job.spec
+        training = {name: e["samples"] for name, e in ready.items() if e["samples"] > 0}
+        if spec.aggregation.weighting == "uniform":
+            weights = {name: 1.0 / len(training) for name in training}
+        else:
+            total = sum(training.values())
+            weights = {name: n / total for name, n in training.items()}
+        keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
+                for name, e in ready.items() if e["public_key"]}
+        for warning in start_warnings(spec):
+            log.warning("%s", warning)
+            self.state.add_warning(warning)
+        self.state.set_json("start", {"weights": weights, "keys": keys})
+        self.state.set_phase("Running")
+        log.info("all %d parties ready; training starts (weights %s)", len(ready), weights)
+
+    def maybe_succeed(self) -> None:
+        """Succeeded once every party has, but for those its launcher gave up on (state `lost`: a secagg_plus
+        label_trainer out of restarts, which the rounds went without)."""
+        if self.state.phase() != "Running":
+            return
+        if all(self.state.party(name).state in ("succeeded", LOST) for name in self.roles):
+            self.state.set_phase("Succeeded")
+            log.info("job %s succeeded", self.job.job_id)
+
+
+def start_warnings(spec: JobSpec) -> list[str]:
+    """What the job's security settings leave open, said once when it starts."""
+    scheme, warnings = spec.encryption.scheme, []
+    if scheme != "plain" and len(spec.label_trainers) == 1 and not spec.standalone:
+        warnings.append(f"encryption.{scheme} with a single label_trainer: pairwise masks cannot hide its update "
+                        "from the aggregator")
+    if spec.privacy.dp is not None and scheme == "plain":
+        warnings.append("privacy.dp without secure aggregation (encryption: plain): the aggregator sees each "
+                        "party's update with only that party's share of the noise; use encryption.secagg_plus or otp")
+    if scheme != "plain" and not spec.tls.enabled:
+        warnings.append(f"encryption.{scheme} without TLS: key-agreement values are not authenticated "
+                        "(tls.enabled is false)")
+    return warnings
+
+
+def describe_schema_difference(a: str, schema_a: list, b: str, schema_b: list) -> str:
+    names_a = {name: tuple(shape) for name, shape in schema_a}
+    names_b = {name: tuple(shape) for name, shape in schema_b}
+    for name, shape in names_a.items():
+        if name not in names_b:
+            return f"{a} trains `{name}`, which {b} does not have"
+        if names_b[name] != shape:
+            return f"`{name}` is {list(shape)} at {a} but {list(names_b[name])} at {b}"
+    missing = sorted(set(names_b) - set(names_a))
+    return f"{b} trains `{missing[0]}`, which {a} does not have" if missing else f"{a} and {b} differ"
+
+
+class SchedulerClient:
+    """What a party calls; every call retries while the scheduler restarts."""
+
+    def __init__(self, address: str, party: str, tls: transport.TlsMaterial | None, *, deadline_s: float) -> None:
+        self.party = party
+        self.deadline_s = deadline_s
+        self.stub = pb_grpc.SchedulerStub(transport.make_channel(address, tls, server_name="scheduler"))
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return transport.call_with_retry(fn, what=f"scheduler {what}", deadline_s=self.deadline_s)
+
+    def join(self, role: str, shared_config: dict[str, Any] | None) -> dict[str, Any]:
+        request = pb.JoinRequest(party=self.party, role=role, wait_s=_MAX_POLL_S,
+                                 shared_config_json=json.dumps(shared_config) if shared_config else "")
+        while True:
+            reply = self._call("join", lambda: self.stub.Join(request, timeout=_MAX_POLL_S + 10))
+            if reply.ready:
+                return json.loads(reply.shared_config_json)
+            log.info("waiting for the assist_trainer to join")
+
+    def ready(self, request: pb.ReadyRequest) -> pb.StartInfo:
+        request.party, request.wait_s = self.party, _MAX_POLL_S
+        while True:
+            reply = self._call("ready", lambda: self.stub.Ready(request, timeout=_MAX_POLL_S + 10))
+            if reply.ready:
+                return reply
+            log.info("waiting for every party to be ready")
+
+    def report(self, state: str, *, deadline_s: float | None = None, **fields: Any) -> pb.JobPhase:
+        request = pb.StatusReport(party=self.party, state=state, **fields)
+        return transport.call_with_retry(lambda: self.stub.Report(request, timeout=30), what="scheduler report",
+                                         deadline_s=deadline_s or self.deadline_s)
+
+
+def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.TlsMaterial | None,
+          *, linger_s: float = 5.0) -> int:
+    """Run the scheduler until the job ends; 0 when it succeeded."""
+    identity = transport.PeerIdentity(p.name for p in job.spec.parties) if tls else None
+    server, port = transport.make_server(listen, tls)
+    service = SchedulerService(job, state, identity)
+    pb_grpc.add_SchedulerServicer_to_server(service, server)
+    state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
+    metrics.serve(SCHEDULER)
+    for party in job.spec.parties:
+        metrics.ROUNDS.labels(party=party.name).set(len(job.spec.fractions()))
+    server.start()
+    log.info("scheduler of job %s listening on port %d", job.job_id, port)
+    try:
+        checked = time.monotonic()
+        while state.phase() not in ("Succeeded", "Failed"):
+            if time.monotonic() - checked > 1.0:  # a party given up on sends no report to decide on
+                service.maybe_succeed()
+                checked = time.monotonic()
+            time.sleep(0.05)
+        if state.phase() == "Failed":  # parties still polling learn why from us rather than from a closed port
+            time.sleep(linger_s)
+        # On success every party has reported its end already: nobody is left to tell.
+    finally:
+        server.stop(grace=1).wait()
+    if state.phase() == "Failed":
+        log.error("job %s failed: %s", job.job_id, state.error())
+        return 1
+    return 0
