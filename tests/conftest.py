@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from support.jobs import POEMS
+from support.threads import torch_threads
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,14 +23,17 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Tests that train in this process (torch imported) train on one thread, before any fixture does:
-    the tiny model is faster so, spinning threads crawl on a busy 2-core machine, and a module's
-    reference run and its tests then compute alike, bit for bit."""
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tests that train in this process (torch imported) train on one thread: the tiny model is faster so,
+    and spinning threads crawl on a busy 2-core machine. A module-scoped fixture whose results a test
+    compares bit for bit takes `torch_threads(1)` itself (it is set up before this one)."""
     torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+    if torch is None:
+        yield
+        return
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

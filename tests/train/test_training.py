@@ -13,6 +13,7 @@ from fedtune.spec import Dataset, Peft, Trainer, TrainsetEntry, aggregation_step
 from fedtune.train.data import load_qa, tokenize_qa
 from fedtune.train.loop import plan_max_steps, train
 from support.jobs import POEMS
+from support.threads import torch_threads
 
 DATASET = Dataset(max_src_length=32, max_dst_length=16)
 FRACTIONS = [0.25, 0.5, 0.75, 1.0]
@@ -117,10 +118,11 @@ def test_round_hook_loads_into_the_parameters_the_optimizer_steps(tmp_path: Path
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     """The reference run: 24 samples, batch 4, 2 epochs: 12 steps, rounds at 3, 6 (end of epoch 1), 9, 12."""
     args = trainer_args()
-    model, tokenizer, features = setup(tiny_model)
-    agg = aggregation_steps(FRACTIONS, plan_max_steps(len(features), args))
-    result = train(model, tokenizer, features, args, agg_steps=agg, on_round=shrink_round(model),
-                   state_dir=tmp_path_factory.mktemp("uninterrupted"))
+    with torch_threads(1):  # as the tests that compare with it, bit for bit
+        model, tokenizer, features = setup(tiny_model)
+        agg = aggregation_steps(FRACTIONS, plan_max_steps(len(features), args))
+        result = train(model, tokenizer, features, args, agg_steps=agg, on_round=shrink_round(model),
+                       state_dir=tmp_path_factory.mktemp("uninterrupted"))
     return agg, result, adapter_state(model)
 
 
