@@ -119,6 +119,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise SpecError(f"{err}\n(for files that live elsewhere, e.g. on a cluster: --base-dir or --schema-only)"
                             ) from None
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
+          f"aggregation {spec.aggregation.strategy.name}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
     for party in spec.parties:
         where = f"remote at {party.remote.address}" if party.remote else "local"

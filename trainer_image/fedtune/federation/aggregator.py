@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
-import numpy as np
 
 from fedtune import privacy
 from fedtune.federation import metrics, transport
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
+from fedtune.federation.strategy import FedAvg, Strategy
 from fedtune.secagg import SecAggError, SecAggPlusCodec, UpdateCodec
 from fedtune.spec import Dp
 
@@ -42,8 +42,9 @@ _DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlin
 class AggregatorService(pb_grpc.AggregatorServicer):
     def __init__(self, state: JobState, codec: UpdateCodec | SecAggPlusCodec, rounds: int, *,
                  round_timeout_s: float, dropout_timeout_s: float | None = None, dp: Dp | None = None,
-                 identity: transport.PeerIdentity | None = None) -> None:
+                 identity: transport.PeerIdentity | None = None, strategy: Strategy | None = None) -> None:
         self.state = state
+        self.strategy = strategy or FedAvg()
         self.codec = codec
         self.plus = codec if isinstance(codec, SecAggPlusCodec) else None
         self.rounds = rounds
@@ -116,10 +117,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         except SecAggError as err:
             self._fail(round_, str(err))
             return
-        if dropped:  # the mean over the survivors: their weights no longer sum to 1
-            survivors = sum(self.weights[p] for p in [*protected, *plaintext])
-            total = {k: (v.astype(np.float64) / survivors).astype(np.float32) for k, v in total.items()}
-        self.state.put_global(round_, transport.pack_tensors(total))
+        share = sum(self.weights[p] for p in [*protected, *plaintext]) if dropped else 1.0  # < 1: survivors only
+        self.state.put_global(round_, *self.strategy.finish(self.state, round_, total, share))
         metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         self._report_privacy()
         without = f" without {', '.join(dropped)}" if dropped else ""

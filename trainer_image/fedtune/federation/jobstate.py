@@ -200,17 +200,25 @@ class JobState:
     def submitted(self, round_: int) -> set[str]:
         return {k.decode() for k in self.r.hkeys(self._k("updates", round_))}
 
-    def put_global(self, round_: int, blob: bytes) -> None:
-        """The round's global adapter; its updates (and secagg_plus reveals) are dropped in the same transaction."""
+    def put_global(self, round_: int, blob: bytes, strategy_state: bytes | None = None) -> None:
+        """The round's global adapter and the strategy's state after it (a server optimizer's moments); its
+        updates (and secagg_plus reveals) and the strategy's state before it are dropped in the same transaction."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._k("global", round_), blob)
+        if strategy_state is not None:
+            pipe.set(self._k("strategy", round_), strategy_state)
         if round_ > 0:
-            pipe.delete(self._k("updates", round_), self._k("split", round_), self._k("reveals", round_))
+            pipe.delete(self._k("updates", round_), self._k("split", round_), self._k("reveals", round_),
+                        self._k("strategy", round_ - 1))
             pipe.set(self._k("round"), round_)
         pipe.execute()
 
     def get_global(self, round_: int) -> bytes | None:
         return self.r.get(self._k("global", round_))
+
+    def get_strategy_state(self, round_: int) -> bytes | None:
+        """The strategy's state after round `round_` (None before its first step, or for one that keeps none)."""
+        return self.r.get(self._k("strategy", round_))
 
     def completed_round(self) -> int:
         value = self.r.get(self._k("round"))

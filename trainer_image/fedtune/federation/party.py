@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from fedtune import files, privacy, roles
-from fedtune.federation import metrics, transport
+from fedtune.federation import metrics, strategy, transport
 from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
@@ -271,7 +271,7 @@ class Party:
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
                                             round_timeout_s=self.spec.aggregation.round_timeout_s,
                                             dropout_timeout_s=plus.dropout_timeout_s if plus else None,
-                                            dp=dp, identity=identity)
+                                            dp=dp, identity=identity, strategy=strategy.of(self.spec.aggregation))
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)

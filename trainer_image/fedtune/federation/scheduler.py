@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedtune.federation import metrics, transport
+from fedtune.federation import metrics, strategy, transport
 from fedtune.federation.jobstate import LOST, JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
@@ -171,12 +171,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def _start(self, ready: dict[str, Any]) -> None:
         spec = self.job.spec
-        training = {name: e["samples"] for name, e in ready.items() if e["samples"] > 0}
-        if spec.aggregation.weighting == "uniform":
-            weights = {name: 1.0 / len(training) for name in training}
-        else:
-            total = sum(training.values())
-            weights = {name: n / total for name, n in training.items()}
+        chosen = strategy.of(spec.aggregation)
+        weights = chosen.weights({name: e["samples"] for name, e in ready.items()})
         keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
                 for name, e in ready.items() if e["public_key"]}
         for warning in start_warnings(spec):
@@ -184,7 +180,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})
         self.state.set_phase("Running")
-        log.info("all %d parties ready; training starts (weights %s)", len(ready), weights)
+        log.info("all %d parties ready; training starts (%s: weights %s)", len(ready), chosen.describe(), weights)
 
     def maybe_succeed(self) -> None:
         """Succeeded once every party has, but for those its launcher gave up on (state `lost`: a secagg_plus

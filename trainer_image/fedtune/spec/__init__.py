@@ -43,6 +43,7 @@ from fedtune.spec.training import (
     Output,
     PartyTrainer,
     PretrainedModel,
+    Strategy,
     Trainer,
     TrainsetEntry,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "SecAggPlus",
     "SpecError",
     "Storage",
+    "Strategy",
     "Tls",
     "Trainer",
     "TrainsetEntry",

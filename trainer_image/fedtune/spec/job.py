@@ -64,6 +64,10 @@ class JobSpec(Strict):
         if self.standalone and self.privacy.dp is not None:
             raise ValueError("privacy.dp: a single label_trainer training alone shares no update, so there is "
                              "nothing to clip or noise; remove privacy.dp or add an assist_trainer")
+        if self.standalone and self.aggregation.strategy.name != "fedavg":
+            raise ValueError(f"aggregation.strategy: {self.aggregation.strategy.name} steps a server optimizer "
+                             "along the parties' mean; a single label_trainer training alone has none "
+                             "(add an assist_trainer)")
         seen: dict[str, str] = {}
         for party in self.parties:
             if party.dns_name in seen:

@@ -47,10 +47,41 @@ class Output(Strict):
     path: str = Field(min_length=1)
 
 
+# A server optimizer's settings when the job names none: Reddi et al. 2021's FedYogi defaults (as Flower's).
+SERVER_OPTIMIZER_DEFAULTS = {"server_lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+class Strategy(Strict):
+    """How a round's mean becomes the global adapter: `fedavg` takes it as it is; `fedadam` and `fedyogi` step a
+    server-side adaptive optimizer along it (Reddi et al. 2021; `fedtune.federation.strategy`)."""
+
+    name: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
+    # The server optimizer's (fedadam, fedyogi only): global += server_lr * m / (sqrt(v) + tau).
+    server_lr: float | None = Field(None, gt=0)
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> Strategy:
+        for key, default in SERVER_OPTIMIZER_DEFAULTS.items():
+            if self.name == "fedavg" and getattr(self, key) is not None:
+                raise ValueError(f"`{key}` is a server optimizer's setting (fedadam, fedyogi); fedavg has none")
+            if self.name != "fedavg" and getattr(self, key) is None:
+                setattr(self, key, default)
+        return self
+
+    def optimizer(self) -> dict[str, float]:
+        """The server optimizer's settings, defaults filled in (empty for fedavg)."""
+        values = {key: getattr(self, key) for key in SERVER_OPTIMIZER_DEFAULTS}
+        return {} if self.name == "fedavg" else {k: float(v) for k, v in values.items()}
+
+
 class Aggregation(Strict):
     agg_steps: float = Field(0.2, gt=0, le=1)
     # `samples`: FedAvg weighted by each party's training-sample count; `uniform`: the reference's mean.
     weighting: Literal["samples", "uniform"] = "samples"
+    strategy: Strategy = Field(default_factory=Strategy)
     # A party that never arrives fails the round instead of blocking it forever.
     round_timeout_s: float = Field(1800.0, gt=0)
 
