@@ -322,11 +322,12 @@ class LocalJob:
             if role.name not in skip:
                 self.start_role(role.name)
 
-    def start_role(self, name: str) -> None:
+    def start_role(self, name: str, *, job_file: Path | None = None) -> None:
+        """Start one role (again) from the run's job file, or from `job_file` (tests: a host whose file differs)."""
         role = self.roles[name]
         party = None if role.role == roles.SCHEDULER else name
         argv = roles.role_argv(
-            role.role, self.job_file, party=party, base_dir=self.base_dir,
+            role.role, job_file or self.job_file, party=party, base_dir=self.base_dir,
             output_dir=self.party_dirs[name] if party else None, log_level=self.log_level,
             listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
             tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None,
