@@ -160,7 +160,6 @@ def test_a_role_without_tls_refuses_unless_insecure(tmp_path, orgs, capsys, monk
     assert "--tls-dir is not set" in err and "--insecure" in err
     assert not (tmp_path / "out").exists()
 
-    from fedtune.cli import jobs
     args = argparse.Namespace(tls_dir=None, insecure=True, command="label-trainer")
     assert jobs._tls(args, "node-1") is None
     assert "WARNING: fedtune label-trainer --insecure" in capsys.readouterr().err
