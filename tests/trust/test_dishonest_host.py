@@ -8,6 +8,7 @@ trains as before."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,18 @@ def test_host_with_other_terms_is_refused_by_every_honest_party(tmp_path: Path, 
 
 
 class TamperingScheduler(SchedulerService):
-    """A compromised relay: `tamper(recipient, reply)` alters the start each party is handed."""
+    """A compromised relay: `tamper(recipient, reply)` alters the start each party is handed, and it hides
+    a party's refusal from the others (it never tells them the job failed)."""
 
     def __init__(self, *args: Any, tamper: Callable[[str, Any], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tamper = tamper
+
+    def _wait_for(self, fetch, wait_s, context):
+        deadline = time.monotonic() + min(wait_s, 30.0)
+        while (value := fetch()) is None and time.monotonic() < deadline and context.is_active():
+            time.sleep(0.05)
+        return value
 
     def Ready(self, request, context):
         reply = super().Ready(request, context)

@@ -12,6 +12,7 @@ from pathlib import Path
 from fedtune import roles
 from fedtune.exits import EXIT_CODES
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
+from fedtune.spec import terms as job_terms
 
 DEFAULT_ROLE_OUTPUT = "output/[JOB_ID]/[NODE_ID]"  # a role's adapters without --output or spec.output.path
 
@@ -134,6 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                             ) from None
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
+    print(f"  terms {job_terms.digest(job)} (every party's job file must give the same)")
     for party in spec.parties:
         where = f"remote at {party.remote.address}" if party.remote else "local"
         if spec.ranks(party) > 1:

@@ -14,6 +14,7 @@ the party, whichever CA of the bundle signed it. `ca.crt` may hold several organ
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -122,7 +123,10 @@ def names(cert_pem: bytes) -> list[str]:
     """The names a certificate carries: its common name, then its DNS SANs (as `transport.peer_names` sees them).
 
     A name longer than a common name may be lives in the SANs alone (`issue` puts it first there)."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
+    return _names(x509.load_pem_x509_certificate(cert_pem))
+
+
+def _names(cert: x509.Certificate) -> list[str]:
     common = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return list(dict.fromkeys(common + _alt_names(cert).get_values_for_type(x509.DNSName)))
 
@@ -149,23 +153,34 @@ def _load(cert_pem: bytes, what: str) -> x509.Certificate:
 def fingerprint(cert_pem: bytes) -> str:
     """The identity of a certificate's key: `sha256:<hex>` of its SubjectPublicKeyInfo (stays with the key
     when the certificate is renewed by the same key, changes when the key does)."""
-    spki = _load(cert_pem, "certificate").public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _fingerprint(_load(cert_pem, "certificate"))
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return IDENTITY_PREFIX + hashlib.sha256(spki).hexdigest()
 
 
-def ca_bundle(ca_pem: bytes, what: str = "ca.crt") -> list[x509.Certificate]:
-    """The CA certificates of a bundle (one organisation's or several), each a CA and valid now."""
+@functools.lru_cache(maxsize=8)
+def _parse_bundle(ca_pem: bytes) -> tuple[x509.Certificate, ...]:
     try:
-        cas = x509.load_pem_x509_certificates(ca_pem)
+        return tuple(x509.load_pem_x509_certificates(ca_pem))
     except ValueError:
-        cas = []
+        return ()
+
+
+def ca_bundle(ca_pem: bytes, what: str = "ca.crt") -> tuple[x509.Certificate, ...]:
+    """The CA certificates of a bundle (one organisation's or several), each a CA and valid now."""
+    cas = _parse_bundle(ca_pem)  # a party checks every peer against the same bundle: parsed once
     if not cas:
         raise CertError(f"{what}: holds no CA certificate")
     for ca in cas:
         if not _is_ca(ca):
             raise CertError(f"{what}: `{ca.subject.rfc4514_string()}` is not a CA certificate (basicConstraints)")
-        _check_dates(ca, f"{what} ({ca.subject.rfc4514_string()})")
+        try:
+            _check_dates(ca, what)
+        except CertError as err:  # named only when it fails: a party checks every peer against the bundle
+            raise CertError(f"{err} ({ca.subject.rfc4514_string()})") from None
     return cas
 
 
@@ -212,9 +227,10 @@ def check_party_certificate(ca_pem: bytes, cert_pem: bytes, party: str, *, pin: 
         raise CertError(f"{what}: not issued by a CA of this party's ca.crt")
     _check_dates(cert, what)
     _check_usage(cert, what)
-    if party not in names(cert_pem):
-        raise CertError(f"{what} names {', '.join(f'`{n}`' for n in names(cert_pem))}, not `{party}`")
-    identity = fingerprint(cert_pem)
+    carried = _names(cert)
+    if party not in carried:
+        raise CertError(f"{what} names {', '.join(f'`{n}`' for n in carried)}, not `{party}`")
+    identity = _fingerprint(cert)
     if pin is not None and identity != pin:
         raise CertError(f"{what}: its key is {identity}, but the job file pins {party} to {pin}")
     if identity in revoked:
@@ -222,6 +238,8 @@ def check_party_certificate(ca_pem: bytes, cert_pem: bytes, party: str, *, pin: 
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    if cert.issuer != ca.subject:  # cheap, before the signature
+        return False
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
