@@ -82,7 +82,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         theirs = json.loads(request.terms_json or "{}")
         if theirs != self.terms:  # the party refuses too, from the terms in this reply
             found = job_terms.differences(self.terms, theirs)
-            message = f"{party}'s terms differ from the scheduler's job file: " + "; ".join(found)
+            message = f"{party}: its terms differ from the scheduler's job file: " + "; ".join(found)
             log.error("%s", message)
             self.state.set_phase("Failed", message)
         else:
