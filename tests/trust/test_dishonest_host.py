@@ -18,6 +18,7 @@ import yaml
 
 from fedtune.exits import EXIT_REFUSED
 from fedtune.federation import transport
+from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.federation.scheduler import SchedulerService
 from fedtune.local.launcher import LocalJob
@@ -149,20 +150,54 @@ def test_relay_that_adds_drops_or_swaps_is_refused_by_every_honest_party(tmp_pat
     server = None
     try:
         local.start(skip=("scheduler",))
-        tls_dir = local.tls_dir("scheduler")
-        tls = transport.TlsMaterial(*((tls_dir / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key")))
-        server, _ = transport.make_server(f"127.0.0.1:{local.roles['scheduler'].listen_port}", tls)
-        job = local.resolved
-        local.state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
-        service = TamperingScheduler(job, local.state, transport.PeerIdentity.of(job.spec), tamper=tamper)
-        pb_grpc.add_SchedulerServicer_to_server(service, server)
-        server.start()
+        server = serve_scheduler(local, TamperingScheduler, tamper=tamper)
         codes = wait_exits(local, HONEST)
         assert_refused(local, codes, expected)
     finally:
         if server is not None:
             server.stop(0)
         local.stop()
+
+
+class EchoingScheduler(TamperingScheduler):
+    """A host that lies at Join: it hands every party that party's own terms back and never fails the job."""
+
+    def Join(self, request, context):
+        self._caller(request.party, context)
+        return pb.JoinReply(ready=True, job_id=self.job.job_id, terms_json=request.terms_json)
+
+
+def test_host_that_lies_at_join_is_caught_by_its_signed_digest(tmp_path: Path, tiny_model: Path) -> None:
+    """The scheduler echoes each party's terms; the assist_trainer runs from a file without encryption. Its
+    signed key bundle carries its real digest: the honest parties refuse before sending anything."""
+    job_path = write_job(tmp_path / "job", tiny_model, encryption=OTP)
+    local = LocalJob(load_job(job_path), tmp_path / "out", job_path.parent)
+    server = None
+    try:
+        local.start(skip=("scheduler", "assist_trainer", *HONEST))
+        server = serve_scheduler(local, EchoingScheduler, tamper=lambda recipient, reply: None)
+        local.start_role("assist_trainer", job_file=host_file(local, HOST_EDITS["downgrade encryption"][0]))
+        for name in HONEST:
+            local.start_role(name)
+        codes = wait_exits(local, HONEST)
+        assert_refused(local, codes, "assist_trainer agreed to terms sha256:")
+    finally:
+        if server is not None:
+            server.stop(0)
+        local.stop()
+
+
+def serve_scheduler(local: LocalJob, kind: type[SchedulerService], **kwargs: Any) -> Any:
+    """A scheduler of class `kind` in this process, on the run's scheduler port, with its certificate."""
+    tls_dir = local.tls_dir("scheduler")
+    tls = transport.TlsMaterial(*((tls_dir / n).read_bytes() for n in ("ca.crt", "tls.crt", "tls.key")))
+    server, _ = transport.make_server(f"127.0.0.1:{local.roles['scheduler'].listen_port}", tls)
+    job = local.resolved
+    local.state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
+    pb_grpc.add_SchedulerServicer_to_server(kind(job, local.state, transport.PeerIdentity.of(job.spec), **kwargs),
+                                            server)
+    server.start()
+    return server
 
 
 def test_host_file_differing_only_in_local_fields_trains(tmp_path: Path, tiny_model: Path) -> None:
