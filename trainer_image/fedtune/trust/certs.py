@@ -157,7 +157,12 @@ def fingerprint(cert_pem: bytes) -> str:
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _identity(cert.public_key())
+
+
+def _identity(public_key: object) -> str:
+    spki = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
     return IDENTITY_PREFIX + hashlib.sha256(spki).hexdigest()
 
 
@@ -256,8 +261,7 @@ def check_own_material(ca_pem: bytes, cert_pem: bytes, key_pem: bytes, party: st
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as err:
         raise CertError(f"{source}/{KEY_FILE}: not a PEM private key ({err})") from None
-    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    if IDENTITY_PREFIX + hashlib.sha256(public).hexdigest() != fingerprint(cert_pem):
+    if _identity(key.public_key()) != fingerprint(cert_pem):
         raise CertError(f"{source}/{KEY_FILE}: is not the key of {CERT_FILE}")
 
 
