@@ -11,12 +11,10 @@ import yaml
 from fedtune.spec import (
     SpecError,
     aggregation_steps,
-    apply_shared_config,
     checkpoint_name,
     expand_output_path,
     load_job,
     parse_job,
-    shared_config,
 )
 from support.jobs import EXAMPLE
 
@@ -100,19 +98,6 @@ def test_aggregation_steps_align_and_refuse_collisions() -> None:
     assert aggregation_steps([0.3, 0.6, 0.9, 1.0], 20) == [6, 12, 18, 20]
     with pytest.raises(SpecError, match=r"agg_steps is too small.*0\.4 and 0\.6.*step 2 of 3"):
         aggregation_steps([0.2, 0.4, 0.6, 0.8, 1.0], 3)
-
-
-def test_shared_config_comes_from_assist_trainer_local_keys_stay(doc: dict) -> None:
-    assist = parse_job(doc).spec
-    other_doc = copy.deepcopy(doc)
-    other_doc["spec"]["trainer"].update(learning_rate=0.5, per_device_train_batch_size=1, seed=7)
-    other_doc["spec"]["peft"]["LORA"]["r"] = 2
-    other = parse_job(other_doc).spec
-    synced = apply_shared_config(other, shared_config(assist))
-    assert synced.trainer.learning_rate == assist.trainer.learning_rate
-    assert synced.trainer.seed == assist.trainer.seed
-    assert synced.peft.LORA is not None and synced.peft.LORA.r == 8
-    assert synced.trainer.per_device_train_batch_size == 1  # per party
 
 
 def test_ranks_come_from_ranks_or_gpus(doc: dict) -> None:

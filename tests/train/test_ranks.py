@@ -67,7 +67,8 @@ def test_more_ranks_than_devices_is_refused_naming_the_field(tmp_path: Path, tin
 
     # A party started on its own (as in a pod) refuses before it contacts anyone.
     gpus = write_job(tmp_path / "pod", tiny_model, party_overrides={"node-1": {"resources": {"gpu": 64}}})
-    done = run_cli("label-trainer", "--job", str(gpus), "--party", "node-1", "--output", str(tmp_path / "pod-out"))
+    done = run_cli("label-trainer", "--job", str(gpus), "--party", "node-1", "--output", str(tmp_path / "pod-out"),
+                   "--insecure")
     assert done.returncode == 2, done.stdout + done.stderr
     assert "spec.parties[1].resources.gpu: 64" in done.stderr
     assert not (tmp_path / "pod-out").exists()

@@ -43,9 +43,10 @@ def uses_redis(role: str) -> bool:
 
 def role_argv(role: str, job_file: str | Path, *, party: str | None, base_dir: str | Path,
               output: str | Path | None = None, output_dir: str | Path | None = None, log_level: str | None = None,
-              listen: str | None = None, tls_dir: str | Path | None = None) -> list[str]:
+              listen: str | None = None, tls_dir: str | Path | None = None, insecure: bool = False) -> list[str]:
     """The arguments after `fedtune` that run one role (the scheduler takes no party). A party writes
-    its adapters to `output`/<party>, or to exactly `output_dir`."""
+    its adapters to `output`/<party>, or to exactly `output_dir`. A role refuses to start without TLS
+    material (`tls_dir`, or $FEDTUNE_TLS_DIR) unless `insecure`."""
     argv = ["--log-level", log_level] if log_level else []
     argv += [SUBCOMMANDS[role], "--job", str(job_file)]
     if party is not None:
@@ -59,6 +60,8 @@ def role_argv(role: str, job_file: str | Path, *, party: str | None, base_dir: s
         argv += ["--listen", listen]
     if tls_dir is not None:
         argv += ["--tls-dir", str(tls_dir)]
+    if insecure:
+        argv.append("--insecure")
     return argv
 
 

@@ -240,7 +240,8 @@ def role_pod(job: Job, workload: Workload) -> dict[str, Any]:
         "imagePullPolicy": spec.imagePullPolicy,
         "command": ["fedtune", *roles.role_argv(
             workload.role, JOB_FILE, party=party_name, base_dir=spec.workingDir, output=OUTPUT_DIR,
-            output_dir=party_output_dir(job, party_name) if party_name and spec.output else None)],
+            output_dir=party_output_dir(job, party_name) if party_name and spec.output else None,
+            insecure=not tls.enabled(job))],
         "workingDir": spec.workingDir,
         "env": _role_env(job, workload),
         "ports": [{"name": "grpc", "containerPort": roles.PORTS[workload.role]},

@@ -16,8 +16,9 @@ import sys
 
 from fedtune import __version__, logs, roles
 from fedtune.cli import jobs, models, tools
-from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_INTERRUPTED
+from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_INTERRUPTED, EXIT_REFUSED
 from fedtune.spec import SpecError
+from fedtune.spec.terms import TermsRefused
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError, FileNotFoundError) as err:
         print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TermsRefused as err:
+        print(f"fedtune {args.command}: {err}", file=sys.stderr)
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

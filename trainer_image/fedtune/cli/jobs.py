@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from fedtune import roles
 from fedtune.exits import EXIT_CODES
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
+from fedtune.spec import terms as job_terms
 
 DEFAULT_ROLE_OUTPUT = "output/[JOB_ID]/[NODE_ID]"  # a role's adapters without --output or spec.output.path
 
@@ -59,7 +61,10 @@ def _role_args(parser: argparse.ArgumentParser, party: bool) -> None:
     output.add_argument("--output-dir", type=Path, help="write this party's adapters to exactly this folder")
     parser.add_argument("--listen", help="gRPC bind address (default: all interfaces, the port of the spec address)")
     parser.add_argument("--tls-dir", type=Path, default=os.environ.get(roles.TLS_DIR_ENV) or None,
-                        help="folder with ca.crt, tls.crt, tls.key for mutual TLS")
+                        help="folder with ca.crt (one or several organisations' CAs), tls.crt, tls.key for "
+                        "mutual TLS (default: $FEDTUNE_TLS_DIR); required unless --insecure")
+    parser.add_argument("--insecure", action="store_true", help="serve and call without TLS: anyone who reaches "
+                        "the ports can join and read; for debugging on one machine only (warns on every start)")
 
 
 def _party_output(job: FederatedFineTune, party: str, args: argparse.Namespace, base_dir: Path) -> Path:
@@ -75,16 +80,26 @@ def _listen(args: argparse.Namespace, role: str, address: str | None) -> str:
     return args.listen or roles.listen_address(role, address)
 
 
-def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
+def _tls(args: argparse.Namespace, name: str, pin: str | None = None):  # -> transport.TlsMaterial | None
+    """This role's TLS material, checked before anything is served (dates, usage, names, its pin, its key);
+    without --tls-dir, refused unless --insecure."""
     from fedtune.federation import transport
+    from fedtune.trust import certs
 
     if not args.tls_dir:
+        if not args.insecure:
+            raise SpecError(f"--tls-dir is not set (nor ${roles.TLS_DIR_ENV}): a role serves and calls only over "
+                            "mutual TLS; give it the folder of ca.crt, tls.crt and tls.key (`fedtune certs`), or "
+                            "pass --insecure for plaintext on a trusted machine")
+        print(f"WARNING: fedtune {args.command} --insecure: plaintext gRPC, no identities checked; anyone who "
+              "reaches the ports can join and read every update", file=sys.stderr)
         return None
-    names = ("ca.crt", "tls.crt", "tls.key")
+    names = (certs.CA_FILE, certs.CERT_FILE, certs.KEY_FILE)
     missing = [n for n in names if not (args.tls_dir / n).is_file()]
     if missing:
         raise SpecError(f"--tls-dir {args.tls_dir}: missing {', '.join(missing)}")
     ca, cert, key = ((args.tls_dir / n).read_bytes() for n in names)
+    certs.check_own_material(ca, cert, key, name, source=f"--tls-dir {args.tls_dir}", pin=pin)
     return transport.TlsMaterial(ca=ca, cert=cert, key=key)
 
 
@@ -121,6 +136,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.job}: job {job.job_id}: {spec.peft.kind}, encryption {spec.encryption.scheme}, "
           f"aggregation {spec.aggregation.strategy.name}, "
           f"rounds at {', '.join(f'{f:g}' for f in spec.fractions())} of each party's steps")
+    print(f"  terms {job_terms.digest(job)} (every party's job file must give the same)")
     for party in spec.parties:
         where = f"remote at {party.remote.address}" if party.remote else "local"
         if spec.ranks(party) > 1:
@@ -139,9 +155,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
+    tls = _tls(args, roles.SCHEDULER)
     state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
                              wait_s=roles.REDIS_WAIT_S)
-    return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args))
+    return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), tls)
 
 
 def cmd_party(args: argparse.Namespace) -> int:
@@ -150,6 +167,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     expected = roles.SUBCOMMANDS[me.role]
     if args.command != expected:
         raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
+    tls = _tls(args, me.name, me.identity)  # before torchrun: every rank would refuse the same
     if job.spec.ranks(me) > 1:
         from fedtune.train import ranks
 
@@ -160,7 +178,7 @@ def cmd_party(args: argparse.Namespace) -> int:
 
     base_dir = (args.base_dir or args.job.parent).resolve()
     ctx = Context(job=job, name=me.name, base_dir=base_dir,
-                  output_dir=_party_output(job, me.name, args, base_dir), tls=_tls(args),
+                  output_dir=_party_output(job, me.name, args, base_dir), tls=tls,
                   redis_password=os.environ.get(roles.REDIS_PASSWORD_ENV),
                   listen=_listen(args, me.role, me.address))
     return run_party(ctx)

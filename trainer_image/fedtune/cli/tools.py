@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse
     report.add_argument("output", type=Path, help="the output folder of `fedtune run` (holding summary.json)")
     report.add_argument("--to", type=Path, help="write here (default: OUTPUT/report)")
 
-    certs = sub.add_parser("certs", help="make and inspect the federation's CA and party certificates")
+    certs = sub.add_parser("certs", help="make and inspect an organisation's CA, party certificates and identities")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
-    ca = certs_sub.add_parser("ca", help="create a federation CA: OUT/ca.crt and OUT/ca.key")
+    ca = certs_sub.add_parser("ca", help="create an organisation's CA: OUT/ca.crt (share it) and OUT/ca.key (never)")
     ca.add_argument("--out", required=True, type=Path)
     ca.add_argument("--name", default="federation")
     ca.add_argument("--force", action="store_true", help="replace an existing CA in OUT (its certificates stop "
@@ -41,8 +42,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse
     issue.add_argument("--dns", action="append", default=[], help="extra DNS name the party serves under")
     issue.add_argument("--ip", action="append", default=[], help="extra IP address the party serves under")
     issue.add_argument("--force", action="store_true", help="replace an existing certificate in OUT")
-    show = certs_sub.add_parser("show", help="print a certificate's subject, names and validity")
+    issue.add_argument("--valid-days", type=float, default=30.0, help="how long the certificate is valid (default 30)")
+    show = certs_sub.add_parser("show", help="print a certificate's subject, names, validity and identity")
     show.add_argument("cert", type=Path)
+    fingerprint = certs_sub.add_parser("fingerprint", help="print a certificate's identity, sha256:<hex> of its "
+                                       "public key: what parties[].identity pins")
+    fingerprint.add_argument("cert", type=Path)
     return {"import-xfl": cmd_import_xfl, "report": cmd_report, "certs": cmd_certs}
 
 
@@ -90,9 +95,27 @@ def cmd_certs(args: argparse.Namespace) -> int:
             ca = certs.Issued((args.ca / certs.CA_FILE).read_bytes(), (args.ca / "ca.key").read_bytes())
         except FileNotFoundError as err:
             raise SpecError(f"--ca {args.ca}: missing {Path(err.filename).name}") from None
-        issued = certs.issue(ca, args.name, dns_names=args.dns, ips=args.ip)
+        if args.valid_days <= 0:
+            raise SpecError(f"--valid-days {args.valid_days:g}: must be positive")
+        issued = certs.issue(ca, args.name, dns_names=args.dns, ips=args.ip, valid=dt.timedelta(days=args.valid_days))
         certs.write_bundle(args.out, ca.cert_pem, issued)
-        print(f"wrote {args.out}/{{ca.crt,tls.crt,tls.key}} for party {args.name}")
+        print(f"wrote {args.out}/{{ca.crt,tls.crt,tls.key}} for party {args.name}\n"
+              f"identity: {certs.fingerprint(issued.cert_pem)}")
     else:
-        print(certs.describe(args.cert.read_bytes()))
+        text = _read_cert(args.cert)
+        print(certs.describe(text) if args.certs_command == "show" else certs.fingerprint(text))
     return 0
+
+
+def _read_cert(path: Path) -> bytes:
+    from fedtune.trust import certs
+
+    try:
+        text = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        certs.fingerprint(text)
+    except certs.CertError as err:
+        raise SpecError(f"{path}: {err}") from None
+    return text

@@ -57,13 +57,17 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.own: str | None = None  # the assist_trainer itself, when it trains: its update is plaintext
         self.weights: dict[str, float] = {}
         self.publics: dict[str, bytes] = {}  # secagg_plus: each label_trainer's public bundle
+        self.context = state.job_id  # what masks are bound to: the run's session (`configure`)
         self.first_seen: dict[int, float] = {}  # round -> when its first upload (or split) was seen
         self.last_check: dict[int, float] = {}
         self.alive = _Liveness(state)
 
-    def configure(self, weights: dict[str, float], own: str | None, publics: dict[str, bytes] | None = None) -> None:
+    def configure(self, weights: dict[str, float], own: str | None, publics: dict[str, bytes] | None = None,
+                  *, context: str | None = None) -> None:
+        """`context`: the run's session id (`fedtune.federation.session`), which the parties' masks are bound to."""
         self.expected, self.own, self.weights = set(weights), own, dict(weights)
-        self.publics = dict(publics or {})
+        self.publics = {party: key for party, key in (publics or {}).items() if key}
+        self.context = context or self.state.job_id
         self._report_privacy()
         for round_ in range(self.state.completed_round() + 1, self.rounds + 1):
             self._maybe_aggregate(round_)  # a restart may find a round complete but not combined
@@ -112,7 +116,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             else:
                 reveals = {p: dict(pb.RevealedShares.FromString(b).shares)
                            for p, b in self.state.reveals(round_).items()}
-                total = self.plus.unmask(protected, plaintext, job_id=self.state.job_id, round_=round_,
+                total = self.plus.unmask(protected, plaintext, job_id=self.context, round_=round_,
                                          publics=self.publics, dropped=dropped, reveals=reveals)
         except SecAggError as err:
             self._fail(round_, str(err))

@@ -1,13 +1,13 @@
 """A training party: the assist_trainer (aggregates, may train) and every label_trainer.
 
-One flow serves both roles: join and take the assist_trainer's configuration, build the
-adapter, get ready (sample count, adapter schema, key-agreement key), start from the same
-initial adapter, train locally and, at each aggregation point, exchange the adapter for
-the global one and write it as `checkpoint-<fraction>/`.
+One flow serves both roles: join and compare the scheduler's terms with its own job file (never
+adopting them), build the adapter, get ready (sample count, adapter schema, a key bundle signed with
+its key: key-agreement value, nonce, terms digest), check every peer's bundle against its own file
+(`fedtune.federation.session`), start from the same initial adapter, train locally and, at each
+aggregation point, exchange the adapter for the global one and write it as `checkpoint-<fraction>/`.
 
 A party with several ranks (`fedtune.train.ranks`) runs this flow in each: rank 0 alone talks to the
-federation and writes files; the others take the shared configuration and every global adapter
-from it, and train with it.
+federation and writes files; the others take every global adapter from it, and train with it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from fedtune import files, privacy, roles
-from fedtune.federation import metrics, strategy, transport
+from fedtune.federation import metrics, session, strategy, transport
 from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
@@ -49,11 +49,10 @@ from fedtune.spec import (
     JobSpec,
     TrainsetEntry,
     aggregation_steps,
-    apply_shared_config,
     checkpoint_name,
     resolve_path,
-    shared_config,
 )
+from fedtune.spec import terms as job_terms
 from fedtune.train import ranks
 from fedtune.train.loop import CHECKPOINT_PREFIX, evaluate, latest_state, plan_max_steps, train
 from fedtune.train.tokencache import default_cache_dir, load_features
@@ -111,6 +110,9 @@ class Party:
         self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
         self.weight = 0.0
         self.round_start: dict[str, np.ndarray] = {}  # the global adapter this round started from
+        self.terms = job_terms.terms(ctx.job)  # this party's contract: compared, never adopted
+        self.digest = job_terms.digest_of(self.terms)
+        self.session = ctx.job.job_id  # bound to every party's nonce at the start (`session.check_start`)
         self.noise_std = 0.0  # privacy.dp: this party's share of the aggregate's noise
         self.rng = np.random.default_rng()  # seeded from the OS: the noise must be unpredictable
 
@@ -128,11 +130,9 @@ class Party:
             metrics.serve(self.ctx.name)
             metrics.mine(metrics.ROUNDS).set(len(self.spec.fractions()))
         self.round_started = time.perf_counter()
-        authority = self.me.name == self.spec.authority.name  # the assist_trainer, or a party training alone
-        own = shared_config(self.spec) if authority else None
-        shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
+        if lead:
+            self._join()
         self.startup.mark("join")
-        self.spec = apply_shared_config(self.spec, shared)
         self.codec = job_codec(self.spec)
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
@@ -203,15 +203,22 @@ class Party:
 
     # --- start -----------------------------------------------------------------------------
 
+    def _join(self) -> None:
+        """Announce this party with its terms; refuse (nothing trained, nothing sent) when the scheduler's differ."""
+        theirs = self.scheduler.join(self.me.role, self.terms)
+        if theirs != self.terms:
+            raise job_terms.refusal("the scheduler", self.terms, theirs)
+
     def _ready_request(self) -> pb.ReadyRequest:
         request = pb.ReadyRequest(samples=len(self.features), max_steps=self.max_steps,
-                                  adapter_schema_json=files.dumps_schema(adapter_schema(self.model)))
+                                  adapter_schema_json=files.dumps_schema(adapter_schema(self.model)),
+                                  nonce=session.nonce(self.state_dir), terms_digest=self.digest)
         if self.masks:
             request.public_key = self.codec.public_key(self._private_key())
-            if self.ctx.tls is not None:  # peers check it against our certificate: no relay can swap it
-                request.certificate = self.ctx.tls.cert
-                request.public_key_signature = certs.sign_public_key(self.ctx.tls.key, self.ctx.job.job_id,
-                                                                     self.ctx.name, request.public_key)
+        if self.ctx.tls is not None:  # peers check the bundle against our certificate: no relay can swap it
+            request.certificate = self.ctx.tls.cert
+            bundle = certs.KeyBundle(self.ctx.name, request.public_key, request.nonce, self.digest)
+            request.public_key_signature = certs.sign_bundle(self.ctx.tls.key, self.ctx.job.job_id, bundle)
         return request
 
     def _private_key(self) -> bytes:
@@ -227,26 +234,27 @@ class Party:
         self.weight = start.weights.get(self.ctx.name, 0.0)
         if self.standalone:
             return
+        self.session = session.check_start(start, self.spec, self.ctx.name, self.digest, self.ctx.job.job_id,
+                                           self.ctx.tls)
         dp = self.spec.privacy.dp
         if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
             labels = [p for p in start.weights if p != self.spec.authority.name]
             noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
             self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
                                                      noisy)
-        if self.masks:
+        if self.masks:  # with the label_trainers of this party's own file, each checked by `check_start`
             private = self._private_key()
-            peers = [p for p in start.public_keys if p != self.ctx.name]
-            for peer in peers:
-                self._verify_peer_key(start, peer)
+            holders = [p.name for p in self.spec.label_trainers]
+            publics = {p: start.public_keys[p] for p in holders}
             if isinstance(self.codec, SecAggPlusCodec):
-                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
+                self.plus = self.codec.party(private, self.ctx.name, self.session, publics,
                                              journal=self.state_dir / "reveals.json")
             else:
-                self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
-                                for peer in peers}
+                self.secrets = {peer: self.codec.shared_secret(private, publics[peer], peer)
+                                for peer in holders if peer != self.ctx.name}
         if self.aggregator is not None:
             self.aggregator.configure(dict(start.weights), self.ctx.name if self.weight > 0 else None,
-                                      dict(start.public_keys))
+                                      dict(start.public_keys), context=self.session)
         else:
             assist = self.spec.authority
             address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
@@ -255,16 +263,10 @@ class Party:
             if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
                 self.aggregator_client.share_keys(self.plus.encrypted_shares())
 
-    def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
-        if self.ctx.tls is None:
-            return
-        certs.verify_public_key(self.ctx.tls.ca, start.certificates.get(peer, b""), self.ctx.job.job_id, peer,
-                                start.public_keys[peer], start.public_key_signatures.get(peer, b""))
-
     def _start_aggregator(self) -> Any:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
                                  self.ctx.redis_password, self.ctx.job.job_id, wait_s=roles.REDIS_WAIT_S)
-        identity = transport.PeerIdentity(p.name for p in self.spec.parties) if self.ctx.tls else None
+        identity = transport.PeerIdentity.of(self.spec) if self.ctx.tls else None
         plus, dp = self.spec.encryption.secagg_plus, self.spec.privacy.dp
         if dp is not None:
             privacy.check_accountant()
@@ -338,7 +340,7 @@ class Party:
                     protected = self.plus.protect(update, round_)
                 else:
                     protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                                   job_id=self.ctx.job.job_id, round_=round_)
+                                                   job_id=self.session, round_=round_)
             assert self.aggregator_client is not None
             self.aggregator_client.submit(round_, transport.pack_tensors(protected))
         self._load_global(round_)
@@ -437,13 +439,20 @@ def run_party(ctx: Context) -> int:
     except transport.JobAborted as err:
         log.error("job failed elsewhere: %s", err)
         return 1
+    except job_terms.TermsRefused as err:  # said to the scheduler (the job fails), then the refusal's exit code
+        log.error("%s", err)
+        _report_failure(party, str(err))
+        raise
     except Exception as err:
         if not party.ranks.leader:  # rank 0 speaks for the party; torchrun ends it when this rank fails
             raise
-        message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-        try:
-            party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])
-        except Exception as report_err:  # the scheduler may be what failed; the exit code still tells
-            log.debug("could not report the failure: %s", report_err)
+        _report_failure(party, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
         raise
     return 0
+
+
+def _report_failure(party: Party, message: str) -> None:
+    try:
+        party.scheduler.report("failed", deadline_s=10.0, error=message[:2000])
+    except Exception as report_err:  # the scheduler may be what failed; the exit code still tells
+        log.debug("could not report the failure: %s", report_err)

@@ -1,4 +1,8 @@
-"""The scheduler role: parties join, get the shared configuration, start together, report progress.
+"""The scheduler role: parties join and compare terms, start together, report progress.
+
+The scheduler relays; it decides nothing a party must trust. Each party compares the scheduler's terms
+with its own job file at Join, and checks every peer's signed key bundle (with its nonce and terms
+digest) in the Ready answer itself (`fedtune.federation.party`).
 
 All of its state lives in Redis (`fedtune.federation.jobstate`), so a restarted scheduler carries on
 where the last one stopped. Calls that wait (Join, Ready) are long polls bounded by the
@@ -23,6 +27,7 @@ from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.roles import SCHEDULER
 from fedtune.spec import FederatedFineTune, JobSpec
+from fedtune.spec import terms as job_terms
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.identity = identity
         self.roles = {p.name: p.role for p in job.spec.parties}
         self.rounds = len(job.spec.fractions())
+        self.terms = job_terms.terms(job)
         self.lock = threading.Lock()
 
     # --- helpers ---------------------------------------------------------------------------
@@ -73,14 +79,16 @@ class SchedulerService(pb_grpc.SchedulerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
             )
-        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
-            self.state.set_json("shared_config", json.loads(request.shared_config_json))
-        self.state.update_party(party, state="joined")
-        log.info("%s joined", party)
-        shared = self._wait_for(lambda: self.state.get_json("shared_config"), request.wait_s, context)
-        return pb.JoinReply(
-            ready=shared is not None, job_id=self.job.job_id, shared_config_json=json.dumps(shared) if shared else ""
-        )
+        theirs = json.loads(request.terms_json or "{}")
+        if theirs != self.terms:  # the party refuses too, from the terms in this reply
+            found = job_terms.differences(self.terms, theirs)
+            message = f"{party}: its terms differ from the scheduler's job file: " + "; ".join(found)
+            log.error("%s", message)
+            self.state.set_phase("Failed", message)
+        else:
+            self.state.update_party(party, state="joined")
+            log.info("%s joined", party)
+        return pb.JoinReply(ready=True, job_id=self.job.job_id, terms_json=json.dumps(self.terms))
 
     def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.StartInfo:
         party = self._caller(request.party, context)
@@ -91,6 +99,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             "public_key": base64.b64encode(request.public_key).decode(),
             "signature": base64.b64encode(request.public_key_signature).decode(),
             "certificate": base64.b64encode(request.certificate).decode(),
+            "nonce": base64.b64encode(request.nonce).decode(),
+            "terms_digest": request.terms_digest,
         }
         with self.lock:
             ready: dict[str, Any] = self.state.get_json("ready") or {}
@@ -104,14 +114,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         start = self._wait_for(lambda: self.state.get_json("start"), request.wait_s, context)
         if start is None:
             return pb.StartInfo(ready=False)
-        return pb.StartInfo(
-            ready=True,
-            rounds=self.rounds,
-            weights=start["weights"],
-            public_keys={k: base64.b64decode(v["public_key"]) for k, v in start["keys"].items()},
-            public_key_signatures={k: base64.b64decode(v["signature"]) for k, v in start["keys"].items()},
-            certificates={k: base64.b64decode(v["certificate"]) for k, v in start["keys"].items()},
-        )
+        return start_info(start, self.rounds)
 
     def Report(self, request: pb.StatusReport, context: grpc.ServicerContext) -> pb.JobPhase:
         party = self._caller(request.party, context)
@@ -162,19 +165,21 @@ class SchedulerService(pb_grpc.SchedulerServicer):
     def _check_same_key(self, party: str, entry: dict, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
         """After the start, peers' pairwise secrets depend on this key: a new one cannot be taken."""
         start = self.state.get_json("start")
-        if start and party in start["keys"] and start["keys"][party]["public_key"] != entry["public_key"]:
+        if not start or party not in start["keys"]:
+            return
+        kept = start["keys"][party]
+        if kept["public_key"] != entry["public_key"] or kept["nonce"] != entry["nonce"]:
             self._fail(
                 context,
-                f"{party} rejoined with a different key-agreement key; its masks could no longer cancel "
-                "(keep its state folder across restarts)",
+                f"{party} rejoined with a different key-agreement key or session nonce; its masks could no longer "
+                "cancel (keep its state folder across restarts)",
             )
 
     def _start(self, ready: dict[str, Any]) -> None:
         spec = self.job.spec
         chosen = strategy.of(spec.aggregation)
         weights = chosen.weights({name: e["samples"] for name, e in ready.items()})
-        keys = {name: {k: e[k] for k in ("public_key", "signature", "certificate")}
-                for name, e in ready.items() if e["public_key"]}
+        keys = {name: {k: e[k] for k in BUNDLE_FIELDS} for name, e in ready.items()}
         for warning in start_warnings(spec):
             log.warning("%s", warning)
             self.state.add_warning(warning)
@@ -190,6 +195,21 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         if all(self.state.party(name).state in ("succeeded", LOST) for name in self.roles):
             self.state.set_phase("Succeeded")
             log.info("job %s succeeded", self.job.job_id)
+
+
+BUNDLE_FIELDS = ("public_key", "signature", "certificate", "nonce", "terms_digest")
+
+
+def start_info(start: dict[str, Any], rounds: int) -> pb.StartInfo:
+    """The Ready answer: the weights and every party's signed key bundle, as each party sent it."""
+    keys = start["keys"]
+
+    def field(name: str) -> dict[str, bytes]:
+        return {party: base64.b64decode(bundle[name]) for party, bundle in keys.items()}
+
+    return pb.StartInfo(ready=True, rounds=rounds, weights=start["weights"], public_keys=field("public_key"),
+                        public_key_signatures=field("signature"), certificates=field("certificate"),
+                        nonces=field("nonce"), terms_digests={p: b["terms_digest"] for p, b in keys.items()})
 
 
 def start_warnings(spec: JobSpec) -> list[str]:
@@ -230,14 +250,11 @@ class SchedulerClient:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         return transport.call_with_retry(fn, what=f"scheduler {what}", deadline_s=self.deadline_s)
 
-    def join(self, role: str, shared_config: dict[str, Any] | None) -> dict[str, Any]:
-        request = pb.JoinRequest(party=self.party, role=role, wait_s=_MAX_POLL_S,
-                                 shared_config_json=json.dumps(shared_config) if shared_config else "")
-        while True:
-            reply = self._call("join", lambda: self.stub.Join(request, timeout=_MAX_POLL_S + 10))
-            if reply.ready:
-                return json.loads(reply.shared_config_json)
-            log.info("waiting for the assist_trainer to join")
+    def join(self, role: str, terms: dict[str, Any]) -> dict[str, Any]:
+        """Announce this party with its terms; the scheduler's terms, for the party to compare."""
+        request = pb.JoinRequest(party=self.party, role=role, wait_s=_MAX_POLL_S, terms_json=json.dumps(terms))
+        reply = self._call("join", lambda: self.stub.Join(request, timeout=_MAX_POLL_S + 10))
+        return json.loads(reply.terms_json or "{}")
 
     def ready(self, request: pb.ReadyRequest) -> pb.StartInfo:
         request.party, request.wait_s = self.party, _MAX_POLL_S
@@ -256,7 +273,7 @@ class SchedulerClient:
 def serve(job: FederatedFineTune, state: JobState, listen: str, tls: transport.TlsMaterial | None,
           *, linger_s: float = 5.0) -> int:
     """Run the scheduler until the job ends; 0 when it succeeded."""
-    identity = transport.PeerIdentity(p.name for p in job.spec.parties) if tls else None
+    identity = transport.PeerIdentity.of(job.spec) if tls else None
     server, port = transport.make_server(listen, tls)
     service = SchedulerService(job, state, identity)
     pb_grpc.add_SchedulerServicer_to_server(service, server)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -19,6 +19,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from fedtune.federation.proto import fedtune_pb2 as pb
+from fedtune.trust import certs
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +139,43 @@ def peer_names(context: grpc.ServicerContext) -> set[str]:
 
 
 class PeerIdentity:
-    """Under mTLS, a caller speaks only for the party its certificate names."""
+    """Under mTLS, a caller speaks only for the party its certificate names; where the job file pins that
+    party's identity, only with the pinned key (whichever CA of the bundle signed it); never with a
+    revoked key."""
 
-    def __init__(self, parties: Iterable[str]) -> None:
+    def __init__(self, parties: Iterable[str], *, pins: Mapping[str, str | None] | None = None,
+                 revoked: Iterable[str] = ()) -> None:
         self.parties = set(parties)
+        self.pins = {name: pin for name, pin in (pins or {}).items() if pin}
+        self.revoked = set(revoked)
+
+    @classmethod
+    def of(cls, spec: Any) -> PeerIdentity:
+        """The identities a job spec (`fedtune.spec.JobSpec`) admits."""
+        return cls((p.name for p in spec.parties), pins={p.name: p.identity for p in spec.parties},
+                   revoked=spec.tls.revoked)
 
     def check(self, context: grpc.ServicerContext, party: str) -> None:
         names = peer_names(context)
         if party not in names:
             shown = ", ".join(sorted(names & self.parties)) or "no party of this job"
-            message = f"the caller's certificate names {shown}; it may not act for `{party}`"
-            log.warning("refused a call from %s: %s", context.peer(), message)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+            self._refuse(context, f"the caller's certificate names {shown}; it may not act for `{party}`")
+        if party not in self.pins and not self.revoked:
+            return
+        identity = peer_identity(context)
+        if identity in self.revoked:
+            self._refuse(context, f"the caller's key {identity} is revoked (spec.tls.revoked)")
+        pin = self.pins.get(party)
+        if pin is not None and identity != pin:
+            self._refuse(context, f"the caller's key {identity} is not the one the job file pins for `{party}`")
+
+    @staticmethod
+    def _refuse(context: grpc.ServicerContext, message: str) -> None:
+        log.warning("refused a call from %s: %s", context.peer(), message)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The identity (`sha256:` of the public key) of the caller's verified client certificate."""
+    pem = context.auth_context().get("x509_pem_cert", [])
+    return certs.fingerprint(pem[0]) if pem else None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedtune import files, roles
-from fedtune.exits import EXIT_FAILED, EXIT_TIMEOUT
+from fedtune.exits import EXIT_FAILED, EXIT_REFUSED, EXIT_TIMEOUT
 from fedtune.federation.jobstate import LOST, JobState, JobStatus, PartyStatus
 from fedtune.local.forkserver import Forked, ForkServer
 from fedtune.procstat import PeakMemory, process_age_s
@@ -199,11 +199,17 @@ def claim_output(output: Path, party_dirs: dict[str, Path], *, overwrite: bool) 
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict[str, Role]) -> FederatedFineTune:
+def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict[str, Role],
+                         identities: dict[str, str] | None = None) -> FederatedFineTune:
+    """The job the roles read: the addresses of this run, and each local party pinned to the key this
+    run made for it (`identities`), so that no other key speaks for it."""
     data = job.model_dump(mode="json", exclude_none=True)
     served = {name: f"{LOOPBACK}:{role.listen_port}" for name, role in local.items() if role.listen_port}
     data["spec"] = roles.with_addresses(data["spec"], scheduler=served.pop(roles.SCHEDULER), redis=redis_address,
                                         parties=served)
+    for party in data["spec"]["parties"]:
+        if party["name"] in (identities or {}):
+            party["identity"] = identities[party["name"]]  # type: ignore[index]
     return FederatedFineTune.model_validate(data)
 
 
@@ -261,12 +267,15 @@ class LocalJob:
             return {}, False
         return gpu_slices(visible, wants), sum(wants.values()) > len(visible)
 
-    def make_certificates(self) -> None:
-        """A throwaway CA for this run and a certificate per role, each naming its role."""
+    def make_certificates(self) -> dict[str, str]:
+        """A throwaway CA for this run and a certificate per role, each naming its role; their identities."""
         ca = certs.make_ca(self.job.job_id)
+        identities = {}
         for name in self.roles:
             issued = certs.issue(ca, name, dns_names=["localhost"], ips=[LOOPBACK])
             certs.write_bundle(self.tls_dir(name), ca.cert_pem, issued)
+            identities[name] = certs.fingerprint(issued.cert_pem)
+        return identities
 
     def check(self, samples: dict[str, int], source: str) -> None:
         """The pre-flight checks that need the training stack (`preflight.check_training`, given
@@ -304,24 +313,25 @@ class LocalJob:
             self._start_forkserver()
         elif self.private_dir is None:
             self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
-        if self.job.spec.tls.enabled:
-            self.make_certificates()
+        identities = self.make_certificates() if self.job.spec.tls.enabled else {}
         self.redis.start()
-        self.resolved = with_local_addresses(self.job, self.redis.address, self.roles)
+        self.resolved = with_local_addresses(self.job, self.redis.address, self.roles, identities)
         files.write_atomic(self.job_file, dump_job(self.resolved))
         self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
         for role in self.roles.values():
             if role.name not in skip:
                 self.start_role(role.name)
 
-    def start_role(self, name: str) -> None:
+    def start_role(self, name: str, *, job_file: Path | None = None) -> None:
+        """Start one role (again) from the run's job file, or from `job_file` (tests: a host whose file differs)."""
         role = self.roles[name]
         party = None if role.role == roles.SCHEDULER else name
         argv = roles.role_argv(
-            role.role, self.job_file, party=party, base_dir=self.base_dir,
+            role.role, job_file or self.job_file, party=party, base_dir=self.base_dir,
             output_dir=self.party_dirs[name] if party else None, log_level=self.log_level,
             listen=f"{LOOPBACK}:{role.listen_port}" if role.listen_port else None,
-            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None)
+            tls_dir=self.tls_dir(name) if self.job.spec.tls.enabled else None,
+            insecure=not self.job.spec.tls.enabled)
         env = self._role_env()
         if name in self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
@@ -568,7 +578,9 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
                               f"(its log: {role.log_path})", file=sys.stderr)
             failed = local.failed_role()
             if failed is not None:
-                error, code = local.state.error() or f"{failed.name} exited with {failed.proc.returncode}", EXIT_FAILED  # type: ignore[union-attr]
+                returncode = failed.proc.returncode  # type: ignore[union-attr]
+                error = local.state.error() or f"{failed.name} exited with {returncode}"
+                code = EXIT_REFUSED if returncode == EXIT_REFUSED else EXIT_FAILED
                 print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
                       f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
                 break

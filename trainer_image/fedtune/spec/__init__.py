@@ -10,16 +10,13 @@ job in `job`; everything public is imported from `fedtune.spec`.
 
 from fedtune.spec.common import API_VERSION, KIND, KUBE_TYPE, PathRef, SpecError
 from fedtune.spec.job import (
-    SHARED_SECTIONS,
     FederatedFineTune,
     JobSpec,
     Metadata,
-    apply_shared_config,
     dump_job,
     format_validation_error,
     load_job,
     parse_job,
-    shared_config,
 )
 from fedtune.spec.outputs import (
     STATE_DIR,
@@ -55,7 +52,6 @@ __all__ = [
     "LOCAL_TRAINER_KEYS",
     "MANAGED_TRAINER_KEYS",
     "SCHEMES",
-    "SHARED_SECTIONS",
     "STATE_DIR",
     "AdapterOptions",
     "Aggregation",
@@ -95,7 +91,6 @@ __all__ = [
     "TrainsetEntry",
     "Volume",
     "aggregation_steps",
-    "apply_shared_config",
     "checkpoint_name",
     "dump_job",
     "expand_output_path",
@@ -105,5 +100,4 @@ __all__ = [
     "output_dirs",
     "parse_job",
     "resolve_path",
-    "shared_config",
 ]

@@ -16,7 +16,6 @@ from fedtune.spec.peft import Peft
 from fedtune.spec.runtime import RedisSpec, RunPolicy, Storage
 from fedtune.spec.security import Encryption, Privacy, Tls, majority
 from fedtune.spec.training import (
-    LOCAL_TRAINER_KEYS,
     Aggregation,
     Dataset,
     Input,
@@ -130,7 +129,7 @@ class JobSpec(Strict):
 
     @property
     def authority(self) -> Party:
-        """The party whose aggregation, encryption, peft, dataset and trainer keys every party takes."""
+        """The party that serves the global adapter: the assist_trainer, or a party training alone."""
         return self.assist_trainer or self.parties[0]
 
     @property
@@ -174,7 +173,7 @@ class JobSpec(Strict):
         return f"parties[{self.parties.index(party)}].pretrained_model"
 
     def trainer_args(self, party: Party) -> dict[str, Any]:
-        """The assist_trainer's shared trainer keys with this party's local ones on top."""
+        """The job's trainer keys (part of its terms) with this party's local ones on top."""
         args = self.trainer.model_dump()
         args.update({k: v for k, v in party.trainer.model_dump().items() if v is not None})
         return args
@@ -204,27 +203,6 @@ class FederatedFineTune(BaseModel):
     @property
     def job_id(self) -> str:
         return self.metadata.name
-
-
-SHARED_SECTIONS = ("aggregation", "encryption", "privacy", "peft", "dataset")
-
-
-def shared_config(spec: JobSpec) -> dict[str, Any]:
-    """What every party takes from the assist_trainer: all but the per-party trainer keys."""
-    shared = {name: getattr(spec, name).model_dump(mode="json") for name in SHARED_SECTIONS}
-    trainer = spec.trainer.model_dump(mode="json")
-    shared["trainer"] = {k: v for k, v in trainer.items() if k not in LOCAL_TRAINER_KEYS}
-    return shared
-
-
-def apply_shared_config(spec: JobSpec, shared: dict[str, Any]) -> JobSpec:
-    """This party's spec with the assist_trainer's shared configuration in force."""
-    data = spec.model_dump(mode="json")
-    for name in SHARED_SECTIONS:
-        data[name] = shared[name]
-    local = {k: v for k, v in data["trainer"].items() if k in LOCAL_TRAINER_KEYS}
-    data["trainer"] = {**shared["trainer"], **local}
-    return JobSpec.model_validate(data)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

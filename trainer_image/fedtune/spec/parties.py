@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from fedtune.spec.common import Strict, kube_type
+from fedtune.spec.common import Strict, kube_type, parse_identity
 from fedtune.spec.training import PartyTrainer, PretrainedModel, TrainsetEntry
 
 
@@ -71,6 +71,14 @@ class Party(Strict):
     remote: Remote | None = None
     # host:port of this party's gRPC server (only the assist_trainer serves); filled by the launcher.
     address: str | None = None
+    # `sha256:<hex>` of the party's certificate's public key (`fedtune certs fingerprint`): when set, only
+    # that key speaks for the party, whichever CA signed it. Part of the terms every party agrees to.
+    identity: str | None = None
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, value: str | None) -> str | None:
+        return None if value is None else parse_identity(value)
 
     @property
     def endpoint(self) -> str | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from fedtune.spec.common import Strict
+from fedtune.spec.common import Strict, parse_identity
 
 
 class KeyExchange(Strict):
@@ -108,3 +108,11 @@ class Tls(Strict):
     enabled: bool = True
     # Secrets the user provides instead of the ones fedtune generates (Kubernetes only).
     caSecret: str | None = None
+    # Identities (`sha256:<hex>` of a certificate's public key) this party refuses whatever CA signed
+    # them: how one organisation revokes a party's key without replacing its CA. Local to each file.
+    revoked: list[str] = Field(default_factory=list)
+
+    @field_validator("revoked")
+    @classmethod
+    def _identities(cls, values: list[str]) -> list[str]:
+        return [parse_identity(v) for v in values]

@@ -7,29 +7,29 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("party", "role", "shared_config_json", "wait_s")
+    __slots__ = ("party", "role", "terms_json", "wait_s")
     PARTY_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
-    SHARED_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TERMS_JSON_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     party: str
     role: str
-    shared_config_json: str
+    terms_json: str
     wait_s: float
-    def __init__(self, party: _Optional[str] = ..., role: _Optional[str] = ..., shared_config_json: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, party: _Optional[str] = ..., role: _Optional[str] = ..., terms_json: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("ready", "job_id", "shared_config_json")
+    __slots__ = ("ready", "job_id", "terms_json")
     READY_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    SHARED_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    TERMS_JSON_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     job_id: str
-    shared_config_json: str
-    def __init__(self, ready: _Optional[bool] = ..., job_id: _Optional[str] = ..., shared_config_json: _Optional[str] = ...) -> None: ...
+    terms_json: str
+    def __init__(self, ready: _Optional[bool] = ..., job_id: _Optional[str] = ..., terms_json: _Optional[str] = ...) -> None: ...
 
 class ReadyRequest(_message.Message):
-    __slots__ = ("party", "samples", "max_steps", "adapter_schema_json", "public_key", "public_key_signature", "wait_s", "certificate")
+    __slots__ = ("party", "samples", "max_steps", "adapter_schema_json", "public_key", "public_key_signature", "wait_s", "certificate", "nonce", "terms_digest")
     PARTY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class ReadyRequest(_message.Message):
     PUBLIC_KEY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TERMS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     party: str
     samples: int
     max_steps: int
@@ -46,10 +48,12 @@ class ReadyRequest(_message.Message):
     public_key_signature: bytes
     wait_s: float
     certificate: bytes
-    def __init__(self, party: _Optional[str] = ..., samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., adapter_schema_json: _Optional[str] = ..., public_key: _Optional[bytes] = ..., public_key_signature: _Optional[bytes] = ..., wait_s: _Optional[float] = ..., certificate: _Optional[bytes] = ...) -> None: ...
+    nonce: bytes
+    terms_digest: str
+    def __init__(self, party: _Optional[str] = ..., samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., adapter_schema_json: _Optional[str] = ..., public_key: _Optional[bytes] = ..., public_key_signature: _Optional[bytes] = ..., wait_s: _Optional[float] = ..., certificate: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., terms_digest: _Optional[str] = ...) -> None: ...
 
 class StartInfo(_message.Message):
-    __slots__ = ("ready", "rounds", "weights", "public_keys", "public_key_signatures", "certificates")
+    __slots__ = ("ready", "rounds", "weights", "public_keys", "public_key_signatures", "certificates", "nonces", "terms_digests")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,19 +82,37 @@ class StartInfo(_message.Message):
         key: str
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class NoncesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class TermsDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     READY_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    NONCES_FIELD_NUMBER: _ClassVar[int]
+    TERMS_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     rounds: int
     weights: _containers.ScalarMap[str, float]
     public_keys: _containers.ScalarMap[str, bytes]
     public_key_signatures: _containers.ScalarMap[str, bytes]
     certificates: _containers.ScalarMap[str, bytes]
-    def __init__(self, ready: _Optional[bool] = ..., rounds: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ..., public_key_signatures: _Optional[_Mapping[str, bytes]] = ..., certificates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    nonces: _containers.ScalarMap[str, bytes]
+    terms_digests: _containers.ScalarMap[str, str]
+    def __init__(self, ready: _Optional[bool] = ..., rounds: _Optional[int] = ..., weights: _Optional[_Mapping[str, float]] = ..., public_keys: _Optional[_Mapping[str, bytes]] = ..., public_key_signatures: _Optional[_Mapping[str, bytes]] = ..., certificates: _Optional[_Mapping[str, bytes]] = ..., nonces: _Optional[_Mapping[str, bytes]] = ..., terms_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("party", "state", "round", "step", "max_steps", "has_loss", "loss", "error", "round_wait_s", "has_eval_loss", "eval_loss", "eval_samples")

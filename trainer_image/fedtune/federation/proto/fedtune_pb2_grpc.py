@@ -62,8 +62,8 @@ class SchedulerServicer:
     """
 
     def Join(self, request, context):
-        """Announce a party; answers with the shared configuration of the assist_trainer,
-        waiting up to `wait_s` for the assist_trainer to join first.
+        """Announce a party with its terms (fedtune.spec.terms); answers with the scheduler's own terms,
+        which the party compares with its job file (a party never adopts the host's settings).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
