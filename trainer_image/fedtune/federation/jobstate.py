@@ -201,11 +201,13 @@ class JobState:
         return {k.decode() for k in self.r.hkeys(self._k("updates", round_))}
 
     def put_global(self, round_: int, blob: bytes) -> None:
-        """The round's global adapter; its updates (and secagg_plus reveals) are dropped in the same transaction."""
+        """The round's global adapter; its updates (and secagg_plus signatures and reveals) are dropped in the
+        same transaction. The split stays: an answer that comes late is told it is no longer needed."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._k("global", round_), blob)
         if round_ > 0:
-            pipe.delete(self._k("updates", round_), self._k("split", round_), self._k("reveals", round_))
+            pipe.delete(self._k("updates", round_), self._k("reveals", round_), self._k("signatures", round_),
+                        self._k("signers", round_))
             pipe.set(self._k("round"), round_)
         pipe.execute()
 
@@ -239,8 +241,28 @@ class JobState:
         value = self.r.get(self._k("split", round_))
         return json.loads(value) if value else None
 
+    def put_signature(self, round_: int, party: str, signature: bytes) -> None:
+        """A survivor's signature over the round's split; the first one stays (a retry sends the same)."""
+        self.r.hsetnx(self._k("signatures", round_), party, signature)
+
+    def signed(self, round_: int, party: str) -> bool:
+        return bool(self.r.hexists(self._k("signatures", round_), party))
+
+    def signatures(self, round_: int) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("signatures", round_)).items()}
+
+    def fix_signers(self, round_: int, signatures: dict[str, bytes]) -> dict[str, bytes]:
+        """Fix whose signatures go out with the round's reveal requests; once set it never changes."""
+        self.r.set(self._k("signers", round_), json.dumps({p: s.hex() for p, s in signatures.items()}), nx=True)
+        return self.signers(round_) or signatures
+
+    def signers(self, round_: int) -> dict[str, bytes] | None:
+        value = self.r.get(self._k("signers", round_))
+        return {p: bytes.fromhex(s) for p, s in json.loads(value).items()} if value else None
+
     def put_reveal(self, round_: int, party: str, blob: bytes) -> None:
-        self.r.hset(self._k("reveals", round_), party, blob)
+        """A survivor's shares; the first ones stay (a party answers a repeated request with the same)."""
+        self.r.hsetnx(self._k("reveals", round_), party, blob)
 
     def reveals(self, round_: int) -> dict[str, bytes]:
         return {k.decode(): v for k, v in self.r.hgetall(self._k("reveals", round_)).items()}
@@ -264,6 +286,7 @@ class JobState:
             privacy=self.get_json("privacy"),
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]
-        status.loss = sum(losses) / len(losses) if losses else None
+        aggregate = self.metrics("aggregate_loss")  # privacy.losses aggregate: only the parties' mean
+        status.loss = sum(losses) / len(losses) if losses else (aggregate[-1]["loss"] if aggregate else None)
         status.eval_loss = self.eval_losses(status.rounds)
         return status

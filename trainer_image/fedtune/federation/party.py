@@ -26,7 +26,7 @@ import transformers
 
 from fedtune import files, privacy, roles
 from fedtune.federation import metrics, transport
-from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
+from fedtune.federation.aggregator import LOSS_TENSOR, AggregatorClient, AggregatorService, PlusAnswers, start_server
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.scheduler import SchedulerClient
@@ -42,7 +42,7 @@ from fedtune.model.adapters import (
 from fedtune.model.base import load_base_model
 from fedtune.model.precision import resolve_precision, with_mixed_precision
 from fedtune.procstat import process_age_s
-from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
+from fedtune.secagg import SecAggPlusCodec, job_codec
 from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
@@ -100,6 +100,7 @@ class Party:
         self.me = ctx.job.spec.party(ctx.name)
         self.is_assist = self.me.role == roles.ASSIST_TRAINER
         self.spec: JobSpec = ctx.job.spec
+        self.own: JobSpec = ctx.job.spec  # what protects this party comes from its own file, never the host's
         self.standalone = self.spec.standalone  # trains alone: no aggregator, no masks, saves each round
         self.state_dir = ctx.output_dir / STATE_DIR
         self.ranks = ranks.start(self.spec, self.me)
@@ -108,8 +109,9 @@ class Party:
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
         self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
-        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
+        self.answers: PlusAnswers | None = None  # secagg_plus: this label_trainer's confirmations and reveals
         self.weight = 0.0
+        self.round_losses: list[float] = []  # privacy.losses aggregate: this round's training losses
         self.round_start: dict[str, np.ndarray] = {}  # the global adapter this round started from
         self.noise_std = 0.0  # privacy.dp: this party's share of the aggregate's noise
         self.rng = np.random.default_rng()  # seeded from the OS: the noise must be unpredictable
@@ -133,7 +135,7 @@ class Party:
         shared = self.ranks.share(self.scheduler.join(self.me.role, own) if lead else None)
         self.startup.mark("join")
         self.spec = apply_shared_config(self.spec, shared)
-        self.codec = job_codec(self.spec)
+        self.codec = job_codec(self.own, self._context())
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
@@ -199,6 +201,8 @@ class Party:
         loss = evaluate(self.model, self.tokenizer, self.valset, self.args.get("per_device_eval_batch_size") or 8)
         log.info("%s: round %d's global adapter has loss %.4f on the valset", self.ctx.name, round_, loss)
         metrics.mine(metrics.EVAL_LOSS).set(loss)
+        if self.own.privacy.losses != "plain":  # kept here: the host learns no party's own valset loss
+            return {}
         return {"has_eval_loss": True, "eval_loss": loss, "eval_samples": len(self.valset)}
 
     # --- start -----------------------------------------------------------------------------
@@ -214,6 +218,10 @@ class Party:
                                                                      self.ctx.name, request.public_key)
         return request
 
+    def _context(self) -> bytes:
+        """The identity of this run that every secure-aggregation key and mask is bound to."""
+        return self.ctx.job.job_id.encode()
+
     def _private_key(self) -> bytes:
         """Kept beside the training state so that a restarted party reproduces its masks."""
         path = self.state_dir / "agreement.key"
@@ -227,20 +235,18 @@ class Party:
         self.weight = start.weights.get(self.ctx.name, 0.0)
         if self.standalone:
             return
-        dp = self.spec.privacy.dp
-        if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
-            labels = [p for p in start.weights if p != self.spec.authority.name]
-            noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
-            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
-                                                     noisy)
+        self._calibrate_noise(start)
         if self.masks:
             private = self._private_key()
             peers = [p for p in start.public_keys if p != self.ctx.name]
             for peer in peers:
                 self._verify_peer_key(start, peer)
             if isinstance(self.codec, SecAggPlusCodec):
-                self.plus = self.codec.party(private, self.ctx.name, self.ctx.job.job_id, dict(start.public_keys),
-                                             journal=self.state_dir / "reveals.json")
+                plus = self.codec.party(private, self.ctx.name, dict(start.public_keys),
+                                        journal=self.state_dir / "secagg-journal.json")
+                tls = self.ctx.tls
+                self.answers = PlusAnswers(plus, tls.key if tls else None,
+                                           {p: start.certificates[p] for p in peers} if tls else None)
             else:
                 self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
                                 for peer in peers}
@@ -252,8 +258,20 @@ class Party:
             address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
-            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
-                self.aggregator_client.share_keys(self.plus.encrypted_shares())
+            if self.answers is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.answers.plus.encrypted_shares())
+
+    def _calibrate_noise(self, start: pb.StartInfo) -> None:
+        """privacy.dp from this party's own file: its weight 1/n and its noise, never counts the host supplies."""
+        dp = self.own.privacy.dp
+        if dp is None or not self.weight:
+            return
+        training, honest = privacy.calibration(self.own)
+        if abs(self.weight - 1.0 / training) > 1e-9:
+            raise ValueError(f"privacy.dp: the host weighs {self.ctx.name} {self.weight:g}, not 1/{training} as the "
+                             f"{training} training parties of its own job file do (uniform weights); refusing")
+        if not self.is_assist:  # the aggregator would know the assist_trainer's noise
+            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, training, honest)
 
     def _verify_peer_key(self, start: pb.StartInfo, peer: str) -> None:
         if self.ctx.tls is None:
@@ -271,7 +289,7 @@ class Party:
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
                                             round_timeout_s=self.spec.aggregation.round_timeout_s,
                                             dropout_timeout_s=plus.dropout_timeout_s if plus else None,
-                                            dp=dp, identity=identity)
+                                            dp=dp, honest=privacy.calibration(self.spec)[1], identity=identity)
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -290,13 +308,7 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
-
-    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
-        assert self.plus is not None
-        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
-                 ", ".join(request.dropped) or "none")
-        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
+        return self.aggregator_client.fetch(round_, self.answers)
 
     def _load_global(self, round_: int) -> None:
         """Rank 0 fetches the round's global adapter; every rank takes it (and AdaLoRA's ranks from it)."""
@@ -334,8 +346,8 @@ class Party:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
             with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
-                if self.plus is not None:
-                    protected = self.plus.protect(update, round_)
+                if self.answers is not None:
+                    protected = self.answers.plus.protect(update, round_)
                 else:
                     protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
                                                    job_id=self.ctx.job.job_id, round_=round_)
@@ -356,12 +368,19 @@ class Party:
         self.round_started = now
 
     def _weighted_update(self) -> dict[str, np.ndarray]:
-        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first."""
-        arrays, dp = self._adapter_arrays(), self.spec.privacy.dp
+        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first; under
+        `privacy.losses: aggregate`, with its round's mean training loss, masked with the adapter."""
+        arrays, dp = self._adapter_arrays(), self.own.privacy.dp
         if dp is None:
-            return {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
-        return privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
-                                 noise_std=self.noise_std, rng=self.rng)
+            update = {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
+        else:
+            update = privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
+                                       noise_std=self.noise_std, rng=self.rng)
+        if self.own.privacy.losses == "aggregate":  # weight·[mean loss, 1]: the host divides the two sums
+            losses, self.round_losses = self.round_losses, []
+            mean = [sum(losses) / len(losses), 1.0] if losses else [0.0, 0.0]
+            update[LOSS_TENSOR] = (np.array(mean) * self.weight).astype(np.float32)
+        return update
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -373,8 +392,11 @@ class Party:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.ctx.output_dir / "runs"))
         def on_log(step: int, loss: float) -> None:
             metrics.mine(metrics.TRAIN_LOSS).set(loss)
+            shown = self.own.privacy.losses == "plain"  # else the host learns only the mean, or nothing
+            if self.own.privacy.losses == "aggregate":
+                self.round_losses.append(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
-                                          max_steps=self.max_steps, has_loss=True, loss=loss)
+                                          max_steps=self.max_steps, has_loss=shown, loss=loss if shown else 0.0)
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
             if step == 1:
@@ -398,10 +420,10 @@ class Party:
     def _resume_after(self, round_: int) -> None:
         """What a restart must rebuild from the last global adapter it took: the start of DP's update,
         AdaLoRA's rank pattern (else the pruned triplets would train again until the next round)."""
-        if self.standalone or (self.spec.privacy.dp is None and self.rank_budget is None):
+        if self.standalone or (self.own.privacy.dp is None and self.rank_budget is None):
             return  # (a standalone AdaLoRA party has no global to rebuild from: its next round prunes again)
         last = transport.unpack_tensors(self._fetch_global(round_)) if self.ranks.leader else {}
-        if self.spec.privacy.dp is not None and self.ranks.leader:  # updates count from that round
+        if self.own.privacy.dp is not None and self.ranks.leader:  # updates count from that round
             self.round_start = last
         if self.rank_budget is not None:
             self.rank_budget.allocate(round_, self.ranks.share(last))
