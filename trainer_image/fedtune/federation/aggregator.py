@@ -455,7 +455,7 @@ class PlusAnswers:
     """A label_trainer's answers to the aggregator's secagg_plus requests: it signs the survivor set it is
     shown (with its identity key), then reveals once enough survivors signed the same one.
 
-    `key_pem` and `certificates` (each peer's, checked against the federation at the start) are None
+    `key_pem` and `certificates` (its own and each peer's, checked against the federation at the start) are None
     without TLS: there is no identity to sign with, and signers are only counted.
     """
 

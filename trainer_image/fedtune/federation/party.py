@@ -246,7 +246,8 @@ class Party:
                                         journal=self.state_dir / "secagg-journal.json")
                 tls = self.ctx.tls
                 self.answers = PlusAnswers(plus, tls.key if tls else None,
-                                           {p: start.certificates[p] for p in peers} if tls else None)
+                                           {**{p: start.certificates[p] for p in peers}, self.ctx.name: tls.cert}
+                                           if tls else None)
             else:
                 self.secrets = {peer: self.codec.shared_secret(private, start.public_keys[peer], peer)
                                 for peer in peers}
