@@ -13,7 +13,7 @@ from fedtune.federation import transport
 from fedtune.federation.aggregator import AggregatorClient, AggregatorService, PlusAnswers, start_server
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
-from fedtune.secagg import make_codec
+from fedtune.secagg import SecAggError, make_codec
 from fedtune.spec import Encryption
 from fedtune.trust import certs
 
@@ -87,15 +87,16 @@ class PlusRound:
     Each label_trainer has a certificate and keeps its journal in `folder`, so one that is built again (as a
     restarted party rebuilds itself) remembers what it uploaded and signed."""
 
-    def __init__(self, redis_server, job_id: str, folder: Path, round_timeout_s: float = 60) -> None:
+    def __init__(self, redis_server, job_id: str, folder: Path, round_timeout_s: float = 60,
+                 service: type[AggregatorService] = AggregatorService) -> None:
         self.codec = make_codec(PLUS, label_trainers=LABELS, rounds=2, context=job_id.encode())
         self.job_id = job_id
         self.folder = folder
         ca = certs.make_ca(job_id)
         self.identities = {p: certs.issue(ca, p) for p in LABELS}
         self.state = JobState.connect(redis_server.address, redis_server.password, job_id)
-        self.service = AggregatorService(self.state, self.codec, rounds=2, round_timeout_s=round_timeout_s,
-                                         dropout_timeout_s=1.0)
+        self.service = service(self.state, self.codec, rounds=2, round_timeout_s=round_timeout_s,
+                               dropout_timeout_s=1.0)
         self.server, self.port = start_server(self.service, "127.0.0.1:0")
         total = sum(PLUS_SAMPLES.values())
         self.weights = {p: n / total for p, n in PLUS_SAMPLES.items()}
@@ -216,3 +217,57 @@ def test_an_answer_that_arrives_after_its_round_is_unmasked_is_not_needed(redis_
         plus.stop()
     for name, values in results[0].items():
         np.testing.assert_array_equal(mine[name], values)
+
+
+class SplitViewHost(AggregatorService):
+    """A dishonest host (tests only): it tells node-1 and node-2 that node-4 dropped out of round 1 and node-3 and
+    node-4 that everyone uploaded, to get node-4's mask-key shares from the first pair and its self-mask shares
+    from the second; once all four confirmed, it sends each the reveal request of its view with every signature
+    it collected, and keeps whatever shares come back."""
+
+    SHORT_VIEW = (["node-1", "node-2", "node-3"], ["node-4"])  # node-1 and node-2 see this; the others all four
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.signatures: dict[str, bytes] = {}
+        self.revealed: dict[str, dict[str, bytes]] = {}
+
+    def _unmask_request(self, round_: int, party: str) -> pb.UnmaskRequest | None:
+        uploaded, dropped = self.SHORT_VIEW if party in ("node-1", "node-2") else (LABELS, [])
+        if party not in self.signatures:
+            return pb.UnmaskRequest(round=round_, uploaded=uploaded, dropped=dropped)
+        if len(self.signatures) < len(LABELS):
+            return None
+        ciphertexts = {sender: self.plus.round_ciphertexts(shares[party], round_, sender)
+                       for sender, shares in self._shares().items() if sender != party}
+        return pb.UnmaskRequest(round=round_, uploaded=uploaded, dropped=dropped, ciphertexts=ciphertexts,
+                                signatures=self.signatures)
+
+    def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes], signature: bytes = b"") -> None:
+        if shares:
+            self.revealed[party] = shares
+        else:
+            self.signatures[party] = signature
+
+
+def test_honest_parties_refuse_a_host_that_shows_split_survivor_views(redis_server, tmp_path: Path) -> None:
+    """Over real gRPC: every label_trainer signs the view it is shown, sees that no view carries the threshold's
+    signatures (3 of 4), and refuses to reveal; the host gets no share at all."""
+    plus = PlusRound(redis_server, "plus-split-views", tmp_path, service=SplitViewHost)
+    try:
+        for party in ["assist_trainer", *LABELS]:
+            plus.upload(party, 1)
+
+        def refusal(party: str) -> str:
+            with pytest.raises(SecAggError) as refused:
+                plus.fetch(party, 1)
+            return str(refused.value)
+
+        with ThreadPoolExecutor(4) as pool:
+            refusals = dict(zip(LABELS, pool.map(refusal, LABELS)))
+    finally:
+        plus.stop()
+    assert set(plus.service.signatures) == set(LABELS)
+    assert plus.service.revealed == {}
+    for message in refusals.values():
+        assert "survivors" in message and "signed the survivor set" in message and "refusing" in message, message

@@ -347,20 +347,33 @@ class Party:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
             with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
-                if self.answers is not None:
-                    protected = self.answers.plus.protect(update, round_)
-                else:
-                    protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                                   job_id=self.ctx.job.job_id, round_=round_)
+                blob = self._protected_upload(update, round_)
             assert self.aggregator_client is not None
-            self.aggregator_client.submit(round_, transport.pack_tensors(protected))
+            self.aggregator_client.submit(round_, blob)
         self._load_global(round_)
+        (self.state_dir / f"upload-{round_}.bin").unlink(missing_ok=True)
         self._save_round(round_)
         wait_s = time.perf_counter() - waited
         self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s,
                               **self._evaluation(round_))
         metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
         self._round_done(round_)
+
+    def _protected_upload(self, update: dict[str, np.ndarray], round_: int) -> bytes:
+        """This round's masked upload, the same every time it is sent: a party restarted mid-round resends what
+        it sent before, never a second update under the same masks (the host would see their difference)."""
+        kept = self.state_dir / f"upload-{round_}.bin"
+        if kept.exists():
+            return kept.read_bytes()
+        if self.answers is not None:
+            protected = self.answers.plus.protect(update, round_)
+        else:
+            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                           job_id=self.ctx.job.job_id, round_=round_)
+        blob = transport.pack_tensors(protected)
+        if self.codec.needs_keys:
+            files.write_atomic(kept, blob, mode=0o600)
+        return blob
 
     def _round_done(self, round_: int) -> None:
         metrics.mine(metrics.ROUND).set(round_)
