@@ -38,13 +38,14 @@ A round r, the messages in order (party u, aggregator A):
                u -> A   u checks (r, U, D) is the split it signed and that at least t members of U,
                         itself included, signed that very statement (their certificates); then it
                         reveals its share of b_r,v for each v in U and of m_r,w for each w in D: one
-                        kind per party, never both, and nothing of a party in U.
+                        kind per party, never both (the mask key only of those all signers saw drop).
 5. unmask      A        with t answers, A removes every self-mask and the pair masks between U and D;
                         pair masks within U cancel in the sum.
-A party answers a repeated message as before (the same signature, the same shares), so retries and
-late answers are harmless; the aggregator takes an answer for a round it has already unmasked as
-not needed. Learning m_r of a dropped party exposes only that round's pair masks; its upload for
-that round, if it arrives late, is refused, and its self-mask still hides it.
+A party answers a repeated message as before (a signature over the same statement, the same shares),
+so retries and late answers are harmless (and the party flow resends a round's upload unchanged);
+the aggregator takes an answer for a round it has already unmasked as not needed. Learning m_r of
+a dropped party exposes only that round's pair masks; its upload for that round, if it arrives
+late, is refused, and its self-mask still hides it.
 
 States, per round, at the aggregator: collecting (uploads) -> confirming (split fixed; signatures)
 -> revealing (signers fixed; shares) -> done (global adapter) or failed. At a party: uploaded ->
@@ -357,7 +358,6 @@ class SecAggPlusParty:
         if codec.public_key(master) != publics[party]:
             raise SecAggError(f"the public keys relayed for `{party}` are not its own (a different master seed?)")
         self.peers = [p for p in codec.holders if p != party]
-        self.journal = journal
         self._record = _Journal(journal)
         encryption = codec._encryption_private(master)
         self._share_keys = {
