@@ -84,6 +84,15 @@ def test_each_party_calibrates_on_the_honest_parties_its_own_file_guarantees(enc
     assert privacy.party_noise_std(2.0, 0.5, 4, 4) == pytest.approx(2.0 * 0.5 / 4 / 2)
 
 
+def test_a_party_refuses_a_weight_its_own_file_does_not_give() -> None:
+    """A host that weighs a party 0.1 where its file names 3 training parties (so it could have made another
+    party's weight, hence the sensitivity, larger than the party's noise is calibrated for) is refused."""
+    privacy.check_weight("node-1", 1 / 3, 3)
+    with pytest.raises(ValueError, match=r"privacy.dp: the host weighs node-1 0.1, not 1/3 as the 3 training "
+                                         r"parties of its own job file do \(uniform weights\); refusing"):
+        privacy.check_weight("node-1", 0.1, 3)
+
+
 def test_privacy_dp_makes_weights_uniform_and_keeps_losses_from_the_host() -> None:
     """Under privacy.dp the weights default to uniform, sample weights are refused (see test_spec), and the
     losses default to `none`."""

@@ -68,6 +68,13 @@ def calibration(spec: JobSpec) -> tuple[int, int]:
     return len(spec.training_parties()), honest
 
 
+def check_weight(party: str, host_weight: float, training_parties: int) -> None:
+    """Refuse a weight from the host other than the 1/n of the party's own file: the noise is calibrated on it."""
+    if abs(host_weight - 1.0 / training_parties) > 1e-9:
+        raise ValueError(f"privacy.dp: the host weighs {party} {host_weight:g}, not 1/{training_parties} as the "
+                         f"{training_parties} training parties of its own job file do (uniform weights); refusing")
+
+
 def privatize(adapter: Tensors, start: Tensors, weight: float, *, clip_norm: float, noise_std: float,
               rng: np.random.Generator) -> Tensors:
     """What a party sends under DP: weight · (start + its update clipped to `clip_norm`), plus its noise."""

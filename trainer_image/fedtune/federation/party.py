@@ -268,9 +268,7 @@ class Party:
         if dp is None or not self.weight:
             return
         training, honest = privacy.calibration(self.own)
-        if abs(self.weight - 1.0 / training) > 1e-9:
-            raise ValueError(f"privacy.dp: the host weighs {self.ctx.name} {self.weight:g}, not 1/{training} as the "
-                             f"{training} training parties of its own job file do (uniform weights); refusing")
+        privacy.check_weight(self.ctx.name, self.weight, training)
         if not self.is_assist:  # the aggregator would know the assist_trainer's noise
             self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, training, honest)
 
