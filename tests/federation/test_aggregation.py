@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedtune.federation import transport
-from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
+from fedtune.federation.aggregator import AggregatorClient, AggregatorService, PlusAnswers, start_server
 from fedtune.federation.jobstate import JobState
-from fedtune.secagg import make_codec
+from fedtune.federation.proto import fedtune_pb2 as pb
+from fedtune.secagg import SecAggError, make_codec
 from fedtune.spec import Encryption
+from fedtune.trust import certs
 
 SAMPLES = {"assist_trainer": 10, "node-1": 35, "node-2": 19}
 ENCRYPTIONS = {
@@ -79,14 +82,21 @@ PLUS = {"secagg_plus": {"key_bitlength": 64, "key_exchange": {"curve": "x25519"}
 
 
 class PlusRound:
-    """An aggregator over real gRPC and Redis, four label_trainers (threshold 3) that have handed in their shares."""
+    """An aggregator over real gRPC and Redis, four label_trainers (threshold 3) that have handed in their shares.
 
-    def __init__(self, redis_server, job_id: str, round_timeout_s: float = 60) -> None:
-        self.codec = make_codec(PLUS, label_trainers=LABELS, rounds=2)
+    Each label_trainer has a certificate and keeps its journal in `folder`, so one that is built again (as a
+    restarted party rebuilds itself) remembers what it uploaded and signed."""
+
+    def __init__(self, redis_server, job_id: str, folder: Path, round_timeout_s: float = 60,
+                 service: type[AggregatorService] = AggregatorService) -> None:
+        self.codec = make_codec(PLUS, label_trainers=LABELS, rounds=2, context=job_id.encode())
         self.job_id = job_id
+        self.folder = folder
+        ca = certs.make_ca(job_id)
+        self.identities = {p: certs.issue(ca, p) for p in LABELS}
         self.state = JobState.connect(redis_server.address, redis_server.password, job_id)
-        self.service = AggregatorService(self.state, self.codec, rounds=2, round_timeout_s=round_timeout_s,
-                                         dropout_timeout_s=1.0)
+        self.service = service(self.state, self.codec, rounds=2, round_timeout_s=round_timeout_s,
+                               dropout_timeout_s=1.0)
         self.server, self.port = start_server(self.service, "127.0.0.1:0")
         total = sum(PLUS_SAMPLES.values())
         self.weights = {p: n / total for p, n in PLUS_SAMPLES.items()}
@@ -98,8 +108,13 @@ class PlusRound:
             self.client(party).share_keys(self.party(party).encrypted_shares())
 
     def party(self, name: str):
-        """A label_trainer's keys, as it (re)derives them from its master seed."""
-        return self.codec.party(self.masters[name], name, self.job_id, self.publics)
+        """A label_trainer's keys, as it (re)derives them from its master seed, and its journal."""
+        return self.codec.party(self.masters[name], name, self.publics, self.folder / f"{name}.json")
+
+    def answers(self, name: str) -> PlusAnswers:
+        """How `name` answers the aggregator's confirmation and reveal requests, as in a job under TLS."""
+        return PlusAnswers(self.party(name), self.identities[name].key_pem,
+                           {p: i.cert_pem for p, i in self.identities.items()})
 
     def client(self, name: str) -> AggregatorClient:
         return AggregatorClient(f"127.0.0.1:{self.port}", name, None, deadline_s=30)
@@ -116,9 +131,7 @@ class PlusRound:
             self.client(name).submit(round_, transport.pack_tensors(self.party(name).protect(weighted, round_)))
 
     def fetch(self, name: str, round_: int) -> dict:
-        party = self.party(name)
-        reveal = lambda r: party.reveal(r.round, list(r.uploaded), list(r.dropped), dict(r.ciphertexts))  # noqa: E731
-        return transport.unpack_tensors(self.client(name).fetch(round_, reveal))
+        return transport.unpack_tensors(self.client(name).fetch(round_, self.answers(name)))
 
     def mean_of(self, survivors: list[str]) -> dict:
         weight = sum(self.weights[p] for p in survivors)
@@ -129,10 +142,10 @@ class PlusRound:
         self.server.stop(0)
 
 
-def test_secagg_plus_round_completes_without_the_parties_that_dropped(redis_server) -> None:
+def test_secagg_plus_round_completes_without_the_parties_that_dropped(redis_server, tmp_path: Path) -> None:
     """node-2 dies before it uploads, node-1 right after (and comes back, as a pod would): the round is the
     mean of the others over their own weights, and node-2's upload, once it is back, is ignored."""
-    plus = PlusRound(redis_server, "plus-dropouts")
+    plus = PlusRound(redis_server, "plus-dropouts", tmp_path)
     try:
         for party in ("assist_trainer", "node-1", "node-3", "node-4"):
             plus.upload(party, 1)
@@ -158,15 +171,17 @@ def test_secagg_plus_round_completes_without_the_parties_that_dropped(redis_serv
     ("uploaders", "message"),
     [
         # node-1 died after its upload and never returns: two survivors cannot reveal three shares.
-        (["node-1", "node-3", "node-4"], "round 1: only 2 survivors revealed their shares (node-3, node-4) within "
-                                         "aggregation.round_timeout_s=3 s; encryption.secagg_plus.threshold needs 3"),
+        (["node-1", "node-3", "node-4"], "round 1: only 2 survivors confirmed the survivor set (node-3, node-4) "
+                                         "within aggregation.round_timeout_s=3 s; encryption.secagg_plus.threshold "
+                                         "needs 3"),
         # node-1 and node-2 died before they uploaded.
         (["node-3", "node-4"], "round 1: only 2 of the 4 label_trainers uploaded; encryption.secagg_plus.threshold "
                                "needs at least 3 survivors (dropped: node-1, node-2)"),
     ],
 )
-def test_secagg_plus_round_fails_with_fewer_survivors_than_the_threshold(redis_server, uploaders, message) -> None:
-    plus = PlusRound(redis_server, "plus-too-few", round_timeout_s=3)
+def test_secagg_plus_round_fails_with_fewer_survivors_than_the_threshold(redis_server, tmp_path: Path, uploaders,
+                                                                         message) -> None:
+    plus = PlusRound(redis_server, "plus-too-few", tmp_path, round_timeout_s=3)
     try:
         for party in ["assist_trainer", *uploaders]:
             plus.upload(party, 1)
@@ -176,3 +191,83 @@ def test_secagg_plus_round_fails_with_fewer_survivors_than_the_threshold(redis_s
         plus.stop()
     assert message in str(failed.value)
     assert plus.state.phase() == "Failed"
+
+
+def test_an_answer_that_arrives_after_its_round_is_unmasked_is_not_needed(redis_server, tmp_path: Path) -> None:
+    """node-4 is asked to confirm round 1 but its answer is held back; the round is unmasked with the other
+    three. Its confirmation, then a reveal, arrive over gRPC afterwards: both are taken as not needed, and
+    node-4 fetches the round's result and goes on (issue 21: such a reveal failed the job)."""
+    plus = PlusRound(redis_server, "plus-late", tmp_path)
+    try:
+        for party in ["assist_trainer", *LABELS]:
+            plus.upload(party, 1)
+        _, request = plus.service.wait_for(1, 5.0, "node-4")
+        assert request is not None and not request.signatures  # asked to confirm the survivor set
+        held = plus.answers("node-4")(request)
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda p: plus.fetch(p, 1), ["node-1", "node-2", "node-3"]))
+        assert plus.state.get_global(1) is not None
+        client = plus.client("node-4")
+        client._reveal(held)  # no error: not needed
+        late = pb.RevealedShares(party="node-4", round=1, shares={p: bytes(32) for p in LABELS})
+        client._reveal(late)
+        assert plus.state.phase() != "Failed"
+        mine = plus.fetch("node-4", 1)
+    finally:
+        plus.stop()
+    for name, values in results[0].items():
+        np.testing.assert_array_equal(mine[name], values)
+
+
+class SplitViewHost(AggregatorService):
+    """A dishonest host (tests only): it tells node-1 and node-2 that node-4 dropped out of round 1 and node-3 and
+    node-4 that everyone uploaded, to get node-4's mask-key shares from the first pair and its self-mask shares
+    from the second; once all four confirmed, it sends each the reveal request of its view with every signature
+    it collected, and keeps whatever shares come back."""
+
+    SHORT_VIEW = (["node-1", "node-2", "node-3"], ["node-4"])  # node-1 and node-2 see this; the others all four
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.signatures: dict[str, bytes] = {}
+        self.revealed: dict[str, dict[str, bytes]] = {}
+
+    def _unmask_request(self, round_: int, party: str) -> pb.UnmaskRequest | None:
+        uploaded, dropped = self.SHORT_VIEW if party in ("node-1", "node-2") else (LABELS, [])
+        if party not in self.signatures:
+            return pb.UnmaskRequest(round=round_, uploaded=uploaded, dropped=dropped)
+        if len(self.signatures) < len(LABELS):
+            return None
+        ciphertexts = {sender: self.plus.round_ciphertexts(shares[party], round_, sender)
+                       for sender, shares in self._shares().items() if sender != party}
+        return pb.UnmaskRequest(round=round_, uploaded=uploaded, dropped=dropped, ciphertexts=ciphertexts,
+                                signatures=self.signatures)
+
+    def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes], signature: bytes = b"") -> None:
+        if shares:
+            self.revealed[party] = shares
+        else:
+            self.signatures[party] = signature
+
+
+def test_honest_parties_refuse_a_host_that_shows_split_survivor_views(redis_server, tmp_path: Path) -> None:
+    """Over real gRPC: every label_trainer signs the view it is shown, sees that no view carries the threshold's
+    signatures (3 of 4), and refuses to reveal; the host gets no share at all."""
+    plus = PlusRound(redis_server, "plus-split-views", tmp_path, service=SplitViewHost)
+    try:
+        for party in ["assist_trainer", *LABELS]:
+            plus.upload(party, 1)
+
+        def refusal(party: str) -> str:
+            with pytest.raises(SecAggError) as refused:
+                plus.fetch(party, 1)
+            return str(refused.value)
+
+        with ThreadPoolExecutor(4) as pool:
+            refusals = dict(zip(LABELS, pool.map(refusal, LABELS)))
+    finally:
+        plus.stop()
+    assert set(plus.service.signatures) == set(LABELS)
+    assert plus.service.revealed == {}
+    for message in refusals.values():
+        assert "survivors" in message and "signed the survivor set" in message and "refusing" in message, message

@@ -64,7 +64,16 @@ def test_example_parses_with_reference_meaning() -> None:
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 3}}),
          "encryption.secagg_plus.threshold: 3 is more than the 2 label_trainers"),
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"threshold": 1}}),
-         "encryption.secagg_plus.threshold: 1 is below a majority of the 2 label_trainers (at least 2)"),
+         "encryption.secagg_plus.threshold: 1 is not above (n + max_colluders)/2 = 1 for 2 label_trainers and "
+         "0 colluders (at least 2)"),
+        (lambda d: d["spec"].update(encryption={"secagg_plus": {"max_colluders": 1, "threshold": 1}}),
+         "encryption.secagg_plus.threshold: 1 is not above (n + max_colluders)/2 = 1.5 for 2 label_trainers and "
+         "1 colluders (at least 2)"),
+        (lambda d: d["spec"].update(encryption={"otp": {"max_colluders": 2}}),
+         "encryption.otp.max_colluders: 2 of the 2 label_trainers would leave no honest one"),
+        (lambda d: d["spec"].update(privacy={"dp": {"clip_norm": 1, "noise_multiplier": 1}},
+                                    aggregation={"weighting": "samples"}),
+         "aggregation.weighting: privacy.dp needs `uniform` weights"),
         (lambda d: d["spec"].update(encryption={"secagg_plus": {"dropout_timeout_s": 0}}),
          "spec.encryption.secagg_plus.dropout_timeout_s"),
         (lambda d: d["spec"].update(encryption={"otp": {}, "secagg_plus": {}}), "exactly one of `plain`, `otp` or"),

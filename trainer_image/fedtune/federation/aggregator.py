@@ -4,14 +4,17 @@ Updates and global adapters are kept in Redis, so a restarted assist_trainer ser
 was aggregated before and keeps what was submitted. How updates are protected and
 combined (plain sums or one-time pads) is the codec's business (`fedtune.secagg`).
 
-Under `secagg_plus` a round may complete without some label_trainers. It waits for every
-upload; a label_trainer that has not uploaded is dropped once it has given no sign of life
-(an RPC, a progress report) for `dropout_timeout_s` since the round's first upload, and every
-latecomer once `aggregation.round_timeout_s` has passed. The round's split into uploaded and
-dropped is then fixed in Redis, later uploads for it are ignored, and each uploader, as it
-polls `Fetch`, is asked to `Reveal` its shares. With `threshold` answers (within
-`round_timeout_s` of the split) the masks come off; the mean is over the survivors' weights.
-A dropped party that comes back fetches the round's result and carries on from the next round.
+Under `secagg_plus` (the protocol: `fedtune.secagg.plus`) a round may complete without some
+label_trainers. It waits for every upload; a label_trainer that has not uploaded is dropped once
+it has given no sign of life (an RPC, a progress report) for `dropout_timeout_s` since the round's
+first upload, and every latecomer once `aggregation.round_timeout_s` has passed. The round's split
+into uploaded and dropped is then fixed in Redis and later uploads for it are ignored. Each
+uploader, as it polls `Fetch`, is first asked to confirm the split (it signs it); once every
+uploader has (or `threshold` have and `dropout_timeout_s` has passed) the signers are fixed, and
+each of them is asked to `Reveal` its shares, the signatures attached. With `threshold` answers
+(within `round_timeout_s` of each step) the masks come off; the mean is over the survivors'
+weights. A confirmation or reveal for a round already unmasked is not needed: it is accepted and
+dropped. A dropped party that comes back fetches the round's result and carries on from the next round.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 
 from fedtune import privacy
 from fedtune.federation import metrics, transport
@@ -29,11 +33,15 @@ from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.federation.strategy import FedAvg, Strategy
-from fedtune.secagg import SecAggError, SecAggPlusCodec, UpdateCodec
+from fedtune.secagg import SecAggError, SecAggPlusCodec, SecAggPlusParty, UpdateCodec
 from fedtune.spec import Dp
+from fedtune.trust import certs
 
 log = logging.getLogger(__name__)
 
+# privacy.losses aggregate: weight·[a party's mean training loss of the round, 1], summed (masked) with the
+# adapters and taken out of the global adapter by the aggregator.
+LOSS_TENSOR = "fedtune.round_loss"
 _MAX_POLL_S = 30.0
 _POLL_S = 0.02
 _DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlines (they read Redis)
@@ -42,7 +50,8 @@ _DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlin
 class AggregatorService(pb_grpc.AggregatorServicer):
     def __init__(self, state: JobState, codec: UpdateCodec | SecAggPlusCodec, rounds: int, *,
                  round_timeout_s: float, dropout_timeout_s: float | None = None, dp: Dp | None = None,
-                 identity: transport.PeerIdentity | None = None, strategy: Strategy | None = None) -> None:
+                 honest: int = 1, identity: transport.PeerIdentity | None = None,
+                 strategy: Strategy | None = None) -> None:
         self.state = state
         self.strategy = strategy or FedAvg()
         self.codec = codec
@@ -51,13 +60,13 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.round_timeout_s = round_timeout_s
         self.dropout_timeout_s = dropout_timeout_s if dropout_timeout_s is not None else round_timeout_s
         self.dp = dp
+        self.honest = honest  # privacy.dp: the honest label_trainers whose noise each sum holds (for the report)
         self.identity = identity
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.expected: set[str] | None = None  # the training parties; known once every party is ready
         self.own: str | None = None  # the assist_trainer itself, when it trains: its update is plaintext
         self.weights: dict[str, float] = {}
         self.publics: dict[str, bytes] = {}  # secagg_plus: each label_trainer's public bundle
-        self.context = state.job_id  # what masks are bound to: the run's session (`configure`)
         self.first_seen: dict[int, float] = {}  # round -> when its first upload (or split) was seen
         self.last_check: dict[int, float] = {}
         self.alive = _Liveness(state)
@@ -67,7 +76,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         """`context`: the run's session id (`fedtune.federation.session`), which the parties' masks are bound to."""
         self.expected, self.own, self.weights = set(weights), own, dict(weights)
         self.publics = {party: key for party, key in (publics or {}).items() if key}
-        self.context = context or self.state.job_id
+        if self.plus is not None:  # unmasking checks what the parties bound their masks to: this run
+            self.plus = self.plus.bound_to((context or self.state.job_id).encode())
+            self.codec = self.plus
         self._report_privacy()
         for round_ in range(self.state.completed_round() + 1, self.rounds + 1):
             self._maybe_aggregate(round_)  # a restart may find a round complete but not combined
@@ -102,7 +113,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             split = self.state.split(round_)
             if split is None and self.expected <= submitted:  # nobody dropped: only the self-masks come off
                 split = self._set_split(round_, submitted)
-            if split is not None and len(self.state.reveals(round_)) >= self.plus.threshold:
+            if (split is not None and self.state.signers(round_) is not None
+                    and len(self.state.reveals(round_)) >= self.plus.threshold):
                 self._combine(round_, split["uploaded"], split["dropped"])
 
     def _combine(self, round_: int, uploaded: list[str], dropped: list[str]) -> None:
@@ -116,12 +128,14 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             else:
                 reveals = {p: dict(pb.RevealedShares.FromString(b).shares)
                            for p, b in self.state.reveals(round_).items()}
-                total = self.plus.unmask(protected, plaintext, job_id=self.context, round_=round_,
-                                         publics=self.publics, dropped=dropped, reveals=reveals)
+                total = self.plus.unmask(protected, plaintext, round_=round_, publics=self.publics,
+                                         dropped=dropped, reveals=reveals)
         except SecAggError as err:
             self._fail(round_, str(err))
             return
         share = sum(self.weights[p] for p in [*protected, *plaintext]) if dropped else 1.0  # < 1: survivors only
+        loss = total.pop(LOSS_TENSOR, None)  # privacy.losses aggregate: weight·[mean loss, 1], summed
+        self._take_loss(round_, loss)
         self.state.put_global(round_, *self.strategy.finish(self.state, round_, total, share))
         metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         self._report_privacy()
@@ -129,12 +143,19 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
                  without, time.perf_counter() - started)
 
+    def _take_loss(self, round_: int, summed: np.ndarray | None) -> None:
+        """privacy.losses aggregate: the parties' mean training loss of the round, all the host learns of it."""
+        if summed is not None and summed[1] > 0:
+            loss = float(summed[0] / summed[1])
+            self.state.append_metric("aggregate_loss", {"round": round_, "loss": loss})
+            log.info("round %d: the parties' mean training loss is %.4f", round_, loss)
+
     def _report_privacy(self) -> None:
         """ε so far, for the job status: every completed round is one Gaussian mechanism."""
         if self.dp is not None:
             dp = self.dp
             self.state.set_json("privacy", privacy.report(self.state.completed_round(), dp.noise_multiplier,
-                                                          dp.clip_norm, dp.delta))
+                                                          dp.clip_norm, dp.delta, self.honest))
 
     def _fail(self, round_: int, message: str) -> None:
         message = message if message.startswith(f"round {round_}:") else f"round {round_}: {message}"
@@ -182,7 +203,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             if split is None:
                 self._maybe_drop(round_, now)
             else:
-                self._check_reveals(round_, split, now)
+                self._maybe_fix_signers(round_, split, now)
+                self._check_answers(round_, now)
         self._maybe_aggregate(round_)
 
     def _check_timeout(self, round_: int) -> None:
@@ -232,32 +254,56 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.first_seen[round_] = time.monotonic()  # the reveal deadline counts from here
         return self.state.set_split(round_, uploaded, dropped)
 
-    def _check_reveals(self, round_: int, split: dict[str, list[str]], now: float) -> None:
-        """Fail the round when `threshold` survivors have not revealed within the round's timeout.
+    def _maybe_fix_signers(self, round_: int, split: dict[str, list[str]], now: float) -> None:
+        """Close the consistency check: every uploader signed the split, or `threshold` did and the others
+        have had `dropout_timeout_s` to. The signatures go out with every reveal request."""
+        assert self.plus is not None
+        if self.state.signers(round_) is not None:
+            return
+        signed = self.state.signatures(round_)
+        since = self.first_seen.setdefault(round_, now)
+        if set(split["uploaded"]) <= set(signed) or (
+                len(signed) >= self.plus.threshold and now - since >= self.dropout_timeout_s):
+            self.state.fix_signers(round_, signed)
+            self.first_seen[round_] = now  # the reveal deadline counts from here
+
+    def _check_answers(self, round_: int, now: float) -> None:
+        """Fail the round when `threshold` survivors have not confirmed the split, or revealed their shares,
+        within the round's timeout of the step before.
 
         Waiting is cheap and failing ends the job, so an uploader that died is waited for: it
         comes back (a pod restarts), derives its keys again and answers.
         """
         assert self.plus is not None
         since = self.first_seen.setdefault(round_, now)
-        answered = sorted(self.state.reveals(round_))
+        confirming = self.state.signers(round_) is None
+        answered = sorted(self.state.signatures(round_) if confirming else self.state.reveals(round_))
         if len(answered) >= self.plus.threshold or now - since < self.round_timeout_s:
             return
-        self._fail(round_, f"only {len(answered)} survivors revealed their shares ({', '.join(answered) or 'none'}) "
+        what = "confirmed the survivor set" if confirming else "revealed their shares"
+        self._fail(round_, f"only {len(answered)} survivors {what} ({', '.join(answered) or 'none'}) "
                            f"within aggregation.round_timeout_s={self.round_timeout_s:g} s; "
                            f"encryption.secagg_plus.threshold needs {self.plus.threshold}")
 
     def _unmask_request(self, round_: int, party: str) -> pb.UnmaskRequest | None:
-        """What `party` must reveal for `round_`, if it is an uploader that has not answered yet."""
+        """What `party` must answer for `round_`, if it is an uploader: confirm the split (no signatures in
+        the request), then, once the signers are fixed and it is one of them, reveal its shares."""
         if self.plus is None or round_ < 1:
             return None
         split = self.state.split(round_)
-        if split is None or party not in split["uploaded"] or self.state.revealed(round_, party):
+        if split is None or party not in split["uploaded"]:
+            return None
+        signers = self.state.signers(round_)
+        if signers is None:
+            if self.state.signed(round_, party):
+                return None
+            return pb.UnmaskRequest(round=round_, uploaded=split["uploaded"], dropped=split["dropped"])
+        if party not in signers or self.state.revealed(round_, party):
             return None
         ciphertexts = {sender: self.plus.round_ciphertexts(shares[party], round_, sender)
                        for sender, shares in self._shares().items() if sender != party}
         return pb.UnmaskRequest(round=round_, uploaded=split["uploaded"], dropped=split["dropped"],
-                                ciphertexts=ciphertexts)
+                                ciphertexts=ciphertexts, signatures=signers)
 
     def _shares(self) -> dict[str, dict[str, bytes]]:
         """Sender -> recipient -> the encrypted shares it handed in before round 1."""
@@ -275,19 +321,31 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.plus.check_share_upload(party, shares)
         self.state.put_shares(party, pb.EncryptedShares(party=party, shares=shares).SerializeToString())
 
-    def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes]) -> None:
+    def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes], signature: bytes = b"") -> None:
+        """A survivor's confirmation (`signature`, no shares) or reveal. Either is not needed once the round
+        is unmasked, and a confirmation once the signers are fixed: accepted, and dropped."""
         assert self.plus is not None
-        if self.state.get_global(round_) is not None:
-            return  # the round was unmasked with the others' shares while this one was on its way
-        split = self.state.split(round_)
-        if split is None or party not in split["uploaded"]:
-            raise SecAggError(f"round {round_}: `{party}` was not asked to reveal shares")
-        missing = sorted(set(self.plus.holders) - set(shares))
-        if missing or any(len(v) != 32 for v in shares.values()):
-            raise SecAggError(f"round {round_}: `{party}` must reveal one 32-byte share per label_trainer "
-                              f"(missing: {', '.join(missing) or 'none'})")
-        self.state.put_reveal(round_, party, pb.RevealedShares(party=party, round=round_, shares=shares)
-                              .SerializeToString())
+        with self.lock:  # not between a combine's check and its write: the answer is needed or it is not
+            if self.state.get_global(round_) is not None:
+                return
+            split = self.state.split(round_)
+            if split is None or party not in split["uploaded"]:
+                raise SecAggError(f"round {round_}: `{party}` was not asked to confirm or reveal shares")
+            if not shares:
+                if self.state.signers(round_) is None:
+                    self.state.put_signature(round_, party, signature)
+                    self._maybe_fix_signers(round_, split, time.monotonic())
+                return
+            signers = self.state.signers(round_)
+            if signers is None or party not in signers:
+                raise SecAggError(f"round {round_}: `{party}` was not asked to reveal shares (it has not confirmed "
+                                  "the survivor set)")
+            missing = sorted(set(self.plus.holders) - set(shares))
+            if missing or any(len(v) != 32 for v in shares.values()):
+                raise SecAggError(f"round {round_}: `{party}` must reveal one 32-byte share per label_trainer "
+                                  f"(missing: {', '.join(missing) or 'none'})")
+            self.state.put_reveal(round_, party, pb.RevealedShares(party=party, round=round_, shares=shares)
+                                  .SerializeToString())
         self._maybe_aggregate(round_)
 
     # --- RPCs ------------------------------------------------------------------------------
@@ -327,7 +385,8 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._training_caller(request.party, context)
         if self.plus is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
-        return self._answer(context, lambda: self.accept_reveal(request.round, request.party, dict(request.shares)))
+        return self._answer(context, lambda: self.accept_reveal(request.round, request.party, dict(request.shares),
+                                                                request.signature))
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         if self.identity is not None:
@@ -373,8 +432,9 @@ class AggregatorClient:
         transport.call_with_retry(lambda: self.stub.ShareKeys(request, timeout=60), what="hand in the shares",
                                   deadline_s=self.deadline_s)
 
-    def fetch(self, round_: int, reveal: Callable[[pb.UnmaskRequest], dict[str, bytes]] | None = None) -> bytes:
-        """The round's global adapter; under secagg_plus `reveal` answers the aggregator's requests meanwhile."""
+    def fetch(self, round_: int, answer: Callable[[pb.UnmaskRequest], pb.RevealedShares] | None = None) -> bytes:
+        """The round's global adapter; under secagg_plus `answer` (a `PlusAnswers`) answers the aggregator's
+        requests meanwhile."""
         request = pb.FetchRequest(party=self.party, round=round_, wait_s=_MAX_POLL_S)
         while True:
             header, blob = transport.call_with_retry(
@@ -385,14 +445,51 @@ class AggregatorClient:
                 metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
                 return blob
             if header.HasField("unmask"):
-                if reveal is None:
+                if answer is None:
                     raise SecAggError(f"round {round_}: the aggregator asked for shares this party does not hold")
-                self._reveal(pb.RevealedShares(party=self.party, round=header.unmask.round,
-                                               shares=reveal(header.unmask)))
+                if header.unmask.round != round_:
+                    raise SecAggError(f"round {header.unmask.round}: asked for shares while closing round {round_}; "
+                                      "refusing")
+                self._reveal(answer(header.unmask))
 
     def _reveal(self, answer: pb.RevealedShares) -> None:
+        what = "confirm the survivor set" if answer.signature or not answer.shares else "reveal shares"
         transport.call_with_retry(lambda: self.stub.Reveal(answer, timeout=60),
-                                  what=f"reveal shares for round {answer.round}", deadline_s=self.deadline_s)
+                                  what=f"{what} for round {answer.round}", deadline_s=self.deadline_s)
+
+
+class PlusAnswers:
+    """A label_trainer's answers to the aggregator's secagg_plus requests: it signs the survivor set it is
+    shown (with its identity key), then reveals once enough survivors signed the same one.
+
+    `key_pem` and `certificates` (its own and each peer's, checked against the federation at the start) are None
+    without TLS: there is no identity to sign with, and signers are only counted.
+    """
+
+    def __init__(self, plus: SecAggPlusParty, key_pem: bytes | None, certificates: dict[str, bytes] | None) -> None:
+        self.plus = plus
+        self.key_pem = key_pem
+        self.certificates = certificates
+
+    def __call__(self, request: pb.UnmaskRequest) -> pb.RevealedShares:
+        round_, uploaded, dropped = request.round, list(request.uploaded), list(request.dropped)
+        answer = pb.RevealedShares(party=self.plus.party, round=round_)
+        if not request.signatures:
+            log.info("%s: confirming the survivor set of round %d (dropped: %s)", self.plus.party, round_,
+                     ", ".join(dropped) or "none")
+            statement = self.plus.confirm(round_, uploaded, dropped)
+            answer.signature = certs.sign_statement(self.key_pem, statement) if self.key_pem else b""
+            return answer
+        log.info("%s: revealing shares for round %d", self.plus.party, round_)
+        verify = self._signed_by if self.certificates is not None else None
+        answer.shares.update(self.plus.reveal(round_, uploaded, dropped, dict(request.ciphertexts),
+                                              dict(request.signatures), verify))
+        return answer
+
+    def _signed_by(self, signer: str, statement: bytes, signature: bytes) -> bool:
+        assert self.certificates is not None
+        cert = self.certificates.get(signer)
+        return cert is not None and certs.statement_signed(cert, statement, signature)
 
 
 class _Liveness:

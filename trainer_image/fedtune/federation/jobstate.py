@@ -202,14 +202,15 @@ class JobState:
 
     def put_global(self, round_: int, blob: bytes, strategy_state: bytes | None = None) -> None:
         """The round's global adapter and the strategy's state after it (a server optimizer's moments); its
-        updates (and secagg_plus reveals) and the strategy's state before it are dropped in the same transaction."""
+        updates (and secagg_plus signatures and reveals) and the strategy's state before it are dropped in the
+        same transaction. The split stays: an answer that comes late is told it is no longer needed."""
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._k("global", round_), blob)
         if strategy_state is not None:
             pipe.set(self._k("strategy", round_), strategy_state)
         if round_ > 0:
-            pipe.delete(self._k("updates", round_), self._k("split", round_), self._k("reveals", round_),
-                        self._k("strategy", round_ - 1))
+            pipe.delete(self._k("updates", round_), self._k("reveals", round_), self._k("signatures", round_),
+                        self._k("signers", round_), self._k("strategy", round_ - 1))
             pipe.set(self._k("round"), round_)
         pipe.execute()
 
@@ -247,8 +248,28 @@ class JobState:
         value = self.r.get(self._k("split", round_))
         return json.loads(value) if value else None
 
+    def put_signature(self, round_: int, party: str, signature: bytes) -> None:
+        """A survivor's signature over the round's split; the first one stays (a retry sends the same)."""
+        self.r.hsetnx(self._k("signatures", round_), party, signature)
+
+    def signed(self, round_: int, party: str) -> bool:
+        return bool(self.r.hexists(self._k("signatures", round_), party))
+
+    def signatures(self, round_: int) -> dict[str, bytes]:
+        return {k.decode(): v for k, v in self.r.hgetall(self._k("signatures", round_)).items()}
+
+    def fix_signers(self, round_: int, signatures: dict[str, bytes]) -> dict[str, bytes]:
+        """Fix whose signatures go out with the round's reveal requests; once set it never changes."""
+        self.r.set(self._k("signers", round_), json.dumps({p: s.hex() for p, s in signatures.items()}), nx=True)
+        return self.signers(round_) or signatures
+
+    def signers(self, round_: int) -> dict[str, bytes] | None:
+        value = self.r.get(self._k("signers", round_))
+        return {p: bytes.fromhex(s) for p, s in json.loads(value).items()} if value else None
+
     def put_reveal(self, round_: int, party: str, blob: bytes) -> None:
-        self.r.hset(self._k("reveals", round_), party, blob)
+        """A survivor's shares; the first ones stay (a party answers a repeated request with the same)."""
+        self.r.hsetnx(self._k("reveals", round_), party, blob)
 
     def reveals(self, round_: int) -> dict[str, bytes]:
         return {k.decode(): v for k, v in self.r.hgetall(self._k("reveals", round_)).items()}
@@ -272,6 +293,7 @@ class JobState:
             privacy=self.get_json("privacy"),
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]
-        status.loss = sum(losses) / len(losses) if losses else None
+        aggregate = self.metrics("aggregate_loss")  # privacy.losses aggregate: only the parties' mean
+        status.loss = sum(losses) / len(losses) if losses else (aggregate[-1]["loss"] if aggregate else None)
         status.eval_loss = self.eval_losses(status.rounds)
         return status

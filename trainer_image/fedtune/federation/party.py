@@ -26,7 +26,7 @@ import transformers
 
 from fedtune import files, privacy, roles
 from fedtune.federation import metrics, session, strategy, transport
-from fedtune.federation.aggregator import AggregatorClient, AggregatorService, start_server
+from fedtune.federation.aggregator import LOSS_TENSOR, AggregatorClient, AggregatorService, PlusAnswers, start_server
 from fedtune.federation.jobstate import JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.scheduler import SchedulerClient
@@ -42,7 +42,7 @@ from fedtune.model.adapters import (
 from fedtune.model.base import load_base_model
 from fedtune.model.precision import resolve_precision, with_mixed_precision
 from fedtune.procstat import process_age_s
-from fedtune.secagg import SecAggPlusCodec, SecAggPlusParty, job_codec
+from fedtune.secagg import SecAggPlusCodec, job_codec
 from fedtune.spec import (
     STATE_DIR,
     FederatedFineTune,
@@ -107,8 +107,9 @@ class Party:
         self.aggregator: AggregatorService | None = None
         self.aggregator_client: AggregatorClient | None = None
         self.secrets: dict[str, bytes] = {}  # otp: the pair secret with each peer
-        self.plus: SecAggPlusParty | None = None  # secagg_plus: this label_trainer's keys and shares
+        self.answers: PlusAnswers | None = None  # secagg_plus: this label_trainer's confirmations and reveals
         self.weight = 0.0
+        self.round_losses: list[float] = []  # privacy.losses aggregate: this round's training losses
         self.round_start: dict[str, np.ndarray] = {}  # the global adapter this round started from
         self.terms = job_terms.terms(ctx.job)  # this party's contract: compared, never adopted
         self.digest = job_terms.digest_of(self.terms)
@@ -133,7 +134,7 @@ class Party:
         if lead:
             self._join()
         self.startup.mark("join")
-        self.codec = job_codec(self.spec)
+        self.codec = job_codec(self.spec, self._context())
         self.masks = self.codec.needs_keys and not self.is_assist and not self.standalone
         self.model, self.tokenizer = self._build_model()
         self.rank_budget = RankBudget.of(self.model, self.spec.fractions())  # AdaLoRA's, from each global adapter
@@ -199,6 +200,8 @@ class Party:
         loss = evaluate(self.model, self.tokenizer, self.valset, self.args.get("per_device_eval_batch_size") or 8)
         log.info("%s: round %d's global adapter has loss %.4f on the valset", self.ctx.name, round_, loss)
         metrics.mine(metrics.EVAL_LOSS).set(loss)
+        if self.spec.privacy.losses != "plain":  # kept here: the host learns no party's own valset loss
+            return {}
         return {"has_eval_loss": True, "eval_loss": loss, "eval_samples": len(self.valset)}
 
     # --- start -----------------------------------------------------------------------------
@@ -221,6 +224,10 @@ class Party:
             request.public_key_signature = certs.sign_bundle(self.ctx.tls.key, self.ctx.job.job_id, bundle)
         return request
 
+    def _context(self) -> bytes:
+        """The identity of this run that every secure-aggregation key and mask is bound to."""
+        return self.session.encode()
+
     def _private_key(self) -> bytes:
         """Kept beside the training state so that a restarted party reproduces its masks."""
         path = self.state_dir / "agreement.key"
@@ -236,19 +243,20 @@ class Party:
             return
         self.session = session.check_start(start, self.spec, self.ctx.name, self.digest, self.ctx.job.job_id,
                                            self.ctx.tls)
-        dp = self.spec.privacy.dp
-        if dp is not None and not self.is_assist:  # the aggregator would know the assist_trainer's noise
-            labels = [p for p in start.weights if p != self.spec.authority.name]
-            noisy = privacy.noisy_parties(self.spec.encryption.scheme, len(labels), self.spec.secagg_threshold())
-            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, max(start.weights.values()),
-                                                     noisy)
+        if isinstance(self.codec, SecAggPlusCodec):  # every key and mask bound to this run, not to a name
+            self.codec = self.codec.bound_to(self._context())
+        self._calibrate_noise(start)
         if self.masks:  # with the label_trainers of this party's own file, each checked by `check_start`
             private = self._private_key()
             holders = [p.name for p in self.spec.label_trainers]
             publics = {p: start.public_keys[p] for p in holders}
             if isinstance(self.codec, SecAggPlusCodec):
-                self.plus = self.codec.party(private, self.ctx.name, self.session, publics,
-                                             journal=self.state_dir / "reveals.json")
+                plus = self.codec.party(private, self.ctx.name, publics,
+                                        journal=self.state_dir / "secagg-journal.json")
+                tls = self.ctx.tls
+                self.answers = PlusAnswers(plus, tls.key if tls else None,
+                                           {**{p: start.certificates[p] for p in holders if p != self.ctx.name},
+                                            self.ctx.name: tls.cert} if tls else None)
             else:
                 self.secrets = {peer: self.codec.shared_secret(private, publics[peer], peer)
                                 for peer in holders if peer != self.ctx.name}
@@ -260,8 +268,18 @@ class Party:
             address = self._address(assist.endpoint, "spec.parties[assist_trainer].address")
             self.aggregator_client = AggregatorClient(address, self.ctx.name, self.ctx.tls, server_name=assist.name,
                                                       deadline_s=self.ctx.connect_deadline_s)
-            if self.plus is not None:  # the aggregator keeps them for the peers; it cannot read them
-                self.aggregator_client.share_keys(self.plus.encrypted_shares())
+            if self.answers is not None:  # the aggregator keeps them for the peers; it cannot read them
+                self.aggregator_client.share_keys(self.answers.plus.encrypted_shares())
+
+    def _calibrate_noise(self, start: pb.StartInfo) -> None:
+        """privacy.dp from this party's own file: its weight 1/n and its noise, never counts the host supplies."""
+        dp = self.spec.privacy.dp
+        if dp is None or not self.weight:
+            return
+        training, honest = privacy.calibration(self.spec)
+        privacy.check_weight(self.ctx.name, self.weight, training)
+        if not self.is_assist:  # the aggregator would know the assist_trainer's noise
+            self.noise_std = privacy.party_noise_std(dp.noise_multiplier, dp.clip_norm, training, honest)
 
     def _start_aggregator(self) -> Any:
         state = JobState.connect(self._address(self.spec.redis.address, "spec.redis.address"),
@@ -273,7 +291,8 @@ class Party:
         self.aggregator = AggregatorService(state, self.codec, len(self.spec.fractions()),
                                             round_timeout_s=self.spec.aggregation.round_timeout_s,
                                             dropout_timeout_s=plus.dropout_timeout_s if plus else None,
-                                            dp=dp, identity=identity, strategy=strategy.of(self.spec.aggregation))
+                                            dp=dp, honest=privacy.calibration(self.spec)[1], identity=identity,
+                                            strategy=strategy.of(self.spec.aggregation))
         if state.get_global(0) is None:
             state.put_global(0, transport.pack_tensors(self._adapter_arrays()))
         listen = self.ctx.listen or roles.listen_address(roles.ASSIST_TRAINER)
@@ -292,13 +311,7 @@ class Party:
                 pass
             return blob
         assert self.aggregator_client is not None
-        return self.aggregator_client.fetch(round_, self._reveal if self.plus is not None else None)
-
-    def _reveal(self, request: pb.UnmaskRequest) -> dict[str, bytes]:
-        assert self.plus is not None
-        log.info("%s: revealing shares for round %d (dropped: %s)", self.ctx.name, request.round,
-                 ", ".join(request.dropped) or "none")
-        return self.plus.reveal(request.round, list(request.uploaded), list(request.dropped), dict(request.ciphertexts))
+        return self.aggregator_client.fetch(round_, self.answers)
 
     def _load_global(self, round_: int) -> None:
         """Rank 0 fetches the round's global adapter; every rank takes it (and AdaLoRA's ranks from it)."""
@@ -336,20 +349,33 @@ class Party:
             self.aggregator.accept(round_, self.ctx.name, transport.pack_tensors(plain))
         else:
             with metrics.timed(metrics.mine(metrics.SECAGG_SECONDS, step="protect")):
-                if self.plus is not None:
-                    protected = self.plus.protect(update, round_)
-                else:
-                    protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
-                                                   job_id=self.session, round_=round_)
+                blob = self._protected_upload(update, round_)
             assert self.aggregator_client is not None
-            self.aggregator_client.submit(round_, transport.pack_tensors(protected))
+            self.aggregator_client.submit(round_, blob)
         self._load_global(round_)
+        (self.state_dir / f"upload-{round_}.bin").unlink(missing_ok=True)
         self._save_round(round_)
         wait_s = time.perf_counter() - waited
         self.scheduler.report("aggregated", round=round_, step=step, max_steps=self.max_steps, round_wait_s=wait_s,
                               **self._evaluation(round_))
         metrics.mine(metrics.WAIT_SECONDS).observe(wait_s)
         self._round_done(round_)
+
+    def _protected_upload(self, update: dict[str, np.ndarray], round_: int) -> bytes:
+        """This round's masked upload, the same every time it is sent: a party restarted mid-round resends what
+        it sent before, never a second update under the same masks (the host would see their difference)."""
+        kept = self.state_dir / f"upload-{round_}.bin"
+        if kept.exists():
+            return kept.read_bytes()
+        if self.answers is not None:
+            protected = self.answers.plus.protect(update, round_)
+        else:
+            protected = self.codec.protect(update, party=self.ctx.name, secrets=self.secrets,
+                                           job_id=self.session, round_=round_)
+        blob = transport.pack_tensors(protected)
+        if self.codec.needs_keys:
+            files.write_atomic(kept, blob, mode=0o600)
+        return blob
 
     def _round_done(self, round_: int) -> None:
         metrics.mine(metrics.ROUND).set(round_)
@@ -358,12 +384,19 @@ class Party:
         self.round_started = now
 
     def _weighted_update(self) -> dict[str, np.ndarray]:
-        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first."""
+        """This party's adapter times its FedAvg weight; under privacy.dp, clipped and noised first; under
+        `privacy.losses: aggregate`, with its round's mean training loss, masked with the adapter."""
         arrays, dp = self._adapter_arrays(), self.spec.privacy.dp
         if dp is None:
-            return {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
-        return privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
-                                 noise_std=self.noise_std, rng=self.rng)
+            update = {k: (v * self.weight).astype(np.float32) for k, v in arrays.items()}
+        else:
+            update = privacy.privatize(arrays, self.round_start, self.weight, clip_norm=dp.clip_norm,
+                                       noise_std=self.noise_std, rng=self.rng)
+        if self.spec.privacy.losses == "aggregate":  # weight·[mean loss, 1]: the host divides the two sums
+            losses, self.round_losses = self.round_losses, []
+            mean = [sum(losses) / len(losses), 1.0] if losses else [0.0, 0.0]
+            update[LOSS_TENSOR] = (np.array(mean) * self.weight).astype(np.float32)
+        return update
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
@@ -375,8 +408,11 @@ class Party:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(self.ctx.output_dir / "runs"))
         def on_log(step: int, loss: float) -> None:
             metrics.mine(metrics.TRAIN_LOSS).set(loss)
+            shown = self.spec.privacy.losses == "plain"  # else the host learns only the mean, or nothing
+            if self.spec.privacy.losses == "aggregate":
+                self.round_losses.append(loss)
             reply = self.scheduler.report("training", round=self._round_of(step, agg_steps), step=step,
-                                          max_steps=self.max_steps, has_loss=True, loss=loss)
+                                          max_steps=self.max_steps, has_loss=shown, loss=loss if shown else 0.0)
             if reply.phase == "Failed":
                 raise transport.JobAborted(reply.error)
             if step == 1:

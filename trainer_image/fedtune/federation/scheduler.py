@@ -220,7 +220,8 @@ def start_warnings(spec: JobSpec) -> list[str]:
                         "from the aggregator")
     if spec.privacy.dp is not None and scheme == "plain":
         warnings.append("privacy.dp without secure aggregation (encryption: plain): the aggregator sees each "
-                        "party's update with only that party's share of the noise; use encryption.secagg_plus or otp")
+                        "party's update, so each adds all the noise itself and the global adapter carries n times "
+                        "the noise it needs; use encryption.secagg_plus or otp")
     if scheme != "plain" and not spec.tls.enabled:
         warnings.append(f"encryption.{scheme} without TLS: key-agreement values are not authenticated "
                         "(tls.enabled is false)")

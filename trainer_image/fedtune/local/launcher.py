@@ -458,6 +458,8 @@ class LocalJob:
         return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
                 "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
                 "privacy": status.privacy, "eval_loss": status.eval_loss,
+                # privacy.losses aggregate: the parties' mean training loss by round, all the host learned of it
+                "round_losses": self.state.metrics("aggregate_loss"),
                 "wall_s": round(wall_s, 3), "peak_pss_mb": peaks, "parties": parties}
 
 

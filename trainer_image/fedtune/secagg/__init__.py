@@ -57,11 +57,12 @@ def make_key_agreement(key_exchange: Any, section: str = "otp") -> KeyAgreement:
 
 
 def make_codec(encryption: Encryption | Mapping[str, Any], *, label_trainers: Sequence[str] = (), rounds: int = 1,
-               threshold: int | None = None) -> UpdateCodec | SecAggPlusCodec:
+               threshold: int | None = None, context: bytes = b"") -> UpdateCodec | SecAggPlusCodec:
     """The codec for a job's `encryption` section: `plain`, `otp` or `secagg_plus`.
 
-    `secagg_plus` also needs the job's label_trainers (the share holders), its number of rounds and
-    the threshold (`JobSpec.secagg_threshold()`; a majority when not given).
+    `secagg_plus` also needs the job's label_trainers (the share holders), its number of rounds, the
+    threshold (`JobSpec.secagg_threshold()`; the least above (n + max_colluders)/2 when not given) and
+    `context`, the opaque identity of the run every key and mask is bound to.
     """
     if isinstance(encryption, Mapping):
         try:
@@ -75,13 +76,17 @@ def make_codec(encryption: Encryption | Mapping[str, Any], *, label_trainers: Se
     assert settings is not None
     agreement = make_key_agreement(settings.key_exchange, section)
     generator = make_generator(settings.csprng.name, settings.csprng.method)
-    if encryption.secagg_plus is None:
+    plus = encryption.secagg_plus
+    if plus is None:
         return OtpCodec(settings.key_bitlength, agreement, generator)
+    colluders = plus.max_colluders
     return SecAggPlusCodec(settings.key_bitlength, agreement, generator, holders=label_trainers, rounds=rounds,
-                           threshold=threshold or encryption.secagg_plus.threshold or majority(len(label_trainers)))
+                           threshold=threshold or plus.threshold or majority(len(label_trainers), colluders),
+                           context=context, colluders=colluders)
 
 
-def job_codec(spec: JobSpec) -> UpdateCodec | SecAggPlusCodec:
-    """The codec of a job's parties: its `encryption`, its label_trainers, rounds and threshold."""
+def job_codec(spec: JobSpec, context: bytes) -> UpdateCodec | SecAggPlusCodec:
+    """The codec of a job's parties: its `encryption`, its label_trainers, rounds and threshold, bound to
+    `context` (the run's identity; today the job's name)."""
     return make_codec(spec.encryption, label_trainers=[p.name for p in spec.label_trainers],
-                      rounds=len(spec.fractions()), threshold=spec.secagg_threshold())
+                      rounds=len(spec.fractions()), threshold=spec.secagg_threshold(), context=context)

@@ -1,44 +1,73 @@
-"""SecAgg+: secure aggregation that survives label_trainers dropping out mid-round.
+"""SecAgg+: secure aggregation that survives label_trainers dropping out mid-round, and a dishonest host.
 
 After Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning"
-(CCS 2017), with keys for every round made up front so a job needs no extra key exchange.
+(CCS 2017), with its consistency check and the threshold of Bell et al., "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead" (CCS 2020) for a host that colludes with up to c
+label_trainers; keys for every round are made up front, so a job needs no extra key exchange.
+As in Flower's SecAgg+, the protocol (this module: what each side computes and checks), the
+workflow (`fedtune.federation.aggregator`: who sends what when) and the primitives (`shamir`,
+`keys`, `streams`) are apart.
 
 Keys. Every label_trainer keeps one random 32-byte master seed (persisted beside its training
-state: a restart re-derives everything below) and derives from it, by HKDF,
+state: a restart re-derives everything below) and derives from it, by HKDF-SHA256 (extract with
+the job's context as salt, then expand),
 - an encryption key pair c, for the shares it sends its peers;
 - for each round r, a mask key pair m_r and a self-mask seed b_r.
-Its public bundle, signed with its party certificate by the party flow, holds c's public key,
-every m_r's public key and a hash commitment to every b_r. Before round 1 it splits each m_r
-seed and each b_r into Shamir shares (threshold t, one per label_trainer, itself included)
-and sends every peer its shares, encrypted (ChaCha20-Poly1305) under a key agreed from c, to
-the aggregator, which keeps them for the peers but cannot read them.
+The context (`context: bytes`, one argument of the codec) binds every key, mask and share to one
+run of one job. Its public bundle, signed with its identity by the party flow, holds c's public
+key, every m_r's public key and a hash commitment to every b_r. Before round 1 it splits each m_r
+seed and each b_r into Shamir shares (threshold t, one per label_trainer, itself included) and
+sends every peer its shares, encrypted (ChaCha20-Poly1305) under a key agreed from c, to the
+aggregator, which keeps them for the peers but cannot read them.
 
-A round. Party u uploads   enc(x_u) + PRG(b_r,u) + Σ_{v ≠ u} ±PRG(DH(m_r,u, m_r,v))
-(+ when u's name sorts before v's), in the ring of the fixed-point encoding, as `otp` does.
-After the upload deadline the aggregator fixes which label_trainers uploaded (U) and which did
-not (D) and asks the uploaders for their shares: of b_r,u for each u in U, of the m_r seed of
-each w in D. A party reveals one or the other for a party and round, never both: it checks the
-request (U and D split the label_trainers, it is in U, U has at least t members) and refuses a
-second, different split of a round. With t shares per secret the aggregator removes every
-self-mask and the pair masks between U and D; pair masks within U cancel in the sum. Learning
-m_r of a dropped party exposes only that round's pair masks, and its upload for that round,
-if it arrives late, is refused: its self-mask still hides it.
+Threshold. With n label_trainers of which up to c (`max_colluders`) collude with the host, t must
+exceed (n + c)/2: a host that shows one group of honest parties "u uploaded" and another "u
+dropped" needs t answers for each, the colluders answering both, so the two honest groups would
+have to share a member, who answers only one of them.
+
+A round r, the messages in order (party u, aggregator A):
+1. upload      u -> A   y_u = enc(x_u) + PRG(b_r,u) + Σ_{v ≠ u} ±PRG(DH(m_r,u, m_r,v))
+                        (+ when u's name sorts before v's), in the ring of the fixed-point encoding.
+                        u journals that it uploaded r.
+2. split       A        after the upload deadline A fixes who uploaded (U) and who did not (D).
+3. confirm     A -> u   (r, U, D), for u in U.
+               u -> A   u's signature over the statement (context, r, U, D). u signs only for the
+                        round it is closing, which it uploaded, only if it is in U, |U| >= t and U, D
+                        split the label_trainers, and never two different splits of one round (journal).
+4. reveal      A -> u   (r, U, D), the signatures of S ⊆ U, and the ciphertexts addressed to u.
+               u -> A   u checks (r, U, D) is the split it signed and that at least t members of U,
+                        itself included, signed that very statement (their certificates); then it
+                        reveals its share of b_r,v for each v in U and of m_r,w for each w in D: one
+                        kind per party, never both (the mask key only of those all signers saw drop).
+5. unmask      A        with t answers, A removes every self-mask and the pair masks between U and D;
+                        pair masks within U cancel in the sum.
+A party answers a repeated message as before (a signature over the same statement, the same shares),
+so retries and late answers are harmless (and the party flow resends a round's upload unchanged);
+the aggregator takes an answer for a round it has already unmasked as not needed. Learning m_r of
+a dropped party exposes only that round's pair masks; its upload for that round, if it arrives
+late, is refused, and its self-mask still hides it.
+
+States, per round, at the aggregator: collecting (uploads) -> confirming (split fixed; signatures)
+-> revealing (signers fixed; shares) -> done (global adapter) or failed. At a party: uploaded ->
+confirmed (split signed) -> revealed -> done.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedtune import files
 from fedtune.spec import majority
@@ -56,10 +85,29 @@ _NONCE_BYTES = 12
 CIPHERTEXT_BYTES = _NONCE_BYTES + 2 * shamir.ELEMENT_BYTES + 16
 MASK_KEY, SELF_MASK = b"mask key", b"self mask"
 Mask = tuple[bool, list[MaskStream]]  # add (True) or subtract, and a stream per 64-bit limb
+# Checks a survivor's signature over a statement: (signer, statement, signature) -> valid or not.
+Verify = Callable[[str, bytes, bytes], bool]
 
 
-def _expand(master: bytes, label: bytes, length: int = 32) -> bytes:
-    return HKDFExpand(hashes.SHA256(), length, b"fedtune secagg+\0" + label).derive(master)
+def _derive(secret: bytes, context: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256, extract (the context as salt) then expand (`label` as info): RFC 5869 in full."""
+    return HKDF(hashes.SHA256(), length, b"fedtune secagg+\0" + context, b"fedtune secagg+\0" + label).derive(secret)
+
+
+def _stream(key: bytes, length: int) -> bytes:
+    """`length` pseudorandom bytes from a 32-byte key (the ChaCha20 keystream): no bound on the length,
+    unlike one HKDF expansion (255 hash blocks)."""
+    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(length))
+
+
+def _fields(*fields: bytes) -> bytes:
+    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+
+
+def survivor_statement(context: bytes, round_: int, uploaded: Sequence[str], dropped: Sequence[str]) -> bytes:
+    """What a survivor signs in the consistency check: this run, this round, and its split into U and D."""
+    return _fields(b"fedtune secagg+ survivors", context, str(round_).encode(),
+                   json.dumps(sorted(uploaded)).encode(), json.dumps(sorted(dropped)).encode())
 
 
 def _element(raw: bytes) -> int:
@@ -90,27 +138,41 @@ class SecAggPlusCodec(OtpCodec):
     needs_keys = True
 
     def __init__(self, key_bits: int, key_agreement: KeyAgreement, generator: MaskGenerator, *,
-                 threshold: int, holders: Sequence[str], rounds: int) -> None:
+                 threshold: int, holders: Sequence[str], rounds: int, context: bytes, colluders: int = 0) -> None:
         super().__init__(key_bits, key_agreement, generator)
         self.holders = sorted(holders)
         if len(set(self.holders)) != len(self.holders) or not self.holders:
             raise SecAggError("secagg_plus needs the distinct names of the label_trainers")
-        if not majority(len(self.holders)) <= threshold <= len(self.holders):
+        low = majority(len(self.holders), colluders)
+        if not low <= threshold <= len(self.holders):
             raise SecAggError(
-                f"encryption.secagg_plus.threshold: {threshold} is outside {majority(len(self.holders))}.."
-                f"{len(self.holders)} for {len(self.holders)} label_trainers"
+                f"encryption.secagg_plus.threshold: {threshold} is outside {low}..{len(self.holders)} for "
+                f"{len(self.holders)} label_trainers and {colluders} colluders (it must exceed (n + c)/2)"
             )
         if rounds < 1:
             raise SecAggError(f"secagg_plus needs at least one round, got {rounds}")
+        if not isinstance(context, bytes) or not context:
+            raise SecAggError("secagg_plus needs the run's context (bytes) to bind its keys to")
         self.threshold = threshold
+        self.colluders = colluders
+        self.context = context
         self.rounds = rounds
         self.points = {name: i + 1 for i, name in enumerate(self.holders)}  # Shamir x-coordinates
         probe = key_agreement.public_key(key_agreement.private_key_from_seed(bytes(32)))
         self.key_bytes = len(probe)
 
+    def bound_to(self, context: bytes) -> SecAggPlusCodec:
+        """The same codec for another run: `context` (the run's session id, known once every party's bundle
+        is in) replaces the one it was made with."""
+        if not isinstance(context, bytes) or not context:
+            raise SecAggError("secagg_plus needs the run's context (bytes) to bind its keys to")
+        bound = copy.copy(self)
+        bound.context = context
+        return bound
+
     def __repr__(self) -> str:
         return (f"SecAggPlusCodec({self.fixed.bits} bits, {self.key_agreement.name}, {self.generator.name}, "
-                f"threshold {self.threshold} of {len(self.holders)}, {self.rounds} rounds)")
+                f"threshold {self.threshold} of {len(self.holders)}, {self.colluders} colluders, {self.rounds} rounds)")
 
     # --- keys ---------------------------------------------------------------------------------
 
@@ -120,10 +182,13 @@ class SecAggPlusCodec(OtpCodec):
 
     def secret(self, master: bytes, kind: bytes, round_: int) -> bytes:
         """The round's mask-key seed (MASK_KEY) or self-mask seed (SELF_MASK), as a field element."""
-        return shamir.to_bytes(_element(_expand(_check_master(master), _round_label(kind, round_))))
+        return shamir.to_bytes(_element(self._expand(master, _round_label(kind, round_), 40)))
+
+    def _expand(self, master: bytes, label: bytes, length: int = 32) -> bytes:
+        return _derive(_check_master(master), self.context, label, length)
 
     def _encryption_private(self, master: bytes) -> bytes:
-        seed = shamir.to_bytes(_element(_expand(_check_master(master), b"share encryption key")))
+        seed = shamir.to_bytes(_element(self._expand(master, b"share encryption key", 40)))
         return self.key_agreement.private_key_from_seed(seed)
 
     def public_key(self, master: bytes) -> bytes:
@@ -152,16 +217,17 @@ class SecAggPlusCodec(OtpCodec):
     def protect(self, update: Tensors, *, party: str, secrets: dict[str, bytes], job_id: str, round_: int) -> Tensors:
         raise SecAggError("secagg_plus masks through the party's session: use SecAggPlusCodec.party()")
 
-    def party(self, master: bytes, party: str, job_id: str, publics: Mapping[str, bytes],
+    def party(self, master: bytes, party: str, publics: Mapping[str, bytes],
               journal: Path | None = None) -> SecAggPlusParty:
-        return SecAggPlusParty(self, master, party, job_id, publics, journal)
+        return SecAggPlusParty(self, master, party, publics, journal)
 
     # --- shares -------------------------------------------------------------------------------
 
     def _coefficients(self, master: bytes, kind: bytes, round_: int) -> list[int]:
         # Reproducible, so a restarted party hands out the very same shares; 8 spare bytes per
         # coefficient make the reduction modulo the prime unbiased to 2^-64.
-        raw = _expand(master, b"coefficients\0" + _round_label(kind, round_), 40 * (self.threshold - 1) or 1)
+        key = self._expand(master, b"coefficients\0" + _round_label(kind, round_))
+        raw = _stream(key, 40 * (self.threshold - 1))
         return [_element(raw[40 * i: 40 * (i + 1)]) for i in range(self.threshold - 1)]
 
     def shares_of(self, master: bytes, kind: bytes, round_: int) -> dict[str, int]:
@@ -204,7 +270,7 @@ class SecAggPlusCodec(OtpCodec):
 
     # --- the aggregator -------------------------------------------------------------------------
 
-    def unmask(self, masked: dict[str, Tensors], plaintext: dict[str, Tensors], *, job_id: str, round_: int,
+    def unmask(self, masked: dict[str, Tensors], plaintext: dict[str, Tensors], *, round_: int,
                publics: Mapping[str, bytes], dropped: Sequence[str],
                reveals: Mapping[str, Mapping[str, bytes]]) -> Tensors:
         """The sum of the uploads (`masked`, by label_trainer) and `plaintext`, with every mask removed.
@@ -224,7 +290,7 @@ class SecAggPlusCodec(OtpCodec):
         seeds = self._reconstruct(round_, answered[: self.threshold], reveals, uploaded, dropped, bundles)
         ring_sum = self._ring_sum(masked, plaintext)
         for name, (total, _) in ring_sum.totals.items():
-            _apply_masks(total, self._removal_masks(job_id, round_, name, uploaded, dropped, seeds, bundles))
+            _apply_masks(total, self._removal_masks(round_, name, uploaded, dropped, seeds, bundles))
         return self._decode(ring_sum)
 
     def _reconstruct(self, round_: int, revealers: list[str], reveals: Mapping[str, Mapping[str, bytes]],
@@ -254,19 +320,19 @@ class SecAggPlusCodec(OtpCodec):
                 seeds[owner] = private
         return seeds
 
-    def _removal_masks(self, job_id: str, round_: int, tensor: str, uploaded: list[str], dropped: Sequence[str],
+    def _removal_masks(self, round_: int, tensor: str, uploaded: list[str], dropped: Sequence[str],
                        seeds: dict[str, bytes], bundles: dict[str, PublicBundle]) -> list[Mask]:
         """Subtract every self-mask; undo each uploader's mask with each dropped party (added if it sorts first)."""
-        masks = [(False, self._streams(seeds[u], job_id, round_, tensor)) for u in uploaded]
+        masks = [(False, self._streams(seeds[u], round_, tensor)) for u in uploaded]
         for w in dropped:
             for u in uploaded:
                 secret = self.key_agreement.shared_secret(seeds[w], bundles[u].mask_keys[round_ - 1], u)
-                masks.append((not u < w, self._streams(secret, job_id, round_, tensor)))
+                masks.append((not u < w, self._streams(secret, round_, tensor)))
         return masks
 
-    def _streams(self, secret: bytes, job_id: str, round_: int, tensor: str) -> list[MaskStream]:
+    def _streams(self, secret: bytes, round_: int, tensor: str) -> list[MaskStream]:
         limbs = range(self.fixed.limbs)
-        return [self.generator.stream(secret, mask_info(job_id, round_, tensor, limb)) for limb in limbs]
+        return [self.generator.stream(secret, mask_info(self.context, round_, tensor, limb)) for limb in limbs]
 
 
 def _check_master(master: bytes) -> bytes:
@@ -276,20 +342,20 @@ def _check_master(master: bytes) -> bytes:
     return master
 
 
-def _associated_data(job_id: str, sender: str, recipient: str, round_: int) -> bytes:
-    fields = [b"fedtune secagg+ shares", job_id.encode(), sender.encode(), recipient.encode(), str(round_).encode()]
-    return b"".join(struct.pack(">I", len(f)) + f for f in fields)
+def _associated_data(context: bytes, sender: str, recipient: str, round_: int) -> bytes:
+    return _fields(b"fedtune secagg+ shares", context, sender.encode(), recipient.encode(), str(round_).encode())
 
 
 class SecAggPlusParty:
-    """One label_trainer's side of SecAgg+: its shares for the peers, its masked uploads, its reveals.
+    """One label_trainer's side of SecAgg+: its shares for the peers, its masked uploads, its confirmations
+    and reveals, each checked against what a dishonest host could ask (see the module's docstring).
 
-    `journal`, a file beside the party's training state, records the split each round's reveal
-    answered, so that a restarted party still refuses a different one.
+    `journal`, a file beside the party's training state, records the rounds this party uploaded and the
+    split it signed for each, so that a restarted party still refuses a different one.
     """
 
-    def __init__(self, codec: SecAggPlusCodec, master: bytes, party: str, job_id: str,
-                 publics: Mapping[str, bytes], journal: Path | None = None) -> None:
+    def __init__(self, codec: SecAggPlusCodec, master: bytes, party: str, publics: Mapping[str, bytes],
+                 journal: Path | None = None) -> None:
         if party not in codec.points:
             raise SecAggError(f"`{party}` is not a label_trainer of this job")
         missing = [p for p in codec.holders if p not in publics]
@@ -298,17 +364,15 @@ class SecAggPlusParty:
         self.codec = codec
         self.master = _check_master(master)
         self.party = party
-        self.job_id = job_id
         self.bundles = {p: codec.unpack(publics[p], p) for p in codec.holders}
         if codec.public_key(master) != publics[party]:
             raise SecAggError(f"the public keys relayed for `{party}` are not its own (a different master seed?)")
         self.peers = [p for p in codec.holders if p != party]
-        self.journal = journal
-        self._answered: dict[str, dict[str, list[str]]] = {}
+        self._record = _Journal(journal)
         encryption = codec._encryption_private(master)
         self._share_keys = {
-            peer: HKDFExpand(hashes.SHA256(), 32, b"fedtune secagg+ share key\0" + job_id.encode()).derive(
-                codec.key_agreement.shared_secret(encryption, self.bundles[peer].encryption_key, peer))
+            peer: _derive(codec.key_agreement.shared_secret(encryption, self.bundles[peer].encryption_key, peer),
+                          codec.context, b"share key")
             for peer in self.peers
         }
 
@@ -327,14 +391,14 @@ class SecAggPlusParty:
             for r in rounds:
                 nonce = os.urandom(_NONCE_BYTES)
                 plain = shamir.to_bytes(mask_shares[r - 1][peer]) + shamir.to_bytes(self_shares[r - 1][peer])
-                parts.append(nonce + aead.encrypt(nonce, plain, _associated_data(self.job_id, self.party, peer, r)))
+                parts.append(nonce + aead.encrypt(nonce, plain, _associated_data(codec.context, self.party, peer, r)))
             out[peer] = b"".join(parts)
         return out
 
     # --- a round ----------------------------------------------------------------------------------
 
     def protect(self, update: Tensors, round_: int) -> Tensors:
-        """The masked upload: encoding + self-mask + one pair mask per peer."""
+        """The masked upload: encoding + self-mask + one pair mask per peer. Journals the round as uploaded."""
         codec, who = self.codec, f"party `{self.party}`"
         self._check_round(round_)
         tensors = _float_tensors(update, who)
@@ -346,22 +410,36 @@ class SecAggPlusParty:
         out: Tensors = {}
         for name, array in tensors.items():
             encoded = codec.fixed.encode(array, f"{who}: tensor `{name}`")
-            masks = [(True, codec._streams(self_seed, self.job_id, round_, name))]
-            masks += [(self.party < peer, codec._streams(pair_secrets[peer], self.job_id, round_, name))
-                      for peer in self.peers]
+            masks = [(True, codec._streams(self_seed, round_, name))]
+            masks += [(self.party < peer, codec._streams(pair_secrets[peer], round_, name)) for peer in self.peers]
             _apply_masks(encoded, masks)
             out[name] = codec._wire(encoded, array.shape)
+        self._record.uploaded(round_)
         return out
 
-    def reveal(self, round_: int, uploaded: Sequence[str], dropped: Sequence[str],
-               ciphertexts: Mapping[str, bytes]) -> dict[str, bytes]:
-        """This party's shares for the aggregator: self-mask seeds of `uploaded`, mask-key seeds of `dropped`."""
+    def confirm(self, round_: int, uploaded: Sequence[str], dropped: Sequence[str]) -> bytes:
+        """The statement this party signs for the consistency check: (context, round, U, D), once checked
+        that the round is the one it is closing, that it is in U, and that it never signed another split."""
+        self._check_request(round_, uploaded, dropped)
+        self._record.signed(round_, sorted(uploaded), sorted(dropped))
+        return survivor_statement(self.codec.context, round_, uploaded, dropped)
+
+    def reveal(self, round_: int, uploaded: Sequence[str], dropped: Sequence[str], ciphertexts: Mapping[str, bytes],
+               signatures: Mapping[str, bytes], verify: Verify | None) -> dict[str, bytes]:
+        """This party's shares for the aggregator: self-mask seeds of `uploaded`, mask-key seeds of `dropped`.
+
+        Only for the split it signed, and only once at least `threshold` members of U (itself among them)
+        signed the same statement: `verify` checks each signature against the signer's identity (None where
+        parties have no identity to sign with, as without TLS: then the signers are only counted).
+        """
         codec = self.codec
-        self._check_round(round_)
-        codec.check_split(round_, uploaded, dropped)
-        if self.party not in uploaded:
-            raise SecAggError(f"round {round_}: `{self.party}` is listed as dropped, but it is here to reveal")
-        self._record_split(round_, sorted(uploaded), sorted(dropped))
+        self._check_request(round_, uploaded, dropped)
+        signed = self._record.split(round_)
+        if signed != {"uploaded": sorted(uploaded), "dropped": sorted(dropped)}:
+            what = "signed no survivor set" if signed is None else f"signed another one ({_describe(signed)})"
+            raise SecAggError(f"round {round_}: asked to reveal for {_describe(uploaded, dropped)}, but this party "
+                              f"{what}; refusing (only a split every survivor confirmed may be unmasked)")
+        self._check_signatures(round_, uploaded, dropped, signatures, verify)
         shares = {}
         for owner in codec.holders:
             kind = SELF_MASK if owner in uploaded else MASK_KEY
@@ -372,13 +450,39 @@ class SecAggPlusParty:
             shares[owner] = self_share if kind == SELF_MASK else mask_share
         return shares
 
+    def _check_request(self, round_: int, uploaded: Sequence[str], dropped: Sequence[str]) -> None:
+        """A request to confirm or reveal must be for the round this party is closing (the last it uploaded),
+        name it among the uploaders, and split the label_trainers with at least `threshold` uploads."""
+        self._check_round(round_)
+        last = self._record.last_uploaded()
+        if round_ != last:
+            done = f"the last round it uploaded is {last}" if last else "it has uploaded no round"
+            raise SecAggError(f"round {round_}: asked for shares of a round this party is not closing ({done}); "
+                              "refusing")
+        self.codec.check_split(round_, uploaded, dropped)
+        if self.party not in uploaded:
+            raise SecAggError(f"round {round_}: `{self.party}` is listed as dropped, but it uploaded; refusing")
+
+    def _check_signatures(self, round_: int, uploaded: Sequence[str], dropped: Sequence[str],
+                          signatures: Mapping[str, bytes], verify: Verify | None) -> None:
+        statement = survivor_statement(self.codec.context, round_, uploaded, dropped)
+        valid = sorted(p for p, signature in signatures.items()
+                       if p in uploaded and (verify is None or verify(p, statement, signature)))
+        if self.party not in valid or len(valid) < self.codec.threshold:
+            raise SecAggError(
+                f"round {round_}: only {len(valid)} survivors ({', '.join(valid) or 'none'}) signed the survivor set "
+                f"{_describe(uploaded, dropped)}{'' if self.party in valid else ', this party not among them'}; "
+                f"encryption.secagg_plus.threshold needs {self.codec.threshold}: refusing to reveal (the survivors "
+                "may have been shown different sets)"
+            )
+
     def _decrypt(self, sender: str, round_: int, ciphertext: bytes) -> tuple[bytes, bytes]:
         if len(ciphertext) != CIPHERTEXT_BYTES:
             raise SecAggError(f"round {round_}: no encrypted shares from `{sender}` came with the request")
         nonce, sealed = ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:]
         try:
             plain = ChaCha20Poly1305(self._share_keys[sender]).decrypt(
-                nonce, sealed, _associated_data(self.job_id, sender, self.party, round_))
+                nonce, sealed, _associated_data(self.codec.context, sender, self.party, round_))
         except InvalidTag:
             raise SecAggError(f"round {round_}: the encrypted shares from `{sender}` do not authenticate "
                               "(altered, or meant for another party, job or round)") from None
@@ -388,23 +492,48 @@ class SecAggPlusParty:
         if isinstance(round_, bool) or not isinstance(round_, int) or not 1 <= round_ <= self.codec.rounds:
             raise SecAggError(f"party `{self.party}`: round {round_!r} is not in 1..{self.codec.rounds}")
 
-    def _record_split(self, round_: int, uploaded: list[str], dropped: list[str]) -> None:
-        """Refuse a split that differs from one answered before for this round: the same party's
-        self-mask and mask-key shares would then both be out."""
-        answered = self._answered
-        if self.journal is not None and self.journal.exists():
-            answered = json.loads(self.journal.read_text())
+
+def _describe(uploaded: Sequence[str] | Mapping[str, list[str]], dropped: Sequence[str] = ()) -> str:
+    if isinstance(uploaded, Mapping):
+        uploaded, dropped = uploaded["uploaded"], uploaded["dropped"]
+    return f"uploaded {', '.join(uploaded)} / dropped {', '.join(dropped) or 'none'}"
+
+
+class _Journal:
+    """What a party has done in the protocol, kept in a file when given so that a restart remembers it:
+    the rounds it uploaded, and the one split it signed for each round."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.data: dict = {"uploaded": [], "signed": {}}
+        if path is not None and path.exists():
+            self.data = json.loads(path.read_text())
+
+    def uploaded(self, round_: int) -> None:
+        if round_ not in self.data["uploaded"]:
+            self.data["uploaded"].append(round_)
+            self._save()
+
+    def last_uploaded(self) -> int:
+        return max(self.data["uploaded"], default=0)
+
+    def split(self, round_: int) -> dict[str, list[str]] | None:
+        return self.data["signed"].get(str(round_))
+
+    def signed(self, round_: int, uploaded: list[str], dropped: list[str]) -> None:
+        """Refuse a split other than the one signed before for this round: the same party's self-mask and
+        mask-key shares would then both be out."""
         split = {"uploaded": uploaded, "dropped": dropped}
-        before = answered.get(str(round_))
+        before = self.split(round_)
         if before is not None and before != split:
             raise SecAggError(
-                f"round {round_}: asked to reveal for uploaded {', '.join(uploaded)} / dropped "
-                f"{', '.join(dropped) or 'none'}, but this party already answered for uploaded "
-                f"{', '.join(before['uploaded'])} / dropped {', '.join(before['dropped']) or 'none'}; "
-                "refusing (both answers together would unmask a single party's update)"
+                f"round {round_}: asked to confirm {_describe(split)}, but this party already signed "
+                f"{_describe(before)}; refusing (both answers together would unmask a single party's update)"
             )
-        answered[str(round_)] = split
-        self._answered = answered
-        if self.journal is not None:
-            files.write_json_atomic(self.journal, answered)
+        if before is None:
+            self.data["signed"][str(round_)] = split
+            self._save()
 
+    def _save(self) -> None:
+        if self.path is not None:
+            files.write_json_atomic(self.path, self.data)

@@ -31,9 +31,11 @@ _ZEROS = bytes(1 << 16)  # plaintext for the keystream: ChaCha20 of zeros is the
 _CHACHA_MAX_BYTES = (1 << 32) * 64
 
 
-def mask_info(job_id: str, round_: int, tensor: str, limb: int) -> bytes:
-    """An unambiguous encoding of the mask context: length-prefixed UTF-8 fields."""
-    fields = [_DOMAIN, job_id.encode(), str(round_).encode(), tensor.encode(), str(limb).encode()]
+def mask_info(job_id: str | bytes, round_: int, tensor: str, limb: int) -> bytes:
+    """An unambiguous encoding of the mask context: length-prefixed fields (`job_id`: a name, or a run's
+    opaque context as bytes)."""
+    job = job_id if isinstance(job_id, bytes) else job_id.encode()
+    fields = [_DOMAIN, job, str(round_).encode(), tensor.encode(), str(limb).encode()]
     return b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
 

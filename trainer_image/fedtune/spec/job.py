@@ -79,6 +79,7 @@ class JobSpec(Strict):
             self._check_ranks(party)
         self.fractions()
         self._check_threshold()
+        self._check_dp_weighting()
         return self
 
     def _check_ranks(self, party: Party) -> None:
@@ -92,23 +93,52 @@ class JobSpec(Strict):
                              f"{party.resources.gpu} GPUs: one rank per GPU at most")
 
     def _check_threshold(self) -> None:
-        plus = self.encryption.secagg_plus
-        if plus is None or plus.threshold is None:
+        masking = self.encryption.masking
+        if masking is None:
             return
-        n = len(self.label_trainers)
+        n, c = len(self.label_trainers), masking.max_colluders
+        field = f"encryption.{self.encryption.scheme}"
+        if c >= n:
+            raise ValueError(f"{field}.max_colluders: {c} of the {n} label_trainers would leave no honest one to "
+                             "protect")
+        plus = self.encryption.secagg_plus
+        if plus is None:
+            return
+        need = majority(n, c)  # at most n, as c < n
+        if plus.threshold is None:
+            return
         if plus.threshold > n:
-            raise ValueError(f"encryption.secagg_plus.threshold: {plus.threshold} is more than the {n} label_trainers")
-        if plus.threshold < majority(n):
+            raise ValueError(f"{field}.threshold: {plus.threshold} is more than the {n} label_trainers")
+        if plus.threshold < need:
             raise ValueError(
-                f"encryption.secagg_plus.threshold: {plus.threshold} is below a majority of the {n} label_trainers "
-                f"(at least {majority(n)}): two groups of fewer could each reveal one half of a party's masks"
+                f"{field}.threshold: {plus.threshold} is not above (n + max_colluders)/2 = {(n + c) / 2:g} for {n} "
+                f"label_trainers and {c} colluders (at least {need}): two groups of fewer could each reveal one "
+                "half of a party's masks"
             )
 
+    def _check_dp_weighting(self) -> None:
+        """Under privacy.dp every party weighs 1/n, n from its own file: with sample weights a party's
+        sensitivity would rest on sample counts only the host sees (it could understate it)."""
+        if self.privacy.dp is None:
+            return
+        if "weighting" not in self.aggregation.model_fields_set:
+            self.aggregation.weighting = "uniform"
+        elif self.aggregation.weighting != "uniform":
+            raise ValueError("aggregation.weighting: privacy.dp needs `uniform` weights (each party's sensitivity "
+                             "C/n then follows from its own job file; sample weights rest on counts only the "
+                             "host sees)")
+
     def secagg_threshold(self) -> int:
-        """The shares a secagg_plus round needs: as configured, or a majority of the label_trainers."""
+        """The shares a secagg_plus round needs: as configured, or the least above (n + max_colluders)/2."""
         plus = self.encryption.secagg_plus
         configured = plus.threshold if plus is not None else None
-        return configured or majority(len(self.label_trainers))
+        colluders = plus.max_colluders if plus is not None else 0
+        return configured or majority(len(self.label_trainers), colluders)
+
+    def training_parties(self) -> list[Party]:
+        """The parties that train (and so contribute an update): every label_trainer, and the
+        assist_trainer when it has a trainset of its own."""
+        return [p for p in self.parties if p.role == "label_trainer" or self.trainset(p)]
 
     # --- derived views -------------------------------------------------------------------
 

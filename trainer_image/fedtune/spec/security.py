@@ -42,6 +42,9 @@ class Csprng(Strict):
 
 class Otp(Strict):
     key_bitlength: Literal[64, 128] = 64
+    # c: how many label_trainers may collude with the host. SecAgg+'s threshold must exceed (n + c)/2,
+    # and privacy.dp counts on only the other label_trainers' noise.
+    max_colluders: int = Field(0, ge=0)
     data_type: Literal["torch.Tensor"] = "torch.Tensor"
     key_exchange: KeyExchange = Field(default_factory=KeyExchange)
     csprng: Csprng = Field(default_factory=Csprng)
@@ -50,7 +53,8 @@ class Otp(Strict):
 class SecAggPlus(Otp):
     """Secure aggregation that survives label_trainers dropping out mid-round (`fedtune.secagg.plus`)."""
 
-    # Shares it takes to remove a round's masks: at least a majority of the label_trainers (the default).
+    # Shares it takes to remove a round's masks: more than (n + max_colluders)/2 of the n label_trainers
+    # (the default is the smallest such number).
     threshold: int | None = Field(None, ge=1)
     # A label_trainer that has not uploaded a round and has given no sign of life for this long since
     # the round's first upload is dropped from it (`aggregation.round_timeout_s` drops every latecomer).
@@ -60,9 +64,10 @@ class SecAggPlus(Otp):
 SCHEMES = ("plain", "otp", "secagg_plus")
 
 
-def majority(count: int) -> int:
-    """The smallest number of share holders that no two disjoint groups can both reach."""
-    return count // 2 + 1
+def majority(count: int, colluders: int = 0) -> int:
+    """The smallest threshold t > (count + colluders)/2: two groups of honest holders that each reach t with
+    the colluders' help must overlap, so no party's two secrets can both be revealed (Bell et al. 2020)."""
+    return (count + colluders) // 2 + 1
 
 
 class Encryption(Strict):
@@ -102,6 +107,16 @@ class Dp(Strict):
 
 class Privacy(Strict):
     dp: Dp | None = None
+    # What the host learns of each party's losses (training and valset): `plain` each party's own, `aggregate`
+    # only their mean over the parties (masked with the update under otp/secagg_plus), `none` nothing.
+    # Under dp the default is `none`: ε accounts for the adapters only.
+    losses: Literal["plain", "aggregate", "none"] = "plain"
+
+    @model_validator(mode="after")
+    def _no_losses_under_dp(self) -> Privacy:
+        if self.dp is not None and "losses" not in self.model_fields_set:
+            self.losses = "none"
+        return self
 
 
 class Tls(Strict):

@@ -321,3 +321,27 @@ def sign_public_key(key_pem: bytes, job_id: str, party: str, public_key: bytes) 
 def verify_public_key(ca_pem: bytes, cert_pem: bytes, job_id: str, party: str, public_key: bytes,
                       signature: bytes) -> None:
     verify_bundle(ca_pem, cert_pem, job_id, KeyBundle(party, public_key, b"", ""), signature)
+
+
+# --- signed protocol statements (SecAgg+'s consistency check) -----------------------------
+
+
+def sign_statement(key_pem: bytes, statement: bytes) -> bytes:
+    """The party's signature over a protocol statement (which names its own domain, job and round)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertError("only ECDSA party keys can sign protocol statements")
+    return key.sign(statement, ec.ECDSA(hashes.SHA256()))
+
+
+def statement_signed(cert_pem: bytes, statement: bytes, signature: bytes) -> bool:
+    """Whether `signature` over `statement` was made with the key of `cert_pem` (a certificate already
+    checked against the federation, as the party flow checks each peer's at the start)."""
+    try:
+        public = x509.load_pem_x509_certificate(cert_pem).public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            return False
+        public.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -212,8 +212,15 @@ class EncryptedShares(_message.Message):
     def __init__(self, party: _Optional[str] = ..., shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
-    __slots__ = ("round", "uploaded", "dropped", "ciphertexts")
+    __slots__ = ("round", "uploaded", "dropped", "ciphertexts", "signatures")
     class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class SignaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -224,14 +231,16 @@ class UnmaskRequest(_message.Message):
     UPLOADED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     round: int
     uploaded: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
     ciphertexts: _containers.ScalarMap[str, bytes]
-    def __init__(self, round: _Optional[int] = ..., uploaded: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, round: _Optional[int] = ..., uploaded: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Mapping[str, bytes]] = ..., signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class RevealedShares(_message.Message):
-    __slots__ = ("party", "round", "shares")
+    __slots__ = ("party", "round", "shares", "signature")
     class SharesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,7 +251,9 @@ class RevealedShares(_message.Message):
     PARTY_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     party: str
     round: int
     shares: _containers.ScalarMap[str, bytes]
-    def __init__(self, party: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, party: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Mapping[str, bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...

@@ -294,7 +294,9 @@ class AggregatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reveal(self, request, context):
-        """secagg_plus: a survivor's shares, which let the aggregator remove a round's masks.
+        """secagg_plus: a survivor's signature over the round's survivor set (consistency check), then its
+        shares, which let the aggregator remove a round's masks. An answer for a round already unmasked
+        is not needed and accepted as such.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
