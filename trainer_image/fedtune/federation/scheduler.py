@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAX_POLL_S = 30.0
-_POLL_S = 0.05
+_TICK_S = 0.5  # how often a waiting call looks at Redis for what other processes changed (a job failed)
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
@@ -39,50 +39,58 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.roles = {p.name: p.role for p in job.spec.parties}
         self.rounds = len(job.spec.fractions())
         self.lock = threading.Lock()
+        self.wakeup = transport.Wakeup()  # where Join and Ready wait: a barrier costs no thread per party
 
     # --- helpers ---------------------------------------------------------------------------
 
     def _caller(self, party: str, context: grpc.ServicerContext) -> str:
         if party not in self.roles:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a party of job {self.job.job_id}")
+            raise transport.Refused(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"`{party}` is not a party of job {self.job.job_id}")
         if self.identity is not None:
             self.identity.check(context, party)
         return party
 
-    def _fail(self, context: grpc.ServicerContext, message: str) -> None:
+    def _fail(self, message: str) -> None:
         log.error("%s", message)
         self.state.set_phase("Failed", message)
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        self.wakeup.notify()
+        raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, message)
 
-    def _wait_for(self, fetch: Callable[[], T | None], wait_s: float, context: grpc.ServicerContext) -> T | None:
-        deadline = time.monotonic() + min(max(wait_s, 0.0), _MAX_POLL_S)
-        while True:
+    async def _wait_for(self, fetch: Callable[[], T | None], wait_s: float) -> T | None:
+        """A long poll: `fetch()` once it has a value, None after `wait_s`; parked, not a thread, meanwhile."""
+        def probe() -> T | None:
             if self.state.phase() == "Failed":
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
-            value = fetch()
-            if value is not None or time.monotonic() >= deadline or not context.is_active():
-                return value
-            time.sleep(_POLL_S)
+                raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
+            return fetch()
+
+        return await self.wakeup.until(probe, min(max(wait_s, 0.0), _MAX_POLL_S), tick_s=_TICK_S)
 
     # --- RPCs ------------------------------------------------------------------------------
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    @transport.refusals
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         party = self._caller(request.party, context)
         if request.role != self.roles[party]:
-            context.abort(
+            raise transport.Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
             )
-        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
-            self.state.set_json("shared_config", json.loads(request.shared_config_json))
-        self.state.update_party(party, state="joined")
-        log.info("%s joined", party)
-        shared = self._wait_for(lambda: self.state.get_json("shared_config"), request.wait_s, context)
+        await transport.off_loop(self._joined, party, request.shared_config_json)
+        shared = await self._wait_for(lambda: self.state.get_json("shared_config"), request.wait_s)
         return pb.JoinReply(
             ready=shared is not None, job_id=self.job.job_id, shared_config_json=json.dumps(shared) if shared else ""
         )
 
-    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.StartInfo:
+    def _joined(self, party: str, shared_config_json: str) -> None:
+        if party == self.job.spec.authority.name:  # the assist_trainer, or a party training alone
+            self.state.set_json("shared_config", json.loads(shared_config_json))
+            self.wakeup.notify()
+        self.state.update_party(party, state="joined")
+        log.info("%s joined", party)
+
+    @transport.refusals
+    async def Ready(self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext) -> pb.StartInfo:
         party = self._caller(request.party, context)
         entry = {
             "samples": request.samples,
@@ -92,16 +100,8 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             "signature": base64.b64encode(request.public_key_signature).decode(),
             "certificate": base64.b64encode(request.certificate).decode(),
         }
-        with self.lock:
-            ready: dict[str, Any] = self.state.get_json("ready") or {}
-            self._check_schema(party, entry["schema"], ready, context)
-            self._check_same_key(party, entry, ready, context)
-            ready[party] = entry
-            self.state.set_json("ready", ready)
-            self.state.update_party(party, state="ready", samples=request.samples, max_steps=request.max_steps)
-            if set(ready) == set(self.roles) and self.state.get_json("start") is None:
-                self._start(ready)
-        start = self._wait_for(lambda: self.state.get_json("start"), request.wait_s, context)
+        await transport.off_loop(self._ready, party, entry, request)
+        start = await self._wait_for(lambda: self.state.get_json("start"), request.wait_s)
         if start is None:
             return pb.StartInfo(ready=False)
         return pb.StartInfo(
@@ -113,6 +113,18 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             certificates={k: base64.b64decode(v["certificate"]) for k, v in start["keys"].items()},
         )
 
+    def _ready(self, party: str, entry: dict[str, Any], request: pb.ReadyRequest) -> None:
+        with self.lock:
+            ready: dict[str, Any] = self.state.get_json("ready") or {}
+            self._check_schema(party, entry["schema"], ready)
+            self._check_same_key(party, entry)
+            ready[party] = entry
+            self.state.set_json("ready", ready)
+            self.state.update_party(party, state="ready", samples=request.samples, max_steps=request.max_steps)
+            if set(ready) == set(self.roles) and self.state.get_json("start") is None:
+                self._start(ready)
+
+    @transport.refusals
     def Report(self, request: pb.StatusReport, context: grpc.ServicerContext) -> pb.JobPhase:
         party = self._caller(request.party, context)
         fields: dict[str, Any] = {"state": request.state, "round": request.round, "step": request.step}
@@ -141,6 +153,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.state.update_party(party, **fields)
         if request.state == "failed":
             self.state.set_phase("Failed", f"{party}: {request.error or 'failed'}")
+            self.wakeup.notify()
         elif request.state == "succeeded":
             log.info("%s succeeded", party)
             self.maybe_succeed()
@@ -151,20 +164,19 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     # --- decisions -------------------------------------------------------------------------
 
-    def _check_schema(self, party: str, schema: list, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+    def _check_schema(self, party: str, schema: list, ready: dict[str, Any]) -> None:
         """Every party must train the very same adapter, or the average means nothing."""
         for other, entry in ready.items():
             if other == party or entry["schema"] == schema:
                 continue
             difference = describe_schema_difference(party, schema, other, entry["schema"])
-            self._fail(context, f"adapters do not match: {difference}")
+            self._fail(f"adapters do not match: {difference}")
 
-    def _check_same_key(self, party: str, entry: dict, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+    def _check_same_key(self, party: str, entry: dict) -> None:
         """After the start, peers' pairwise secrets depend on this key: a new one cannot be taken."""
         start = self.state.get_json("start")
         if start and party in start["keys"] and start["keys"][party]["public_key"] != entry["public_key"]:
             self._fail(
-                context,
                 f"{party} rejoined with a different key-agreement key; its masks could no longer cancel "
                 "(keep its state folder across restarts)",
             )
@@ -184,6 +196,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})
         self.state.set_phase("Running")
+        self.wakeup.notify()
         log.info("all %d parties ready; training starts (weights %s)", len(ready), weights)
 
     def maybe_succeed(self) -> None:
