@@ -127,7 +127,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         self._report_privacy()
         without = f" without {', '.join(dropped)}" if dropped else ""
-        log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
+        log.info("round %d aggregated from %s%s in %.3f s", round_, ", ".join(sorted([*protected, *plaintext])),
                  without, time.perf_counter() - started)
 
     def _report_privacy(self) -> None:
