@@ -17,9 +17,15 @@ For each scheme and N it runs the job --runs times and prints medians of
 
 A run that fails is counted and reported (secagg_plus's goal: none in 10 runs at 8 and 32).
 
+`--combine` times the aggregator's combine alone, where training does not compete for the CPU:
+the submission that closes a round (it stores the update and combines them all, through a real
+redis-server) for 8 to 64 updates of 262,144 weights, plain and otp, best of 5; per update it
+stays flat when the combine is linear in the parties.
+
     python bench/parties.py                                  # 2..64 x plain, otp, secagg_plus, 1 run each
     python bench/parties.py --parties 2,4,8 --schemes plain  # what fits a small machine
     python bench/parties.py --parties 8,32 --schemes secagg_plus --runs 10
+    python bench/parties.py --combine
 """
 
 from __future__ import annotations
@@ -135,6 +141,47 @@ def report(scheme: str, results: dict[int, list[dict[str, Any]]]) -> None:
             print(f"{'':>14} failed: {failure}")
 
 
+def combine_s(scheme: str, parties: int, redis: Any, repeat: int = 5) -> float:
+    """Best time of the submission that closes a round of `parties` updates (store + combine)."""
+    import numpy as np
+
+    from fedtune.federation import transport
+    from fedtune.federation.aggregator import AggregatorService
+    from fedtune.federation.jobstate import JobState
+    from fedtune.secagg import make_codec
+
+    codec = make_codec(ENCRYPTIONS[scheme])
+    names = [f"node-{i}" for i in range(1, parties + 1)]
+    rng = np.random.default_rng(0)
+    # The aggregator's work does not depend on the masks' values: encoded updates stand for masked ones.
+    blobs = {n: transport.pack_tensors(codec.encode_plain({"w": rng.normal(0, 0.02, (512, 512)).astype(np.float32)}))
+             for n in names}
+    best = float("inf")
+    for attempt in range(repeat):
+        state = JobState.connect(redis.address, redis.password, f"combine-{scheme}-{parties}-{attempt}")
+        service = AggregatorService(state, codec, rounds=1, round_timeout_s=600)
+        service.configure({n: 1.0 / parties for n in names}, own=None)
+        for name in names[:-1]:
+            service.accept(1, name, blobs[name])
+        started = time.perf_counter()
+        service.accept(1, names[-1], blobs[names[-1]])
+        best = min(best, time.perf_counter() - started)
+        assert state.get_global(1) is not None
+    return best
+
+
+def report_combine(sizes: list[int]) -> None:
+    from fedtune.local.launcher import RedisServer
+
+    print("\naggregator combine, closing submission (512x512 float32 updates, best of 5)")
+    print(f"{'updates':>8} {'plain ms':>9} {'per update':>11} {'otp ms':>9} {'per update':>11}")
+    with RedisServer() as redis:
+        for n in sizes:
+            plain, otp = combine_s("plain", n, redis), combine_s("otp", n, redis)
+            print(f"{n:>8} {plain * 1e3:>9.1f} {plain * 1e3 / n:>11.2f} {otp * 1e3:>9.1f} {otp * 1e3 / n:>11.2f}",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parties", default="2,4,8,16,32,64", help="label_trainer counts, comma-separated")
@@ -142,7 +189,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     parser.add_argument("--model", type=Path, help="an existing demo model folder (default: built here)")
+    parser.add_argument("--combine", action="store_true", help="time the aggregator's combine alone, 8..64 updates")
     args = parser.parse_args()
+    if args.combine:
+        print(f"machine: {machine()}")
+        report_combine([8, 16, 32, 64])
+        return
     sizes = sorted(int(n) for n in args.parties.split(","))
     schemes = args.schemes.split(",")
     unknown = sorted(set(schemes) - set(ENCRYPTIONS))
