@@ -101,7 +101,8 @@ def run_once(job: Path, out: Path, timeout_s: float) -> dict[str, Any]:
         return {"failed": f"no exit within {timeout_s + 120:.0f} s"}
     wall, cpu = time.monotonic() - started, children_cpu_s() - cpu
     if result.returncode != 0:
-        return {"failed": f"exit {result.returncode}: {(result.stderr or result.stdout).strip()[-300:]}"}
+        said = (result.stderr or result.stdout).strip().splitlines() or [""]
+        return {"failed": f"exit {result.returncode}: {said[-1][-300:]}"}
     summary = json.loads((out / "summary.json").read_text())
     parties = summary["parties"].values()
     log = (out / ".fedtune" / "logs" / "assist_trainer.log").read_text(encoding="utf-8", errors="replace")
