@@ -1,9 +1,10 @@
 """Barriers with more waiters than server threads: Ready on the scheduler, Fetch on the aggregator.
 
-A server with 4 worker threads holds 40 parties waiting at once (one asyncio client in this
-process makes all the calls, so every thread counted here belongs to the server or to gRPC). With
-one blocked thread per waiting call the 5th waiter would get no thread until a poll timed out, and
-the submissions that end the aggregator's round none at all.
+A server with 4 worker threads holds every label_trainer a job may have (64) waiting for Ready, and
+100 parties waiting in Fetch (one asyncio client in this process makes all the calls, so every
+thread counted here belongs to the server or to gRPC). With one blocked thread per waiting call the
+5th waiter would get no thread until a poll timed out, and the submissions that end the
+aggregator's round none at all.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.federation.scheduler import SchedulerService
 from fedtune.secagg import make_codec
-from fedtune.spec import Encryption, parse_job
+from fedtune.spec import MAX_LABEL_TRAINERS, Encryption, parse_job
 from support.jobs import EXAMPLE
 
 WORKERS = 4
-WAITERS = 40
+WAITERS = 100  # at the aggregator; at the scheduler, as many as a job has label_trainers
 WAIT_S = 25.0  # each long poll may wait this long: released in seconds only if nobody waits for a thread
 PROMPT_S = 8.0  # generous on a loaded 2-core machine; far below WAIT_S
 SCHEMA = json.dumps([["lora_A", [4, 16]], ["lora_B", [16, 4]]])
@@ -60,7 +61,7 @@ async def gather_watching(calls: list, peak: list[int]) -> list:
 
 
 def test_ready_barrier_releases_more_waiters_than_threads(redis_server) -> None:
-    job = parse_job(many_party_job(WAITERS))
+    job = parse_job(many_party_job(MAX_LABEL_TRAINERS))
     state = JobState.connect(redis_server.address, redis_server.password, job.job_id)
     state.init(len(job.spec.fractions()), {p.name: p.role for p in job.spec.parties})
     server, port = transport.make_server("127.0.0.1:0", workers=WORKERS)
@@ -77,7 +78,7 @@ def test_ready_barrier_releases_more_waiters_than_threads(redis_server) -> None:
                                                   wait_s=WAIT_S), timeout=WAIT_S + 10)
 
             peak: list[int] = []
-            waiting = [ready(p) for p in labels(WAITERS)]
+            waiting = [ready(p) for p in labels(MAX_LABEL_TRAINERS)]
             watched = asyncio.ensure_future(gather_watching(waiting, peak))
             await asyncio.sleep(2.0)  # every waiter is in: none may have its answer yet
             assert not watched.done()
@@ -91,13 +92,13 @@ def test_ready_barrier_releases_more_waiters_than_threads(redis_server) -> None:
         replies, elapsed, peak = asyncio.run(scenario())
     finally:
         server.stop(0).wait()
-    assert all(r.ready for r in replies) and len(replies) == WAITERS + 1
-    assert elapsed < PROMPT_S, f"{WAITERS} waiters took {elapsed:.1f} s to be released"
-    assert max(peak) - before <= WORKERS + 4, f"threads grew from {before} to {max(peak)} while {WAITERS} waited"
+    assert all(r.ready for r in replies) and len(replies) == MAX_LABEL_TRAINERS + 1
+    assert elapsed < PROMPT_S, f"{MAX_LABEL_TRAINERS} waiters took {elapsed:.1f} s to be released"
+    assert max(peak) - before <= WORKERS + 4, f"threads grew from {before} to {max(peak)} while they waited"
 
 
 def test_fetch_barrier_serves_submissions_while_many_wait(redis_server) -> None:
-    """40 label_trainers wait in Fetch for round 1 while the same 4 threads take their submissions."""
+    """100 label_trainers wait in Fetch for round 1 while the same 4 threads take their submissions."""
     codec = make_codec(Encryption.model_validate({"plain": {}}))
     parties = labels(WAITERS)
     state = JobState.connect(redis_server.address, redis_server.password, "barrier-test")
