@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fedtune.spec import KUBE_TYPE, FederatedFineTune, JobSpec, Peft
+from fedtune.spec import KUBE_TYPE, MAX_PARTIES, FederatedFineTune, JobSpec, Peft
 
 from . import kubeschema
 from .jobs import GROUP, KIND, PLURAL, VERSION
@@ -115,9 +115,8 @@ _ROOT_RULES = [
 ]
 
 # Kubernetes forbids `x-kubernetes-validations` cost estimates past a limit; bounding the
-# lists that CEL iterates keeps the estimate small. A federation with more parties than
-# this is not something one resource describes.
-_MAX_PARTIES = 64
+# lists that CEL iterates keeps the estimate small. The spec refuses more parties itself.
+_MAX_PARTIES = MAX_PARTIES
 _MAX_PARTY_NAME = 40
 
 

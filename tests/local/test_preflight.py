@@ -159,6 +159,17 @@ def test_a_sound_job_gets_its_plan(capsys: pytest.CaptureFixture, tmp_path: Path
     assert "node-1: label_trainer, local" in output and "20 samples, 10 steps" in output
 
 
+def test_more_label_trainers_than_the_limit_are_refused(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                        model: Path) -> None:
+    from fedtune.spec import MAX_LABEL_TRAINERS
+
+    job = write_job(tmp_path / "job", model, sizes=(4,) * (MAX_LABEL_TRAINERS + 2))
+    for command in ("validate", "run"):
+        message = run_refused(capsys, job, tmp_path, f"parties: {MAX_LABEL_TRAINERS + 2} parties",
+                              f"at most {MAX_LABEL_TRAINERS} label_trainers", "CRD", command=command)
+        assert "Traceback" not in message
+
+
 # --- the output folder --------------------------------------------------------------------------
 
 

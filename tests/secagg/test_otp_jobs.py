@@ -80,8 +80,8 @@ def test_label_trainer_restarted_under_otp_still_decodes(tmp_path: Path, tiny_mo
 class TamperingScheduler(SchedulerService):
     """A compromised relay: it alters node-1's key-agreement value in what it hands node-2."""
 
-    def Ready(self, request, context):
-        reply = super().Ready(request, context)
+    async def Ready(self, request, context):
+        reply = await super().Ready(request, context)
         if request.party == "node-2" and "node-1" in reply.public_keys:
             key = bytearray(reply.public_keys["node-1"])
             key[-1] ^= 0x01

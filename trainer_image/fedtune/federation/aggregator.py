@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # adapters and taken out of the global adapter by the aggregator.
 LOSS_TENSOR = "fedtune.round_loss"
 _MAX_POLL_S = 30.0
-_POLL_S = 0.02
+_POLL_S = 0.02  # how often the assist_trainer's own wait (a thread of its own, not a call) looks
+_TICK_S = 0.5  # how often a waiting Fetch looks again unprompted: a job failed elsewhere, dropout deadlines
 _DEADLINE_CHECK_S = 0.2  # how often waiting callers look at the round's deadlines (they read Redis)
 
 
@@ -70,6 +71,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self.first_seen: dict[int, float] = {}  # round -> when its first upload (or split) was seen
         self.last_check: dict[int, float] = {}
         self.alive = _Liveness(state)
+        self.wakeup = transport.Wakeup()  # where Fetch waits: a round's barrier costs no thread per party
 
     def configure(self, weights: dict[str, float], own: str | None, publics: dict[str, bytes] | None = None,
                   *, context: str | None = None) -> None:
@@ -82,6 +84,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         self._report_privacy()
         for round_ in range(self.state.completed_round() + 1, self.rounds + 1):
             self._maybe_aggregate(round_)  # a restart may find a round complete but not combined
+        self.wakeup.notify()
 
     # --- the assist_trainer's own update and the rounds ------------------------------------
 
@@ -137,10 +140,11 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         loss = total.pop(LOSS_TENSOR, None)  # privacy.losses aggregate: weight·[mean loss, 1], summed
         self._take_loss(round_, loss)
         self.state.put_global(round_, *self.strategy.finish(self.state, round_, total, share))
+        self.wakeup.notify()
         metrics.mine(metrics.SECAGG_SECONDS, step="combine").observe(time.perf_counter() - started)
         self._report_privacy()
         without = f" without {', '.join(dropped)}" if dropped else ""
-        log.info("round %d aggregated from %s%s in %.2f s", round_, ", ".join(sorted([*protected, *plaintext])),
+        log.info("round %d aggregated from %s%s in %.3f s", round_, ", ".join(sorted([*protected, *plaintext])),
                  without, time.perf_counter() - started)
 
     def _take_loss(self, round_: int, summed: np.ndarray | None) -> None:
@@ -160,6 +164,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def _fail(self, round_: int, message: str) -> None:
         message = message if message.startswith(f"round {round_}:") else f"round {round_}: {message}"
         self.state.set_phase("Failed", message)
+        self.wakeup.notify()
         log.error("%s", message)
 
     def wait_global(self, round_: int, wait_s: float, party: str | None = None) -> bytes | None:
@@ -170,23 +175,27 @@ class AggregatorService(pb_grpc.AggregatorServicer):
     def wait_for(self, round_: int, wait_s: float,
                  party: str | None = None) -> tuple[bytes | None, pb.UnmaskRequest | None]:
         """The round's global adapter; or, for a secagg_plus survivor, what it must reveal first; or
-        (None, None) after `wait_s`. Raises JobAborted when the job failed."""
+        (None, None) after `wait_s`. Raises JobAborted when the job failed. Blocks the calling thread:
+        for the assist_trainer's own training loop; callers over gRPC wait in `Fetch`, without one."""
         deadline = time.monotonic() + wait_s
-        while True:
-            blob = self.state.get_global(round_)
-            if blob is not None and (round_ > 0 or self._shares_complete()):
-                return blob, None
-            if self.state.phase() == "Failed":
-                raise transport.JobAborted(self.state.error())
-            if party is not None:
-                self.alive.saw(party)
-                request = self._unmask_request(round_, party)
-                if request is not None:
-                    return None, request
-            self._check_deadlines(round_)
-            if time.monotonic() >= deadline:
-                return None, None
+        while (found := self._look(round_, party)) is None and time.monotonic() < deadline:
             time.sleep(_POLL_S)
+        return found or (None, None)
+
+    def _look(self, round_: int, party: str | None) -> tuple[bytes | None, pb.UnmaskRequest | None] | None:
+        """One look at the round for a waiting caller: its global adapter, or what `party` must reveal, or None."""
+        blob = self.state.get_global(round_)
+        if blob is not None and (round_ > 0 or self._shares_complete()):
+            return blob, None
+        if self.state.phase() == "Failed":
+            raise transport.JobAborted(self.state.error())
+        if party is not None:
+            self.alive.saw(party)
+            request = self._unmask_request(round_, party)
+            if request is not None:
+                return None, request
+        self._check_deadlines(round_)
+        return None
 
     def _check_deadlines(self, round_: int) -> None:
         now = time.monotonic()
@@ -252,7 +261,9 @@ class AggregatorService(pb_grpc.AggregatorServicer):
             self._fail(round_, f"{err} (dropped: {', '.join(dropped)})")
             return None
         self.first_seen[round_] = time.monotonic()  # the reveal deadline counts from here
-        return self.state.set_split(round_, uploaded, dropped)
+        split = self.state.set_split(round_, uploaded, dropped)
+        self.wakeup.notify()  # the uploaders waiting in Fetch are asked to reveal
+        return split
 
     def _maybe_fix_signers(self, round_: int, split: dict[str, list[str]], now: float) -> None:
         """Close the consistency check: every uploader signed the split, or `threshold` did and the others
@@ -320,6 +331,7 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         assert self.plus is not None
         self.plus.check_share_upload(party, shares)
         self.state.put_shares(party, pb.EncryptedShares(party=party, shares=shares).SerializeToString())
+        self.wakeup.notify()  # round 0 is served once every label_trainer's shares are in
 
     def accept_reveal(self, round_: int, party: str, shares: dict[str, bytes], signature: bytes = b"") -> None:
         """A survivor's confirmation (`signature`, no shares) or reveal. Either is not needed once the round
@@ -355,54 +367,65 @@ class AggregatorService(pb_grpc.AggregatorServicer):
         if self.identity is not None:
             self.identity.check(context, party)
         if self.expected is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "aggregator is starting; retry")
+            raise transport.Refused(grpc.StatusCode.UNAVAILABLE, "aggregator is starting; retry")
         if party not in self.expected or party == self.own:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a training party of this job")
+            raise transport.Refused(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a training party of this job")
         if self.state.phase() == "Failed":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
+            raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
         self.alive.saw(party)
 
-    def _answer(self, context: grpc.ServicerContext, accept: Callable[[], None]) -> pb.JobPhase:
+    def _answer(self, accept: Callable[[], None]) -> pb.JobPhase:
         try:
             accept()
         except SecAggError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise transport.Refused(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
         return pb.JobPhase(phase=self.state.phase(), error=self.state.error())
 
+    def _secagg_plus(self) -> None:
+        if self.plus is None:
+            raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
+
+    @transport.refusals
     def Submit(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.JobPhase:
         header, blob = transport.join_chunks(request_iterator)
         self._training_caller(header.party, context)
         metrics.mine(metrics.BYTES_RECEIVED).inc(len(blob))
-        return self._answer(context, lambda: self.accept(header.round, header.party, blob))
+        return self._answer(lambda: self.accept(header.round, header.party, blob))
 
+    @transport.refusals
     def ShareKeys(self, request: pb.EncryptedShares, context: grpc.ServicerContext) -> pb.JobPhase:
         self._training_caller(request.party, context)
-        if self.plus is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
-        return self._answer(context, lambda: self.accept_shares(request.party, dict(request.shares)))
+        self._secagg_plus()
+        return self._answer(lambda: self.accept_shares(request.party, dict(request.shares)))
 
+    @transport.refusals
     def Reveal(self, request: pb.RevealedShares, context: grpc.ServicerContext) -> pb.JobPhase:
         self._training_caller(request.party, context)
-        if self.plus is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this job does not use encryption.secagg_plus")
-        return self._answer(context, lambda: self.accept_reveal(request.round, request.party, dict(request.shares),
-                                                                request.signature))
+        self._secagg_plus()
+        return self._answer(lambda: self.accept_reveal(request.round, request.party, dict(request.shares),
+                                                       request.signature))
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+    @transport.refusals
+    async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        """A long poll parked on the service's wakeup (no thread held), then the blob in chunks."""
         if self.identity is not None:
             self.identity.check(context, request.party)
+        wait_s = min(max(request.wait_s, 0.0), _MAX_POLL_S)
         try:
-            blob, unmask = self.wait_for(request.round, min(max(request.wait_s, 0.0), _MAX_POLL_S), request.party)
+            found = await self.wakeup.until(lambda: self._look(request.round, request.party), wait_s, tick_s=_TICK_S)
+            phase = await transport.off_loop(self.state.phase)
         except transport.JobAborted as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {err}")
-        header = pb.BlobHeader(party=request.party, round=request.round, ready=blob is not None,
-                               phase=self.state.phase(), unmask=unmask)
+            raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {err}") from None
+        blob, unmask = found or (None, None)
+        header = pb.BlobHeader(party=request.party, round=request.round, ready=blob is not None, phase=phase,
+                               unmask=unmask)
         metrics.mine(metrics.BYTES_SENT).inc(len(blob or b""))
-        yield from transport.blob_chunks(header, blob or b"")
+        for chunk in transport.blob_chunks(header, blob or b""):
+            yield chunk
 
 
 def start_server(service: AggregatorService, listen: str,
-                 tls: transport.TlsMaterial | None = None) -> tuple[grpc.Server, int]:
+                 tls: transport.TlsMaterial | None = None) -> tuple[transport.Server, int]:
     server, port = transport.make_server(listen, tls)
     pb_grpc.add_AggregatorServicer_to_server(service, server)
     server.start()

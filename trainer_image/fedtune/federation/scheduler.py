@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _MAX_POLL_S = 30.0
-_POLL_S = 0.05
+_TICK_S = 0.5  # how often a waiting call looks at Redis for what other processes changed (a job failed)
 
 
 class SchedulerService(pb_grpc.SchedulerServicer):
@@ -45,52 +45,60 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.rounds = len(job.spec.fractions())
         self.terms = job_terms.terms(job)
         self.lock = threading.Lock()
+        self.wakeup = transport.Wakeup()  # where Join and Ready wait: a barrier costs no thread per party
 
     # --- helpers ---------------------------------------------------------------------------
 
     def _caller(self, party: str, context: grpc.ServicerContext) -> str:
         if party not in self.roles:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"`{party}` is not a party of job {self.job.job_id}")
+            raise transport.Refused(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"`{party}` is not a party of job {self.job.job_id}")
         if self.identity is not None:
             self.identity.check(context, party)
         return party
 
-    def _fail(self, context: grpc.ServicerContext, message: str) -> None:
+    def _fail(self, message: str) -> None:
         log.error("%s", message)
         self.state.set_phase("Failed", message)
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        self.wakeup.notify()
+        raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, message)
 
-    def _wait_for(self, fetch: Callable[[], T | None], wait_s: float, context: grpc.ServicerContext) -> T | None:
-        deadline = time.monotonic() + min(max(wait_s, 0.0), _MAX_POLL_S)
-        while True:
+    async def _wait_for(self, fetch: Callable[[], T | None], wait_s: float) -> T | None:
+        """A long poll: `fetch()` once it has a value, None after `wait_s`; parked, not a thread, meanwhile."""
+        def probe() -> T | None:
             if self.state.phase() == "Failed":
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
-            value = fetch()
-            if value is not None or time.monotonic() >= deadline or not context.is_active():
-                return value
-            time.sleep(_POLL_S)
+                raise transport.Refused(grpc.StatusCode.FAILED_PRECONDITION, f"job failed: {self.state.error()}")
+            return fetch()
+
+        return await self.wakeup.until(probe, min(max(wait_s, 0.0), _MAX_POLL_S), tick_s=_TICK_S)
 
     # --- RPCs ------------------------------------------------------------------------------
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    @transport.refusals
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         party = self._caller(request.party, context)
         if request.role != self.roles[party]:
-            context.abort(
+            raise transport.Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"`{party}` joined as {request.role or 'no role'} but the job lists it as {self.roles[party]}",
             )
         theirs = json.loads(request.terms_json or "{}")
-        if theirs != self.terms:  # the party refuses too, from the terms in this reply
+        await transport.off_loop(self._joined, party, theirs)
+        return pb.JoinReply(ready=True, job_id=self.job.job_id, terms_json=json.dumps(self.terms))
+
+    def _joined(self, party: str, theirs: dict[str, Any]) -> None:
+        if theirs != self.terms:  # the party refuses too, from the terms in the reply
             found = job_terms.differences(self.terms, theirs)
             message = f"{party}: its terms differ from the scheduler's job file: " + "; ".join(found)
             log.error("%s", message)
             self.state.set_phase("Failed", message)
-        else:
-            self.state.update_party(party, state="joined")
-            log.info("%s joined", party)
-        return pb.JoinReply(ready=True, job_id=self.job.job_id, terms_json=json.dumps(self.terms))
+            self.wakeup.notify()
+            return
+        self.state.update_party(party, state="joined")
+        log.info("%s joined", party)
 
-    def Ready(self, request: pb.ReadyRequest, context: grpc.ServicerContext) -> pb.StartInfo:
+    @transport.refusals
+    async def Ready(self, request: pb.ReadyRequest, context: grpc.aio.ServicerContext) -> pb.StartInfo:
         party = self._caller(request.party, context)
         entry = {
             "samples": request.samples,
@@ -102,20 +110,24 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             "nonce": base64.b64encode(request.nonce).decode(),
             "terms_digest": request.terms_digest,
         }
+        await transport.off_loop(self._ready, party, entry, request)
+        start = await self._wait_for(lambda: self.state.get_json("start"), request.wait_s)
+        if start is None:
+            return pb.StartInfo(ready=False)
+        return start_info(start, self.rounds)
+
+    def _ready(self, party: str, entry: dict[str, Any], request: pb.ReadyRequest) -> None:
         with self.lock:
             ready: dict[str, Any] = self.state.get_json("ready") or {}
-            self._check_schema(party, entry["schema"], ready, context)
-            self._check_same_key(party, entry, ready, context)
+            self._check_schema(party, entry["schema"], ready)
+            self._check_same_key(party, entry)
             ready[party] = entry
             self.state.set_json("ready", ready)
             self.state.update_party(party, state="ready", samples=request.samples, max_steps=request.max_steps)
             if set(ready) == set(self.roles) and self.state.get_json("start") is None:
                 self._start(ready)
-        start = self._wait_for(lambda: self.state.get_json("start"), request.wait_s, context)
-        if start is None:
-            return pb.StartInfo(ready=False)
-        return start_info(start, self.rounds)
 
+    @transport.refusals
     def Report(self, request: pb.StatusReport, context: grpc.ServicerContext) -> pb.JobPhase:
         party = self._caller(request.party, context)
         fields: dict[str, Any] = {"state": request.state, "round": request.round, "step": request.step}
@@ -144,6 +156,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         self.state.update_party(party, **fields)
         if request.state == "failed":
             self.state.set_phase("Failed", f"{party}: {request.error or 'failed'}")
+            self.wakeup.notify()
         elif request.state == "succeeded":
             log.info("%s succeeded", party)
             self.maybe_succeed()
@@ -154,15 +167,15 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     # --- decisions -------------------------------------------------------------------------
 
-    def _check_schema(self, party: str, schema: list, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+    def _check_schema(self, party: str, schema: list, ready: dict[str, Any]) -> None:
         """Every party must train the very same adapter, or the average means nothing."""
         for other, entry in ready.items():
             if other == party or entry["schema"] == schema:
                 continue
             difference = describe_schema_difference(party, schema, other, entry["schema"])
-            self._fail(context, f"adapters do not match: {difference}")
+            self._fail(f"adapters do not match: {difference}")
 
-    def _check_same_key(self, party: str, entry: dict, ready: dict[str, Any], context: grpc.ServicerContext) -> None:
+    def _check_same_key(self, party: str, entry: dict) -> None:
         """After the start, peers' pairwise secrets depend on this key: a new one cannot be taken."""
         start = self.state.get_json("start")
         if not start or party not in start["keys"]:
@@ -170,7 +183,6 @@ class SchedulerService(pb_grpc.SchedulerServicer):
         kept = start["keys"][party]
         if kept["public_key"] != entry["public_key"] or kept["nonce"] != entry["nonce"]:
             self._fail(
-                context,
                 f"{party} rejoined with a different key-agreement key or session nonce; its masks could no longer "
                 "cancel (keep its state folder across restarts)",
             )
@@ -185,6 +197,7 @@ class SchedulerService(pb_grpc.SchedulerServicer):
             self.state.add_warning(warning)
         self.state.set_json("start", {"weights": weights, "keys": keys})
         self.state.set_phase("Running")
+        self.wakeup.notify()
         log.info("all %d parties ready; training starts (%s: weights %s)", len(ready), chosen.describe(), weights)
 
     def maybe_succeed(self) -> None:

@@ -10,6 +10,8 @@ job in `job`; everything public is imported from `fedtune.spec`.
 
 from fedtune.spec.common import API_VERSION, KIND, KUBE_TYPE, PathRef, SpecError
 from fedtune.spec.job import (
+    MAX_LABEL_TRAINERS,
+    MAX_PARTIES,
     FederatedFineTune,
     JobSpec,
     Metadata,
@@ -51,6 +53,8 @@ __all__ = [
     "KUBE_TYPE",
     "LOCAL_TRAINER_KEYS",
     "MANAGED_TRAINER_KEYS",
+    "MAX_LABEL_TRAINERS",
+    "MAX_PARTIES",
     "SCHEMES",
     "STATE_DIR",
     "AdapterOptions",

@@ -26,6 +26,12 @@ from fedtune.spec.training import (
     TrainsetEntry,
 )
 
+# How many label_trainers one job federates. The FederatedFineTune CRD bounds spec.parties (these and the
+# assist_trainer) because Kubernetes refuses a CRD whose validation rules it cannot bound the cost of, and
+# those rules walk the parties; a job that Kubernetes would refuse is refused everywhere, at validation.
+MAX_LABEL_TRAINERS = 64
+MAX_PARTIES = MAX_LABEL_TRAINERS + 1
+
 
 class JobSpec(Strict):
     model_info: ModelInfo = Field(default_factory=ModelInfo)
@@ -55,6 +61,11 @@ class JobSpec(Strict):
     @model_validator(mode="after")
     def _parties_make_a_federation(self) -> JobSpec:
         roles = [p.role for p in self.parties]
+        if len(self.parties) > MAX_PARTIES:
+            raise ValueError(f"parties: {len(self.parties)} parties; a job federates at most {MAX_LABEL_TRAINERS} "
+                             f"label_trainers and its assist_trainer ({MAX_PARTIES} parties: the bound the "
+                             "FederatedFineTune CRD sets so that Kubernetes can bound the cost of its validation "
+                             "rules, which walk the parties)")
         if roles.count("assist_trainer") != 1 and not self.standalone:
             raise ValueError("parties: exactly one party must have role `assist_trainer` "
                              "(or a single label_trainer trains alone)")
