@@ -1,10 +1,14 @@
 """Exit codes every command and `fedtune run` share (below the command line, so that nothing imports it)."""
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
+EXIT_HANGUP, EXIT_TERMINATED = 129, 143  # 128 + the signal's number, as a shell reports it
 EXIT_CODES = f"""exit codes:
   0    success
-  {EXIT_FAILED}    the job failed (a party's error and the tail of its log are printed)
-  {EXIT_BAD_INPUT}    bad input: the job file, a dataset, a model folder, a path or an option; nothing was
-       started and nothing written
+  {EXIT_FAILED}    the job failed (a party's error and the tail of its log are printed); the machine's
+       state stopped it (Redis gone, a full disk, ...)
+  {EXIT_BAD_INPUT}    bad input: the job file, a dataset, a model folder, a path or an option, an output that
+       cannot be written or is in use, a port in use; nothing was started and nothing written
   {EXIT_TIMEOUT}  fedtune run --timeout expired; every role was stopped
-  {EXIT_INTERRUPTED}  interrupted"""
+  {EXIT_HANGUP}  fedtune run stopped by SIGHUP: every process it started is stopped; --resume continues
+  {EXIT_INTERRUPTED}  interrupted (SIGINT, Ctrl-C); the same
+  {EXIT_TERMINATED}  stopped by SIGTERM; the same"""

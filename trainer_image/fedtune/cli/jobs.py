@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune import roles
+from fedtune import procctl, roles
 from fedtune.exits import EXIT_CODES
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
@@ -22,9 +22,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse
     run.add_argument("--output", type=Path, help="adapters land in OUTPUT/<party>/ (default: spec.output.path "
                      "with its [JOB_ID] and [NODE_ID] filled in, else fedtune-output/<party>/)")
     run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
-    run.add_argument("--timeout", type=float, default=24 * 3600,
+    run.add_argument("--timeout", type=_seconds, default=24 * 3600,
                      help="stop every role and exit 124 after this many seconds")
-    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted or failed run in OUTPUT from its last completed round "
+                            "(the same job: refused when its terms changed)")
     run.add_argument("--gpus-per-party", type=int, metavar="N",
                      help="give every local party that trains N GPUs of its own (resources.gpu), one rank each")
     run.add_argument("--ranks-per-party", type=int, metavar="N",
@@ -88,10 +92,29 @@ def _tls(args: argparse.Namespace):  # -> transport.TlsMaterial | None
     return transport.TlsMaterial(ca=ca, cert=cert, key=key)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _become(job: FederatedFineTune, role: str, party: str | None = None) -> None:
+    """Show job and role in ps; under `fedtune run`, end with the process that started this one."""
+    procctl.tie_if_asked()
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    title = procctl.title_of(job.job_id, role, party)
+    procctl.set_title(title if rank == "0" else f"{title} rank {rank}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.local.preflight import check_files
 
     job = load_job(args.job)
+    procctl.set_title(procctl.title_of(job.job_id, "run"))
     if args.gpus_per_party is not None or args.ranks_per_party is not None:
         from fedtune.local.launcher import with_party_ranks
 
@@ -103,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.local.launcher import run_job
 
     return run_job(job, args.output.resolve() if args.output else None, base_dir, samples, source=str(args.job),
-                   timeout_s=args.timeout, overwrite=args.overwrite, log_level=args.log_level)
+                   timeout_s=args.timeout, overwrite=args.overwrite, resume=args.resume, log_level=args.log_level)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -136,6 +159,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from fedtune.federation.jobstate import JobState
 
     job = load_job(args.job)
+    _become(job, roles.SCHEDULER)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
     state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
@@ -149,6 +173,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     expected = roles.SUBCOMMANDS[me.role]
     if args.command != expected:
         raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
+    _become(job, me.role, me.name)
     if job.spec.ranks(me) > 1:
         from fedtune.train import ranks
 
