@@ -218,6 +218,9 @@ def earlier_results(output: Path, party_dirs: dict[str, Path], *, overwrite: boo
     earlier = [output / "summary.json", output / RUN_DIR, *party_dirs.values()]
     present = [p for p in earlier if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
     if present and not overwrite:
+        if runfolder.resumable(output / RUN_DIR):
+            raise SpecError(f"{output} holds an earlier run's results, of a run that did not finish: continue it "
+                            "with --resume, or pass --overwrite to replace them")
         raise SpecError(f"{present[0]} holds an earlier run's results; choose another output folder "
                         "or pass --overwrite to replace them")
     return present
@@ -784,10 +787,12 @@ def restart_or_drop(local: LocalJob, lost: set[str]) -> None:
     it, the job goes on without it."""
     for role in local.exited(ok=False):
         exit_code = role.exit_code()
-        if role.name not in lost and local.restart(role):
+        if role.name in lost:  # given up on already, or stopped by us (dropped)
+            continue
+        if local.restart(role):
             print(f"WARNING: {role.name} exited with {exit_code}; restarted it ({role.restarts} of "
                   f"spec.backoffLimit {local.job.spec.backoffLimit}; its log: {role.log_path})", file=sys.stderr)
-        elif role.name not in lost:  # tolerated, or the job fails just after
+        else:  # tolerated, or the job fails just after
             lost.add(role.name)
             if local.dropout_tolerated(role):
                 local.give_up(role)

@@ -93,6 +93,10 @@ def check_resumable(run_dir: Path, job: FederatedFineTune, source: str) -> None:
                         "resume it with the job it started with, or start over with --overwrite")
 
 
+def resumable(run_dir: Path) -> bool:
+    return (run_dir / RESUME / TERMS).is_file()
+
+
 def make_private(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -146,13 +150,16 @@ def forget(run_dir: Path) -> None:
 
 
 def clear_killed(run_dir: Path) -> str:
-    """What a `fedtune run` killed before it could clean up left (its lock is free, its record stays):
-    stop its processes that still live, remove its private temporary folders. Says what it did."""
-    record_file = run_dir / RECORD
-    if not record_file.is_file():
+    """Refuse a folder a live `fedtune run` holds; clear what one killed before it could clean up left (its
+    lock is free, its record stays): stop its processes that still live, remove its private temporary
+    folders. Says what it did."""
+    if not run_dir.is_dir():
         return ""
     lock = RunLock.take(run_dir)  # refused while its launcher lives
+    record_file = run_dir / RECORD
     try:
+        if not record_file.is_file():
+            return ""
         left = json.loads(record_file.read_text(encoding="utf-8"))
         stopped = sum(_kill_group(pid, ticks) for pid, ticks in left.get("processes", []))
         removed = sum(_remove_temp(Path(p)) for p in left.get("temp", []))

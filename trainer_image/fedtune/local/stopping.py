@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType, TracebackType
@@ -51,6 +52,8 @@ class Signals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
             self.kill_now()
+            print(f"fedtune: {signal.Signals(signum).name} again: every process of the run killed at once",
+                  file=sys.stderr, flush=True)
             os._exit(128 + self.received)
         self.received = signum
         if not self.stopping:
