@@ -2,6 +2,12 @@
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
 EXIT_HANGUP, EXIT_TERMINATED = 129, 143  # 128 + the signal's number, as a shell reports it
+
+
+class RoleError(OSError):
+    """The machine's state stopped a role (Redis gone or refusing, a port in use): its message is the one line
+    the command prints before it exits 1."""
+
 EXIT_CODES = f"""exit codes:
   0    success
   {EXIT_FAILED}    the job failed (a party's error and the tail of its log are printed); the machine's

@@ -16,7 +16,7 @@ import sys
 
 from fedtune import __version__, logs, roles
 from fedtune.cli import jobs, models, tools
-from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_INTERRUPTED
+from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED
 from fedtune.spec import SpecError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError, FileNotFoundError) as err:
         print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # the machine's state (a full disk, a folder gone): one line, not a traceback
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedtune import procctl, roles
-from fedtune.exits import EXIT_CODES
+from fedtune.exits import EXIT_CODES, RoleError
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 
 DEFAULT_ROLE_OUTPUT = "output/[JOB_ID]/[NODE_ID]"  # a role's adapters without --output or spec.output.path
@@ -162,9 +163,26 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     _become(job, roles.SCHEDULER)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
-    state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
-                             wait_s=roles.REDIS_WAIT_S)
-    return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args))
+    listen = _listen(args, roles.SCHEDULER, job.spec.scheduler.address)
+    with _machine_errors(job):
+        state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
+                                 wait_s=roles.REDIS_WAIT_S)
+        return scheduler.serve(job, state, listen, _tls(args))
+
+
+@contextlib.contextmanager
+def _machine_errors(job: FederatedFineTune) -> Iterator[None]:
+    """Redis refusing or gone, a port in use: said in one line naming the thing (a RoleError), not a traceback."""
+    from redis import RedisError
+
+    from fedtune.federation.transport import TransportError
+
+    try:
+        yield
+    except RedisError as err:
+        raise RoleError(f"Redis at {job.spec.redis.address} (spec.redis.address): {err}") from None
+    except TransportError as err:
+        raise RoleError(str(err)) from None
 
 
 def cmd_party(args: argparse.Namespace) -> int:
@@ -187,4 +205,5 @@ def cmd_party(args: argparse.Namespace) -> int:
                   output_dir=_party_output(job, me.name, args, base_dir), tls=_tls(args),
                   redis_password=os.environ.get(roles.REDIS_PASSWORD_ENV),
                   listen=_listen(args, me.role, me.address))
-    return run_party(ctx)
+    with _machine_errors(job):
+        return run_party(ctx)

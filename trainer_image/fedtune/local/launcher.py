@@ -669,14 +669,20 @@ class Outcome:
 
 
 def check_output_writable(root: Path) -> None:
-    """A SpecError naming the output when a run could not write there (checked before anything starts)."""
+    """A SpecError naming the output when a run could not write there, checked before anything starts by
+    writing (and removing) a file where the output would be made (permissions alone do not tell: a
+    read-only file system, or root)."""
     existing = root
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise SpecError(f"output {root}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"output {root}: {existing} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedtune-probe-", dir=existing)
+    except OSError as err:
+        raise SpecError(f"output {root}: cannot write in {existing}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples: dict[str, int], *,
