@@ -28,7 +28,7 @@ import pytest
 from fedtune.federation.jobstate import redis_client
 from fedtune.local import runfolder
 from fedtune.spec import load_job
-from support.jobs import pid_writing, processes_started_with, wait_until, write_job
+from support.jobs import files_only_model, pid_writing, processes_started_with, wait_until, write_job
 
 UNWRITABLE = Path("/sys/fedtune-output")
 
@@ -120,12 +120,7 @@ CASES = [
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    """A model folder as far as the file checks look (nothing here loads it)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"")
-    return folder
+    return files_only_model(tmp_path / "model")
 
 
 def fedtune(args: list[str], scratch: Path, env: dict[str, str] | None = None,

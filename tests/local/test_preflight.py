@@ -11,7 +11,7 @@ import pytest
 from fedtune.cli import main
 from fedtune.local.preflight import check_job
 from fedtune.spec import SpecError, load_job
-from support.jobs import write_job
+from support.jobs import files_only_model, write_job
 
 # The command runs in this process (`fedtune.cli.main`, its exit code returned): after the first
 # test has imported transformers, the others need not pay for it again.
@@ -19,12 +19,7 @@ from support.jobs import write_job
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    """A model folder as far as the checks look: a config and a weights file (nothing here loads it)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"")
-    return folder
+    return files_only_model(tmp_path / "model")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

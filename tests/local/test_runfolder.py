@@ -16,16 +16,12 @@ from fedtune.cli import main
 from fedtune.local import runfolder
 from fedtune.procstat import start_ticks
 from fedtune.spec import SpecError, load_job
-from support.jobs import wait_until, write_job
+from support.jobs import files_only_model, wait_until, write_job
 
 
 @pytest.fixture
 def job_file(tmp_path: Path) -> Path:
-    model = tmp_path / "model"  # as far as the file checks look (nothing here loads it)
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
-    return write_job(tmp_path / "job", model, name="poems")
+    return write_job(tmp_path / "job", files_only_model(tmp_path / "model"), name="poems")
 
 
 def fedtune(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:

@@ -66,6 +66,14 @@ def write_job(folder: Path, model: Path, *, sizes: tuple[int, ...] = (12, 20, 16
     return path
 
 
+def files_only_model(folder: Path) -> Path:
+    """A model folder as far as the file checks look: a config and an empty weights file (nothing loads it)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, timeout=timeout)
 
