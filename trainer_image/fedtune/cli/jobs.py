@@ -163,11 +163,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     _become(job, roles.SCHEDULER)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
-    listen = _listen(args, roles.SCHEDULER, job.spec.scheduler.address)
+    listen, tls = _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args)  # bad input first
     with _machine_errors(job):
         state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
                                  wait_s=roles.REDIS_WAIT_S)
-        return scheduler.serve(job, state, listen, _tls(args))
+        return scheduler.serve(job, state, listen, tls)
 
 
 @contextlib.contextmanager

@@ -55,11 +55,15 @@ class TlsMaterial:
 
 def make_server(bind: str, tls: TlsMaterial | None = None, *, workers: int = 16) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_OPTIONS)
-    if tls is None:
-        port = server.add_insecure_port(bind)
-    else:
-        creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True)
-        port = server.add_secure_port(bind, creds)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(bind)
+        else:
+            creds = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
+                                                require_client_auth=True)
+            port = server.add_secure_port(bind, creds)
+    except RuntimeError:  # grpcio >= 1.60 raises where older ones returned 0
+        port = 0
     if port == 0:
         raise TransportError(f"cannot listen on {bind}: address in use or not local")
     return server, port
