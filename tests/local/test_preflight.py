@@ -154,6 +154,20 @@ def test_a_sound_job_gets_its_plan(capsys: pytest.CaptureFixture, tmp_path: Path
     assert "node-1: label_trainer, local" in output and "20 samples, 10 steps" in output
 
 
+def test_a_party_that_may_use_cuda_on_a_machine_without_it_is_said_to_train_on_the_cpu(
+        capsys: pytest.CaptureFixture, tmp_path: Path, model: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: such a party trains on it")
+    job = write_job(tmp_path / "job", model, party_overrides={"node-2": {"trainer": {"no_cuda": False}}})
+    code, output = fedtune(capsys, "validate", str(job))
+    assert code == 0, output
+    assert "note: this machine has no CUDA device: node-2 (trainer.no_cuda: false) train on the CPU" in output
+    code, output = fedtune(capsys, "validate", str(write_job(tmp_path / "cpu", model)))
+    assert code == 0 and "no CUDA device" not in output
+
+
 # --- the output folder --------------------------------------------------------------------------
 
 

@@ -152,6 +152,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         steps = f", {plan.samples} samples, {plan.max_steps} steps" if plan and plan.samples else ""
         print(f"  {party.name}: {party.role}, {where}, trainset: "
               f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}{steps}")
+    if plans:
+        from fedtune.local.preflight import device_notes
+
+        for note in device_notes(spec):
+            print(f"  note: {note}")
     return 0
 
 
