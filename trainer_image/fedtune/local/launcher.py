@@ -744,6 +744,7 @@ def announce(local: LocalJob, root: Path, resume: bool, stream: IO[str]) -> None
     verb = "resuming" if resume else "job"
     print(f"fedtune: {verb} {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
           f"output {root}", file=stream)
+    print(f"  loss: {LOSS_NAMES['train']} (summary.json and fedtune report show the same)", file=stream)
     if not job.spec.tls.enabled:
         print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the "
               "ports can join; keep it for debugging on one machine only", file=sys.stderr)
