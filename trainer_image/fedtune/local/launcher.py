@@ -530,8 +530,9 @@ class LocalJob:
             self.lock = None
 
     def _phase(self) -> str:
+        """The job's phase, "" when Redis never started or is gone."""
         try:
-            return self.state.phase()
+            return self.state.phase() if hasattr(self, "state") else ""
         except RedisError:
             return ""
 
