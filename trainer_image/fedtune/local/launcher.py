@@ -732,6 +732,7 @@ def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples
         finally:
             signals.stopping = True
             local.stop()
+    assert outcome is not None  # set on every path that gets here
     if outcome.code:
         if outcome.state == "interrupted":
             say_interrupted(job, outcome, summary, source, output, root, stream)
