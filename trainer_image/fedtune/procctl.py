@@ -30,7 +30,9 @@ def _prctl(option: int, value: int | bytes) -> None:
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
-    """Have the kernel send `sig` when the parent (`parent`, when known) dies; end now if it has already."""
+    """Have the kernel send `sig` when the parent (`parent`, when known) dies; end now if it has already.
+
+    The kernel watches the parent's thread that started this process: its end counts as the parent's."""
     if not _LINUX:
         return
     parent = parent or os.getppid()

@@ -81,17 +81,19 @@ class RedisServer:
 
     Its config (the password) lies in `workdir`, a private temporary folder unless given. With
     `data_dir`, what it holds persists there (an append-only file, flushed every second and when it
-    stops): a later server on the same folder starts with it. It ends when the process that started it
-    dies (`fedtune.procctl`)."""
+    stops): a later server on the same folder starts with it. `tied`: it ends when the process that started
+    it dies (`fedtune.procctl`; the kernel watches the starting thread, so only for a start from the thread
+    that lives as long as the process: the launcher's main thread)."""
 
     def __init__(self, *, password: str | None = None, workdir: Path | None = None,
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None, tied: bool = False) -> None:
         self.password = password if password is not None else secrets.token_urlsafe(24)
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fedtune-redis-"))
         self.data_dir = data_dir
+        self.tied = tied
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
@@ -108,8 +110,9 @@ class RedisServer:
             f"requirepass {self.password}" if self.password else "",
             f"appendonly {'yes' if self.data_dir else 'no'}", 'save ""', "daemonize no", "loglevel warning",
         ]) + "\n", mode=0o600)
-        self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.procctl", binary, str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        tie = [sys.executable, "-m", "fedtune.procctl"] if self.tied else []
+        self.proc = subprocess.Popen([*tie, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         wait_for_port(self.port, 10, self.proc)
         return self
 
@@ -262,7 +265,7 @@ class LocalJob:
         self.resume_dir = self.run_dir / runfolder.RESUME
         self.private_dir: Path | None = None  # made by start(), removed by stop()
         # Its config (the password) in a private folder of its own; its data where a resume finds them.
-        self.redis = RedisServer(data_dir=self.resume_dir / "redis")
+        self.redis = RedisServer(data_dir=self.resume_dir / "redis", tied=True)
         self.roles: dict[str, Role] = {roles.SCHEDULER: Role(roles.SCHEDULER, roles.SCHEDULER, free_port())}
         for party in job.spec.parties:
             if party.remote is None:
