@@ -1,6 +1,9 @@
 """What stopping a job and resuming it costs: `fedtune run` stopped by SIGTERM after round k of n, then
 `fedtune run --resume`, against the same job run through uninterrupted.
 
+"After round k": once every party has saved its resumable state for round k (right after it wrote the
+round's checkpoint). A stop between the checkpoint and that save costs the party the round again.
+
 Baseline: the job run through (wall time of `fedtune run`, start to exit). Candidate: the stopped run's
 wall time plus the resumed run's. The goal: candidate <= 1.15 x baseline + the start-up of one job (a
 resumed run starts its processes again, loads the model and the data again: that much is unavoidable),
@@ -14,30 +17,44 @@ compared tensor for tensor. Runs alternate; medians are printed with the machine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import machine
 
+from fedtune.spec import STATE_DIR, aggregation_steps, load_job
 from support.jobs import POEMS, adapter_tensors, write_job
 
 GOAL = 1.15
 
 
-def fedtune(*args: str, stop_when: Path | None = None) -> tuple[float, int]:
-    """Wall time and exit code of `fedtune ARGS`; SIGTERM once `stop_when` exists."""
+def saved_round(out: Path, steps: dict[str, int]) -> bool:
+    """Every party has saved its training state at (or past) its step in `steps`."""
+    for party, step in steps.items():
+        saved = [int(p.name.removeprefix("checkpoint-")) for p in (out / party / STATE_DIR / "trainer").glob(
+            "checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+        if not saved or max(saved) < step:
+            return False
+    return True
+
+
+def fedtune(*args: str, stop_when: Callable[[], bool] | None = None) -> tuple[float, int]:
+    """Wall time and exit code of `fedtune ARGS`; SIGTERM once `stop_when()`."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "fedtune", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    while stop_when is not None and proc.poll() is None and not stop_when.exists():
+    while stop_when is not None and proc.poll() is None and not stop_when():
         time.sleep(0.05)
     if stop_when is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -75,16 +92,20 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "fedtune", "tiny-model", str(folder / "model"), "--data", str(POEMS)],
                        check=True, capture_output=True)
         small = args.samples // 10
-        job = write_job(folder / "job", folder / "model", sizes=(small, args.samples, small), epochs=2,
+        sizes = {"assist_trainer": small, "node-1": args.samples, "node-2": small}
+        job = write_job(folder / "job", folder / "model", sizes=tuple(sizes.values()), epochs=2,
                         agg_steps=1 / args.rounds, name="bench")
-        marker = f"checkpoint-{args.stop_after / args.rounds:g}"
+        fractions = load_job(job).spec.fractions()
+        # batch 4, 2 epochs (write_job's trainer): each party's step at the end of round k
+        steps = {p: aggregation_steps(fractions, 2 * math.ceil(n / 4))[args.stop_after - 1] for p, n in sizes.items()}
         baseline, candidate, stopped, startups = [], [], [], []
         for run in range(args.runs):
             out = folder / f"through-{run}"
             baseline.append(fedtune("run", str(job), "--output", str(out))[0])
             startups.append(startup_s(out))
             cut = folder / f"stopped-{run}"
-            first, code = fedtune("run", str(job), "--output", str(cut), stop_when=cut / "node-1" / marker)
+            after_round = functools.partial(saved_round, cut, steps)
+            first, code = fedtune("run", str(job), "--output", str(cut), stop_when=after_round)
             second = fedtune("run", str(job), "--output", str(cut), "--resume")[0] if code else 0.0
             candidate.append(first + second)
             stopped.append(code == 143)
