@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2] / "trainer_image" / "fedtune"
 
 # Lower layers never import higher ones; packages of one layer do not import each other.
 LAYERS: list[set[str]] = [
-    {"__init__", "spec", "files", "logs", "exits", "roles", "procstat"},
+    {"__init__", "spec", "files", "logs", "exits", "roles", "procstat", "procctl"},
     {"secagg", "privacy", "trust", "model"},
     {"train"},
     {"federation"},

@@ -128,3 +128,32 @@ def test_a_role_waits_for_redis_that_comes_up_after_it() -> None:
         server.stop()
     with pytest.raises(redis.ConnectionError, match=rf"Redis at {server.address} did not answer within 1 s"):
         JobState.connect(server.address, server.password, "late", wait_s=1)
+
+
+def test_the_job_ends_without_a_party_dropped_up_to_the_last_round_and_says_from_when(redis_server,
+                                                                                     document) -> None:
+    """node-2 missed rounds 3 to 5 of 5 (frozen): once every round is aggregated and the others are done, the job
+    succeeds, node-2 `dropped` from round 3. A party dropped from an earlier round only came back: it is waited for."""
+    job = parse_job(document)
+    state = JobState.connect(redis_server.address, redis_server.password, job.job_id)
+    state.init(5, {p.name: p.role for p in job.spec.parties})
+    service = SchedulerService(job, state)
+    state.set_phase("Running")
+    for round_, dropped in ((1, ["node-1"]), (3, ["node-2"]), (4, ["node-2"]), (5, ["node-2"])):
+        state.set_split(round_, [], dropped)
+    for name in ("assist_trainer", "node-1"):
+        state.update_party(name, state="succeeded")
+    state.update_party("node-2", state="aggregating", round=2)
+    service.maybe_succeed()
+    assert state.phase() == "Running"  # round 5 is not aggregated yet
+    for round_ in range(1, 6):
+        state.put_global(round_, b"global")
+    state.update_party("node-1", state="training")  # dropped from round 1 only: back, so waited for
+    service.maybe_succeed()
+    assert state.phase() == "Running" and state.party("node-2").state == "dropped"
+    state.update_party("node-1", state="succeeded")
+    service.maybe_succeed()
+    status = state.snapshot()
+    assert status.phase == "Succeeded"
+    assert (status.parties["node-2"].state, status.parties["node-2"].dropped_from) == ("dropped", 3)
+    assert "node-2 was dropped from round 3 on (no sign of life); the job ended without it" in status.warnings

@@ -57,6 +57,24 @@ def test_report_draws_the_curves_and_flags_a_valset_loss_that_rose(capsys: pytes
     assert "The valset loss rose at node-2" in page and "3.0000 &rarr; 2.0000" in page
 
 
+def test_eval_lines_that_coincide_stay_apart_and_rounds_are_whole() -> None:
+    from fedtune.tools.report import _pyplot, draw_eval
+
+    same = {**SUMMARY, "parties": {name: {**SUMMARY["parties"]["node-1"]} for name in ("node-1", "node-2", "node-3")}}
+    figure, axes = _pyplot().subplots()
+    try:
+        draw_eval(axes, same)
+        figure.canvas.draw()
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        parties = [lines[name] for name in ("node-1", "node-2", "node-3")]
+        assert len({(line.get_marker(), line.get_linestyle()) for line in parties}) == 3  # each its own look
+        assert all(line.get_zorder() > lines["all valsets"].get_zorder() for line in parties)
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        _pyplot().close(figure)
+
+
 def test_report_of_a_folder_without_a_run(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code, output = fedtune(capsys, "report", str(tmp_path))
     assert code == 2 and f"{tmp_path / 'summary.json'}: not found" in output

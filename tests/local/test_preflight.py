@@ -11,7 +11,7 @@ import pytest
 from fedtune.cli import main
 from fedtune.local.preflight import check_job
 from fedtune.spec import SpecError, load_job
-from support.jobs import write_job
+from support.jobs import files_only_model, write_job
 
 # The command runs in this process (`fedtune.cli.main`, its exit code returned): after the first
 # test has imported transformers, the others need not pay for it again.
@@ -19,12 +19,7 @@ from support.jobs import write_job
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    """A model folder as far as the checks look: a config and a weights file (nothing here loads it)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"")
-    return folder
+    return files_only_model(tmp_path / "model")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -168,6 +163,20 @@ def test_more_label_trainers_than_the_limit_are_refused(capsys: pytest.CaptureFi
         message = run_refused(capsys, job, tmp_path, f"parties: {MAX_LABEL_TRAINERS + 2} parties",
                               f"at most {MAX_LABEL_TRAINERS} label_trainers", "CRD", command=command)
         assert "Traceback" not in message
+
+
+def test_a_party_that_may_use_cuda_on_a_machine_without_it_is_said_to_train_on_the_cpu(
+        capsys: pytest.CaptureFixture, tmp_path: Path, model: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: such a party trains on it")
+    job = write_job(tmp_path / "job", model, party_overrides={"node-2": {"trainer": {"no_cuda": False}}})
+    code, output = fedtune(capsys, "validate", str(job))
+    assert code == 0, output
+    assert "note: this machine has no CUDA device: node-2 (trainer.no_cuda: false) train on the CPU" in output
+    code, output = fedtune(capsys, "validate", str(write_job(tmp_path / "cpu", model)))
+    assert code == 0 and "no CUDA device" not in output
 
 
 # --- the output folder --------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from fedtune.federation.party import STATE_DIR
 from fedtune.local.launcher import LocalJob
 from fedtune.spec import load_job
 from fedtune.train.loop import latest_state
-from support.jobs import adapter_tensors, assert_identical_adapters, run_cli, run_killing, wait_until, write_job
+from support.jobs import (
+    adapter_tensors,
+    assert_identical_adapters,
+    pid_writing,
+    run_cli,
+    run_killing,
+    wait_until,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
 PARTIES = ("assist_trainer", "node-1", "node-2", "node-3", "node-4")
@@ -114,3 +122,28 @@ def test_eight_label_trainers_finish_run_after_run(tmp_path: Path, tiny_model: P
         summary = json.loads((out / "summary.json").read_text())
         assert summary["phase"] == "Succeeded" and summary["dropouts"] == {}, summary
         assert_identical_adapters(out, "checkpoint-1", parties)
+
+
+def test_a_frozen_party_does_not_hold_the_job(tmp_path: Path, tiny_model: Path) -> None:
+    """secagg_plus with three label_trainers; node-3 frozen (SIGSTOP: alive, silent) once it holds round 1. The
+    others aggregate every round without it, the job succeeds saying from which round node-3 was dropped, and
+    `fedtune run` stops the frozen process instead of waiting for it."""
+    # node-3 holds the most data: after round 1 it trains longest, so it freezes before its round-2 upload.
+    job = write_job(tmp_path / "job", tiny_model, encryption=SECAGG_PLUS, sizes=(16, 32, 32, 64), agg_steps=0.25,
+                    epochs=1)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_killing(job, out, "node-3", lambda: (out / "node-3" / "checkpoint-0.25").exists(),
+                                       "node-3's first checkpoint", sig=signal.SIGSTOP)
+    assert code == 0, stdout + stderr
+    summary = json.loads((out / "summary.json").read_text())
+    missed = sorted(int(r) for r, names in summary["dropouts"].items() if "node-3" in names)
+    assert missed and missed == list(range(missed[0], 5)), summary["dropouts"]  # every round from then on
+    assert summary["phase"] == "Succeeded" and summary["round"] == 4
+    assert summary["dropped"] == {"node-3": missed[0]}
+    assert summary["parties"]["node-3"]["state"] == "dropped"
+    assert summary["parties"]["node-3"]["dropped_from"] == missed[0]
+    assert f"node-3 was dropped from round {missed[0]} on" in stderr
+    assert f"node-3 was dropped from round {missed[0]} on; its adapters from before" in stdout
+    with pytest.raises(AssertionError, match="no process writes"):  # the frozen process is gone
+        pid_writing(out / ".fedtune" / "logs" / "node-3.log")
+    assert_identical_adapters(out, "checkpoint-1", ("assist_trainer", "node-1", "node-2"))

@@ -66,6 +66,14 @@ def write_job(folder: Path, model: Path, *, sizes: tuple[int, ...] = (12, 20, 16
     return path
 
 
+def files_only_model(folder: Path) -> Path:
+    """A model folder as far as the file checks look: a config and an empty weights file (nothing loads it)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -128,6 +136,24 @@ def example_documents() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def processes_started_with(scratch: Path, output: Path | None = None) -> dict[int, str]:
+    """The live processes (pid: command line) whose TMPDIR is `scratch`: all that a `fedtune run` started with
+    that TMPDIR (its fork server, roles, ranks), itself included; and those working inside `output` (redis-server,
+    whose data lie there: its own title overwrites what /proc shows of its environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            tmpdir = f"TMPDIR={scratch}".encode() in (proc / "environ").read_bytes().split(b"\0")
+            inside = output is not None and Path(os.readlink(proc / "cwd")).is_relative_to(output)
+            if tmpdir or inside:
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
 def pid_writing(log: Path) -> int:
     """The process whose standard output is `log`: a role of `fedtune run` (found as `ps` would)."""
     for proc in Path("/proc").iterdir():
@@ -139,16 +165,17 @@ def pid_writing(log: Path) -> int:
     raise AssertionError(f"no process writes {log}")
 
 
-def run_killing(job: Path, out: Path, party: str, ready: Callable[[], bool], what: str) -> tuple[int, str, str]:
-    """`fedtune run JOB --output OUT`, its `party` killed with SIGKILL once `ready()` (`what` names that moment);
-    the run's exit code, stdout and stderr."""
+def run_killing(job: Path, out: Path, party: str, ready: Callable[[], bool], what: str,
+                sig: int = signal.SIGKILL) -> tuple[int, str, str]:
+    """`fedtune run JOB --output OUT`, its `party` sent `sig` (SIGKILL; SIGSTOP freezes it) once `ready()` (`what`
+    names that moment); the run's exit code, stdout and stderr."""
     from fedtune.local.launcher import RUN_DIR
 
     run = subprocess.Popen([sys.executable, "-m", "fedtune", "run", str(job), "--output", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: ready() or run.poll() is not None, 300, what)
-        os.kill(pid_writing(out / RUN_DIR / "logs" / f"{party}.log"), signal.SIGKILL)
+        os.kill(pid_writing(out / RUN_DIR / "logs" / f"{party}.log"), sig)
         stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:

@@ -20,11 +20,20 @@ PROC = Path("/proc")
 
 def process_age_s() -> float:
     """Seconds since this process started (its interpreter start and imports included); 0 if unknown."""
+    started = start_ticks(os.getpid())
     try:
-        started = int((PROC / "self" / "stat").read_text().rsplit(")", 1)[1].split()[19])
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started / os.sysconf("SC_CLK_TCK") if started else 0.0
+    except (OSError, ValueError, AttributeError):
         return 0.0
+
+
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot): with the pid, it names one process, never a later
+    one that got the same pid. None when there is no such process."""
+    try:
+        return int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _children(pid: int) -> list[int]:

@@ -16,7 +16,7 @@ import sys
 
 from fedtune import __version__, logs, roles
 from fedtune.cli import jobs, models, tools
-from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_INTERRUPTED, EXIT_REFUSED
+from fedtune.exits import EXIT_BAD_INPUT, EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_REFUSED
 from fedtune.spec import SpecError
 from fedtune.spec.terms import TermsRefused
 
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except TermsRefused as err:
         print(f"fedtune {args.command}: {err}", file=sys.stderr)
         return EXIT_REFUSED
+    except OSError as err:  # the machine's state (a full disk, a folder gone): one line, not a traceback
+        print(f"fedtune {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

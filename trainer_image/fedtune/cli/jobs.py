@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fedtune import roles
-from fedtune.exits import EXIT_CODES
+from fedtune import procctl, roles
+from fedtune.exits import EXIT_CODES, RoleError
 from fedtune.spec import FederatedFineTune, SpecError, expand_output_path, load_job, resolve_path
 from fedtune.spec import terms as job_terms
 
@@ -24,9 +25,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse
     run.add_argument("--output", type=Path, help="adapters land in OUTPUT/<party>/ (default: spec.output.path "
                      "with its [JOB_ID] and [NODE_ID] filled in, else fedtune-output/<party>/)")
     run.add_argument("--base-dir", type=Path, help="folder relative spec paths resolve against")
-    run.add_argument("--timeout", type=float, default=24 * 3600,
+    run.add_argument("--timeout", type=_seconds, default=24 * 3600,
                      help="stop every role and exit 124 after this many seconds")
-    run.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in OUTPUT")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the interrupted or failed run in OUTPUT from its last completed round "
+                            "(the same job: refused when its terms changed)")
     run.add_argument("--gpus-per-party", type=int, metavar="N",
                      help="give every local party that trains N GPUs of its own (resources.gpu), one rank each")
     run.add_argument("--ranks-per-party", type=int, metavar="N",
@@ -103,10 +108,29 @@ def _tls(args: argparse.Namespace, name: str, pin: str | None = None):  # -> tra
     return transport.TlsMaterial(ca=ca, cert=cert, key=key)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _become(job: FederatedFineTune, role: str, party: str | None = None) -> None:
+    """Show job and role in ps; under `fedtune run`, end with the process that started this one."""
+    procctl.tie_if_asked()
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    title = procctl.title_of(job.job_id, role, party)
+    procctl.set_title(title if rank == "0" else f"{title} rank {rank}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.local.preflight import check_files
 
     job = load_job(args.job)
+    procctl.set_title(procctl.title_of(job.job_id, "run"))
     if args.gpus_per_party is not None or args.ranks_per_party is not None:
         from fedtune.local.launcher import with_party_ranks
 
@@ -118,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.local.launcher import run_job
 
     return run_job(job, args.output.resolve() if args.output else None, base_dir, samples, source=str(args.job),
-                   timeout_s=args.timeout, overwrite=args.overwrite, log_level=args.log_level)
+                   timeout_s=args.timeout, overwrite=args.overwrite, resume=args.resume, log_level=args.log_level)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -145,6 +169,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         steps = f", {plan.samples} samples, {plan.max_steps} steps" if plan and plan.samples else ""
         print(f"  {party.name}: {party.role}, {where}, trainset: "
               f"{', '.join(t.path for t in spec.trainset(party)) or 'none (aggregates only)'}{steps}")
+    if plans:
+        from fedtune.local.preflight import device_notes
+
+        for note in device_notes(spec):
+            print(f"  note: {note}")
     return 0
 
 
@@ -153,12 +182,30 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from fedtune.federation.jobstate import JobState
 
     job = load_job(args.job)
+    _become(job, roles.SCHEDULER)
     if not job.spec.redis.address:
         raise SpecError(f"{args.job}: spec.redis.address is not set (the launcher or operator fills it in)")
-    tls = _tls(args, roles.SCHEDULER)
-    state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
-                             wait_s=roles.REDIS_WAIT_S)
-    return scheduler.serve(job, state, _listen(args, roles.SCHEDULER, job.spec.scheduler.address), tls)
+    # bad input first, then the machine's state
+    listen, tls = _listen(args, roles.SCHEDULER, job.spec.scheduler.address), _tls(args, roles.SCHEDULER)
+    with _machine_errors(job):
+        state = JobState.connect(job.spec.redis.address, os.environ.get(roles.REDIS_PASSWORD_ENV), job.job_id,
+                                 wait_s=roles.REDIS_WAIT_S)
+        return scheduler.serve(job, state, listen, tls)
+
+
+@contextlib.contextmanager
+def _machine_errors(job: FederatedFineTune) -> Iterator[None]:
+    """Redis refusing or gone, a port in use: said in one line naming the thing (a RoleError), not a traceback."""
+    from redis import RedisError
+
+    from fedtune.federation.transport import TransportError
+
+    try:
+        yield
+    except RedisError as err:
+        raise RoleError(f"Redis at {job.spec.redis.address} (spec.redis.address): {err}") from None
+    except TransportError as err:
+        raise RoleError(str(err)) from None
 
 
 def cmd_party(args: argparse.Namespace) -> int:
@@ -168,6 +215,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     if args.command != expected:
         raise SpecError(f"party `{me.name}` is a {me.role}; run it with `fedtune {expected}`")
     tls = _tls(args, me.name, me.identity)  # before torchrun: every rank would refuse the same
+    _become(job, me.role, me.name)
     if job.spec.ranks(me) > 1:
         from fedtune.train import ranks
 
@@ -181,4 +229,5 @@ def cmd_party(args: argparse.Namespace) -> int:
                   output_dir=_party_output(job, me.name, args, base_dir), tls=tls,
                   redis_password=os.environ.get(roles.REDIS_PASSWORD_ENV),
                   listen=_listen(args, me.role, me.address))
-    return run_party(ctx)
+    with _machine_errors(job):
+        return run_party(ctx)

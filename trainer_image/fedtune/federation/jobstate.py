@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 PHASES = ("Pending", "Running", "Succeeded", "Failed")
 LOST = "lost"  # a party's state once its launcher gives up on it (a secagg_plus label_trainer out of restarts)
+# A secagg_plus label_trainer that missed the rounds from `dropped_from` to the last (frozen, or never
+# answering): the job ends without it.
+DROPPED = "dropped"
+FINISHED = ("succeeded", LOST, DROPPED)  # the party states the job's end waits for
 
 
 @dataclass
@@ -35,6 +39,7 @@ class PartyStatus:
     loss: float | None = None
     eval_loss: float | None = None  # the last global adapter's loss on this party's valset
     error: str = ""
+    dropped_from: int = 0  # state `dropped`: the first of the rounds it missed up to the last
     updated: float = 0.0
 
 
@@ -138,6 +143,12 @@ class JobState:
         self.r.set(self._k("phase"), phase)
         if phase in ("Succeeded", "Failed"):
             self.r.set(self._k("finished"), time.time())
+
+    def reopen(self) -> None:
+        """A resumed run: a job that failed (or whose launcher timed out) runs again from its last round."""
+        if self.phase() == "Failed":
+            self.r.delete(self._k("error"), self._k("finished"))
+            self.r.set(self._k("phase"), "Running" if self.get_json("start") else "Pending")
 
     def add_warning(self, message: str) -> None:
         if message.encode() not in self.r.lrange(self._k("warnings"), 0, -1):
@@ -267,6 +278,10 @@ class JobState:
         value = self.r.get(self._k("signers", round_))
         return {p: bytes.fromhex(s) for p, s in json.loads(value).items()} if value else None
 
+    def dropouts(self) -> dict[str, list[str]]:
+        """Round (as text) -> the label_trainers it completed without."""
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k("dropouts")).items()}
+
     def put_reveal(self, round_: int, party: str, blob: bytes) -> None:
         """A survivor's shares; the first ones stay (a party answers a repeated request with the same)."""
         self.r.hsetnx(self._k("reveals", round_), party, blob)
@@ -289,7 +304,7 @@ class JobState:
             error=self.error(),
             warnings=[w.decode() for w in self.r.lrange(self._k("warnings"), 0, -1)],
             parties={name: self.party(name) for name in self.party_names()},
-            dropouts={k.decode(): json.loads(v) for k, v in self.r.hgetall(self._k("dropouts")).items()},
+            dropouts=self.dropouts(),
             privacy=self.get_json("privacy"),
         )
         losses = [p.loss for p in status.parties.values() if p.loss is not None]

@@ -400,8 +400,12 @@ class Party:
 
     def _save_round(self, round_: int) -> None:
         dest = self.ctx.output_dir / checkpoint_name(self.spec.fractions()[round_ - 1])
-        if not dest.exists():  # a restarted party never rewrites a completed round
+        if dest.exists():  # a restarted party never rewrites a completed round
+            return
+        try:
             save_checkpoint(self.model, dest)
+        except OSError as err:  # a full disk, a folder made read-only: the round's adapter is not written
+            raise OSError(err.errno, f"cannot write round {round_}'s adapter to {dest}: {err.strerror}") from None
 
     def _train(self, agg_steps: list[int]) -> None:
         if self.args.get("report_to") not in (None, "none", []):  # TensorBoard's logs beside the adapters
@@ -482,7 +486,7 @@ def run_party(ctx: Context) -> int:
     except Exception as err:
         if not party.ranks.leader:  # rank 0 speaks for the party; torchrun ends it when this rank fails
             raise
-        _report_failure(party, str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")
+        _report_failure(party, str(err) if isinstance(err, ValueError | OSError) else f"{type(err).__name__}: {err}")
         raise
     return 0
 

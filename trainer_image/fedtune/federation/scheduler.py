@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedtune.federation import metrics, strategy, transport
-from fedtune.federation.jobstate import LOST, JobState
+from fedtune.federation.jobstate import DROPPED, FINISHED, JobState
 from fedtune.federation.proto import fedtune_pb2 as pb
 from fedtune.federation.proto import fedtune_pb2_grpc as pb_grpc
 from fedtune.roles import SCHEDULER
@@ -202,12 +202,31 @@ class SchedulerService(pb_grpc.SchedulerServicer):
 
     def maybe_succeed(self) -> None:
         """Succeeded once every party has, but for those its launcher gave up on (state `lost`: a secagg_plus
-        label_trainer out of restarts, which the rounds went without)."""
+        label_trainer out of restarts, which the rounds went without) and those the rounds went on without
+        to the last (`dropped`: frozen, or never answering), once every round is aggregated."""
         if self.state.phase() != "Running":
             return
-        if all(self.state.party(name).state in ("succeeded", LOST) for name in self.roles):
+        waiting = [name for name in self.roles if self.state.party(name).state not in FINISHED]
+        if waiting and self.state.completed_round() == self.rounds:
+            waiting = [name for name in waiting if not self._drop_if_gone(name)]
+        if not waiting:
             self.state.set_phase("Succeeded")
             log.info("job %s succeeded", self.job.job_id)
+
+    def _drop_if_gone(self, name: str) -> bool:
+        """Mark `name` dropped if the last round went without it (from the first of the rounds it missed in a
+        row up to the last); True when it was."""
+        dropouts = self.state.dropouts()
+        first = self.rounds
+        if name not in dropouts.get(str(first), []):
+            return False
+        while name in dropouts.get(str(first - 1), []):
+            first -= 1
+        self.state.update_party(name, state=DROPPED, dropped_from=first)
+        message = f"{name} was dropped from round {first} on (no sign of life); the job ended without it"
+        log.warning("%s", message)
+        self.state.add_warning(message)
+        return True
 
 
 BUNDLE_FIELDS = ("public_key", "signature", "certificate", "nonce", "terms_digest")

@@ -10,10 +10,11 @@ share those pages until they write to them.
 The server is single-threaded (forking a threaded process is unsafe) and never touches CUDA,
 so a child may still initialise it. It reads one JSON request per line on stdin (`argv`,
 `env`, `log`), answers `started <id> <pid>` on stdout, and `exited <pid> <code>` when it reaps
-a child. `ForkServer` is the launcher's side; `Forked` stands in for a `subprocess.Popen`.
+a child. `ForkServer` is the launcher's side; `Forked` stands in for a `subprocess.Popen`. Each child
+ends when the server does, and the server when the launcher does (`fedtune.procctl`).
 
 Before any role, the launcher asks it for the pre-flight checks that need the training stack
-(`{"check": ...}`, `fedtune.local.preflight.check_training`; answered `checked` or `refused <message>`),
+(`{"check": ...}`, `fedtune.local.preflight.check_training`; answered `checked <notes>` or `refused <message>`),
 so that the launcher itself never imports torch. For a job whose roles are not forked (a party
 may use CUDA), that is all the server does: it may have asked CUDA for its device count.
 """
@@ -35,6 +36,7 @@ import traceback
 from pathlib import Path
 from typing import IO
 
+from fedtune import procctl
 from fedtune.spec import FederatedFineTune, SpecError, parse_job
 
 # The module whose `main(argv)` runs `fedtune ARGV` in a child: named, never imported statically,
@@ -52,6 +54,7 @@ def _child(request: dict, in_session: int) -> None:
     """In the fork: become the role (own session, own log, own environment), run it, never return."""
     code = 1
     try:
+        procctl.die_with_parent()
         os.setsid()
         os.close(in_session)  # tells the server the session exists: from now on killpg reaches it
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -95,17 +98,21 @@ def _reap(out: IO[str]) -> None:
 
 def _check(request: dict) -> str:
     """The answer to a pre-flight check request (the job as JSON, each party's samples, the job's source)."""
-    from fedtune.local.preflight import check_training
+    from fedtune.local.preflight import check_training, device_notes
 
     source = request["source"]
     try:
-        check_training(parse_job(request["job"], source), request["samples"], source)
+        job = parse_job(request["job"], source)
+        check_training(job, request["samples"], source)
     except ValueError as err:  # SpecError, ModelError, ...: bad input, said as it was raised
         return f"refused {json.dumps(str(err))}"
-    return "checked"
+    return f"checked {json.dumps(device_notes(job.spec))}"
 
 
-def serve() -> None:
+def serve(title: str = "") -> None:
+    procctl.tie_if_asked()
+    if title:
+        procctl.set_title(title)
     for module in PRELOAD:
         __import__(module)
     gc.collect()
@@ -172,12 +179,12 @@ class Forked:
 class ForkServer:
     """Starts the server process (its imports run while the launcher goes on); `spawn` forks a role from it."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, title: str = "") -> None:
         self.log = log
         with log.open("ab") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.local.forkserver"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable, "-m", "fedtune.local.forkserver", title],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                         text=True, bufsize=1, start_new_session=True)
         self.ready = False
         self._lock = threading.Lock()
         self._started: dict[int, Forked] = {}
@@ -234,8 +241,10 @@ class ForkServer:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
 
-    def check(self, job: FederatedFineTune, samples: dict[str, int], source: str, timeout_s: float = 600.0) -> None:
-        """`preflight.check_training` run in the server; its SpecError raised here as it was raised there."""
+    def check(self, job: FederatedFineTune, samples: dict[str, int], source: str,
+              timeout_s: float = 600.0) -> list[str]:
+        """`preflight.check_training` run in the server; its SpecError raised here as it was raised there.
+        What it notes for the user (`preflight.device_notes`)."""
         with self._lock:
             self._verdict = None
             self._send({"check": {"job": job.model_dump(mode="json", exclude_unset=True), "samples": samples,
@@ -246,8 +255,10 @@ class ForkServer:
             verdict = self._verdict
         if verdict is None:
             raise self._failed(f"exited with {self.proc.returncode} during the pre-flight check")
-        if verdict != "checked":
-            raise SpecError(json.loads(verdict.split(" ", 1)[1]))
+        kind, _, detail = verdict.partition(" ")
+        if kind != "checked":
+            raise SpecError(json.loads(detail))
+        return json.loads(detail) if detail else []
 
     def spawn(self, argv: list[str], env: dict[str, str], log: Path, timeout_s: float = 600.0) -> Forked:
         """Fork a role running `fedtune ARGV...`; waits for the server's imports the first time."""
@@ -273,4 +284,8 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[1] if len(sys.argv) > 1 else "")
+    # Without the interpreter's teardown of torch and transformers: over a second of CPU, paid at every
+    # run's end (and twice by a run stopped and resumed); nothing is left to flush but stdout.
+    sys.stdout.flush()
+    os._exit(0)

@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fedtune import files, roles
+from redis import RedisError
+
+from fedtune import files, procctl, roles
 from fedtune.exits import EXIT_FAILED, EXIT_REFUSED, EXIT_TIMEOUT
-from fedtune.federation.jobstate import LOST, JobState, JobStatus, PartyStatus
+from fedtune.federation.jobstate import DROPPED, FINISHED, LOST, JobState, JobStatus, PartyStatus
+from fedtune.local import runfolder
 from fedtune.local.forkserver import Forked, ForkServer
+from fedtune.local.stopping import Interrupted, Signals
 from fedtune.procstat import PeakMemory, process_age_s
 from fedtune.spec import (
     STATE_DIR,
@@ -44,6 +48,13 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_OUTPUT = "fedtune-output"
 RUN_DIR = ".fedtune"  # in the run's folder: the resolved job and each role's log, nothing secret
 MEMORY_SAMPLE_S = 0.25  # how often `fedtune run` reads its processes' PSS for summary.json
+STOP_GRACE_S = 5.0  # how long a role may take to exit on SIGTERM before SIGKILL
+# What the losses in the console, summary.json and `fedtune report` are (the same numbers everywhere).
+LOSS_NAMES = {
+    "train": "training loss: mean cross-entropy per answer token of each optimizer step's batch, "
+             "on the party's own data with its own adapter",
+    "eval": "valset loss: mean cross-entropy per answer token of the round's global adapter on the valsets",
+}
 
 
 def free_port() -> int:
@@ -66,15 +77,23 @@ def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen | None = N
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, password-protected, removed on exit."""
+    """A real redis-server on a free loopback port, password-protected, removed on exit.
 
-    def __init__(self, *, password: str | None = None, workdir: Path | None = None, appendonly: bool = False) -> None:
+    Its config (the password) lies in `workdir`, a private temporary folder unless given. With
+    `data_dir`, what it holds persists there (an append-only file, flushed every second and when it
+    stops): a later server on the same folder starts with it. `tied`: it ends when the process that started
+    it dies (`fedtune.procctl`; the kernel watches the starting thread, so only for a start from the thread
+    that lives as long as the process: the launcher's main thread)."""
+
+    def __init__(self, *, password: str | None = None, workdir: Path | None = None,
+                 data_dir: Path | None = None, tied: bool = False) -> None:
         self.password = password if password is not None else secrets.token_urlsafe(24)
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="fedtune-redis-"))
-        self.appendonly = appendonly
+        self.data_dir = data_dir
+        self.tied = tied
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
@@ -82,19 +101,23 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "redis.conf"
         # The password goes in a 0600 file, not on the command line where `ps` shows it.
         files.write_atomic(conf, "\n".join([
-            f"port {self.port}", f"bind {LOOPBACK}", "protected-mode yes", f"dir {self.workdir}",
-            f"requirepass {self.password}" if self.password else "", f"appendonly {'yes' if self.appendonly else 'no'}",
-            'save ""', "daemonize no", "loglevel warning",
+            f"port {self.port}", f"bind {LOOPBACK}", "protected-mode yes", f"dir {self.data_dir or self.workdir}",
+            f"requirepass {self.password}" if self.password else "",
+            f"appendonly {'yes' if self.data_dir else 'no'}", 'save ""', "daemonize no", "loglevel warning",
         ]) + "\n", mode=0o600)
-        self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        tie = [sys.executable, "-m", "fedtune.procctl"] if self.tied else []
+        self.proc = subprocess.Popen([*tie, binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for_port(self.port, 10, self.proc)
         return self
 
     def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits (SIGKILL after 5 s)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -104,6 +127,9 @@ class RedisServer:
                 self.proc.wait()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -123,9 +149,16 @@ class Role:
     log_path: Path | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
     restarts: int = 0
+    done_before: bool = False  # a resumed run: it finished in the run resumed, so it is not started again
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def exit_code(self) -> int | None:
+        """0 for a role done before a resume; else its process's, None while it runs or before it starts."""
+        if self.done_before:
+            return 0
+        return self.proc.poll() if self.proc is not None else None
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -188,6 +221,9 @@ def earlier_results(output: Path, party_dirs: dict[str, Path], *, overwrite: boo
     earlier = [output / "summary.json", output / RUN_DIR, *party_dirs.values()]
     present = [p for p in earlier if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
     if present and not overwrite:
+        if runfolder.resumable(output / RUN_DIR):
+            raise SpecError(f"{output} holds an earlier run's results, of a run that did not finish: continue it "
+                            "with --resume, or pass --overwrite to replace them")
         raise SpecError(f"{present[0]} holds an earlier run's results; choose another output folder "
                         "or pass --overwrite to replace them")
     return present
@@ -216,21 +252,26 @@ def with_local_addresses(job: FederatedFineTune, redis_address: str, local: dict
 class LocalJob:
     """Every role of one job as local processes; the pieces tests drive one by one.
 
-    What is secret (the Redis password in its config, the run's TLS keys) lives in a private
-    temporary folder that `stop` removes; the output holds adapters, the summary and logs.
+    What is secret (the Redis password in its config) lives in a private temporary folder that `stop`
+    removes; the output holds adapters, the summary and logs. What a resumed run needs (the job's state
+    in Redis, the run's TLS material, each party's `.fedtune-state`) stays, private (0700), until the job
+    succeeds (`fedtune.local.runfolder`). Every process it starts ends when the launcher dies.
     """
 
     def __init__(self, job: FederatedFineTune, output: Path, base_dir: Path, *,
                  party_dirs: dict[str, Path] | None = None, torch_threads: int | None = None,
-                 redis_appendonly: bool = False, log_level: str = "INFO",
-                 fork_roles: bool | None = None, launched_at: float | None = None) -> None:
+                 log_level: str = "INFO", fork_roles: bool | None = None, launched_at: float | None = None,
+                 resume: bool = False) -> None:
         self.job = job
         self.output = output
         self.base_dir = base_dir
         self.log_level = log_level
+        self.resume = resume
         self.run_dir = output / RUN_DIR
+        self.resume_dir = self.run_dir / runfolder.RESUME
         self.private_dir: Path | None = None  # made by start(), removed by stop()
-        self.redis = RedisServer(appendonly=redis_appendonly)  # its own private folder, removed on stop
+        # Its config (the password) in a private folder of its own; its data where a resume finds them.
+        self.redis = RedisServer(data_dir=self.resume_dir / "redis", tied=True)
         self.roles: dict[str, Role] = {roles.SCHEDULER: Role(roles.SCHEDULER, roles.SCHEDULER, free_port())}
         for party in job.spec.parties:
             if party.remote is None:
@@ -251,11 +292,11 @@ class LocalJob:
         self.fork_roles = all(job.spec.trainer_args(p).get("no_cuda") for p in local) if fork_roles is None \
             else fork_roles
         self.forkserver: ForkServer | None = None
+        self.lock: runfolder.RunLock | None = None
         self.started = False
 
     def tls_dir(self, name: str) -> Path:
-        assert self.private_dir is not None, "start() first"
-        return self.private_dir / "tls" / name
+        return self.resume_dir / "tls" / name
 
     def _assign_gpus(self) -> tuple[dict[str, str], bool]:
         """Each local party's GPUs, and whether the parties must share some."""
@@ -268,7 +309,10 @@ class LocalJob:
         return gpu_slices(visible, wants), sum(wants.values()) > len(visible)
 
     def make_certificates(self) -> dict[str, str]:
-        """A throwaway CA for this run and a certificate per role, each naming its role; their identities."""
+        """A throwaway CA for this run and a certificate per role, each naming its role; their identities. A
+        resumed run keeps its run's (the parties' key-agreement keys are signed with them)."""
+        if self.resume and all((self.tls_dir(name) / "tls.key").is_file() for name in self.roles):
+            return {name: certs.fingerprint((self.tls_dir(name) / "tls.crt").read_bytes()) for name in self.roles}
         ca = certs.make_ca(self.job.job_id)
         identities = {}
         for name in self.roles:
@@ -277,20 +321,22 @@ class LocalJob:
             identities[name] = certs.fingerprint(issued.cert_pem)
         return identities
 
-    def check(self, samples: dict[str, int], source: str) -> None:
+    def check(self, samples: dict[str, int], source: str) -> list[str]:
         """The pre-flight checks that need the training stack (`preflight.check_training`, given
         `check_files`' sample counts), made in the fork server, which imports that stack anyway: this
         process never does. Nothing else has started, nothing is written; a refusal (SpecError) stops
-        the server. Where roles are not forked (a party may use CUDA), the server stops after it."""
+        the server. Where roles are not forked (a party may use CUDA), the server stops after it.
+        Returns what the checks noted for the user (a party that will train on the CPU, ...)."""
         self._start_forkserver()
         assert self.forkserver is not None
         try:
-            self.forkserver.check(self.job, samples, source)
+            notes = self.forkserver.check(self.job, samples, source)
         except BaseException:
             self._stop_forkserver()
             raise
         if not self.fork_roles:
             self._stop_forkserver()
+        return notes
 
     def _stop_forkserver(self) -> None:
         if self.forkserver is not None:
@@ -302,25 +348,48 @@ class LocalJob:
         if self.private_dir is None:
             self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
         if self.forkserver is None:
-            self.forkserver = ForkServer(self._role_env(), self.private_dir / "forkserver.log")
+            self.forkserver = ForkServer(self._role_env(), self.private_dir / "forkserver.log",
+                                         title=procctl.title_of(self.job.job_id, "forkserver"))
 
     def start(self, *, skip: tuple[str, ...] = ()) -> None:
-        """Start Redis and every role but those in `skip` (tests start those themselves)."""
+        """Start Redis and every role but those in `skip` (tests start those themselves), and those a resumed
+        run finished before."""
+        self.lock = runfolder.RunLock.take(self.run_dir)
         self.started = True
-        self.output.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        runfolder.make_private(self.resume_dir)
+        if not self.resume:
+            runfolder.save_terms(self.resume_dir, self.job)
         if self.fork_roles:  # its imports (unless `check` made them) overlap with certificates and Redis
             self._start_forkserver()
         elif self.private_dir is None:
             self.private_dir = Path(tempfile.mkdtemp(prefix="fedtune-run-"))  # 0700
+        self._record()
         identities = self.make_certificates() if self.job.spec.tls.enabled else {}
         self.redis.start()
+        self._record()
         self.resolved = with_local_addresses(self.job, self.redis.address, self.roles, identities)
         files.write_atomic(self.job_file, dump_job(self.resolved))
         self.state = JobState.connect(self.redis.address, self.redis.password, self.job.job_id)
+        if self.resume:
+            self._take_over()
         for role in self.roles.values():
-            if role.name not in skip:
+            if role.name not in skip and not role.done_before:
                 self.start_role(role.name)
+
+    def _take_over(self) -> None:
+        """A resumed run: the job runs again (were it failed), but not the parties that had finished it."""
+        self.state.reopen()
+        for name, role in self.roles.items():
+            finished = self.state.party(name).state in FINISHED
+            role.done_before = finished and name in self.party_dirs and not (self.party_dirs[name] / STATE_DIR).exists()
+
+    def _record(self) -> None:
+        """What a later `fedtune run` clears should this one be killed before it could (`runfolder`)."""
+        pids = [r.proc.pid for r in self.roles.values() if r.alive() and r.proc is not None]
+        pids += [p.pid for p in (self.forkserver.proc if self.forkserver else None, self.redis.proc) if p is not None]
+        temp = [p for p in (self.private_dir, self.redis.workdir) if p is not None]
+        runfolder.record(self.run_dir, pids, temp)
 
     def start_role(self, name: str, *, job_file: Path | None = None) -> None:
         """Start one role (again) from the run's job file, or from `job_file` (tests: a host whose file differs)."""
@@ -339,29 +408,47 @@ class LocalJob:
         role.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.forkserver is not None:
             role.proc = self.forkserver.spawn(argv, env, role.log_path)
-            return
-        if role.log_file is not None:  # a restart: the last run's handle
-            role.log_file.close()
-        role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        role.proc = subprocess.Popen([sys.executable, "-m", "fedtune", *argv], stdout=role.log_file,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        else:
+            if role.log_file is not None:  # a restart: the last run's handle
+                role.log_file.close()
+            role.log_file = open(role.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            role.proc = subprocess.Popen([sys.executable, "-m", "fedtune", *argv], stdout=role.log_file,
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self._record()
 
     def _role_env(self) -> dict[str, str]:
-        return {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password,
+        return {**os.environ, roles.REDIS_PASSWORD_ENV: self.redis.password, procctl.TIED_ENV: "1",
                 roles.TORCH_THREADS_ENV: str(self.torch_threads), "PYTHONUNBUFFERED": "1"}
 
     def kill_role(self, name: str, sig: int = signal.SIGKILL) -> None:
-        role = self.roles[name]
+        self._signal_role(self.roles[name], sig)
+        self._reap([self.roles[name]], STOP_GRACE_S)
+
+    @staticmethod
+    def _signal_role(role: Role, sig: int) -> None:
+        """`sig` to the role's process group (its ranks too); SIGCONT after it, so that a stopped (frozen)
+        role gets it."""
         if role.alive():
             assert role.proc is not None
             with contextlib.suppress(ProcessLookupError):  # it exited since the check, its group with it
                 os.killpg(role.proc.pid, sig)
-            role.proc.wait()
+                os.killpg(role.proc.pid, signal.SIGCONT)
+
+    def _reap(self, stopping: list[Role], grace_s: float) -> None:
+        """Wait for the roles to exit, SIGKILL those still there after `grace_s` (together, not in turn)."""
+        deadline = time.monotonic() + grace_s
+        for role in stopping:
+            if role.proc is None:
+                continue
+            try:
+                role.proc.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                self._signal_role(role, signal.SIGKILL)
+                role.proc.wait()
 
     def exited(self, ok: bool) -> list[Role]:
-        """The roles that exited, with 0 (`ok`) or not."""
-        return [r for r in self.roles.values() if r.proc is not None and r.proc.poll() is not None
-                and (r.proc.returncode == 0) == ok]  # fmt: skip
+        """The roles that exited, with 0 (`ok`) or not (roles done before a resume count as 0)."""
+        return [r for r in self.roles.values() if r.exit_code() is not None and (r.exit_code() == 0) == ok]
 
     def dropout_tolerated(self, role: Role) -> bool:
         """Under secagg_plus the federation goes on without a label_trainer that died (unless it failed the
@@ -385,6 +472,17 @@ class LocalJob:
         self.start_role(role.name)
         return True
 
+    def stop_dropped(self, status: JobStatus) -> list[str]:
+        """Once the job succeeded, stop the parties it was finished without (frozen, or never answering):
+        they would hold `fedtune run` for good. Their names."""
+        if status.phase != "Succeeded":
+            return []
+        dropped = [r for r in self.roles.values() if r.alive() and status.parties.get(r.name) is not None
+                   and status.parties[r.name].state == DROPPED]  # fmt: skip
+        for role in dropped:
+            self.kill_role(role.name, signal.SIGKILL)
+        return [r.name for r in dropped]
+
     def failed_role(self) -> Role | None:
         """A role that died and fails the job: the one the job's error names, if it is among them."""
         failed = [r for r in self.exited(ok=False) if not self.dropout_tolerated(r)]
@@ -398,69 +496,114 @@ class LocalJob:
             return False
         return not lost or (all(map(self.dropout_tolerated, lost)) and self.state.phase() == "Succeeded")
 
-    def stop(self) -> None:
-        """Stop every role and Redis; remove the secrets and the parties' resumable state (with its
-        key-agreement key): a finished run is never resumed."""
-        for name in self.roles:
-            self.kill_role(name, signal.SIGTERM)
+    def stop_roles(self) -> None:
+        """SIGTERM to every role at once, SIGKILL to those still there a few seconds later; then the fork
+        server. Redis stays (the summary reads it)."""
+        for role in self.roles.values():
+            self._signal_role(role, signal.SIGTERM)
+        self._reap(list(self.roles.values()), STOP_GRACE_S)
         for role in self.roles.values():
             if role.log_file is not None:
                 role.log_file.close()
+                role.log_file = None
         if self.forkserver is not None:
             self.forkserver.stop()
             if self.started and self.forkserver.log.exists():
                 files.write_atomic(self.run_dir / "logs" / self.forkserver.log.name, self.forkserver.log.read_bytes())
+            self.forkserver = None
+
+    def kill_now(self) -> None:
+        """A second signal: SIGKILL every process of the run and remove the private folders, no waiting."""
+        for proc in [r.proc for r in self.roles.values()] + [self.forkserver.proc if self.forkserver else None,
+                                                            self.redis.proc]:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        for folder in (self.private_dir, self.redis.workdir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        if self.started:
+            runfolder.forget(self.run_dir)
+
+    def stop(self) -> None:
+        """Stop every role and Redis; remove the secrets. Once the job succeeded, also what resuming it would
+        need (the parties' resumable state, with each key-agreement key): a finished run is never resumed."""
+        self.stop_roles()
+        succeeded = self.started and self._phase() == "Succeeded"
         self.redis.stop()
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
-        if self.started:
+        if succeeded:
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
             for folder in self.party_dirs.values():
                 shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
+        if self.lock is not None:
+            runfolder.forget(self.run_dir)
+            self.lock.release()
+            self.lock = None
+
+    def _phase(self) -> str:
+        """The job's phase, "" when Redis never started or is gone."""
+        try:
+            return self.state.phase() if hasattr(self, "state") else ""
+        except RedisError:
+            return ""
 
     def status(self) -> JobStatus:
         return self.state.snapshot()
 
     def sample_memory(self) -> None:
         pids = [(r.name, r.proc.pid) for r in self.roles.values() if r.alive() and r.proc is not None]
-        if self.redis.proc is not None and self.redis.proc.poll() is None:
+        if self.redis.alive():
+            assert self.redis.proc is not None
             pids.append(("redis", self.redis.proc.pid))
         if self.forkserver is not None and self.forkserver.proc.poll() is None:
             pids.append(("forkserver", self.forkserver.proc.pid))
         pids.append(("launcher", os.getpid()))  # last: the processes under it are counted by then
         self.memory.sample(pids)
 
-    def summary(self, wall_s: float, error: str) -> dict[str, Any]:
+    def summary(self, wall_s: float, error: str, state: str = "") -> dict[str, Any]:
+        """summary.json: `state` is how the run ended (succeeded, failed, timed_out, interrupted), `round` the
+        last round completed; the losses are named in `loss`."""
         status = self.status()
         fractions = self.job.spec.fractions()
         parties: dict[str, Any] = {}
         peaks = self.memory.report()
         for name, party in status.parties.items():
-            records = self.state.metrics(name)
-            losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
-            rounds = [{"round": r["round"], "step": r["step"], "wait_s": round(r["wait_s"], 4),
-                       "checkpoint": checkpoint_name(fractions[r["round"] - 1])}
-                      for r in records if r.get("event") == "round"]
-            stamps = [r["t"] for r in records if "loss" in r]
-            evaluated = [{"round": r["round"], "loss": r["eval_loss"], "samples": r["samples"]}
-                         for r in records if r.get("event") == "eval"]
-            parties[name] = {
-                "role": party.role, "state": party.state, "samples": party.samples, "max_steps": party.max_steps,
-                "exit_code": self.roles[name].proc.returncode if name in self.roles and self.roles[name].proc else None,
-                "restarts": self.roles[name].restarts if name in self.roles else 0,
-                "losses": losses, "rounds": rounds, "eval": evaluated,
-                "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
-                            "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
-                            # from the launcher's start to the end of this party's first optimizer step
-                            "startup_s": round(stamps[0] - self.launched_at, 3) if stamps else None},
-                "peak_pss_mb": peaks.get(name),
-                "output": str(self.party_dirs.get(name, "")),
-            }
-        return {"job": self.job.job_id, "phase": status.phase, "error": error or status.error,
-                "warnings": status.warnings, "rounds": len(fractions), "dropouts": status.dropouts,
-                "privacy": status.privacy, "eval_loss": status.eval_loss,
+            parties[name] = self._party_summary(name, party, fractions, peaks)
+        dropped = {name: p.dropped_from for name, p in status.parties.items() if p.state == DROPPED}
+        return {"job": self.job.job_id, "state": state or status.phase.lower(), "phase": status.phase,
+                "error": error or status.error, "warnings": status.warnings, "rounds": len(fractions),
+                "round": status.round, "dropouts": status.dropouts, "dropped": dropped,
+                "privacy": status.privacy, "eval_loss": status.eval_loss, "loss": LOSS_NAMES,
                 # privacy.losses aggregate: the parties' mean training loss by round, all the host learned of it
                 "round_losses": self.state.metrics("aggregate_loss"),
                 "wall_s": round(wall_s, 3), "peak_pss_mb": peaks, "parties": parties}
+
+    def _party_summary(self, name: str, party: PartyStatus, fractions: list[float],
+                       peaks: dict[str, float | None]) -> dict[str, Any]:
+        records = self.state.metrics(name)
+        losses = [[r["step"], r["loss"]] for r in records if "loss" in r]
+        rounds = [{"round": r["round"], "step": r["step"], "wait_s": round(r["wait_s"], 4),
+                   "checkpoint": checkpoint_name(fractions[r["round"] - 1])}
+                  for r in records if r.get("event") == "round"]
+        stamps = [r["t"] for r in records if "loss" in r]
+        ours = [t for t in stamps if t >= self.launched_at]  # a resumed run: this run's own start-up
+        evaluated = [{"round": r["round"], "loss": r["eval_loss"], "samples": r["samples"]}
+                     for r in records if r.get("event") == "eval"]
+        role = self.roles.get(name)
+        return {
+            "role": party.role, "state": party.state, "samples": party.samples, "max_steps": party.max_steps,
+            "exit_code": role.exit_code() if role else None, "restarts": role.restarts if role else 0,
+            "dropped_from": party.dropped_from or None,
+            "losses": losses, "rounds": rounds, "eval": evaluated,
+            "timings": {"train_s": round(stamps[-1] - stamps[0], 3) if len(stamps) > 1 else 0.0,
+                        "aggregation_wait_s": round(sum(r["wait_s"] for r in rounds), 3),
+                        # from the launcher's start to the end of this party's first optimizer step
+                        "startup_s": round(ours[0] - self.launched_at, 3) if ours else None},
+            "peak_pss_mb": peaks.get(name),
+            "output": str(self.party_dirs.get(name, "")),
+        }
 
 
 class Progress:
@@ -531,85 +674,197 @@ def loss_trend(party: dict[str, Any]) -> str:
     return trend
 
 
+@dataclass
+class Outcome:
+    """How a run ended: `state` (succeeded, failed, timed_out, interrupted), the exit code, the error."""
+
+    state: str
+    code: int = 0
+    error: str = ""
+    lost: set[str] = field(default_factory=set)  # parties the job went on (and ended) without
+
+
+def check_output_writable(root: Path) -> None:
+    """A SpecError naming the output when a run could not write there, checked before anything starts by
+    writing (and removing) a file where the output would be made (permissions alone do not tell: a
+    read-only file system, or root)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SpecError(f"output {root}: {existing} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fedtune-probe-", dir=existing)
+    except OSError as err:
+        raise SpecError(f"output {root}: cannot write in {existing}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def run_job(job: FederatedFineTune, output: Path | None, base_dir: Path, samples: dict[str, int], *,
-            source: str = "<job>", timeout_s: float = 24 * 3600, overwrite: bool = False, log_level: str = "INFO",
-            stream: IO[str] | None = None) -> int:
+            source: str = "<job>", timeout_s: float = 24 * 3600, overwrite: bool = False, resume: bool = False,
+            log_level: str = "INFO", stream: IO[str] | None = None) -> int:
     """Run a job whose files `preflight.check_files` passed (`samples`, its counts) to its end, write
     summary.json; the exit code. Its other checks come first, in the fork server (`LocalJob.check`);
-    `timeout_s` counts from here, those checks included."""
+    `timeout_s` counts from here, those checks included. `resume`: continue the run in the output
+    from its last completed round."""
     deadline = time.monotonic() + timeout_s
     try:
         root, party_dirs = output_layout(job, output, base_dir)
     except SpecError as err:
         raise SpecError(f"{source}: {err}") from None
-    earlier_results(root, party_dirs, overwrite=overwrite)  # refused at once, before any import
-    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level,
+    cleared = runfolder.clear_killed(root / RUN_DIR)  # refused while another run holds the output
+    if cleared:
+        print(f"fedtune: {cleared}", file=sys.stderr)
+    if resume:
+        runfolder.check_resumable(root / RUN_DIR, job, source)
+    else:
+        earlier_results(root, party_dirs, overwrite=overwrite)  # refused at once, before any import
+    check_output_writable(root)
+    local = LocalJob(job, root, base_dir, party_dirs=party_dirs, log_level=log_level, resume=resume,
                      launched_at=time.time() - process_age_s())  # `fedtune run` itself started then
     stream = stream or sys.stdout  # the one of now (tests replace it)
-    error, code = "", 0
-    sampled = 0.0
-    lost: set[str] = set()
+    outcome: Outcome | None = None
+    start = time.monotonic()
+    summary: dict[str, Any] = {}
+    with Signals(local.kill_now) as signals:
+        try:
+            try:
+                for note in local.check(samples, source):
+                    print(f"fedtune: {note}", file=stream)
+                if not resume:
+                    claim_output(root, party_dirs, overwrite=overwrite)
+                start = time.monotonic()
+                announce(local, root, resume, stream)
+                local.start()
+                outcome = watch(local, deadline, timeout_s, stream)
+            except Interrupted as stop:
+                outcome = Outcome("interrupted", stop.exit_code, f"interrupted by {stop}")
+            signals.stopping = True
+            local.stop_roles()
+            if local.started:
+                summary = write_summary(local, time.monotonic() - start, outcome)
+        finally:
+            signals.stopping = True
+            local.stop()
+    assert outcome is not None  # set on every path that gets here
+    if outcome.code:
+        if outcome.state == "interrupted":
+            say_interrupted(job, outcome, summary, source, output, root, stream)
+        return outcome.code
+    say_succeeded(job, base_dir, root, party_dirs, outcome, summary, time.monotonic() - start, stream)
+    return 0
+
+
+def announce(local: LocalJob, root: Path, resume: bool, stream: IO[str]) -> None:
+    job = local.job
+    verb = "resuming" if resume else "job"
+    print(f"fedtune: {verb} {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
+          f"output {root}", file=stream)
+    print(f"  loss: {LOSS_NAMES['train']} (summary.json and fedtune report show the same)", file=stream)
+    if not job.spec.tls.enabled:
+        print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the "
+              "ports can join; keep it for debugging on one machine only", file=sys.stderr)
+    if local.gpus_shared:
+        print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: "
+              f"{local.gpus}", file=sys.stderr)
+
+
+def watch(local: LocalJob, deadline: float, timeout_s: float, stream: IO[str]) -> Outcome:
+    """Follow the job to its end: restart roles that die (while backoffLimit allows), stop the parties the
+    job ended without, show progress."""
+    job, progress, lost, sampled = local.job, Progress(stream), set(), 0.0
     try:
-        local.check(samples, source)
-        claim_output(root, party_dirs, overwrite=overwrite)
-        progress = Progress(stream)
-        start = time.monotonic()
-        print(f"fedtune: job {job.job_id}: {len(local.roles) - 1} parties, {len(job.spec.fractions())} rounds, "
-              f"output {root}", file=stream)
-        if not job.spec.tls.enabled:
-            print("WARNING: tls.enabled is false: parties talk gRPC in the clear and anyone who reaches the "
-                  "ports can join; keep it for debugging on one machine only", file=sys.stderr)
-        if local.gpus_shared:
-            print(f"WARNING: the parties ask for more GPUs than this machine has, so they share them: "
-                  f"{local.gpus}", file=sys.stderr)
-        local.start()
         while not local.finished():
             if time.monotonic() - sampled >= MEMORY_SAMPLE_S:
                 local.sample_memory()
                 sampled = time.monotonic()
-            for role in local.exited(ok=False):
-                exit_code = role.proc.returncode  # type: ignore[union-attr]
-                if role.name not in lost and local.restart(role):
-                    print(f"WARNING: {role.name} exited with {exit_code}; restarted it ({role.restarts} of "
-                          f"spec.backoffLimit {job.spec.backoffLimit}; its log: {role.log_path})", file=sys.stderr)
-                elif role.name not in lost:  # tolerated, or the job fails just below
-                    lost.add(role.name)
-                    if local.dropout_tolerated(role):
-                        local.give_up(role)
-                        print(f"WARNING: {role.name} exited with {exit_code}; secagg_plus carries on without it "
-                              f"(its log: {role.log_path})", file=sys.stderr)
+            restart_or_drop(local, lost)
             failed = local.failed_role()
             if failed is not None:
-                returncode = failed.proc.returncode  # type: ignore[union-attr]
+                returncode = failed.exit_code()
                 error = local.state.error() or f"{failed.name} exited with {returncode}"
                 code = EXIT_REFUSED if returncode == EXIT_REFUSED else EXIT_FAILED
                 print(f"fedtune: job failed: {error}\n--- last lines of {failed.name}'s log "
                       f"({failed.log_path}) ---\n{failed.log_tail()}", file=sys.stderr)
-                break
+                return Outcome("failed", code, error, lost)
             if time.monotonic() > deadline:
-                error, code = f"timed out after {timeout_s:g} s (--timeout); every role was stopped", EXIT_TIMEOUT
+                error = f"timed out after {timeout_s:g} s (--timeout); every role was stopped"
                 print(f"fedtune: job {job.job_id} {error}; logs in {local.run_dir / 'logs'}", file=sys.stderr)
-                break
-            progress.show(local.status())
+                return Outcome("timed_out", EXIT_TIMEOUT, error, lost)
+            status = local.status()
+            for name in local.stop_dropped(status):
+                lost.add(name)
+                print(f"WARNING: {name} was dropped from round {status.parties[name].dropped_from} on and never "
+                      "came back; the job succeeded without it, and its process is stopped", file=sys.stderr)
+            progress.show(status)
             time.sleep(0.1)
-        else:
-            progress.show(local.status())
-        lost.update(r.name for r in local.exited(ok=False))  # one may have gone as the job finished
-        summary = local.summary(time.monotonic() - start, error)
-        files.write_json_atomic(root / "summary.json", summary)
-    finally:
-        local.stop()
-    if code:
-        return code
-    print(f"fedtune: job {job.job_id} succeeded in {time.monotonic() - start:.1f} s; adapters:", file=stream)
+        progress.show(local.status())
+    except RedisError as err:
+        error = f"Redis, which holds the job's state ({local.redis.address}), stopped answering: {err}"
+        print(f"fedtune: job failed: {error}", file=sys.stderr)
+        return Outcome("failed", EXIT_FAILED, error, lost)
+    lost.update(r.name for r in local.exited(ok=False))  # one may have gone as the job finished
+    return Outcome("succeeded", 0, "", lost)
+
+
+def restart_or_drop(local: LocalJob, lost: set[str]) -> None:
+    """A role that died is started again while spec.backoffLimit allows; else, where secagg_plus tolerates
+    it, the job goes on without it."""
+    for role in local.exited(ok=False):
+        exit_code = role.exit_code()
+        if role.name in lost:  # given up on already, or stopped by us (dropped)
+            continue
+        if local.restart(role):
+            print(f"WARNING: {role.name} exited with {exit_code}; restarted it ({role.restarts} of "
+                  f"spec.backoffLimit {local.job.spec.backoffLimit}; its log: {role.log_path})", file=sys.stderr)
+        else:  # tolerated, or the job fails just after
+            lost.add(role.name)
+            if local.dropout_tolerated(role):
+                local.give_up(role)
+                print(f"WARNING: {role.name} exited with {exit_code}; secagg_plus carries on without it "
+                      f"(its log: {role.log_path})", file=sys.stderr)
+
+
+def write_summary(local: LocalJob, wall_s: float, outcome: Outcome | None) -> dict[str, Any]:
+    """summary.json from the job's state; a short one when Redis is gone with it."""
+    outcome = outcome or Outcome("failed", EXIT_FAILED, "fedtune run stopped before the job ended")
+    try:
+        summary = local.summary(wall_s, outcome.error, outcome.state)
+    except RedisError:
+        summary = {"job": local.job.job_id, "state": outcome.state, "error": outcome.error,
+                   "rounds": len(local.job.spec.fractions()), "wall_s": round(wall_s, 3)}
+    files.write_json_atomic(local.output / "summary.json", summary)
+    return summary
+
+
+def say_interrupted(job: FederatedFineTune, outcome: Outcome, summary: dict[str, Any], source: str,
+                    output: Path | None, root: Path, stream: IO[str]) -> None:
+    if not summary:
+        print(f"fedtune: job {job.job_id} {outcome.error} before it started; nothing was left behind",
+              file=sys.stderr)
+        return
+    again = f"fedtune run {source}" + (f" --output {root}" if output is not None else "") + " --resume"
+    print(f"fedtune: job {job.job_id} {outcome.error} after round {summary.get('round', 0)} of "
+          f"{summary.get('rounds')}; every process it started is stopped; continue with: {again}",
+          file=sys.stderr)
+    stream.flush()
+
+
+def say_succeeded(job: FederatedFineTune, base_dir: Path, root: Path, party_dirs: dict[str, Path], outcome: Outcome,
+                  summary: dict[str, Any], wall_s: float, stream: IO[str]) -> None:
+    print(f"fedtune: job {job.job_id} succeeded in {wall_s:.1f} s; adapters:", file=stream)
     last = checkpoint_name(job.spec.fractions()[-1])
+    dropped = summary.get("dropped", {})
     for name, folder in party_dirs.items():
-        if name in lost:
+        if name in dropped:
+            print(f"  {name} was dropped from round {dropped[name]} on; its adapters from before: {folder}",
+                  file=stream)
+        elif name in outcome.lost:
             print(f"  {name} dropped out; its adapters from before: {folder}", file=stream)
         else:
             print(f"  {folder / last}{loss_trend(summary['parties'].get(name, {}))}", file=stream)
-    first = next(name for name in party_dirs if name not in lost)
+    first = next(name for name in party_dirs if name not in outcome.lost and name not in dropped)
     model = resolve_path(job.spec.pretrained_model(job.spec.party(first)), base_dir)
     print(f"chat with it:\n  fedtune chat --model {model} --adapter {party_dirs[first] / last}", file=stream)
     print(f"see its loss curves:\n  fedtune report {root}", file=stream)
-    return 0

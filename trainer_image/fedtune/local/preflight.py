@@ -70,6 +70,20 @@ def check_training(job: FederatedFineTune, samples: dict[str, int], source: str)
         raise SpecError(f"{source}: {err}") from None
 
 
+def device_notes(spec: JobSpec) -> list[str]:
+    """Where a party's settings say one thing and this machine another (needs torch): parties that may use
+    CUDA (`no_cuda: false`) on a machine without it train on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    cpu = [p.name for p in spec.parties
+           if p.remote is None and spec.trainset(p) and not spec.trainer_args(p).get("no_cuda")]
+    if not cpu:
+        return []
+    return [f"this machine has no CUDA device: {', '.join(cpu)} (trainer.no_cuda: false) train on the CPU"]
+
+
 def _check_party_files(spec: JobSpec, index: int, party: Party, base_dir: Path) -> int:
     """The party's model folder, trainset and valset; its number of training samples."""
     owner = f"spec.parties[{index}]" if party.pretrained_model else "spec.input"

@@ -27,6 +27,11 @@ from fedtune.files import write_atomic
 from fedtune.spec import SpecError
 
 REPORT_DIR = "report"
+# The losses' names, as summary.json's `loss` defines them (the console prints the same numbers).
+TRAIN_LOSS = "training loss (mean cross-entropy per answer token)"
+EVAL_LOSS = "valset loss (mean cross-entropy per answer token)"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+DASHES = ("-", "--", "-.", ":")
 
 
 def load_summary(output: Path) -> dict[str, Any]:
@@ -80,25 +85,31 @@ def training_plot(summary: dict[str, Any]) -> bytes:
             axes.axvline(k / rounds, color="grey", linewidth=0.5, linestyle=":")
 
     return _draw(draw, xlabel="fraction of each party's training (dotted: aggregation rounds)",
-                 ylabel="training loss", title=f"job {summary.get('job', '')}: training loss")
+                 ylabel=TRAIN_LOSS, title=f"job {summary.get('job', '')}: training loss")
 
 
 def eval_plot(summary: dict[str, Any]) -> bytes | None:
-    parties = {n: p.get("eval") or [] for n, p in summary["parties"].items()}
-    if not any(parties.values()):
+    if not any(p.get("eval") for p in summary["parties"].values()):
         return None
-
-    def draw(axes: Any) -> None:
-        for name, evaluated in parties.items():
-            if evaluated:
-                axes.plot([e["round"] for e in evaluated], [e["loss"] for e in evaluated], marker="o", label=name)
-        overall = summary.get("eval_loss") or []
-        if overall:
-            axes.plot([e["round"] for e in overall], [e["loss"] for e in overall], color="black", linewidth=2.5,
-                      label="all valsets")
-
-    return _draw(draw, xlabel="round (0: the initial adapter)", ylabel="loss on the valset",
+    return _draw(lambda axes: draw_eval(axes, summary), xlabel="round (0: the initial adapter)", ylabel=EVAL_LOSS,
                  title=f"job {summary.get('job', '')}: the global adapter on the valsets")
+
+
+def draw_eval(axes: Any, summary: dict[str, Any]) -> None:
+    """The valset losses by round: over all valsets underneath, wide and pale, and each party's on top, with a
+    marker and dash of its own, so that parties whose losses coincide stay visible; whole rounds on the axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    overall = summary.get("eval_loss") or []
+    if overall:
+        axes.plot([e["round"] for e in overall], [e["loss"] for e in overall], color="black", linewidth=5,
+                  alpha=0.25, label="all valsets", zorder=1)
+    evaluated = [(name, p["eval"]) for name, p in summary["parties"].items() if p.get("eval")]
+    for i, (name, points) in enumerate(evaluated):
+        axes.plot([e["round"] for e in points], [e["loss"] for e in points], label=name, zorder=2,
+                  marker=MARKERS[i % len(MARKERS)], markersize=9 - i % 4, markerfacecolor="none",
+                  linestyle=DASHES[i % len(DASHES)])
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def rose(party: dict[str, Any]) -> bool:

@@ -17,7 +17,6 @@ that dies takes the others down through torchrun, so that group's timeout is onl
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import signal
@@ -29,6 +28,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from fedtune import procctl
 from fedtune.model.adapters import adapter_schema, adapter_state, load_adapter_state
 from fedtune.roles import TORCH_THREADS_ENV
 from fedtune.spec import JobSpec, Party, SpecError
@@ -83,12 +83,8 @@ def _die_with_agent() -> None:
     """torchrun starts each rank in a session of its own: a SIGKILL of the agent would leave the ranks
     running, still holding the party's place in the federation. Tie each rank's life to the agent's."""
     agent = os.environ.get(AGENT_ENV)
-    if agent is None or not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != int(agent):  # the agent died before the line above
-        os._exit(1)
+    if agent is not None:
+        procctl.die_with_parent(signal.SIGKILL, int(agent))
 
 
 @dataclass(frozen=True)
