@@ -8,7 +8,6 @@ trains as before."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,14 +98,11 @@ class TamperingScheduler(SchedulerService):
         super().__init__(*args, **kwargs)
         self.tamper = tamper
 
-    def _wait_for(self, fetch, wait_s, context):
-        deadline = time.monotonic() + min(wait_s, 30.0)
-        while (value := fetch()) is None and time.monotonic() < deadline and context.is_active():
-            time.sleep(0.05)
-        return value
+    async def _wait_for(self, fetch, wait_s):
+        return await self.wakeup.until(fetch, min(max(wait_s, 0.0), 30.0), tick_s=0.05)  # never says "failed"
 
-    def Ready(self, request, context):
-        reply = super().Ready(request, context)
+    async def Ready(self, request, context):
+        reply = await super().Ready(request, context)
         if reply.ready:
             self.tamper(request.party, reply)
         return reply
@@ -162,7 +158,7 @@ def test_relay_that_adds_drops_or_swaps_is_refused_by_every_honest_party(tmp_pat
 class EchoingScheduler(TamperingScheduler):
     """A host that lies at Join: it hands every party that party's own terms back and never fails the job."""
 
-    def Join(self, request, context):
+    async def Join(self, request, context):
         self._caller(request.party, context)
         return pb.JoinReply(ready=True, job_id=self.job.job_id, terms_json=request.terms_json)
 

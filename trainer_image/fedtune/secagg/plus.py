@@ -156,14 +156,17 @@ class SecAggPlusCodec(OtpCodec):
         self.threshold = threshold
         self.colluders = colluders
         self.context = context
+        # A party's keys derive from its master seed (fresh per run) before the run's session is known (its
+        # public bundle is part of what fixes the session): they keep the context the codec was made with.
+        self.key_context = context
         self.rounds = rounds
         self.points = {name: i + 1 for i, name in enumerate(self.holders)}  # Shamir x-coordinates
         probe = key_agreement.public_key(key_agreement.private_key_from_seed(bytes(32)))
         self.key_bytes = len(probe)
 
     def bound_to(self, context: bytes) -> SecAggPlusCodec:
-        """The same codec for another run: `context` (the run's session id, known once every party's bundle
-        is in) replaces the one it was made with."""
+        """The same codec bound to the run's session id (known once every party's bundle is in): masks, share
+        encryption and signed statements use it; the keys derived from a master seed stay as they were."""
         if not isinstance(context, bytes) or not context:
             raise SecAggError("secagg_plus needs the run's context (bytes) to bind its keys to")
         bound = copy.copy(self)
@@ -185,7 +188,7 @@ class SecAggPlusCodec(OtpCodec):
         return shamir.to_bytes(_element(self._expand(master, _round_label(kind, round_), 40)))
 
     def _expand(self, master: bytes, label: bytes, length: int = 32) -> bytes:
-        return _derive(_check_master(master), self.context, label, length)
+        return _derive(_check_master(master), self.key_context, label, length)
 
     def _encryption_private(self, master: bytes) -> bytes:
         seed = shamir.to_bytes(_element(self._expand(master, b"share encryption key", 40)))
