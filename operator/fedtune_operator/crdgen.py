@@ -278,6 +278,7 @@ def status_schema() -> dict[str, Any]:
             "reason": {"type": "string"},
             "message": {"type": "string"},
             "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "description": "the spec's generation it was decided from"},
         },
     }
     return {

@@ -43,7 +43,7 @@ from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
 from .jobs import Job, Workload
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, merge_patch, stored
 from .progress import read_progress
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,6 @@ class Reconciler:
             storage_classes=tuple(sorted(set(classes.values()))),
             run_policy=job.spec.runPolicy,
         )
-        plan.status["observedGeneration"] = body["metadata"].get("generation")
         self._write_status(body, prev, plan.status)
         for pod_name in plan.delete:
             self.kube.delete("Pod", namespace, pod_name)
@@ -274,11 +273,13 @@ class Reconciler:
         return status.FAILED
 
     def _write_status(self, body: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
-        """Patch the resource's status when it changed; True when it did."""
-        if new == prev:
-            return False
+        """Make the resource's status `new`, as a whole: a key `new` lacks is removed, not kept from
+        `prev`. Nothing is sent when it would not change; True when it did."""
         meta = body["metadata"]
-        self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], new)
+        wanted = stored(status.observed(new, meta.get("generation")))
+        if wanted == prev:
+            return False
+        self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], merge_patch(prev, wanted))
         return True
 
     # --- children ---------------------------------------------------------------------------------

@@ -150,6 +150,15 @@ def claims_in(message: str, claims: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(named)
 
 
+def observed(status: dict[str, Any], generation: int | None) -> dict[str, Any]:
+    """`status` as decided from the spec's `generation`: the status and each condition say so
+    (`observedGeneration`), as Kubernetes' own controllers write them."""
+    out = {**status, "observedGeneration": generation}
+    if "conditions" in status:
+        out["conditions"] = [{**c, "observedGeneration": generation} for c in status["conditions"]]
+    return out
+
+
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
     return next((c for c in conditions if c.get("type") == type_), None)
 
