@@ -68,8 +68,10 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "OutputStorage": [
         {
-            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode))",
-            "message": "`claimName` names an existing claim: size, storageClassName and accessMode would not apply",
+            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode) "
+                    "|| has(self.retain))",
+            "message": "`claimName` names an existing claim: size, storageClassName, accessMode and retain would "
+                       "not apply",
         }
     ],
     "JobSpec": [

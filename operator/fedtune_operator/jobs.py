@@ -25,6 +25,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_JOB = "fedtune.io/job"
 LABEL_COMPONENT = "fedtune.io/component"
 LABEL_PARTY = "fedtune.io/party"
+# On an output claim that outlives its job (spec.storage.output.retain), in place of an ownerReference.
+ANNOTATION_JOB_UID = "fedtune.io/job-uid"
 
 OUTPUT_DIR = "/fedtune/output"  # where the output claim is mounted in every role's pod
 # Party names that would make `J-<party>` collide with the job's own pods and Services.
@@ -141,10 +143,13 @@ def output_problems(job: Job) -> list[str]:
 
 def storage_classes(job: Job) -> dict[str, str]:
     """The StorageClasses the claims fedtune creates name, by the field that names them."""
-    out = job.spec.storage.output
-    if out.claimName or not out.storageClassName:
-        return {}
-    return {"spec.storage.output.storageClassName": out.storageClassName}
+    out, redis = job.spec.storage.output, job.spec.redis
+    found = {}
+    if out.storageClassName and not out.claimName:
+        found["spec.storage.output.storageClassName"] = out.storageClassName
+    if redis.storageClassName and redis.persistence and hosts_federation(job.spec):
+        found["spec.redis.storageClassName"] = redis.storageClassName
+    return found
 
 
 def party_outputs(job: Job) -> dict[str, str]:
@@ -234,14 +239,23 @@ def owner_reference(job: Job) -> dict[str, Any]:
     }
 
 
-def metadata(job: Job, name: str, component: str, party: str | None = None) -> dict[str, Any]:
-    """A child's metadata: its name in the job's namespace, the job's labels, owned by the job."""
-    return {
-        "name": name,
-        "namespace": job.namespace,
-        "labels": labels(job.name, component, party),
-        "ownerReferences": [owner_reference(job)],
-    }
+def metadata(job: Job, name: str, component: str, party: str | None = None, owned: bool = True) -> dict[str, Any]:
+    """A child's metadata: its name in the job's namespace, the job's labels, owned by the job (garbage
+    collection deletes it with the job); or, not `owned`, only annotated with the job's uid (it stays)."""
+    meta = {"name": name, "namespace": job.namespace, "labels": labels(job.name, component, party)}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    else:
+        meta["annotations"] = {ANNOTATION_JOB_UID: job.uid}
+    return meta
+
+
+def job_uids(obj: dict[str, Any]) -> set[str]:
+    """The uids of the jobs a child belongs to: its owner's, or the one its annotation names."""
+    meta = obj.get("metadata") or {}
+    uids = {ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("kind") == KIND and ref.get("uid")}
+    kept = (meta.get("annotations") or {}).get(ANNOTATION_JOB_UID)
+    return uids | ({kept} if kept else set())
 
 
 def workload_party(workload: Workload) -> str | None:

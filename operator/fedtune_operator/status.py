@@ -370,6 +370,12 @@ def plan(
     if storage_classes:
         found = f"StorageClass {', '.join(storage_classes)} exists"
         conditions = set_condition(conditions, "Storage", "True", "StorageClassFound", found, now)
+    elif find_condition(conditions, "Storage") is not None:  # a claim it waited for is free now
+        conditions = set_condition(conditions, "Storage", "True", "ClaimsReady", "the job's claims are its own", now)
+    for type_ in ("TLS", "Storage"):  # what the job waited for is there: its message goes
+        old = find_condition(prev.get("conditions", []), type_)
+        if old and old.get("status") == "False" and status.get("message") == old.get("message"):
+            status.pop("message")
     result.events += tls_events
 
     # --- phase ---------------------------------------------------------------------------
@@ -476,6 +482,26 @@ def _suspended_condition(conditions: list[dict[str, Any]], prev_phase: str | Non
         plan.events.append(("Normal", "Resumed", "spec.runPolicy.suspend is false: the job's pods start again"))
         return set_condition(conditions, SUSPENDED, "False", "Resumed", "the job goes on from its last round", now)
     return conditions
+
+
+# Condition and event of a finished job whose pods and Services its TTL has deleted.
+RELEASED, RELEASED_REASON = "Released", "TTLExpired"
+
+
+def released_message(ttl: int, output: str) -> str:
+    return (f"spec.runPolicy.ttlSecondsAfterFinished ({ttl} s) has run out: the job's pods and Services are deleted; "
+            f"the adapters stay in {output or 'the output claims'}, and `kubectl delete` removes the rest")
+
+
+def released(status: dict[str, Any]) -> bool:
+    """The job's TTL has run out and its pods and Services were deleted."""
+    return (find_condition(status.get("conditions", []), RELEASED) or {}).get("status") == "True"
+
+
+def released_status(prev: dict[str, Any], message: str, now: str) -> dict[str, Any]:
+    status = copy.deepcopy(prev)
+    status["conditions"] = set_condition(status.get("conditions", []), RELEASED, "True", RELEASED_REASON, message, now)
+    return status
 
 
 SUSPENDED_MESSAGE = ("spec.runPolicy.suspend is true: the job's pods are removed; Redis, the output claims and the "

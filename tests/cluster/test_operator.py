@@ -470,7 +470,7 @@ def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl
 
 def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None:
     """activeDeadlineSeconds fails a job that runs too long and stops its pods; ttlSecondsAfterFinished
-    then deletes the resource, and garbage collection its children."""
+    then deletes its pods and Services, and keeps the resource (where the adapters are) and the claims."""
     doc = small_job("bounded")
     doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 3}
     apply(kubectl, namespace, doc)
@@ -483,8 +483,14 @@ def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None
     wait_for("the pods to be stopped", lambda: all(p["metadata"].get("deletionTimestamp") or not
                                                    p["metadata"]["name"].startswith("bounded-")
                                                    for p in api.pods(namespace)))
-    wait_for("the resource deleted after its TTL", lambda: api.job(namespace, "bounded") is None, 30,
+    # Without a kubelet a deleted pod stays, marked for deletion.
+    kinds = lambda: {kind for (kind, _), obj in api.children(namespace, "bounded").items()  # noqa: E731
+                     if not obj["metadata"].get("deletionTimestamp")}
+    wait_for("the pods and Services deleted after its TTL", lambda: not {"Pod", "Service"} & kinds(), 30,
              describe=operator.tail)
+    assert "PersistentVolumeClaim" in kinds()
+    released = condition(api.status(namespace, "bounded"), "Released")
+    assert released["reason"] == "TTLExpired" and "the adapters stay" in released["message"]
 
 
 def test_spec_run_policy_alone_may_change(operator, api, kubectl, namespace) -> None:
@@ -879,12 +885,15 @@ def test_namespaced_install_needs_only_its_roles(
 
 # Last: kube-controller-manager's garbage collector finds a new CRD's kind at its periodic
 # discovery (30 s); by now it has, so this measures the collection, not the discovery.
-def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:
+def test_deleting_the_resource_garbage_collects_every_child_but_the_adapters(operator, api, kubectl,
+                                                                            namespace) -> None:  # fmt: skip
     doc = small_job("gone")
-    doc["spec"]["redis"] = {"persistence": True}
     apply(kubectl, namespace, doc)
     expected = wait_for_children(api, namespace, doc)
-    assert ("PersistentVolumeClaim", "gone-redis-data") in expected
+    assert ("PersistentVolumeClaim", "gone-redis-data") in expected  # Redis persistence: the default
+    outputs = {key for key in expected if key[0] == "PersistentVolumeClaim" and "-output" in key[1]}
+    assert outputs
     kubectl("delete", "fft", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
-    # kube-controller-manager's garbage collector follows the ownerReferences.
-    wait_for("every child gone", lambda: not api.children(namespace, "gone"), timeout=60)
+    # kube-controller-manager's garbage collector follows the ownerReferences; the output claims have none.
+    wait_for("every child but the output claims gone", lambda: set(api.children(namespace, "gone")) == outputs,
+             timeout=60)
