@@ -38,7 +38,7 @@ from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 from fedtune.trust import certs
 
-from . import children, jobs, metrics, status, tls
+from . import children, jobs, metrics, podpolicy, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
@@ -101,6 +101,8 @@ class Reconciler:
     progress_timeout_s: float = 1.0
     # The operator's own pod (from the chart's env), let through the jobs' NetworkPolicies to Redis.
     operator: OperatorPeer | None = field(default_factory=lambda: operator_peer(dict(os.environ)))
+    # The escalating pod template fields this cluster admits (the chart's podTemplate.allow).
+    pod_template_allow: frozenset[str] = field(default_factory=lambda: podpolicy.allowed_from_env(os.environ))
     _gates: dict[Key, _Gate] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
@@ -194,7 +196,7 @@ class Reconciler:
         job = Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
         if self._expired(job, body, prev):
             return prev["phase"]
-        problems = children.problems(job)
+        problems = children.problems(job, self.pod_template_allow)
         if problems:
             return self._invalid(body, prev, "; ".join(problems))
 

@@ -25,7 +25,7 @@ import yaml
 from fedtune.local.launcher import free_port
 from fedtune.spec import parse_job
 from support import kube
-from support.children import by_kind_name, pod_secrets
+from support.children import ESCALATIONS, by_kind_name, pod_secrets, set_pod_template
 from support.jobs import EXAMPLE, REPO, example_documents
 from support.kube import OperatorProcess, wait_for
 
@@ -389,13 +389,23 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("case", "mutate", "field"), INVALID, ids=[c for c, _, _ in INVALID])
-def test_invalid_specs_are_rejected_by_the_api_server(chart, kubectl, case, mutate, field) -> None:
-    doc = small_job(f"bad-{case}")
+def _assert_rejected(kubectl: Any, name: str, mutate: Any, field: str) -> None:
+    doc = small_job(name)
     mutate(doc["spec"])
     result = apply(kubectl, "default", doc, check=False)
-    assert result.returncode != 0, f"{case}: accepted\n{result.stdout}"
-    assert field in result.stderr, f"{case}: the error does not name {field}:\n{result.stderr}"
+    assert result.returncode != 0, f"{name}: accepted\n{result.stdout}"
+    assert field in result.stderr, f"{name}: the error does not name {field}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize(("case", "mutate", "field"), INVALID, ids=[c for c, _, _ in INVALID])
+def test_invalid_specs_are_rejected_by_the_api_server(chart, kubectl, case, mutate, field) -> None:
+    _assert_rejected(kubectl, f"bad-{case}", mutate, field)
+
+
+@pytest.mark.parametrize(("case", "where", "overlay", "field"), ESCALATIONS, ids=[c for c, *_ in ESCALATIONS])
+def test_a_pod_template_that_would_escalate_is_rejected_by_the_api_server(chart, kubectl, case, where, overlay,
+                                                                           field) -> None:  # fmt: skip
+    _assert_rejected(kubectl, f"escalate-{case.lower()}", lambda spec: set_pod_template(spec, where, overlay), field)
 
 
 def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> None:

@@ -19,6 +19,7 @@ job's children are, and why they could not be made.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .. import tls
@@ -27,14 +28,16 @@ from .configmap import job_configmap
 from .networkpolicy import OperatorPeer, network_policy
 from .pod import redis_pod, role_pod
 from .pvc import output_pvcs, redis_pvc
+from .scheduling import template_problems
 from .secret import secrets
 from .service import redis_service, role_service
 
 
-def problems(job: Job) -> list[str]:
-    """Why some child would be refused or unsafe (checked before creating any)."""
+def problems(job: Job, allow: Iterable[str] = ()) -> list[str]:
+    """Why some child would be refused or unsafe (checked before creating any); `allow`: the escalating
+    pod template fields this cluster admits (`podpolicy`)."""
     return (name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
-            + output_problems(job))
+            + output_problems(job) + template_problems(job, allow))
 
 
 def plain_children(job: Job, operator: OperatorPeer | None = None) -> list[dict[str, Any]]:
