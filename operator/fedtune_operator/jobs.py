@@ -1,7 +1,8 @@
 """A FederatedFineTune as the operator sees it: the API it serves, one job, its workloads and names.
 
 Every child of a resource J in namespace N is named `J-<suffix>` and carries an
-ownerReference to J and the labels `app.kubernetes.io/part-of: fedtune`,
+ownerReference to J (but the output claims, which outlive J: the annotation
+`fedtune.io/job-uid` instead) and the labels `app.kubernetes.io/part-of: fedtune`,
 `fedtune.io/job: J`, `fedtune.io/component: ...` (and `fedtune.io/party` on a party's
 objects). Names are deterministic, so creating a child twice is a 409, never a duplicate.
 The builders of each kind live in `children/`.

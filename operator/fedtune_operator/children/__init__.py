@@ -3,12 +3,13 @@
     Secret    J-redis          the Redis password and its redis.conf                  secret.py
     Pod       J-redis          `redis-server /etc/redis/redis.conf`                   pod.py
     Service   J-redis          :6379                                                  service.py
-    PVC       J-redis-data     only with spec.redis.persistence (appendonly)          pvc.py
+    PVC       J-redis-data     spec.redis.persistence, the default (appendonly)       pvc.py
     ConfigMap J-job            job.yaml: the spec as given, addresses filled in       configmap.py
     Pod       J-scheduler      `fedtune scheduler`, Service J-scheduler:55005         pod.py, service.py
     Pod       J-<party>        one per local party, Service J-<party>:55004/55006     pod.py, service.py
     PVC       J-output-<party> a party's adapters (or one J-output they share: ReadWriteMany;
-                               none with spec.storage.output.claimName)               pvc.py
+                               none with spec.storage.output.claimName); no owner:
+                               they outlive the job unless storage.output.retain is false  pvc.py
     Secret    J-ca, J-tls-<role>   the federation's CA and each role's certificate    secret.py (tls.py)
     NetworkPolicy J-network    ingress to the job's pods: Redis from the roles that use it and
                                the operator, gRPC from the job's pods; nothing else   networkpolicy.py
