@@ -259,7 +259,8 @@ def metadata_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    """What the operator writes; open for fields later versions add."""
+    """What the operator writes; open for fields later versions add, so that what the API server stores
+    is what the operator wrote (it writes only when that would change)."""
     component = {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
@@ -297,7 +298,8 @@ def status_schema() -> dict[str, Any]:
             "evalLosses": {
                 "type": "array",
                 "description": "the global adapter's loss on the parties' valsets, by round (0: the initial one)",
-                "items": {"type": "object", "properties": {"round": {"type": "integer"}, "loss": {"type": "number"}}},
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                          "properties": {"round": {"type": "integer"}, "loss": {"type": "number"}}},
             },
             "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output-<party>/`"},
             "message": {"type": "string"},
@@ -314,6 +316,8 @@ def status_schema() -> dict[str, Any]:
             "privacy": {
                 "type": "object",
                 "description": "privacy.dp: the (epsilon, delta) guarantee of the rounds done so far",
+                # Kept as written (a pruned key would differ from what the operator compares against).
+                "x-kubernetes-preserve-unknown-fields": True,
                 "properties": {
                     "epsilon": {"type": "number", "nullable": True, "description": "null: no noise, no finite ε"},
                     "delta": {"type": "number"},

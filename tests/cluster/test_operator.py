@@ -431,6 +431,28 @@ def test_a_pod_the_api_refuses_fails_the_job_naming_the_field(operator, api, kub
     assert "badlabel-node-1" not in {p["metadata"]["name"] for p in api.pods(namespace)}
 
 
+def test_a_settled_job_is_not_written_again(operator, api, kubectl, namespace) -> None:
+    """The status is written only when it changes (the operator resyncs every second here), carries the
+    generation it was decided from, and a key that no longer holds goes (a merge patch kept it)."""
+    doc = small_job("settled")
+    doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 3600}
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in ("redis", *ROLE_PODS):
+        api.set_pod_phase(namespace, f"settled-{suffix}", "Running")
+    wait_for("phase Running", lambda: api.status(namespace, "settled").get("phase") == "Running")
+    time.sleep(3)  # the passes the pod updates started are done
+    version = api.job(namespace, "settled")["metadata"]["resourceVersion"]
+    time.sleep(5)  # five resyncs
+    assert api.job(namespace, "settled")["metadata"]["resourceVersion"] == version, operator.tail()
+    status = api.status(namespace, "settled")
+    assert status["observedGeneration"] == 1 and {c.get("observedGeneration") for c in status["conditions"]} == {1}
+    kubectl("patch", "fft", "settled", "-n", namespace, "--type", "merge",
+            "-p", '{"spec": {"runPolicy": {"activeDeadlineSeconds": 3600, "suspend": true}}}')
+    wait_for("Suspended, startTime gone", lambda: (st := api.status(namespace, "settled")).get("phase") == "Suspended"
+             and "startTime" not in st and st["observedGeneration"] == 2)
+
+
 def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, namespace) -> None:
     doc = small_job("runs")
     apply(kubectl, namespace, doc)
