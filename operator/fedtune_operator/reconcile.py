@@ -74,6 +74,11 @@ class ClaimTaken(Exception):
     someone else's): its adapters are never overwritten, so the job waits until it is gone."""
 
 
+def _as_written(body: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A status as the API server holds it once written: stamped with the generation it was decided from."""
+    return stored(status.observed(new, body["metadata"].get("generation")))
+
+
 def _check_not_kept(manifest: dict[str, Any], found: dict[str, Any] | None) -> None:
     """Refuse to take the name of a claim kept past its owner (an earlier job's adapters) or someone else's."""
     if found is None or manifest["kind"] != "PersistentVolumeClaim" or (found["metadata"].get("ownerReferences")):
@@ -253,7 +258,7 @@ class Reconciler:
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
         # A job that has just finished: the resync watches its TTL from now.
-        self._expired(job, body, stored(status.observed(plan.status, body["metadata"].get("generation"))))
+        self._expired(job, body, _as_written(body, plan.status))
         return plan.status["phase"]
 
     def _expired(self, job: Job, body: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -300,7 +305,7 @@ class Reconciler:
         """Make the resource's status `new`, as a whole: a key `new` lacks is removed, not kept from
         `prev`. Nothing is sent when it would not change; True when it did."""
         meta = body["metadata"]
-        wanted = stored(status.observed(new, meta.get("generation")))
+        wanted = _as_written(body, new)
         if wanted == prev:
             return False
         self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], merge_patch(prev, wanted))
