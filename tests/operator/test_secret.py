@@ -51,7 +51,7 @@ def test_redis_secret_and_persistence(example) -> None:
     pod = redis_pod(job)
     c = container(pod)
     assert c["image"] == "redis:7.4"
-    assert "appendonly yes" in redis_conf(job, "pw").splitlines()
+    assert {"appendonly yes", "appendfsync always"} <= set(redis_conf(job, "pw").splitlines())
     pvc = redis_pvc(job)
     assert pvc["metadata"]["name"] == "poems-lora-redis-data"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
