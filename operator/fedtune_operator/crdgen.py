@@ -273,6 +273,9 @@ def status_schema() -> dict[str, Any]:
             "exitCode": {"type": "integer", "nullable": True},
             "reason": {"type": "string", "nullable": True},
             "message": {"type": "string", "nullable": True},
+            "output": {"type": "string", "description": "where the party writes its adapters, e.g. "
+                                                        "`pvc://<job>-output-<party>/<party>/`"},
+            "adapter": {"type": "string", "description": "once the job succeeded: the final global adapter"},
         },
     }
     condition = {

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.roles import SCHEDULER
-from fedtune.spec import RunPolicy
+from fedtune.spec import RunPolicy, checkpoint_name
 
 from .jobs import Workload
 
@@ -393,6 +393,9 @@ def plan(
         result.events.append(("Warning", "BackoffLimitExceeded", message))
     elif all(r["state"] == SUCCEEDED for r in roles):
         phase = SUCCEEDED
+        for rec in records.values():  # each party's final global adapter
+            if rec.get("output"):
+                rec["adapter"] = f"{rec['output']}{checkpoint_name(1.0)}/"
         message = "every local role succeeded" if scheduler is None else "the scheduler and every local party succeeded"
         conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
         status["message"] = f"adapters in {output}"
