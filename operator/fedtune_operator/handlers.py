@@ -10,8 +10,8 @@
   pods and Services.
 
 No handler needs a finalizer (no timers, daemons or mandatory delete handlers): children
-go with their owner through garbage collection, so deleting a resource works even when
-the operator is not running.
+go with their owner through garbage collection (the output claims, which have none, stay),
+so deleting a resource works even when the operator is not running.
 
 Run with `fedtune-operator` (see `main.py`) or `kopf run -m fedtune_operator.handlers`.
 """
