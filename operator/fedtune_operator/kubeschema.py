@@ -153,8 +153,8 @@ def _pick(properties: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
 
 def _cut(node: dict[str, Any], level: podpolicy.Level, allow: Iterable[str]) -> dict[str, Any]:
     """One level of the overlay: its safe fields, its escalating ones (refused by CEL unless allowed)."""
-    escalating = [r.path[0] for r in podpolicy.REFUSED if r.level == level]
-    out = {**node, "properties": _pick(node["properties"], dict.fromkeys([*podpolicy.SAFE[level], *escalating]))}
+    kept = dict.fromkeys([*podpolicy.SAFE[level], *podpolicy.escalating(level)])
+    out = {**node, "properties": _pick(node["properties"], kept)}
     rules = [r.rule() for r in podpolicy.refused(level, allow)]
     if rules:
         out["x-kubernetes-validations"] = rules

@@ -104,6 +104,11 @@ def refused(level: Level, allow: Iterable[str] = ()) -> list[Refused]:
     return [r for r in REFUSED if r.level == level and r.name not in allowed]
 
 
+def escalating(level: Level) -> list[str]:
+    """The fields of a level that some refusal looks into (kept in the CRD's schema, for its rule to see)."""
+    return list(dict.fromkeys(r.path[0] for r in REFUSED if r.level == level))
+
+
 def allowed_from_env(environ: Mapping[str, str]) -> frozenset[str]:
     """podTemplate.allow as the chart hands it to the operator: names, comma-separated."""
     names = {n.strip() for n in environ.get(ALLOW_ENV, "").split(",") if n.strip()}
@@ -142,8 +147,7 @@ def problems(overlay: Mapping[str, Any] | None, where: str, allow: Iterable[str]
 def _level(node: Mapping[str, Any], level: Level, where: str, allow: frozenset[str]) -> list[str]:
     """A level's refused fields first (named for what they do), then any other field outside its safe list."""
     out = [f"{where}.{r.field}: {r.message()}" for r in refused(level, allow) if r.refuses(node)]
-    escalating = {r.path[0] for r in REFUSED if r.level == level}
-    unknown = [k for k in node if k not in SAFE[level] and k not in escalating]
+    unknown = [k for k in node if k not in SAFE[level] and k not in escalating(level)]
     return out + _unknown({k: node[k] for k in unknown}, (), where)
 
 
