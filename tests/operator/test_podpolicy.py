@@ -5,6 +5,7 @@ tests/cluster/test_operator.py); a cluster may allow some, in the operator and i
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from typing import Any
@@ -142,3 +143,15 @@ def test_the_operator_reads_what_the_chart_allows(monkeypatch) -> None:
     with pytest.raises(SystemExit) as exit_:
         main.parse_args(["--all-namespaces"])
     assert exit_.value.code == 2
+
+
+def test_the_readme_lists_every_safe_field_and_every_escalation() -> None:
+    from support.jobs import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("A pod template cannot escalate."):readme.index("### Secure by default")]
+    names = {*podpolicy.METADATA, *podpolicy.POD, *podpolicy.POD_SECURITY, *podpolicy.CONTAINER,
+             *podpolicy.CONTAINER_SECURITY, *podpolicy.VOLUME, *(r.path[0] for r in podpolicy.REFUSED)} - {
+        "name", "livenessProbe", "readinessProbe", "startupProbe", "containerPort", "protocol", "serviceAccount"}
+    missing = sorted(n for n in names if not re.search(rf"[`.]{n}\b", section))
+    assert not missing, f"README.md's pod template section does not name {missing}"
