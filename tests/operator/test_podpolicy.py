@@ -14,9 +14,9 @@ import pytest
 
 from fedtune_operator import crdgen, kubeschema, podpolicy
 from fedtune_operator.children import problems
-from fedtune_operator.jobs import API_VERSION, KIND
+from fedtune_operator.jobs import KIND
 from support.children import ESCALATIONS, UID, make_job, set_pod_template
-from support.memory_kube import memory_reconciler
+from support.memory_kube import memory_job
 
 SAFE_TEMPLATE = {
     "metadata": {"labels": {"team": "nlp"}, "annotations": {"a": "1"}},
@@ -73,10 +73,7 @@ def test_anything_off_the_safe_list_is_refused(example, overlay, field) -> None:
 
 def test_a_job_with_an_escalating_template_fails_before_any_child_is_made(example) -> None:
     set_pod_template(example["spec"], "party", {"hostNetwork": True})
-    rec, kube = memory_reconciler()
-    name = example["metadata"]["name"]
-    kube.create({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": "team-a",
-                                                                        "uid": UID}, "spec": example["spec"]})
+    rec, kube, name = memory_job(example, UID)
     assert rec.reconcile("team-a", name) == "Failed"
     status = kube.get(KIND, "team-a", name)["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")

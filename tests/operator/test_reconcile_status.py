@@ -8,21 +8,17 @@ import datetime
 from typing import Any
 
 from fedtune_operator import status as s
-from fedtune_operator.jobs import API_VERSION, KIND
+from fedtune_operator.jobs import KIND
 from support.children import UID
-from support.memory_kube import MemoryKube, memory_reconciler
+from support.memory_kube import MemoryKube, memory_job
 
 NS = "team-a"
 
 
 def start(example: dict[str, Any], **run_policy: Any) -> tuple[Any, MemoryKube, str]:
-    rec, kube = memory_reconciler()
-    name = example["metadata"]["name"]
     if run_policy:
         example["spec"]["runPolicy"] = run_policy
-    kube.create({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": NS, "uid": UID},
-                 "spec": example["spec"]})
-    return rec, kube, name
+    return memory_job(example, UID, NS)
 
 
 def stored_status(kube: MemoryKube, name: str) -> dict[str, Any]:

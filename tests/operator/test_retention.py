@@ -10,17 +10,13 @@ from typing import Any
 from fedtune_operator import status as s
 from fedtune_operator.jobs import API_VERSION, KIND
 from support.children import UID
-from support.memory_kube import MemoryKube, memory_reconciler
+from support.memory_kube import MemoryKube, memory_job
 
 NS = "team-a"
 
 
-def start(example: dict[str, Any], uid: str = UID) -> tuple[Any, MemoryKube, str]:
-    rec, kube = memory_reconciler()
-    name = example["metadata"]["name"]
-    kube.create({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": NS, "uid": uid},
-                 "spec": example["spec"]})
-    return rec, kube, name
+def start(example: dict[str, Any]) -> tuple[Any, MemoryKube, str]:
+    return memory_job(example, UID, NS)
 
 
 def names(kube: MemoryKube, kind: str) -> set[str]:
@@ -70,7 +66,7 @@ def test_a_new_job_of_the_same_name_waits_rather_than_write_over_kept_adapters(e
     rec.reconcile(NS, name)
     kept = {n: kube.objects[("PersistentVolumeClaim", n)] for n in names(kube, "PersistentVolumeClaim")
             if "output" in n}
-    # The job is deleted: garbage collection takes what it owns, and the output claims own no owner.
+    # The job is deleted: garbage collection takes what it owns, and the output claims have no owner.
     kube.objects = {key: obj for key, obj in kube.objects.items() if "ownerReferences" not in obj["metadata"]
                     and key[0] != KIND}
     assert set(kept) <= names(kube, "PersistentVolumeClaim")

@@ -10,6 +10,7 @@ import copy
 import itertools
 from typing import Any
 
+from fedtune_operator.jobs import API_VERSION, KIND
 from fedtune_operator.reconcile import Reconciler
 
 
@@ -77,3 +78,12 @@ def memory_reconciler() -> tuple[Reconciler, MemoryKube]:
     rec = Reconciler(api=None, operator=None)  # type: ignore[arg-type]
     rec.kube = MemoryKube()  # type: ignore[assignment]
     return rec, rec.kube  # type: ignore[return-value]
+
+
+def memory_job(document: dict[str, Any], uid: str, namespace: str = "team-a") -> tuple[Reconciler, MemoryKube, str]:
+    """A memory reconciler whose API holds `document` as a FederatedFineTune of `uid`; and its name."""
+    rec, kube = memory_reconciler()
+    name = document["metadata"]["name"]
+    kube.create({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace,
+                                                                        "uid": uid}, "spec": document["spec"]})
+    return rec, kube, name
