@@ -7,6 +7,7 @@ spec at `kubectl apply` and names the field, before the operator ever sees it.
     python -m fedtune_operator.crdgen            # print the CRD
     python -m fedtune_operator.crdgen --write    # rewrite crds/ and the chart's crds/
     python -m fedtune_operator.crdgen --check    # exit 1 when the committed files are stale
+    python -m fedtune_operator.crdgen --allow hostIPC   # print one whose pod templates may set hostIPC: true
 
 What the conversion does (structural schemas are a subset of JSON schema):
 - inlines every `$ref` (Kubernetes resolves none);
@@ -24,7 +25,7 @@ What the conversion does (structural schemas are a subset of JSON schema):
   `x-kubernetes-validations` (below), so they too fail at apply time;
 - fields the spec marks with a Kubernetes type (`spec.KUBE_TYPE`: tolerations, affinity,
   imagePullSecrets, the pod template overlay) get that type's own schema, captured from
-  kube-apiserver (`kubeschema`).
+  kube-apiserver (`kubeschema`); the overlay's only the safe part, escalations refused (`podpolicy`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import yaml
 
 from fedtune.spec import KUBE_TYPE, MAX_PARTIES, FederatedFineTune, JobSpec, Peft
 
-from . import kubeschema
+from . import kubeschema, podpolicy
 from .jobs import GROUP, KIND, PLURAL, VERSION
 
 SINGULAR = KIND.lower()
@@ -68,8 +69,10 @@ _CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "OutputStorage": [
         {
-            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode))",
-            "message": "`claimName` names an existing claim: size, storageClassName and accessMode would not apply",
+            "rule": "!has(self.claimName) || !(has(self.size) || has(self.storageClassName) || has(self.accessMode) "
+                    "|| has(self.retain))",
+            "message": "`claimName` names an existing claim: size, storageClassName, accessMode and retain would "
+                       "not apply",
         }
     ],
     "JobSpec": [
@@ -136,27 +139,28 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any]
     return node, None
 
 
-def _kube_type(node: dict[str, Any]) -> dict[str, Any]:
-    """A field typed by a Kubernetes type (or a list of them): that type's own schema."""
+def _kube_type(node: dict[str, Any], allow: tuple[str, ...]) -> dict[str, Any]:
+    """A field typed by a Kubernetes type (or a list of them): that type's own schema (the pod template
+    overlay's: its safe part, and escalations refused but those `allow` names)."""
     name = node[KUBE_TYPE]
-    schema = kubeschema.pod_template_overlay() if name == "PodTemplateOverlay" else kubeschema.structural(name)
+    schema = kubeschema.pod_template_overlay(allow) if name == "PodTemplateOverlay" else kubeschema.structural(name)
     nullable = any(b.get("type") == "null" for b in node.get("anyOf", []))
     if node.get("type") == "array":
         schema = {"type": "array", "items": schema}
     return {**schema, "nullable": True} if nullable else schema
 
 
-def convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+def convert(node: dict[str, Any], defs: dict[str, Any], allow: tuple[str, ...] = ()) -> dict[str, Any]:
     """One JSON-schema node (pydantic's output) -> one structural OpenAPI v3 node."""
     node, model = _resolve(node, defs)
 
     if KUBE_TYPE in node:
-        return _kube_type(node)
+        return _kube_type(node, allow)
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         nullable = len(branches) < len(node["anyOf"])
         if len(branches) == 1:
-            out = convert({**branches[0], **{k: v for k, v in node.items() if k in ("description",)}}, defs)
+            out = convert({**branches[0], **{k: v for k, v in node.items() if k in ("description",)}}, defs, allow)
         else:
             # Structural schemas cannot say "array or string"; the operator's spec check does.
             out = {"x-kubernetes-preserve-unknown-fields": True}
@@ -184,9 +188,9 @@ def convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out[bound] = True
 
     if kind == "array":
-        out["items"] = convert(node["items"], defs)
+        out["items"] = convert(node["items"], defs, allow)
     elif kind == "object":
-        _convert_object(node, defs, out)
+        _convert_object(node, defs, out, allow)
 
     if model in _CEL_RULES:
         out["x-kubernetes-validations"] = copy.deepcopy(_CEL_RULES[model])
@@ -199,11 +203,11 @@ def _ordered(node: dict[str, Any]) -> dict[str, Any]:
     return {**head, **{k: v for k, v in node.items() if k not in head}}
 
 
-def _convert_object(node: dict[str, Any], defs: dict[str, Any], out: dict[str, Any]) -> None:
+def _convert_object(node: dict[str, Any], defs: dict[str, Any], out: dict[str, Any], allow: tuple[str, ...]) -> None:
     props = node.get("properties", {})
     extra = node.get("additionalProperties")
     if props:
-        out["properties"] = {name: convert(sub, defs) for name, sub in props.items()}
+        out["properties"] = {name: convert(sub, defs, allow) for name, sub in props.items()}
         if node.get("required"):
             out["required"] = list(node["required"])
         if extra is True:
@@ -212,7 +216,7 @@ def _convert_object(node: dict[str, Any], defs: dict[str, Any], out: dict[str, A
         elif isinstance(extra, dict):
             raise SchemaError("an object with both properties and typed additionalProperties is not structural")
     elif isinstance(extra, dict):
-        out["additionalProperties"] = convert(extra, defs)
+        out["additionalProperties"] = convert(extra, defs, allow)
     else:
         # A free-form mapping (`dict[str, Any]`, e.g. `encryption.plain`).
         out["x-kubernetes-preserve-unknown-fields"] = True
@@ -232,12 +236,13 @@ def _immutable_rule(schema: dict[str, Any]) -> dict[str, str]:
     return {"rule": " && ".join(terms), "message": IMMUTABLE_MESSAGE}
 
 
-def spec_schema() -> dict[str, Any]:
-    """The structural schema of `.spec`, from `fedtune.spec.JobSpec`."""
+def spec_schema(allow: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The structural schema of `.spec`, from `fedtune.spec.JobSpec` (`allow`: `podpolicy.NAMES` to let
+    through pod templates)."""
     raw = JobSpec.model_json_schema(mode="validation")
     defs = raw.pop("$defs", {})
     defs["JobSpec"] = raw
-    schema = convert({"$ref": "#/$defs/JobSpec"}, defs)
+    schema = convert({"$ref": "#/$defs/JobSpec"}, defs, allow)
     schema["x-kubernetes-validations"].append(_immutable_rule(schema))
     parties = schema["properties"]["parties"]
     parties["maxItems"] = _MAX_PARTIES
@@ -253,7 +258,8 @@ def metadata_schema() -> dict[str, Any]:
 
 
 def status_schema() -> dict[str, Any]:
-    """What the operator writes; open for fields later versions add."""
+    """What the operator writes; open for fields later versions add, so that what the API server stores
+    is what the operator wrote (it writes only when that would change)."""
     component = {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
@@ -266,6 +272,9 @@ def status_schema() -> dict[str, Any]:
             "exitCode": {"type": "integer", "nullable": True},
             "reason": {"type": "string", "nullable": True},
             "message": {"type": "string", "nullable": True},
+            "output": {"type": "string", "description": "where the party writes its adapters, e.g. "
+                                                        "`pvc://<job>-output-<party>/<party>/`"},
+            "adapter": {"type": "string", "description": "once the job succeeded: the final global adapter"},
         },
     }
     condition = {
@@ -277,6 +286,7 @@ def status_schema() -> dict[str, Any]:
             "reason": {"type": "string"},
             "message": {"type": "string"},
             "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer", "description": "the spec's generation it was decided from"},
         },
     }
     return {
@@ -290,7 +300,8 @@ def status_schema() -> dict[str, Any]:
             "evalLosses": {
                 "type": "array",
                 "description": "the global adapter's loss on the parties' valsets, by round (0: the initial one)",
-                "items": {"type": "object", "properties": {"round": {"type": "integer"}, "loss": {"type": "number"}}},
+                "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                          "properties": {"round": {"type": "integer"}, "loss": {"type": "number"}}},
             },
             "output": {"type": "string", "description": "where the adapters land, e.g. `pvc://<job>-output-<party>/`"},
             "message": {"type": "string"},
@@ -307,6 +318,8 @@ def status_schema() -> dict[str, Any]:
             "privacy": {
                 "type": "object",
                 "description": "privacy.dp: the (epsilon, delta) guarantee of the rounds done so far",
+                # Kept as written (a pruned key would differ from what the operator compares against).
+                "x-kubernetes-preserve-unknown-fields": True,
                 "properties": {
                     "epsilon": {"type": "number", "nullable": True, "description": "null: no noise, no finite ε"},
                     "delta": {"type": "number"},
@@ -320,7 +333,7 @@ def status_schema() -> dict[str, Any]:
     }
 
 
-def crd() -> dict[str, Any]:
+def crd(allow: tuple[str, ...] = ()) -> dict[str, Any]:
     schema = {
         "type": "object",
         "description": "A horizontal federated fine-tuning job (LoRA or P-tuning v2) of a ChatGLM-family model.",
@@ -329,7 +342,7 @@ def crd() -> dict[str, Any]:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": metadata_schema(),
-            "spec": spec_schema(),
+            "spec": spec_schema(allow),
             "status": status_schema(),
         },
         "x-kubernetes-validations": copy.deepcopy(_ROOT_RULES),
@@ -379,8 +392,8 @@ HEADER = (
 )
 
 
-def render() -> str:
-    return HEADER + yaml.safe_dump(crd(), sort_keys=False, allow_unicode=True, width=120)
+def render(allow: tuple[str, ...] = ()) -> str:
+    return HEADER + yaml.safe_dump(crd(allow), sort_keys=False, allow_unicode=True, width=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,8 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the committed CRD files")
     mode.add_argument("--check", action="store_true", help="exit 1 when the committed CRD files are stale")
+    parser.add_argument("--allow", action="append", default=[], choices=podpolicy.NAMES, metavar="FIELD",
+                        help="print a CRD whose pod templates may set FIELD (repeatable; the chart's "
+                             f"podTemplate.allow must name it too): {', '.join(podpolicy.NAMES)}")
     args = parser.parse_args(argv)
-    text = render()
+    if args.allow and (args.write or args.check):
+        parser.error("--allow prints a CRD for one cluster; the committed files refuse every escalating field")
+    text = render(tuple(args.allow))
     if args.write:
         for path in CRD_PATHS:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,12 @@
   which makes it again.
 - Every `FEDTUNE_RESYNC_SECONDS` the unfinished jobs are reconciled once more: that
   mirrors round and loss from Redis, which sends no Kubernetes events, and watches
-  activeDeadlineSeconds; finished jobs with a ttlSecondsAfterFinished stay until it deletes them.
+  activeDeadlineSeconds; finished jobs with a ttlSecondsAfterFinished stay until it releases their
+  pods and Services.
 
 No handler needs a finalizer (no timers, daemons or mandatory delete handlers): children
-go with their owner through garbage collection, so deleting a resource works even when
-the operator is not running.
+go with their owner through garbage collection (the output claims, which have none, stay),
+so deleting a resource works even when the operator is not running.
 
 Run with `fedtune-operator` (see `main.py`) or `kopf run -m fedtune_operator.handlers`.
 """
@@ -25,7 +26,7 @@ from typing import Any, ClassVar
 import kopf
 
 from . import status
-from .jobs import GROUP, KIND, LABEL_JOB, LABEL_PART_OF, PART_OF, PLURAL, VERSION
+from .jobs import GROUP, LABEL_JOB, LABEL_PART_OF, PART_OF, PLURAL, VERSION, job_uids
 from .kube import ApiError, api_client
 from .reconcile import Reconciler, Retry
 
@@ -152,7 +153,6 @@ def static_child_changed(event: dict[str, Any], body: kopf.Body, namespace: str,
     """Someone deleted a Service, ConfigMap, claim or NetworkPolicy of a job: make it again."""
     if event.get("type") != "DELETED":
         return
-    for ref in body["metadata"].get("ownerReferences") or []:
-        if ref.get("kind") == KIND:
-            _reconciler().static_changed(ref["uid"])
+    for uid in job_uids(dict(body)):
+        _reconciler().static_changed(uid)
     _run_for_child(body, namespace)

@@ -1,7 +1,8 @@
 """A FederatedFineTune as the operator sees it: the API it serves, one job, its workloads and names.
 
 Every child of a resource J in namespace N is named `J-<suffix>` and carries an
-ownerReference to J and the labels `app.kubernetes.io/part-of: fedtune`,
+ownerReference to J (but the output claims, which outlive J: the annotation
+`fedtune.io/job-uid` instead) and the labels `app.kubernetes.io/part-of: fedtune`,
 `fedtune.io/job: J`, `fedtune.io/component: ...` (and `fedtune.io/party` on a party's
 objects). Names are deterministic, so creating a child twice is a 409, never a duplicate.
 The builders of each kind live in `children/`.
@@ -25,6 +26,8 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_JOB = "fedtune.io/job"
 LABEL_COMPONENT = "fedtune.io/component"
 LABEL_PARTY = "fedtune.io/party"
+# On an output claim that outlives its job (spec.storage.output.retain), in place of an ownerReference.
+ANNOTATION_JOB_UID = "fedtune.io/job-uid"
 
 OUTPUT_DIR = "/fedtune/output"  # where the output claim is mounted in every role's pod
 # Party names that would make `J-<party>` collide with the job's own pods and Services.
@@ -141,10 +144,13 @@ def output_problems(job: Job) -> list[str]:
 
 def storage_classes(job: Job) -> dict[str, str]:
     """The StorageClasses the claims fedtune creates name, by the field that names them."""
-    out = job.spec.storage.output
-    if out.claimName or not out.storageClassName:
-        return {}
-    return {"spec.storage.output.storageClassName": out.storageClassName}
+    out, redis = job.spec.storage.output, job.spec.redis
+    found = {}
+    if out.storageClassName and not out.claimName:
+        found["spec.storage.output.storageClassName"] = out.storageClassName
+    if redis.storageClassName and redis.persistence and hosts_federation(job.spec):
+        found["spec.redis.storageClassName"] = redis.storageClassName
+    return found
 
 
 def party_outputs(job: Job) -> dict[str, str]:
@@ -234,14 +240,23 @@ def owner_reference(job: Job) -> dict[str, Any]:
     }
 
 
-def metadata(job: Job, name: str, component: str, party: str | None = None) -> dict[str, Any]:
-    """A child's metadata: its name in the job's namespace, the job's labels, owned by the job."""
-    return {
-        "name": name,
-        "namespace": job.namespace,
-        "labels": labels(job.name, component, party),
-        "ownerReferences": [owner_reference(job)],
-    }
+def metadata(job: Job, name: str, component: str, party: str | None = None, owned: bool = True) -> dict[str, Any]:
+    """A child's metadata: its name in the job's namespace, the job's labels, owned by the job (garbage
+    collection deletes it with the job); or, not `owned`, only annotated with the job's uid (it stays)."""
+    meta = {"name": name, "namespace": job.namespace, "labels": labels(job.name, component, party)}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    else:
+        meta["annotations"] = {ANNOTATION_JOB_UID: job.uid}
+    return meta
+
+
+def job_uids(obj: dict[str, Any]) -> set[str]:
+    """The uids of the jobs a child belongs to: its owner's, or the one its annotation names."""
+    meta = obj.get("metadata") or {}
+    uids = {ref["uid"] for ref in meta.get("ownerReferences") or [] if ref.get("kind") == KIND and ref.get("uid")}
+    kept = (meta.get("annotations") or {}).get(ANNOTATION_JOB_UID)
+    return uids | ({kept} if kept else set())
 
 
 def workload_party(workload: Workload) -> str | None:

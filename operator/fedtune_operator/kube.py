@@ -137,11 +137,38 @@ class Kube:
             if err.status != 404:
                 raise
 
-    def patch_status(self, kind: str, namespace: str, name: str, status: dict) -> None:
-        """Merge `status` into the object's status subresource (gone already: nothing to do)."""
+    def patch_status(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Apply a JSON merge patch (`merge_patch`) to the object's status subresource: keys set to
+        None are removed, the others set (gone already: nothing to do)."""
         path = self.path(kind, namespace, name) + "/status"
         try:
-            self.request("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
+            self.request("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
         except ApiError as err:
             if err.status != 404:
                 raise
+
+
+# --- JSON merge patches (RFC 7386), as the API server applies them ---------------------------
+
+
+def stored(value: Any) -> Any:
+    """`value` as the API server keeps it once merged in: keys whose value is None are absent
+    (a merge patch deletes them), within maps at any depth; a list is kept as it is."""
+    if isinstance(value, dict):
+        return {k: stored(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that turns `old` into `new`: keys `new` lacks set to None (removed), maps
+    patched key by key, any other changed value (a list included) replaced whole."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            inner = merge_patch(before, value)
+            if inner:
+                patch[key] = inner
+        elif key not in old or before != value:
+            patch[key] = value
+    return patch

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from . import podpolicy
 
 CAPTURE = Path(__file__).with_name("kubeschema.json")
 CORE = "io.k8s.api.core.v1"
@@ -108,17 +111,51 @@ def structural(name: str) -> dict[str, Any]:
     return _convert({"$ref": name}, _captured())
 
 
-def pod_template_overlay() -> dict[str, Any]:
+# Bounds on the overlay's lists, so that the API server's cost estimate of the CEL rules on their items
+# (run for every party) stays within its budget.
+MAX_CONTAINERS = 16
+MAX_PORTS = 32
+MAX_VOLUMES = 64
+
+
+def pod_template_overlay(allow: Iterable[str] = ()) -> dict[str, Any]:
     """A partial pod template laid over the pods the operator builds: the labels and annotations
-    of ObjectMeta, and a PodSpec of which no field is required (each list item still needs
-    what identifies it, e.g. a container's name)."""
+    of ObjectMeta, and the safe part of a PodSpec (`podpolicy`), of which no field is required
+    (each list item still needs what identifies it, e.g. a container's name). The escalating fields
+    stay in the schema, each refused by a CEL rule that names it, but those `allow` names."""
     meta = structural(f"{META}.ObjectMeta")["properties"]
-    spec = structural(f"{CORE}.PodSpec")
+    spec = _cut(structural(f"{CORE}.PodSpec"), "pod", allow)
     spec.pop("required", None)
+    props = spec["properties"]
+    props["securityContext"]["properties"] = _pick(props["securityContext"]["properties"], podpolicy.POD_SECURITY)
+    for key in ("containers", "initContainers"):
+        props[key]["maxItems"] = MAX_CONTAINERS
+        item = props[key]["items"]
+        item["properties"] = _pick(item["properties"], podpolicy.CONTAINER)
+        item["properties"]["securityContext"] = _cut(item["properties"]["securityContext"], "securityContext", allow)
+        ports = item["properties"]["ports"]
+        ports["maxItems"] = MAX_PORTS
+        ports["items"] = _cut(ports["items"], "port", allow)
+    props["volumes"]["maxItems"] = MAX_VOLUMES
+    props["volumes"]["items"] = _cut(props["volumes"]["items"], "volume", allow)
     return {
         "type": "object",
         "properties": {
-            "metadata": {"type": "object", "properties": {k: meta[k] for k in ("labels", "annotations")}},
+            "metadata": {"type": "object", "properties": _pick(meta, podpolicy.METADATA)},
             "spec": spec,
         },
     }
+
+
+def _pick(properties: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    return {name: properties[name] for name in names}
+
+
+def _cut(node: dict[str, Any], level: podpolicy.Level, allow: Iterable[str]) -> dict[str, Any]:
+    """One level of the overlay: its safe fields, its escalating ones (refused by CEL unless allowed)."""
+    kept = dict.fromkeys([*podpolicy.SAFE[level], *podpolicy.escalating(level)])
+    out = {**node, "properties": _pick(node["properties"], kept)}
+    rules = [r.rule() for r in podpolicy.refused(level, allow)]
+    if rules:
+        out["x-kubernetes-validations"] = rules
+    return out

@@ -25,6 +25,8 @@ import kopf
 from fedtune import logs, roles
 from fedtune.federation import metrics as fedtune_metrics
 
+from . import podpolicy
+
 EXIT_LOST_LEASE = 1
 
 
@@ -60,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     election.add_argument("--identity", default=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
                           help="this replica's name in the Lease (default: the pod's name)")
     args = parser.parse_args(argv)
+    try:  # the chart's podTemplate.allow, read by the reconciler: a misspelt name fails the start, not a job
+        podpolicy.allowed_from_env(os.environ)
+    except ValueError as err:
+        parser.error(str(err))
     if not args.namespace and not args.all_namespaces:
         env = [n for n in os.environ.get("FEDTUNE_WATCH_NAMESPACES", "").replace(",", " ").split() if n]
         if env:

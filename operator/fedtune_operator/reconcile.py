@@ -38,12 +38,12 @@ from fedtune.roles import REDIS_PORT
 from fedtune.spec import SpecError, parse_job
 from fedtune.trust import certs
 
-from . import children, jobs, metrics, status, tls
+from . import children, jobs, metrics, podpolicy, status, tls
 from .children.networkpolicy import OperatorPeer, operator_peer
 from .children.pod import redis_pod, role_pod
 from .children.secret import ca_secret, redis_secret, tls_secret
 from .jobs import Job, Workload
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, merge_patch, stored
 from .progress import read_progress
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,28 @@ def now_iso() -> str:
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
-    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+    """The child is this job's (its owner, or the job an output claim kept past its owner names)."""
+    return uid in jobs.job_uids(obj)
+
+
+class ClaimTaken(Exception):
+    """An output claim's name is held by a claim that outlived an earlier job of the same name (or by
+    someone else's): its adapters are never overwritten, so the job waits until it is gone."""
+
+
+def _as_written(body: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A status as the API server holds it once written: stamped with the generation it was decided from."""
+    return stored(status.observed(new, body["metadata"].get("generation")))
+
+
+def _check_not_kept(manifest: dict[str, Any], found: dict[str, Any] | None) -> None:
+    """Refuse to take the name of a claim kept past its owner (an earlier job's adapters) or someone else's."""
+    if found is None or manifest["kind"] != "PersistentVolumeClaim" or (found["metadata"].get("ownerReferences")):
+        return
+    name = found["metadata"]["name"]
+    raise ClaimTaken(f"claim {name} already exists and is not this job's (the adapters of an earlier job of this "
+                     "name, kept after it was deleted, or someone else's claim): copy what it holds and delete it, "
+                     "or give this job another name; the job waits until then")
 
 
 # Shared by all passes; creates are short, and the API server bounds them anyway. (An
@@ -85,6 +106,8 @@ class Reconciler:
     progress_timeout_s: float = 1.0
     # The operator's own pod (from the chart's env), let through the jobs' NetworkPolicies to Redis.
     operator: OperatorPeer | None = field(default_factory=lambda: operator_peer(dict(os.environ)))
+    # The escalating pod template fields this cluster admits (the chart's podTemplate.allow).
+    pod_template_allow: frozenset[str] = field(default_factory=lambda: podpolicy.allowed_from_env(os.environ))
     _gates: dict[Key, _Gate] = field(default_factory=dict)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
     _passwords: dict[str, str] = field(default_factory=dict)  # job uid -> Redis password
@@ -176,9 +199,9 @@ class Reconciler:
         except SpecError as err:
             return self._invalid(body, prev, str(err))
         job = Job(name, namespace, body["metadata"]["uid"], document["spec"], model)
-        if self._expired(job, prev):
-            return None
-        problems = children.problems(job)
+        if self._expired(job, body, prev):
+            return prev["phase"]
+        problems = children.problems(job, self.pod_template_allow)
         if problems:
             return self._invalid(body, prev, "; ".join(problems))
 
@@ -187,6 +210,8 @@ class Reconciler:
                 self._ensure_static(job)
             except tls.TlsUnavailable as err:
                 return self._wait(body, prev, "TLS", err.reason, str(err))
+            except ClaimTaken as err:
+                return self._wait(body, prev, "Storage", "OutputClaimTaken", str(err))
         classes = jobs.storage_classes(job)
         if prev.get("phase", status.PENDING) == status.PENDING:
             missing = self._missing_storage_classes(classes)
@@ -216,7 +241,6 @@ class Reconciler:
             storage_classes=tuple(sorted(set(classes.values()))),
             run_policy=job.spec.runPolicy,
         )
-        plan.status["observedGeneration"] = body["metadata"].get("generation")
         self._write_status(body, prev, plan.status)
         for pod_name in plan.delete:
             self.kube.delete("Pod", namespace, pod_name)
@@ -233,22 +257,26 @@ class Reconciler:
             return self._invalid(body, plan.status, f"the API server refuses a pod of this job: {err.message}")
         for type_, reason, message in plan.events:
             self.event(body, type_, reason, message)
-        self._expired(job, plan.status)  # a job that has just finished: the resync watches its TTL from now
+        # A job that has just finished: the resync watches its TTL from now.
+        self._expired(job, body, _as_written(body, plan.status))
         return plan.status["phase"]
 
-    def _expired(self, job: Job, current: dict[str, Any]) -> bool:
-        """spec.runPolicy.ttlSecondsAfterFinished: delete a job that finished that long ago (its children
-        go with it); one still within its TTL is remembered, for the resync to look at again."""
+    def _expired(self, job: Job, body: dict[str, Any], current: dict[str, Any]) -> bool:
+        """spec.runPolicy.ttlSecondsAfterFinished: release the pods and Services of a job that finished that
+        long ago (once); one still within its TTL is remembered, for the resync to look at again."""
         ttl = job.spec.runPolicy.ttlSecondsAfterFinished
         key = (job.namespace, job.name)
         if ttl is None or current.get("phase") not in status.FINAL or not current.get("completionTime"):
             return False
+        if status.released(current):
+            with self._mutex:
+                self._expiring.discard(key)
+            return True
         if status.seconds_between(current["completionTime"], now_iso()) < ttl:
             with self._mutex:
                 self._expiring.add(key)
             return False
-        self.kube.delete(jobs.KIND, job.namespace, job.name)
-        log.info("deleted %s/%s: finished %d s ago (spec.runPolicy.ttlSecondsAfterFinished)", *key, ttl)
+        self._release(job, body, current)
         with self._mutex:
             self._expiring.discard(key)
         return True
@@ -274,11 +302,13 @@ class Reconciler:
         return status.FAILED
 
     def _write_status(self, body: dict[str, Any], prev: dict[str, Any], new: dict[str, Any]) -> bool:
-        """Patch the resource's status when it changed; True when it did."""
-        if new == prev:
-            return False
+        """Make the resource's status `new`, as a whole: a key `new` lacks is removed, not kept from
+        `prev`. Nothing is sent when it would not change; True when it did."""
         meta = body["metadata"]
-        self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], new)
+        wanted = _as_written(body, new)
+        if wanted == prev:
+            return False
+        self.kube.patch_status(jobs.KIND, meta["namespace"], meta["name"], merge_patch(prev, wanted))
         return True
 
     # --- children ---------------------------------------------------------------------------------
@@ -300,6 +330,7 @@ class Reconciler:
         for manifest in children.plain_children(job, self.operator):
             found = existing.get((manifest["kind"], manifest["metadata"]["name"]))
             if found is None or not owned_by(found, job.uid):
+                _check_not_kept(manifest, found)
                 missing.append(manifest)
         if not all(self._create_all(missing)):
             # A name is held by an object of an earlier job of the same name that garbage
@@ -308,6 +339,18 @@ class Reconciler:
         with self._mutex:
             if self._static_epoch.get(job.uid, 0) == epoch:  # else a deletion raced our listing: look again
                 self._static_ok.add(job.uid)
+
+    def _release(self, job: Job, body: dict[str, Any], current: dict[str, Any]) -> None:
+        """spec.runPolicy.ttlSecondsAfterFinished has run out: delete the job's pods and Services. The
+        resource, its status (where the adapters are) and the claims stay; `kubectl delete` takes the rest."""
+        for kind in ("Pod", "Service"):
+            for obj in self.kube.list(kind, job.namespace, jobs.selector(job.name)):
+                if owned_by(obj, job.uid):
+                    self.kube.delete(kind, job.namespace, obj["metadata"]["name"])
+        message = status.released_message(job.spec.runPolicy.ttlSecondsAfterFinished or 0, current.get("output", ""))
+        self._write_status(body, current, status.released_status(current, message, now_iso()))
+        self.event(body, "Normal", status.RELEASED_REASON, message)
+        log.info("%s/%s: %s", job.namespace, job.name, message)
 
     def _password(self, job: Job) -> str:
         """The job's Redis password: a new one in a new Secret, or the stored one."""

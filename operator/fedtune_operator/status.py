@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.roles import SCHEDULER
-from fedtune.spec import RunPolicy
+from fedtune.spec import RunPolicy, checkpoint_name
 
 from .jobs import Workload
 
@@ -148,6 +148,15 @@ def claims_in(message: str, claims: tuple[tuple[str, str], ...]) -> str:
     named = [f"claim {claim} (mounted at {path})" for path, claim in claims
              if re.search(re.escape(path.rstrip("/")) + r"(/|\b)", message)]  # fmt: skip
     return ", ".join(named)
+
+
+def observed(status: dict[str, Any], generation: int | None) -> dict[str, Any]:
+    """`status` as decided from the spec's `generation`: the status and each condition say so
+    (`observedGeneration`), as Kubernetes' own controllers write them."""
+    out = {**status, "observedGeneration": generation}
+    if "conditions" in status:
+        out["conditions"] = [{**c, "observedGeneration": generation} for c in status["conditions"]]
+    return out
 
 
 def find_condition(conditions: list[dict[str, Any]], type_: str) -> dict[str, Any] | None:
@@ -361,6 +370,12 @@ def plan(
     if storage_classes:
         found = f"StorageClass {', '.join(storage_classes)} exists"
         conditions = set_condition(conditions, "Storage", "True", "StorageClassFound", found, now)
+    elif find_condition(conditions, "Storage") is not None:  # a claim it waited for is free now
+        conditions = set_condition(conditions, "Storage", "True", "ClaimsReady", "the job's claims are its own", now)
+    for type_ in ("TLS", "Storage"):  # what the job waited for is there: its message goes
+        old = find_condition(prev.get("conditions", []), type_)
+        if old and old.get("status") == "False" and status.get("message") == old.get("message"):
+            status.pop("message")
     result.events += tls_events
 
     # --- phase ---------------------------------------------------------------------------
@@ -378,6 +393,9 @@ def plan(
         result.events.append(("Warning", "BackoffLimitExceeded", message))
     elif all(r["state"] == SUCCEEDED for r in roles):
         phase = SUCCEEDED
+        for rec in records.values():  # each party's final global adapter
+            if rec.get("output"):
+                rec["adapter"] = f"{rec['output']}{checkpoint_name(1.0)}/"
         message = "every local role succeeded" if scheduler is None else "the scheduler and every local party succeeded"
         conditions = set_condition(conditions, SUCCEEDED, "True", "AllSucceeded", message, now)
         status["message"] = f"adapters in {output}"
@@ -467,6 +485,26 @@ def _suspended_condition(conditions: list[dict[str, Any]], prev_phase: str | Non
         plan.events.append(("Normal", "Resumed", "spec.runPolicy.suspend is false: the job's pods start again"))
         return set_condition(conditions, SUSPENDED, "False", "Resumed", "the job goes on from its last round", now)
     return conditions
+
+
+# Condition and event of a finished job whose pods and Services its TTL has deleted.
+RELEASED, RELEASED_REASON = "Released", "TTLExpired"
+
+
+def released_message(ttl: int, output: str) -> str:
+    return (f"spec.runPolicy.ttlSecondsAfterFinished ({ttl} s) has run out: the job's pods and Services are deleted; "
+            f"the adapters stay in {output or 'the output claims'}, and `kubectl delete` removes the rest")
+
+
+def released(status: dict[str, Any]) -> bool:
+    """The job's TTL has run out and its pods and Services were deleted."""
+    return (find_condition(status.get("conditions", []), RELEASED) or {}).get("status") == "True"
+
+
+def released_status(prev: dict[str, Any], message: str, now: str) -> dict[str, Any]:
+    status = copy.deepcopy(prev)
+    status["conditions"] = set_condition(status.get("conditions", []), RELEASED, "True", RELEASED_REASON, message, now)
+    return status
 
 
 SUSPENDED_MESSAGE = ("spec.runPolicy.suspend is true: the job's pods are removed; Redis, the output claims and the "

@@ -356,7 +356,7 @@ def test_label_trainer_scheduler_and_redis_deleted_mid_job(
     """node-1's pod once its first round is saved; then the scheduler's and Redis' together."""
     ns, name = namespace, "poems-restarts"
     workspace(ns)
-    apply(kubectl, ns, example(EXAMPLE, name, redis={"persistence": True}))
+    apply(kubectl, ns, example(EXAMPLE, name))  # Redis on a claim: the default
     output = outputs(cluster, ns, name)
     party: list[str] = []
     scheduler: list[str] = []

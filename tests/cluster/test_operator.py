@@ -25,7 +25,7 @@ import yaml
 from fedtune.local.launcher import free_port
 from fedtune.spec import parse_job
 from support import kube
-from support.children import by_kind_name, pod_secrets
+from support.children import ESCALATIONS, by_kind_name, pod_secrets, set_pod_template
 from support.jobs import EXAMPLE, REPO, example_documents
 from support.kube import OperatorProcess, wait_for
 
@@ -389,13 +389,23 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("case", "mutate", "field"), INVALID, ids=[c for c, _, _ in INVALID])
-def test_invalid_specs_are_rejected_by_the_api_server(chart, kubectl, case, mutate, field) -> None:
-    doc = small_job(f"bad-{case}")
+def _assert_rejected(kubectl: Any, name: str, mutate: Any, field: str) -> None:
+    doc = small_job(name)
     mutate(doc["spec"])
     result = apply(kubectl, "default", doc, check=False)
-    assert result.returncode != 0, f"{case}: accepted\n{result.stdout}"
-    assert field in result.stderr, f"{case}: the error does not name {field}:\n{result.stderr}"
+    assert result.returncode != 0, f"{name}: accepted\n{result.stdout}"
+    assert field in result.stderr, f"{name}: the error does not name {field}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize(("case", "mutate", "field"), INVALID, ids=[c for c, _, _ in INVALID])
+def test_invalid_specs_are_rejected_by_the_api_server(chart, kubectl, case, mutate, field) -> None:
+    _assert_rejected(kubectl, f"bad-{case}", mutate, field)
+
+
+@pytest.mark.parametrize(("case", "where", "overlay", "field"), ESCALATIONS, ids=[c for c, *_ in ESCALATIONS])
+def test_a_pod_template_that_would_escalate_is_rejected_by_the_api_server(chart, kubectl, case, where, overlay,
+                                                                           field) -> None:  # fmt: skip
+    _assert_rejected(kubectl, f"escalate-{case.lower()}", lambda spec: set_pod_template(spec, where, overlay), field)
 
 
 def test_spec_is_immutable_once_applied(operator, api, kubectl, namespace) -> None:
@@ -419,6 +429,28 @@ def test_a_pod_the_api_refuses_fails_the_job_naming_the_field(operator, api, kub
     failed = next(c for c in api.status(namespace, "badlabel")["conditions"] if c["type"] == "Failed")
     assert "metadata.labels" in failed["message"] and "not a label value!" in failed["message"], failed
     assert "badlabel-node-1" not in {p["metadata"]["name"] for p in api.pods(namespace)}
+
+
+def test_a_settled_job_is_not_written_again(operator, api, kubectl, namespace) -> None:
+    """The status is written only when it changes (the operator resyncs every second here), carries the
+    generation it was decided from, and a key that no longer holds goes (a merge patch kept it)."""
+    doc = small_job("settled")
+    doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 3600}
+    apply(kubectl, namespace, doc)
+    wait_for_children(api, namespace, doc)
+    for suffix in ("redis", *ROLE_PODS):
+        api.set_pod_phase(namespace, f"settled-{suffix}", "Running")
+    wait_for("phase Running", lambda: api.status(namespace, "settled").get("phase") == "Running")
+    time.sleep(3)  # the passes the pod updates started are done
+    version = api.job(namespace, "settled")["metadata"]["resourceVersion"]
+    time.sleep(5)  # five resyncs
+    assert api.job(namespace, "settled")["metadata"]["resourceVersion"] == version, operator.tail()
+    status = api.status(namespace, "settled")
+    assert status["observedGeneration"] == 1 and {c.get("observedGeneration") for c in status["conditions"]} == {1}
+    kubectl("patch", "fft", "settled", "-n", namespace, "--type", "merge",
+            "-p", '{"spec": {"runPolicy": {"activeDeadlineSeconds": 3600, "suspend": true}}}')
+    wait_for("Suspended, startTime gone", lambda: (st := api.status(namespace, "settled")).get("phase") == "Suspended"
+             and "startTime" not in st and st["observedGeneration"] == 2)
 
 
 def test_pod_phases_drive_the_resource_to_succeeded(operator, api, kubectl, namespace) -> None:
@@ -470,7 +502,7 @@ def test_the_operator_counts_its_passes_and_jobs_by_phase(operator, api, kubectl
 
 def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None:
     """activeDeadlineSeconds fails a job that runs too long and stops its pods; ttlSecondsAfterFinished
-    then deletes the resource, and garbage collection its children."""
+    then deletes its pods and Services, and keeps the resource (where the adapters are) and the claims."""
     doc = small_job("bounded")
     doc["spec"]["runPolicy"] = {"activeDeadlineSeconds": 2, "ttlSecondsAfterFinished": 3}
     apply(kubectl, namespace, doc)
@@ -483,8 +515,14 @@ def test_run_policy_deadline_then_ttl(operator, api, kubectl, namespace) -> None
     wait_for("the pods to be stopped", lambda: all(p["metadata"].get("deletionTimestamp") or not
                                                    p["metadata"]["name"].startswith("bounded-")
                                                    for p in api.pods(namespace)))
-    wait_for("the resource deleted after its TTL", lambda: api.job(namespace, "bounded") is None, 30,
+    # Without a kubelet a deleted pod stays, marked for deletion.
+    kinds = lambda: {kind for (kind, _), obj in api.children(namespace, "bounded").items()  # noqa: E731
+                     if not obj["metadata"].get("deletionTimestamp")}
+    wait_for("the pods and Services deleted after its TTL", lambda: not {"Pod", "Service"} & kinds(), 30,
              describe=operator.tail)
+    assert "PersistentVolumeClaim" in kinds()
+    released = condition(api.status(namespace, "bounded"), "Released")
+    assert released["reason"] == "TTLExpired" and "the adapters stay" in released["message"]
 
 
 def test_spec_run_policy_alone_may_change(operator, api, kubectl, namespace) -> None:
@@ -879,12 +917,15 @@ def test_namespaced_install_needs_only_its_roles(
 
 # Last: kube-controller-manager's garbage collector finds a new CRD's kind at its periodic
 # discovery (30 s); by now it has, so this measures the collection, not the discovery.
-def test_deleting_the_resource_garbage_collects_every_child(operator, api, kubectl, namespace) -> None:
+def test_deleting_the_resource_garbage_collects_every_child_but_the_adapters(operator, api, kubectl,
+                                                                            namespace) -> None:  # fmt: skip
     doc = small_job("gone")
-    doc["spec"]["redis"] = {"persistence": True}
     apply(kubectl, namespace, doc)
     expected = wait_for_children(api, namespace, doc)
-    assert ("PersistentVolumeClaim", "gone-redis-data") in expected
+    assert ("PersistentVolumeClaim", "gone-redis-data") in expected  # Redis persistence: the default
+    outputs = {key for key in expected if key[0] == "PersistentVolumeClaim" and "-output" in key[1]}
+    assert outputs
     kubectl("delete", "fft", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
-    # kube-controller-manager's garbage collector follows the ownerReferences.
-    wait_for("every child gone", lambda: not api.children(namespace, "gone"), timeout=60)
+    # kube-controller-manager's garbage collector follows the ownerReferences; the output claims have none.
+    wait_for("every child but the output claims gone", lambda: set(api.children(namespace, "gone")) == outputs,
+             timeout=60)

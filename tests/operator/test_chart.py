@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,6 +82,9 @@ def test_cluster_wide_by_default() -> None:
         "federatedfinetunes", "federatedfinetunes/status", "federatedfinetunes/finalizers",
         "pods", "services", "configmaps", "persistentvolumeclaims", "secrets", "events", "networkpolicies",
     }  # fmt: skip
+    # Deletes: pods (retries, a finished job's) and Services (its TTL); never a claim, nor a resource.
+    deletes = {res for r in rules if "delete" in r["verbs"] for res in r["resources"]}
+    assert deletes == {"pods", "services"}
     policies = next(r for r in rules if r["resources"] == ["networkpolicies"])
     assert policies["apiGroups"] == ["networking.k8s.io"] and policies["verbs"] == ["list", "watch", "create"]
 
@@ -241,3 +245,16 @@ def test_two_replicas_elect_a_leader() -> None:
     args = [_helm(), "template", "x", str(CHART), "--kube-version", "1.34.0", "--set", "leaderElection.enabled=false"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "replicas > 1 needs leaderElection.enabled" in result.stderr
+
+
+def test_pod_template_allow_reaches_the_operator_and_knows_only_the_escalations() -> None:
+    from fedtune_operator import podpolicy
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    names = schema["properties"]["podTemplate"]["properties"]["allow"]["items"]["enum"]
+    assert tuple(names) == podpolicy.NAMES
+    (deploy,) = by_kind(render("podTemplate.allow={hostIPC,hostPath}"), "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert podpolicy.allowed_from_env(env) == {"hostIPC", "hostPath"}
+    (deploy,) = by_kind(render(), "Deployment")
+    assert podpolicy.ALLOW_ENV not in {e["name"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}

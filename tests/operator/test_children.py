@@ -25,6 +25,7 @@ def test_example_becomes_exactly_the_documented_children(job) -> None:
         ("PersistentVolumeClaim", "poems-lora-output-assist-trainer"),
         ("PersistentVolumeClaim", "poems-lora-output-node-1"),
         ("PersistentVolumeClaim", "poems-lora-output-node-2"),
+        ("PersistentVolumeClaim", "poems-lora-redis-data"),
         ("Pod", "poems-lora-redis"),
         ("Service", "poems-lora-redis"),
         ("Pod", "poems-lora-scheduler"),
@@ -42,6 +43,9 @@ def test_example_becomes_exactly_the_documented_children(job) -> None:
         assert meta["labels"]["app.kubernetes.io/part-of"] == "fedtune"
         assert meta["labels"]["fedtune.io/job"] == "poems-lora"
         assert meta["labels"]["fedtune.io/component"]
+        if meta["labels"]["fedtune.io/component"] == "output":  # the adapters outlive the job
+            assert "ownerReferences" not in meta and meta["annotations"] == {"fedtune.io/job-uid": UID}
+            continue
         (owner,) = meta["ownerReferences"]
         assert owner == {
             "apiVersion": "fedtune.io/v1alpha1",

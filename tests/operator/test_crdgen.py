@@ -135,7 +135,7 @@ def test_rendered_yaml_has_no_anchors() -> None:
 def test_kubernetes_types_carry_their_own_schema(schema) -> None:
     """Tolerations, affinity and the rest are validated as the Pod API validates them."""
     core = kubeschema.CORE
-    for where in ("scheduling", "parties.[].scheduling"):
+    for where in ("scheduling", "parties.[].scheduling", "controlPlane.scheduling"):
         toleration = spec_field(schema, f"{where}.tolerations.[]")
         assert toleration == kubeschema.structural(f"{core}.Toleration")
         assert toleration["properties"]["effect"]["enum"] == ["NoExecute", "NoSchedule", "PreferNoSchedule"]

@@ -84,6 +84,22 @@ def test_a_party_with_several_ranks_runs_them_in_its_pod(example) -> None:
     assert all(m["mountPath"] != "/dev/shm" for m in container(node2)["volumeMounts"])
 
 
+@pytest.mark.parametrize("resource", ["amd.com/gpu", "nvidia.com/mig-1g.10gb"])
+def test_the_gpu_resource_name_is_the_partys_choice(example, resource) -> None:
+    example["spec"]["parties"][1]["resources"] = {"gpu": 1, "gpuResource": resource}
+    job = make_job(example)
+    limits = container(role_pod(job, workloads(job)[2]))["resources"]["limits"]
+    assert limits[resource] == "1" and "nvidia.com/gpu" not in limits
+
+
+def test_a_gpu_resource_that_is_no_resource_name_is_refused(example) -> None:
+    from fedtune.spec import SpecError, parse_job
+
+    example["spec"]["parties"][1]["resources"] = {"gpu": 1, "gpuResource": "gpu"}
+    with pytest.raises(SpecError, match=r"spec\.parties\[1\]\.resources\.gpuResource"):
+        parse_job(example, "job.yaml")
+
+
 def test_gpu_cpu_memory_and_claims(example) -> None:
     spec = example["spec"]
     spec["parties"][1]["resources"] = {"gpu": 2, "cpu": "4", "memory": "16Gi"}

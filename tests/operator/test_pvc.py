@@ -9,7 +9,7 @@ from fedtune_operator.children import static_children
 from fedtune_operator.children.pod import role_pod
 from fedtune_operator.children.pvc import output_pvcs, redis_pvc
 from fedtune_operator.jobs import output_location, party_outputs, storage_classes, workloads
-from support.children import make_job
+from support.children import UID, make_job
 
 
 def output_claims(pod: dict) -> list[str]:
@@ -51,8 +51,8 @@ def test_existing_output_claim_is_used_not_created(example) -> None:
     job = make_job(example)
     assert output_pvcs(job) == [] and storage_classes(job) == {}
     assert output_location(job) == "pvc://shared-adapters/"
-    kinds = {c["kind"] for c in static_children(job, "pw")}
-    assert "PersistentVolumeClaim" not in kinds
+    claims = {c["metadata"]["name"] for c in static_children(job, "pw") if c["kind"] == "PersistentVolumeClaim"}
+    assert claims == {"poems-lora-redis-data"}  # Redis' own, no output claim
     pod = role_pod(job, workloads(job)[1])
     assert {"name": "output", "persistentVolumeClaim": {"claimName": "shared-adapters"}} in pod["spec"]["volumes"]
 
@@ -63,9 +63,28 @@ def test_settings_an_existing_claim_would_ignore_are_refused(example) -> None:
         parse_job(example, "job.yaml")
 
 
-def test_redis_gets_a_claim_only_with_persistence(example) -> None:
-    assert redis_pvc(make_job(example)) is None
-    example["spec"]["redis"] = {"persistence": True, "storage": "2Gi"}
+def test_redis_keeps_its_state_on_a_claim_unless_told_not_to(example) -> None:
     claim = redis_pvc(make_job(example))
-    assert claim["metadata"]["name"] == "poems-lora-redis-data"
-    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert claim["metadata"]["name"] == "poems-lora-redis-data" and claim["metadata"]["ownerReferences"]
+    assert "storageClassName" not in claim["spec"]
+    example["spec"]["redis"] = {"storage": "2Gi", "storageClassName": "ssd"}
+    job = make_job(example)
+    claim = redis_pvc(job)
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi" and claim["spec"]["storageClassName"] == "ssd"
+    assert storage_classes(job) == {"spec.redis.storageClassName": "ssd"}
+    example["spec"]["redis"] = {"persistence": False}
+    assert redis_pvc(make_job(example)) is None
+
+
+def test_output_claims_outlive_the_job_unless_retain_is_false(example) -> None:
+    for claim in output_pvcs(make_job(example)):
+        # No owner: garbage collection never deletes the adapters; the annotation says whose they are.
+        assert "ownerReferences" not in claim["metadata"], claim["metadata"]
+        assert claim["metadata"]["annotations"] == {"fedtune.io/job-uid": UID}
+        assert claim["metadata"]["labels"]["fedtune.io/job"] == "poems-lora"
+    example["spec"]["storage"]["output"] = {"retain": False}
+    for claim in output_pvcs(make_job(example)):
+        assert claim["metadata"]["ownerReferences"][0]["uid"] == UID and "annotations" not in claim["metadata"]
+    example["spec"]["storage"]["output"] = {"claimName": "mine", "retain": False}
+    with pytest.raises(SpecError, match=r"retain would not apply"):
+        parse_job(example, "job.yaml")

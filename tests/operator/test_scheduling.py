@@ -43,11 +43,38 @@ def test_job_wide_scheduling_reaches_every_pod_and_a_party_lays_its_own_over_it(
     assert meta["labels"]["team"] == "bank-a" and meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert meta["labels"]["fedtune.io/job"] == "poems-lora"  # the operator's own labels win
     assert meta["annotations"] == {"owner": "nlp"}
-    for key in ("scheduler", "redis", "node-2", "assist_trainer"):  # the job's scheduling alone
+    for key in ("node-2", "assist_trainer"):  # the job's scheduling alone
         spec = by_key[key]["spec"]
         assert spec["tolerations"] == [GPU] and spec["nodeSelector"] == {"pool": "train", "disk": "ssd"}, key
         assert "affinity" not in spec and spec["priorityClassName"] == "batch", key
         assert by_key[key]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", key
+    for key in ("scheduler", "redis"):  # no placement on the GPU pool: who they are, pulls and priority only
+        spec = by_key[key]["spec"]
+        assert "tolerations" not in spec and "nodeSelector" not in spec and "affinity" not in spec, key
+        assert spec["priorityClassName"] == "batch" and spec["schedulerName"] == "volcano", key
+        assert spec["imagePullSecrets"] == [{"name": "registry"}], key
+        assert by_key[key]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a", key
+        assert by_key[key]["metadata"]["annotations"] == {"owner": "nlp"}, key
+
+
+def test_the_control_plane_has_scheduling_of_its_own(example) -> None:
+    cpu_pool = {"key": "pool", "operator": "Equal", "value": "cpu", "effect": "NoSchedule"}
+    example["spec"]["scheduling"] = {"tolerations": [GPU], "nodeSelector": {"pool": "gpu"},
+                                     "imagePullSecrets": [{"name": "registry"}],
+                                     "podTemplate": {"spec": {"runtimeClassName": "nvidia"}}}
+    example["spec"]["controlPlane"] = {"scheduling": {
+        "tolerations": [cpu_pool], "nodeSelector": {"pool": "cpu"}, "priorityClassName": "system-ish",
+        "imagePullSecrets": [{"name": "mirror"}], "podTemplate": {"metadata": {"annotations": {"a": "1"}}}}}
+    by_key = pods(example)
+    for key in ("scheduler", "redis"):
+        pod = by_key[key]
+        assert pod["spec"]["tolerations"] == [cpu_pool] and pod["spec"]["nodeSelector"] == {"pool": "cpu"}, key
+        assert pod["spec"]["priorityClassName"] == "system-ish", key
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}], key
+        assert "runtimeClassName" not in pod["spec"] and pod["metadata"]["annotations"] == {"a": "1"}, key
+    node1 = by_key["node-1"]
+    assert node1["spec"]["tolerations"] == [GPU] and node1["spec"]["runtimeClassName"] == "nvidia"
+    assert node1["spec"]["imagePullSecrets"] == [{"name": "registry"}] and "annotations" not in node1["metadata"]
 
 
 def test_no_scheduling_leaves_the_pods_as_they_were(example) -> None:
@@ -59,7 +86,7 @@ def test_no_scheduling_leaves_the_pods_as_they_were(example) -> None:
 def test_the_pod_template_overlay_merges_like_a_strategic_patch(example) -> None:
     example["spec"]["scheduling"] = {"podTemplate": {
         "metadata": {"labels": {"sidecar": "yes"}, "annotations": {"a": "1"}},
-        "spec": {"runtimeClassName": "nvidia", "hostIPC": True,
+        "spec": {"runtimeClassName": "nvidia", "terminationGracePeriodSeconds": 60,
                  "containers": [{"name": "label-trainer", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
                                  "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]},
                                 {"name": "log-shipper", "image": "fluent-bit:3"}],
@@ -68,7 +95,7 @@ def test_the_pod_template_overlay_merges_like_a_strategic_patch(example) -> None
         {"name": "label-trainer", "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]}]}}}
     by_key = pods(example)
     node1, node2 = by_key["node-1"], by_key["node-2"]
-    assert node1["spec"]["runtimeClassName"] == "nvidia" and node1["spec"]["hostIPC"] is True
+    assert node1["spec"]["runtimeClassName"] == "nvidia" and node1["spec"]["terminationGracePeriodSeconds"] == 60
     trainer, shipper = node1["spec"]["containers"]
     assert trainer["command"][:2] == ["fedtune", "label-trainer"]  # merged into, not replaced
     env = {e["name"]: e.get("value") for e in trainer["env"]}

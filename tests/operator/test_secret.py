@@ -30,6 +30,7 @@ def redis_conf(job: Job, password: str) -> str:
 
 
 def test_redis_secret_and_persistence(example) -> None:
+    example["spec"]["redis"] = {"persistence": False}  # in memory only
     job = make_job(example)
     secret = redis_secret(job, "s3cret")
     assert base64.b64decode(secret["data"]["password"]) == b"s3cret"
@@ -45,12 +46,12 @@ def test_redis_secret_and_persistence(example) -> None:
     assert redis_pvc(job) is None
     assert {"name": "data", "emptyDir": {}} in pod["spec"]["volumes"]
 
-    example["spec"]["redis"] = {"persistence": True, "storage": "2Gi", "image": "redis:7.4"}
+    example["spec"]["redis"] = {"storage": "2Gi", "image": "redis:7.4"}  # persistence: the default
     job = make_job(example)
     pod = redis_pod(job)
     c = container(pod)
     assert c["image"] == "redis:7.4"
-    assert "appendonly yes" in redis_conf(job, "pw").splitlines()
+    assert {"appendonly yes", "appendfsync always"} <= set(redis_conf(job, "pw").splitlines())
     pvc = redis_pvc(job)
     assert pvc["metadata"]["name"] == "poems-lora-redis-data"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"

@@ -350,6 +350,13 @@ def test_each_party_record_says_where_its_adapters_land_and_a_found_class_is_a_t
     storage = next(c for c in plan.status["conditions"] if c["type"] == "Storage")
     assert storage["status"] == "True" and "fast" in storage["message"]
     assert not any(c["type"] == "Storage" for c in world.step().status["conditions"])  # none named: none
+    assert "adapter" not in plan.status["parties"]["node-1"]
+    pods = {w.pod_name: s.PodView(w.pod_name, w.key, "Succeeded") for w in workloads(world.job)}
+    done = s.plan(workloads=workloads(world.job), pods=pods, redis_pod_name="poems-lora-redis", prev=plan.status,
+                  backoff_limit=1, rounds=5, output="pvc://j-output-<party>/", now="t1",
+                  outputs={"node-1": "pvc://j-output-node-1/node-1/"})
+    assert done.status["phase"] == "Succeeded"
+    assert done.status["parties"]["node-1"]["adapter"] == "pvc://j-output-node-1/node-1/checkpoint-1/"
 
 
 def test_an_event_per_completed_round(world) -> None:

@@ -57,3 +57,41 @@ def b64(data: bytes) -> str:
 
 def secret_file(secret: dict[str, Any], key: str) -> bytes:
     return base64.b64decode(secret["data"][key])
+
+
+# Pod templates that would escalate through the operator's pods (fedtune_operator.podpolicy), refused by the
+# CRD and by the operator: (case, whose template (`set_pod_template`), its spec, the field the refusal names).
+ESCALATIONS = [
+    ("hostNetwork", "job", {"hostNetwork": True}, "spec.scheduling.podTemplate.spec.hostNetwork"),
+    ("hostPID", "party", {"hostPID": True}, "spec.parties[1].scheduling.podTemplate.spec.hostPID"),
+    ("hostIPC", "control", {"hostIPC": True}, "spec.controlPlane.scheduling.podTemplate.spec.hostIPC"),
+    ("serviceAccountName", "job", {"serviceAccountName": "admin"},
+     "spec.scheduling.podTemplate.spec.serviceAccountName"),
+    ("automountServiceAccountToken", "job", {"automountServiceAccountToken": True},
+     "spec.scheduling.podTemplate.spec.automountServiceAccountToken"),
+    ("privileged", "party", {"containers": [{"name": "label-trainer", "securityContext": {"privileged": True}}]},
+     "spec.parties[1].scheduling.podTemplate.spec.containers[0].securityContext.privileged"),
+    ("allowPrivilegeEscalation", "job", {"initContainers": [
+        {"name": "i", "securityContext": {"allowPrivilegeEscalation": True}}]},
+     "spec.scheduling.podTemplate.spec.initContainers[0].securityContext.allowPrivilegeEscalation"),
+    ("capabilities", "job", {"containers": [{"name": "c", "securityContext": {"capabilities": {
+        "add": ["SYS_ADMIN"]}}}]},
+     "spec.scheduling.podTemplate.spec.containers[0].securityContext.capabilities.add"),
+    ("hostPath", "job", {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]},
+     "spec.scheduling.podTemplate.spec.volumes[0].hostPath"),
+    ("hostPort", "job", {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}]}]},
+     "spec.scheduling.podTemplate.spec.containers[0].ports[0].hostPort"),
+    # Not on the safe list: outside the CRD's schema (an unknown field) and refused by the operator.
+    ("nodeName", "job", {"nodeName": "master"}, "spec.scheduling.podTemplate.spec.nodeName"),
+]
+
+
+def set_pod_template(spec: dict[str, Any], where: str, overlay: dict[str, Any]) -> None:
+    """`overlay` as the pod template spec of the job (`job`), of parties[1] (`party`) or of the control plane."""
+    scheduling = {"podTemplate": {"spec": overlay}}
+    if where == "party":
+        spec["parties"][1]["scheduling"] = scheduling
+    elif where == "control":
+        spec["controlPlane"] = {"scheduling": scheduling}
+    else:
+        spec["scheduling"] = scheduling

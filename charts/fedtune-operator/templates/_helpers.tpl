@@ -40,18 +40,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf):
-- watches and patches its resources (kopf keeps its bookkeeping in annotations), writes
-  their status, and deletes one whose spec.runPolicy.ttlSecondsAfterFinished has run out;
-  `finalizers` is for the children's blockOwnerDeletion ownerReferences;
+- watches and patches its resources (kopf keeps its bookkeeping in annotations) and writes
+  their status; `finalizers` is for the children's blockOwnerDeletion ownerReferences;
 - lists, watches (to notice deletions) and creates the children; deletes pods (failed ones before a retry, and the rest
-  when a job ends); reads by name the Secrets it generated (the Redis password, the job's CA and
-  certificates) and the CA Secret a job names in spec.tls.caSecret (get, never list);
+  when a job ends) and, once a finished job's spec.runPolicy.ttlSecondsAfterFinished has run out, its pods and
+  Services (never a claim: the adapters stay); reads by name the Secrets it generated (the Redis password, the job's CA
+  and certificates) and the CA Secret a job names in spec.tls.caSecret (get, never list);
 - posts Events on its resources.
 */}}
 {{- define "fedtune-operator.rules" -}}
 - apiGroups: ["fedtune.io"]
   resources: ["federatedfinetunes"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["fedtune.io"]
   resources: ["federatedfinetunes/status"]
   verbs: ["get", "patch"]
@@ -62,7 +62,10 @@ What the operator does, and nothing more (fedtune_operator/reconcile.py and kopf
   resources: ["pods"]
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
-  resources: ["services", "configmaps", "persistentvolumeclaims"]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps", "persistentvolumeclaims"]
   verbs: ["list", "watch", "create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]

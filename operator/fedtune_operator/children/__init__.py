@@ -3,12 +3,13 @@
     Secret    J-redis          the Redis password and its redis.conf                  secret.py
     Pod       J-redis          `redis-server /etc/redis/redis.conf`                   pod.py
     Service   J-redis          :6379                                                  service.py
-    PVC       J-redis-data     only with spec.redis.persistence (appendonly)          pvc.py
+    PVC       J-redis-data     spec.redis.persistence, the default (appendonly)       pvc.py
     ConfigMap J-job            job.yaml: the spec as given, addresses filled in       configmap.py
     Pod       J-scheduler      `fedtune scheduler`, Service J-scheduler:55005         pod.py, service.py
     Pod       J-<party>        one per local party, Service J-<party>:55004/55006     pod.py, service.py
     PVC       J-output-<party> a party's adapters (or one J-output they share: ReadWriteMany;
-                               none with spec.storage.output.claimName)               pvc.py
+                               none with spec.storage.output.claimName); no owner:
+                               they outlive the job unless storage.output.retain is false  pvc.py
     Secret    J-ca, J-tls-<role>   the federation's CA and each role's certificate    secret.py (tls.py)
     NetworkPolicy J-network    ingress to the job's pods: Redis from the roles that use it and
                                the operator, gRPC from the job's pods; nothing else   networkpolicy.py
@@ -19,6 +20,7 @@ job's children are, and why they could not be made.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .. import tls
@@ -27,14 +29,16 @@ from .configmap import job_configmap
 from .networkpolicy import OperatorPeer, network_policy
 from .pod import redis_pod, role_pod
 from .pvc import output_pvcs, redis_pvc
+from .scheduling import template_problems
 from .secret import secrets
 from .service import redis_service, role_service
 
 
-def problems(job: Job) -> list[str]:
-    """Why some child would be refused or unsafe (checked before creating any)."""
+def problems(job: Job, allow: Iterable[str] = ()) -> list[str]:
+    """Why some child would be refused or unsafe (checked before creating any); `allow`: the escalating
+    pod template fields this cluster admits (`podpolicy`)."""
     return (name_problems(job) + tls.name_problems(job, workloads(job)) + federation_problems(job)
-            + output_problems(job))
+            + output_problems(job) + template_problems(job, allow))
 
 
 def plain_children(job: Job, operator: OperatorPeer | None = None) -> list[dict[str, Any]]:

@@ -198,7 +198,7 @@ def _resources(party: Party | None) -> dict[str, Any]:
     limits = {"memory": res.memory or PARTY_MEMORY_LIMIT}
     if res.gpu > 0:
         # Extended resources are set as limits (requests default to them).
-        limits["nvidia.com/gpu"] = str(res.gpu)  # quantities are strings in the API
+        limits[res.gpuResource] = str(res.gpu)  # quantities are strings in the API
     return {"requests": requests, "limits": limits}
 
 

@@ -1,4 +1,6 @@
-"""Scheduling of a job's pods: spec.scheduling, with parties[].scheduling laid over it for a party's pod.
+"""Scheduling of a job's pods: spec.scheduling, with parties[].scheduling laid over it for a party's pod;
+for the scheduler and Redis only what is not placement, with spec.controlPlane.scheduling laid over it
+(they need no GPU, so a GPU pool's tolerations and selectors are not theirs).
 
 Tolerations, nodeSelector, affinity, priorityClassName, schedulerName and imagePullSecrets
 go into the pod spec, labels and annotations into its metadata, and `podTemplate` is then
@@ -12,10 +14,12 @@ restartPolicy Never (the operator decides about retries).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 from fedtune.spec import Party, Scheduling
 
+from .. import podpolicy
 from ..jobs import Job
 
 # List fields merged item by item, on this key of their items (as strategic merge patch does).
@@ -31,10 +35,34 @@ MERGE_KEYS = {
 _POD_FIELDS = ("nodeSelector", "affinity", "priorityClassName", "schedulerName")
 
 
+def template_problems(job: Job, allow: Iterable[str] = ()) -> list[str]:
+    """Each field of the job's pod template overlays that the operator will not lay over a pod
+    (`podpolicy`: outside the safe list, or an escalation `allow` does not name)."""
+    spec = job.spec
+    found = [("spec.scheduling", spec.scheduling), ("spec.controlPlane.scheduling", spec.controlPlane.scheduling)]
+    found += [(f"spec.parties[{i}].scheduling", p.scheduling) for i, p in enumerate(spec.parties)]
+    return [problem for where, sched in found if sched is not None
+            for problem in podpolicy.problems(sched.podTemplate, f"{where}.podTemplate", allow)]
+
+
 def for_pod(job: Job, party: Party | None) -> Scheduling:
-    """The scheduling of one pod: the job's, with the party's laid over it (none for Redis and the scheduler)."""
-    base = job.spec.scheduling
-    own = party.scheduling if party is not None else None
+    """The scheduling of one pod: a party's (the job's, with the party's own laid over it), or with None,
+    the control pods' (Redis, the scheduler)."""
+    if party is None:
+        return _lay_over(control_base(job.spec.scheduling), job.spec.controlPlane.scheduling)
+    return _lay_over(job.spec.scheduling, party.scheduling)
+
+
+def control_base(job_wide: Scheduling) -> Scheduling:
+    """What the control pods take of spec.scheduling: who they are, where their images come from, their
+    priority and scheduler; no placement and no pod template (those are for the parties' pods)."""
+    return Scheduling(labels=job_wide.labels, annotations=job_wide.annotations,
+                      imagePullSecrets=job_wide.imagePullSecrets, priorityClassName=job_wide.priorityClassName,
+                      schedulerName=job_wide.schedulerName)
+
+
+def _lay_over(base: Scheduling, own: Scheduling | None) -> Scheduling:
+    """`own` laid over `base`: lists add up, maps merge (own's keys win), single values are replaced."""
     if own is None:
         return base
     overlays = [t for t in (base.podTemplate, own.podTemplate) if t]

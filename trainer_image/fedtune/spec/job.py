@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedtune.spec.common import SpecError, Strict
-from fedtune.spec.parties import Endpoint, Party, Scheduling
+from fedtune.spec.parties import ControlPlane, Endpoint, Party, Scheduling
 from fedtune.spec.peft import Peft
 from fedtune.spec.runtime import RedisSpec, RunPolicy, Storage
 from fedtune.spec.security import Encryption, Privacy, Tls, majority
@@ -56,6 +56,8 @@ class JobSpec(Strict):
     tls: Tls = Field(default_factory=Tls)
     backoffLimit: int = Field(3, ge=0)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    # Where the scheduler and Redis run (by default on no GPU node: none of spec.scheduling's placement).
+    controlPlane: ControlPlane = Field(default_factory=ControlPlane)
     runPolicy: RunPolicy = Field(default_factory=RunPolicy)
 
     @model_validator(mode="after")

@@ -9,11 +9,16 @@ from pydantic import Field, field_validator
 from fedtune.spec.common import Strict, kube_type, parse_identity
 from fedtune.spec.training import PartyTrainer, PretrainedModel, TrainsetEntry
 
+# An extended resource name, as Kubernetes spells them: `nvidia.com/gpu`, `amd.com/gpu`, `nvidia.com/mig-1g.10gb`.
+_RESOURCE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
 
 class Resources(Strict):
     cpu: str | None = None
     memory: str | None = None
     gpu: int = Field(0, ge=0)
+    # The resource `gpu` counts on Kubernetes: nvidia.com/gpu, amd.com/gpu, a MIG profile (nvidia.com/mig-1g.10gb).
+    gpuResource: str = Field("nvidia.com/gpu", pattern=_RESOURCE_NAME, max_length=253)
 
 
 class Volume(Strict):
@@ -28,9 +33,10 @@ class Volume(Strict):
 class Scheduling(Strict):
     """Where a job's pods may run and how the cluster treats them (Kubernetes only).
 
-    `spec.scheduling` applies to every pod of the job; `parties[].scheduling` is laid over it
+    `spec.scheduling` applies to every party's pod; `parties[].scheduling` is laid over it
     for that party's pod: lists add up, maps merge (the party's keys win), single values are
-    replaced, and the party's `podTemplate` is laid over the job's.
+    replaced, and the party's `podTemplate` is laid over the job's. The scheduler and Redis
+    take only what `ControlPlane` says.
     """
 
     tolerations: list[dict[str, Any]] = Field(default_factory=list,
@@ -45,6 +51,14 @@ class Scheduling(Strict):
     annotations: dict[str, str] = Field(default_factory=dict)
     # Anything else, as a partial pod template (`metadata`, `spec`) merged over the pod fedtune builds.
     podTemplate: dict[str, Any] | None = Field(None, json_schema_extra=kube_type("PodTemplateOverlay"))
+
+
+class ControlPlane(Strict):
+    """The job's own pods, the scheduler and Redis (Kubernetes only). They need no GPU: `spec.scheduling`'s
+    placement (tolerations, nodeSelector, affinity) and its `podTemplate` are not theirs, only its labels,
+    annotations, imagePullSecrets, priorityClassName and schedulerName; `scheduling` here is laid over those."""
+
+    scheduling: Scheduling | None = None
 
 
 class Remote(Strict):

@@ -18,7 +18,8 @@ class RunPolicy(Strict):
 
     # Counted from when the job last started running (a suspension restarts the count); past it, the job fails.
     activeDeadlineSeconds: int | None = Field(None, ge=1)
-    # This long after the job succeeded or failed, the resource (and with it every child) is deleted.
+    # This long after the job succeeded or failed, its pods and Services are deleted; the resource, its
+    # status (where the adapters are) and the output claims stay.
     ttlSecondsAfterFinished: int | None = Field(None, ge=0)
     # True: the job's pods are removed (Redis, the claims and the Secrets stay); false again: it goes on
     # from the last round.
@@ -27,8 +28,12 @@ class RunPolicy(Strict):
 
 class RedisSpec(Strict):
     address: str | None = None
-    persistence: bool = False
+    # The job's state in an append-only file on a claim (`<job>-redis-data`), so a restarted Redis pod
+    # carries on where it was; false: in memory only.
+    persistence: bool = True
     storage: str = "1Gi"
+    # The Redis claim's StorageClass (default: the cluster's default one).
+    storageClassName: str | None = None
     image: str = "redis:7.2-alpine"
 
 
@@ -42,10 +47,13 @@ class OutputStorage(Strict):
     accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = "ReadWriteOnce"
     # Use this existing claim for the adapters instead of creating any.
     claimName: str | None = None
+    # The claims fedtune creates outlive the resource (deleting it, or its TTL, never deletes the adapters);
+    # false: they are deleted with it.
+    retain: bool = True
 
     @model_validator(mode="after")
     def _claim_or_settings(self) -> OutputStorage:
-        given = self.model_fields_set & {"size", "storageClassName", "accessMode"}
+        given = self.model_fields_set & {"size", "storageClassName", "accessMode", "retain"}
         if self.claimName and given:
             raise ValueError(f"`claimName` names an existing claim: {', '.join(sorted(given))} would not apply; "
                              "remove it, or remove claimName to have fedtune create the claims")
