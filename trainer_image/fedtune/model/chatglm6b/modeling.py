@@ -7,8 +7,10 @@ What makes it ChatGLM-6B (GLM-130B's layout), each as the upstream `modeling_cha
   float16, as upstream builds them.
 - The prefix attention mask: every token sees the whole context (up to `<sop>`), the rest is causal.
 - `query_key_value` interleaved per head: the row block of head h holds its query, key and value.
-- GLM-130B's residual scaling: each sublayer adds to its normalised input times sqrt(2 * layers).
-- GeLU (tanh approximation) MLP, LayerNorm, an untied `lm_head`.
+- GLM-130B's residual scaling: each sublayer adds to its normalised input times sqrt(2 * 28) (upstream's
+  blocks never get the config's layer count).
+- GeLU (tanh approximation) MLP, LayerNorm, `lm_head` tied to the word embeddings (upstream's config leaves
+  `tie_word_embeddings` at its default).
 - P-tuning v2 in its own form (`pre_seq_len`, `prefix_projection`): `transformer.prefix_encoder` yields
   every layer's keys and values for the prefix, which precede the tokens' unrotated; positions do not
   count it.
@@ -21,7 +23,8 @@ key/value cache is transformers' `Cache`.
 from __future__ import annotations
 
 import math
-from typing import Any
+import sys
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from fedtune.model.chatglm6b.configuration import ChatGLM6BConfig
 
 ROPE_BASE = 10000
+# GLM-130B's residual scaling, sqrt(2 * layers): upstream builds every block with its default of 28 layers,
+# whatever the config says, so 6B's value holds for any depth.
+RESIDUAL_ALPHA = (2 * 28) ** 0.5
 TOKENS_SEEN = "fedtune_chatglm6b_tokens"  # attribute of a cache: how many tokens (not prefix) it holds
 
 
@@ -163,7 +169,7 @@ class GLMBlock(GradientCheckpointingLayer):
         self.attention = SelfAttention(config, layer_id)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = GLU(config)
-        self.alpha = (2 * config.num_layers) ** 0.5
+        self.alpha = RESIDUAL_ALPHA
 
     def forward(self, hidden: torch.Tensor, rotary: tuple[torch.Tensor, ...], mask: torch.Tensor,
                 prefix_key: torch.Tensor | None = None, prefix_value: torch.Tensor | None = None, *,
@@ -203,9 +209,9 @@ class ChatGLM6BPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = False
-    _no_split_modules = ["GLMBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["GLMBlock"]
     # upstream checkpoints carry each layer's rotary frequencies, which are recomputed here
-    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -300,7 +306,8 @@ def attention_mask_for(input_ids: torch.Tensor, padding: torch.Tensor | None, pa
 
 
 class ChatGLM6BForCausalLM(ChatGLM6BPreTrainedModel, GenerationMixin):
-    _tied_weights_keys: dict[str, str] = {}
+    # unless the config unties them
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
     def __init__(self, config: ChatGLM6BConfig) -> None:
         super().__init__(config)
@@ -343,3 +350,15 @@ class ChatGLM6BForCausalLM(ChatGLM6BPreTrainedModel, GenerationMixin):
         if "logits_to_keep" in kwargs:
             inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return inputs
+
+
+def register() -> None:
+    """transformers' AutoModel and AutoModelForCausalLM build these for a `chatglm6b` config."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    AutoModel.register(ChatGLM6BConfig, ChatGLM6BModel, exist_ok=True)
+    AutoModelForCausalLM.register(ChatGLM6BConfig, ChatGLM6BForCausalLM, exist_ok=True)
+
+
+if "transformers.models.auto.modeling_auto" in sys.modules:  # imported before this module was complete
+    register()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, ClassVar
 
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
@@ -25,8 +25,8 @@ MAX_BLANK = 80
 
 
 class ChatGLM6BTokenizer(PreTrainedTokenizer):
-    vocab_files_names = {"vocab_file": VOCAB_FILE}
-    model_input_names = ["input_ids", "attention_mask"]
+    vocab_files_names: ClassVar[dict[str, str]] = {"vocab_file": VOCAB_FILE}
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, bos_token: str = "<sop>", eos_token: str = "<eop>", end_token: str = "</s>",
                  mask_token: str = "[MASK]", gmask_token: str = "[gMASK]", pad_token: str = "<pad>",
@@ -116,8 +116,8 @@ class ChatGLM6BTokenizer(PreTrainedTokenizer):
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int],
                                          token_ids_1: list[int] | None = None) -> list[int]:
-        ids = token_ids_0 + [self.gmask_token_id, self.bos_token_id]
-        return ids + token_ids_1 + [self.eos_token_id] if token_ids_1 is not None else ids
+        ids = [*token_ids_0, self.gmask_token_id, self.bos_token_id]
+        return [*ids, *token_ids_1, self.eos_token_id] if token_ids_1 is not None else ids
 
     def get_special_tokens_mask(self, token_ids_0: list[int], token_ids_1: list[int] | None = None,
                                 already_has_special_tokens: bool = False) -> list[int]:

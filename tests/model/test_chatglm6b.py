@@ -1,0 +1,174 @@
+"""ChatGLM-6B (v1): fedtune's implementation against upstream's own code under transformers 4.33.
+
+The upstream side runs in its own environment (`tests.support.upstream_env`, made once and cached) on a
+small random checkpoint it builds from the reference's demo folder (`tests.support.upstream_chatglm6b`):
+the token ids, float32 logits (within 1e-4) and greedy continuations must be the same, for the base model,
+with a LoRA on `query_key_value`, and with upstream's own P-tuning v2 prefix encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.model.folders import ModelError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def reference_folder() -> Path:
+    """`../shared/reference/chatglm-6b-demo` beside the clone (of a worktree: beside its main clone)."""
+    inside = Path("shared") / "reference" / "chatglm-6b-demo"
+    common = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=ROOT, capture_output=True, text=True)
+    clones = [ROOT] + ([(ROOT / common.stdout.strip()).resolve().parent] if common.returncode == 0 else [])
+    return next((c.parent / inside for c in clones if (c.parent / inside).is_dir()), ROOT.parent / inside)
+
+
+REFERENCE = reference_folder()
+TOLERANCE = 1e-4
+needs_reference = pytest.mark.skipif(not (REFERENCE / "modeling_chatglm.py").is_file(),
+                                     reason=f"upstream's ChatGLM-6B folder is not at {REFERENCE}")
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What upstream's code computed: the checkpoint folders and record.pt."""
+    if not (REFERENCE / "modeling_chatglm.py").is_file():
+        pytest.skip(f"upstream's ChatGLM-6B folder is not at {REFERENCE}")
+    from tests.support import upstream_env
+
+    out = tmp_path_factory.mktemp("upstream") / "out"
+    script = Path(__file__).resolve().parents[1] / "support" / "upstream_chatglm6b.py"
+    done = subprocess.run([str(upstream_env.python()), str(script), str(REFERENCE), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def record(upstream: Path) -> dict:
+    return torch.load(upstream / "record.pt", weights_only=False)
+
+
+def load(folder: Path, overrides: dict | None = None) -> tuple:
+    from fedtune.model.chatglm6b import loading
+
+    return loading.load_model(folder, torch.float32, overrides), loading.load_tokenizer(folder)
+
+
+def compare(model: torch.nn.Module, tokenizer, record: dict, name: str) -> None:
+    from tests.support.upstream_chatglm6b import NEW_TOKENS, PROMPTS
+
+    single = tokenizer([PROMPTS[0]], return_tensors="pt")
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**single).logits
+        batch_logits = model(**batch).logits
+        greedy = model.generate(**single, do_sample=False, max_new_tokens=NEW_TOKENS)
+        batch_greedy = model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS)
+    torch.testing.assert_close(logits, record[f"{name}.logits"], atol=TOLERANCE, rtol=0)
+    real = batch["attention_mask"].bool()  # upstream's padding rows are garbage by design: compare real tokens
+    torch.testing.assert_close(batch_logits[real], record[f"{name}.batch_logits"][real], atol=TOLERANCE, rtol=0)
+    assert greedy.tolist() == record[f"{name}.greedy"].tolist()
+    assert batch_greedy.tolist() == record[f"{name}.batch_greedy"].tolist()
+
+
+@needs_reference
+def test_tokenizer_gives_upstreams_ids(upstream: Path, record: dict) -> None:
+    from tests.support.upstream_chatglm6b import PROMPTS, TEXTS
+
+    _, tokenizer = load(upstream / "model")
+    assert [tokenizer(t)["input_ids"] for t in TEXTS] == record["ids"]
+    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS] == record["plain_ids"]
+    assert [tokenizer.decode(tokenizer(t)["input_ids"]) for t in TEXTS] == record["decoded"]
+    assert tokenizer(PROMPTS, padding=True)["input_ids"] == record["batch_ids"]
+
+
+@needs_reference
+def test_base_model_matches_upstream(upstream: Path, record: dict) -> None:
+    model, tokenizer = load(upstream / "model")
+    compare(model, tokenizer, record, "base")
+    model.config._attn_implementation = "eager"
+    compare(model, tokenizer, record, "base")
+
+
+@needs_reference
+def test_upstream_lora_matches(upstream: Path, record: dict) -> None:
+    from peft import PeftModel
+
+    model, tokenizer = load(upstream / "model")
+    compare(PeftModel.from_pretrained(model, upstream / "lora").eval(), tokenizer, record, "lora")
+
+
+@needs_reference
+def test_upstream_prefix_encoder_matches(upstream: Path, record: dict) -> None:
+    from tests.support.upstream_chatglm6b import PRE_SEQ_LEN
+
+    settings = json.loads((upstream / "prefix" / "prefix_config.json").read_text())
+    model, tokenizer = load(upstream / "model", settings)
+    state = torch.load(upstream / "prefix" / "pytorch_model.bin", weights_only=True)
+    _, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and model.transformer.prefix_encoder.embedding.num_embeddings == PRE_SEQ_LEN
+    compare(model.eval(), tokenizer, record, "prefix")
+
+
+@needs_reference
+def test_convert_writes_a_folder_the_auto_classes_load(upstream: Path, record: dict, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedtune.model.chatglm6b import loading
+
+    out = loading.convert(upstream / "model", tmp_path / "native")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "chatglm6b"
+    assert not list(out.glob("*.py"))  # no remote code
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    compare(model, AutoTokenizer.from_pretrained(out), record, "base")
+
+
+def test_importing_fedtune_imports_no_torch() -> None:
+    code = "import sys, fedtune, fedtune.spec; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+@needs_reference
+@pytest.mark.parametrize("change, expected", [
+    ({"quantization_bit": 4}, "quantization_bit 4"),
+    ({"position_encoding_2d": False}, "position_encoding_2d False"),
+    ({"inner_hidden_size": None}, "without inner_hidden_size"),
+])
+def test_bad_configs_are_refused_naming_the_field(tmp_path: Path, change: dict, expected: str) -> None:
+    from fedtune.model.chatglm6b import folders
+
+    config = json.loads((REFERENCE / "config.json").read_text())
+    config.update({k: v for k, v in change.items() if v is not None})
+    for key in [k for k, v in change.items() if v is None]:
+        del config[key]
+    (tmp_path / "ice_text.model").write_bytes((REFERENCE / "ice_text.model").read_bytes())
+    with pytest.raises(ModelError, match=expected) as err:
+        folders.check(config, tmp_path)
+    assert "config.json" in str(err.value)
+
+
+def test_another_tokenizer_file_is_refused(tmp_path: Path) -> None:
+    from fedtune.model.chatglm6b import folders
+
+    with pytest.raises(ModelError, match=r"no ice_text\.model"):
+        folders.check_tokenizer(tmp_path)
+    (tmp_path / "ice_text.model").write_bytes(b"\x0a\x05hello")
+    with pytest.raises(ModelError, match=r"not ChatGLM-6B's ice_text\.model"):
+        folders.check_tokenizer(tmp_path)
+
+
+def test_prefix_checkpoint_of_another_length_is_refused(tmp_path: Path) -> None:
+    from fedtune.model.chatglm6b import folders
+
+    (tmp_path / "prefix_config.json").write_text(json.dumps({"pre_seq_len": 8, "prefix_projection": False}))
+    folders.check_prefix(tmp_path, 8, False)
+    with pytest.raises(ModelError, match=r"pre_seq_len 8 differs from peft\.PREFIX_TUNING\.pre_seq_len 4"):
+        folders.check_prefix(tmp_path, 4, False)
