@@ -143,7 +143,7 @@ def test_importing_fedtune_imports_no_torch() -> None:
     ({"inner_hidden_size": None}, "without inner_hidden_size"),
 ])
 def test_bad_configs_are_refused_naming_the_field(tmp_path: Path, change: dict, expected: str) -> None:
-    from fedtune.model.chatglm6b import folders
+    from fedtune.model import folders
 
     config = json.loads((REFERENCE / "config.json").read_text())
     config.update({k: v for k, v in change.items() if v is not None})
@@ -151,24 +151,24 @@ def test_bad_configs_are_refused_naming_the_field(tmp_path: Path, change: dict, 
         del config[key]
     (tmp_path / "ice_text.model").write_bytes((REFERENCE / "ice_text.model").read_bytes())
     with pytest.raises(ModelError, match=expected) as err:
-        folders.check(config, tmp_path)
+        folders.check_chatglm6b(config, tmp_path)
     assert "config.json" in str(err.value)
 
 
 def test_another_tokenizer_file_is_refused(tmp_path: Path) -> None:
-    from fedtune.model.chatglm6b import folders
+    from fedtune.model import folders
 
     with pytest.raises(ModelError, match=r"no ice_text\.model"):
-        folders.check_tokenizer(tmp_path)
+        folders.check_chatglm6b_tokenizer(tmp_path)
     (tmp_path / "ice_text.model").write_bytes(b"\x0a\x05hello")
     with pytest.raises(ModelError, match=r"not ChatGLM-6B's ice_text\.model"):
-        folders.check_tokenizer(tmp_path)
+        folders.check_chatglm6b_tokenizer(tmp_path)
 
 
 def test_prefix_checkpoint_of_another_length_is_refused(tmp_path: Path) -> None:
-    from fedtune.model.chatglm6b import folders
+    from fedtune.model import folders
 
     (tmp_path / "prefix_config.json").write_text(json.dumps({"pre_seq_len": 8, "prefix_projection": False}))
-    folders.check_prefix(tmp_path, 8, False)
+    folders.check_chatglm6b_prefix(tmp_path, 8, False)
     with pytest.raises(ModelError, match=r"pre_seq_len 8 differs from peft\.PREFIX_TUNING\.pre_seq_len 4"):
-        folders.check_prefix(tmp_path, 4, False)
+        folders.check_chatglm6b_prefix(tmp_path, 4, False)

@@ -104,9 +104,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from fedtune.model.chatglm import convert_folder
+    from fedtune.model.folders import is_chatglm6b, read_config
 
     _refuse_existing(args.dst)
+    if is_chatglm6b(read_config(args.src)):
+        from fedtune.model.chatglm6b.loading import convert as convert_folder
+    else:
+        from fedtune.model.chatglm import convert_folder
     print(convert_folder(args.src, args.dst))
     return 0
 

@@ -9,11 +9,10 @@ from typing import Any
 import torch
 
 from fedtune.files import staged_dir
-from fedtune.model.chatglm6b import folders
 from fedtune.model.chatglm6b.configuration import ChatGLM6BConfig
 from fedtune.model.chatglm6b.modeling import ChatGLM6BForCausalLM
 from fedtune.model.chatglm6b.tokenization import ChatGLM6BTokenizer
-from fedtune.model.folders import ModelError, checkpoint_files, read_config
+from fedtune.model.folders import ModelError, check_chatglm6b, check_chatglm6b_tokenizer, checkpoint_files, read_config
 
 # Keys of upstream's config.json that say where it came from, not what it is.
 _NOT_CARRIED = ("model_type", "auto_map", "architectures", "_name_or_path", "transformers_version", "torch_dtype")
@@ -21,7 +20,7 @@ _NOT_CARRIED = ("model_type", "auto_map", "architectures", "_name_or_path", "tra
 
 def config_of(folder: Path, overrides: dict[str, Any] | None = None) -> ChatGLM6BConfig:
     raw = read_config(folder)
-    folders.check(raw, folder)
+    check_chatglm6b(raw, folder)
     settings = {k: v for k, v in raw.items() if k not in _NOT_CARRIED}
     config = ChatGLM6BConfig(**{**settings, **(overrides or {})})
     config.architectures = ["ChatGLM6BForCausalLM"]
@@ -39,7 +38,7 @@ def load_model(folder: Path, dtype: torch.dtype, overrides: dict[str, Any] | Non
 
 
 def load_tokenizer(folder: Path) -> ChatGLM6BTokenizer:
-    folders.check_tokenizer(folder)
+    check_chatglm6b_tokenizer(folder)
     return ChatGLM6BTokenizer.from_pretrained(folder, local_files_only=True)
 
 
