@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.model.folders import ModelError, check_folder, check_readable
+from fedtune.model.folders import ModelError, check_folder, check_readable, is_chatglm6b, read_config
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -94,9 +94,11 @@ def check_model_folder(folder: Path, field: str) -> None:
         raise SpecError(f"{field}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise SpecError(f"{field}: {folder} has no config.json: not a transformers model folder")
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
     try:
+        # ChatGLM-6B without weights is built with random ones, as the reference builds its demo folder
+        weightless = is_chatglm6b(read_config(folder))
+        if not weightless and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+            raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
         check_folder(folder)
     except ModelError as err:
         raise SpecError(f"{field}: {err}") from None

@@ -68,6 +68,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise ModelError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)}, or a shard index)")
 
 
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (*WEIGHT_INDEXES, *WEIGHT_FILES))
+
+
 def check_readable(folder: Path) -> None:
     """Every file of a model or adapter folder can be read by this process.
 
@@ -101,6 +105,8 @@ def check_folder(folder: Path, known_types: Container[str] | None = None) -> dic
     model_type = config.get("model_type")
     if is_chatglm6b(config):
         check_chatglm6b(config, folder)
+        if not has_weights(folder):
+            return config  # built from its config with random weights, as the reference's demo folder is
     elif is_chatglm(config):
         check_convertible(config, folder)
     elif known_types is not None and model_type not in known_types and "auto_map" not in config:
