@@ -172,3 +172,48 @@ def test_prefix_checkpoint_of_another_length_is_refused(tmp_path: Path) -> None:
     folders.check_chatglm6b_prefix(tmp_path, 8, False)
     with pytest.raises(ModelError, match=r"pre_seq_len 8 differs from peft\.PREFIX_TUNING\.pre_seq_len 4"):
         folders.check_chatglm6b_prefix(tmp_path, 4, False)
+
+
+# --- the reference's path: a job on a ChatGLM-6B folder, its checkpoints in the reference's snippet ----------
+
+
+def snippet_answer(mode: str, model: Path, checkpoint: Path, prompt: str, new_tokens: int) -> str:
+    from tests.support import upstream_env
+
+    script = Path(__file__).resolve().parents[1] / "support" / "upstream_snippet.py"
+    done = subprocess.run([str(upstream_env.python()), str(script), mode, str(model), str(checkpoint), prompt,
+                           str(new_tokens)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_reference
+@pytest.mark.slow
+@pytest.mark.parametrize("peft, mode", [("LORA", "lora"), ("PTUNING", "ptuning")])
+def test_a_trained_checkpoint_answers_alike_in_the_reference_snippet(upstream: Path, tmp_path: Path, peft: str,
+                                                                    mode: str) -> None:
+    """A 3-party job on upstream's checkpoint; `fedtune export-adapter`; the snippet's greedy `model.chat()`
+    under transformers 4.33 answers as fedtune's chat does on the same checkpoint."""
+    from fedtune.tools.chat import Chat, Sampling
+    from tests.support import jobs
+
+    job = jobs.write_job(tmp_path / "job", upstream / "model", sizes=(8, 8, 8), epochs=1,
+                         peft=getattr(jobs, peft))
+    done = jobs.run_cli("run", str(job), "--output", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    checkpoint = tmp_path / "out" / "node-1" / "checkpoint-1"
+    exported = tmp_path / "exported"
+    done = jobs.run_cli("export-adapter", str(checkpoint), str(exported))
+    assert done.returncode == 0, done.stderr[-2000:]
+    prompt, new_tokens = "根据提示词，写一首藏头诗。\n问：东南西北\n答：", 12
+    ours = Chat(upstream / "model", checkpoint, device="cpu").answer(prompt, Sampling(max_new_tokens=new_tokens))
+    assert ours
+    assert snippet_answer(mode, upstream / "model", exported, prompt, new_tokens) == ours
+
+
+def test_chat_prompt_and_response_as_upstream() -> None:
+    from fedtune.model.chatglm6b.chat import process_response, prompt
+
+    assert prompt("你好") == "你好"
+    assert prompt("再见", [("你好", "你好！")]) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：再见\n答："
+    assert process_response("  好,很好!ok, yes  ") == "好，很好！ok, yes"

@@ -33,13 +33,15 @@ PRE_SEQ_LEN = 4
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
-    """Weights large enough that the greedy choice is far from a tie."""
+    """Weights large enough that the greedy choice is far from a tie, each a float16 value, so that
+    upstream's own loading (into float16 parameters) keeps them exactly."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
             scale = 1.0 if name.endswith("layernorm.weight") else 0.3
             noise = torch.randn(param.shape, generator=generator) * scale
-            param.copy_(noise + 1.0 if name.endswith("layernorm.weight") else noise)
+            noise = noise + 1.0 if name.endswith("layernorm.weight") else noise
+            param.copy_(noise.half().float())  # float16 values: upstream's from_pretrained holds them so
 
 
 def record(model: torch.nn.Module, tokenizer, prefix: str) -> dict:

@@ -116,9 +116,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
-    from fedtune.model.chatglm import export_adapter
+    from fedtune.model.chatglm6b import export as chatglm6b
 
     _refuse_existing(args.dst)
+    if chatglm6b.is_chatglm6b_checkpoint(args.checkpoint):
+        export_adapter = chatglm6b.export_adapter
+    else:
+        from fedtune.model.chatglm import export_adapter
     print(export_adapter(args.checkpoint, args.dst))
     return 0
 

@@ -45,6 +45,8 @@ from fedtune.model.adapters import (
     use_chatglm_prefix,
 )
 from fedtune.model.base import load_base_model
+from fedtune.model.chatglm6b import chat as chatglm6b_chat
+from fedtune.model.folders import CONVERTED_TYPE as CHATGLM6B_TYPE
 from fedtune.model.precision import FLOAT32, Precision, resolve_precision
 from fedtune.spec import Dataset, JobSpec, Peft, PrefixTuning, PretrainedModel
 from fedtune.train.data import build_prompt, dataset_files, read_instruction
@@ -137,6 +139,11 @@ def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
 
 def _uses_remote_code(model: Any) -> bool:
     return bool(getattr(getattr(model, "config", None), "auto_map", None))
+
+
+def _is_chatglm6b(model: Any) -> bool:
+    """ChatGLM-6B answers are tidied as its upstream `chat()` tidies them."""
+    return getattr(getattr(model, "config", None), "model_type", None) == CHATGLM6B_TYPE
 
 
 def _next_cache(output: Any) -> Any:
@@ -301,7 +308,8 @@ class Chat:
         return _without_leading_space(_texts(self.tokenizer, _tokens(self.model, self.tokenizer, prompt, sampling)))
 
     def answer(self, prompt: str, sampling: Sampling = Sampling()) -> str:
-        return "".join(self.stream(prompt, sampling)).rstrip()
+        answer = "".join(self.stream(prompt, sampling)).rstrip()
+        return chatglm6b_chat.process_response(answer) if _is_chatglm6b(self.model) else answer
 
 
 def prompt_template(spec: JobSpec | None, base_dir: Path, instruction: str | None) -> Callable[[str], str]:
