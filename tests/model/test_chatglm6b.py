@@ -17,19 +17,9 @@ import pytest
 import torch
 
 from fedtune.model.folders import ModelError
+from tests.support import upstream_env
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def reference_folder() -> Path:
-    """`../shared/reference/chatglm-6b-demo` beside the clone (of a worktree: beside its main clone)."""
-    inside = Path("shared") / "reference" / "chatglm-6b-demo"
-    common = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=ROOT, capture_output=True, text=True)
-    clones = [ROOT] + ([(ROOT / common.stdout.strip()).resolve().parent] if common.returncode == 0 else [])
-    return next((c.parent / inside for c in clones if (c.parent / inside).is_dir()), ROOT.parent / inside)
-
-
-REFERENCE = reference_folder()
+REFERENCE = upstream_env.reference_folder()
 TOLERANCE = 1e-4
 needs_reference = pytest.mark.skipif(not (REFERENCE / "modeling_chatglm.py").is_file(),
                                      reason=f"upstream's ChatGLM-6B folder is not at {REFERENCE}")
@@ -40,8 +30,6 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What upstream's code computed: the checkpoint folders and record.pt."""
     if not (REFERENCE / "modeling_chatglm.py").is_file():
         pytest.skip(f"upstream's ChatGLM-6B folder is not at {REFERENCE}")
-    from tests.support import upstream_env
-
     out = tmp_path_factory.mktemp("upstream") / "out"
     script = Path(__file__).resolve().parents[1] / "support" / "upstream_chatglm6b.py"
     done = subprocess.run([str(upstream_env.python()), str(script), str(REFERENCE), str(out)],
@@ -178,8 +166,6 @@ def test_prefix_checkpoint_of_another_length_is_refused(tmp_path: Path) -> None:
 
 
 def snippet_answer(mode: str, model: Path, checkpoint: Path, prompt: str, new_tokens: int) -> str:
-    from tests.support import upstream_env
-
     script = Path(__file__).resolve().parents[1] / "support" / "upstream_snippet.py"
     done = subprocess.run([str(upstream_env.python()), str(script), mode, str(model), str(checkpoint), prompt,
                            str(new_tokens)], capture_output=True, text=True, timeout=600)

@@ -28,6 +28,16 @@ SHARED = ("torch", "torchgen", "functorch", "nvidia", "cuda", "triton", "sympy",
           "markupsafe", "fsspec", "filelock", "typing_extensions.py", "numpy", "numpy.libs", "setuptools")
 
 
+def reference_folder() -> Path:
+    """Upstream's ChatGLM-6B folder (the reference's demo folder): `../shared/reference/chatglm-6b-demo` beside
+    the clone, or, in a git worktree, beside its main clone."""
+    root = Path(__file__).resolve().parents[2]
+    inside = Path("shared") / "reference" / "chatglm-6b-demo"
+    common = subprocess.run(["git", "rev-parse", "--git-common-dir"], cwd=root, capture_output=True, text=True)
+    clones = [root] + ([(root / common.stdout.strip()).resolve().parent] if common.returncode == 0 else [])
+    return next((c.parent / inside for c in clones if (c.parent / inside).is_dir()), root.parent / inside)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
 
