@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from tests.support import upstream_env  # noqa: E402 (after the path it needs)
+from gpu_finetune import PeakMemory  # noqa: E402 (after the paths they need)
+
+from tests.support import upstream_env  # noqa: E402
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
@@ -45,43 +46,6 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- one side, in its own process -----------------------------------------------------------------
-
-
-class PeakStorage:
-    """Bytes of tensor storage alive at the worst moment, counted as every op creates storages."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def track(self, item: Any) -> None:
-        import torch
-
-        if isinstance(item, torch.Tensor) and item.device.type == "cpu":
-            storage = item.untyped_storage()
-            if storage._cdata not in self.live:
-                self.live[storage._cdata] = storage.nbytes()
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(storage, self._free, storage._cdata)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key)
-
-    def mode(self) -> Any:
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-                out = func(*args, **(kwargs or {}))
-                for item in tree_flatten(out)[0]:
-                    tracker.track(item)
-                return out
-
-        return Mode()
 
 
 def build(side: str, settings: dict[str, Any], dtype: Any) -> Any:
@@ -150,10 +114,10 @@ def worker(side: str, args: argparse.Namespace) -> dict[str, float]:
         step()
         peak = torch.cuda.max_memory_allocated()
     else:
-        tracker = PeakStorage()
+        tracker = PeakMemory()
         for tensor in [*model.parameters(), *model.buffers(), *inputs.values()]:
             tracker.track(tensor)
-        with tracker.mode():
+        with tracker.mode:
             step()
         peak = tracker.peak
     tokens = inputs["input_ids"].numel()
