@@ -15,6 +15,7 @@ Goals: fedtune / upstream tokens/s >= 1.5, peak memory <= 0.8.
 
     python bench/chatglm6b.py                 # a 6B-like shape scaled down: hidden 1024, 4 layers
     python bench/chatglm6b.py --layers 2 --hidden 512 --repeats 1
+    python bench/chatglm6b.py --estimate-memory   # the real 6.2 B shape, estimated on the meta device
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from gpu_finetune import PeakMemory  # noqa: E402 (after the paths they need)
+from gpu_finetune import PeakMemory, estimate_model_memory  # noqa: E402 (after the paths they need)
 
 from tests.support import upstream_env  # noqa: E402
 
@@ -124,6 +125,27 @@ def worker(side: str, args: argparse.Namespace) -> dict[str, float]:
     return {"tokens_per_s": tokens / statistics.median(times), "peak_bytes": peak}
 
 
+# --- memory of the real shape, estimated ------------------------------------------------------------
+
+SIX_B = {"hidden": 4096, "layers": 28}
+
+
+def print_estimates(batch: int = 4, sequence: int = 200) -> None:
+    """Peak memory of one LoRA step (r=8 on query_key_value) at ChatGLM-6B's real shape, bf16 base, built and
+    run on PyTorch's meta device (gpu_finetune's estimate): no memory, no compute, no GPU."""
+    from fedtune.model.chatglm6b.configuration import ChatGLM6BConfig
+    from fedtune.model.chatglm6b.modeling import ChatGLM6BForCausalLM
+
+    settings = config(argparse.Namespace(**SIX_B))
+    print(f"ChatGLM-6B (hidden 4096, 28 layers, vocabulary 130528), LoRA r=8 on query_key_value, AdamW, fedtune's "
+          f"loss, batch {batch} x {sequence} tokens, bf16 base; estimated on the meta device (tensors only)")
+    for checkpointing in (False, True):
+        weights, peak = estimate_model_memory(lambda: ChatGLM6BForCausalLM(ChatGLM6BConfig(**settings)),
+                                              ["query_key_value"], batch, sequence, checkpointing)
+        print(f"  gradient_checkpointing {str(checkpointing).lower():5}: weights {weights / 2**30:5.1f} GiB, "
+              f"peak {peak / 2**30:5.1f} GiB")
+
+
 # --- the comparison -------------------------------------------------------------------------------
 
 
@@ -147,10 +169,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="bfloat16 on the CUDA device")
+    parser.add_argument("--estimate-memory", action="store_true", help="only estimate the real shape's memory")
     parser.add_argument("--worker", choices=("fedtune", "upstream"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
+        return
+    if args.estimate_memory:
+        print_estimates()
         return
     if not (upstream_env.reference_folder() / "modeling_chatglm.py").is_file():
         raise SystemExit(f"upstream's ChatGLM-6B code is not at {upstream_env.reference_folder()}")
