@@ -203,3 +203,65 @@ def test_chat_prompt_and_response_as_upstream() -> None:
     assert prompt("你好") == "你好"
     assert prompt("再见", [("你好", "你好！")]) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：再见\n答："
     assert process_response("  好,很好!ok, yes  ") == "好，很好！ok, yes"
+
+
+def tiny_chatglm6b(**overrides: object) -> torch.nn.Module:
+    from fedtune.model.chatglm6b.configuration import ChatGLM6BConfig
+    from fedtune.model.chatglm6b.modeling import ChatGLM6BForCausalLM
+
+    torch.manual_seed(0)
+    settings = {"vocab_size": 130528, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,
+                "inner_hidden_size": 64, **overrides}
+    return ChatGLM6BForCausalLM(ChatGLM6BConfig(**settings))
+
+
+def sample_batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[3, 3, 70, 71, 72, 130001, 130004, 80, 81], [60, 61, 62, 63, 64, 130001, 130004, 90, 91]])
+    labels = ids.clone()
+    labels[:, :7] = -100
+    return {"input_ids": ids, "attention_mask": (ids != 3).long(), "labels": labels}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_chatglm6b().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(**sample_batch()).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_follows_float32(dtype: torch.dtype) -> None:
+    model = tiny_chatglm6b().eval()
+    batch = {k: v for k, v in sample_batch().items() if k != "labels"}
+    with torch.no_grad():
+        exact = model(**batch).logits
+        half = model.to(dtype)(**batch).logits.float()
+    real = batch["attention_mask"].bool()
+    assert torch.isfinite(half).all()
+    assert (half[real] - exact[real]).abs().max() < 0.1 * exact[real].abs().max()
+
+
+def test_peft_prefix_tuning_is_the_own_prefix_encoder() -> None:
+    """peft's prefix tuning (its prefix handed over as a cache, the mask extended over it) computes what the
+    model's own encoder (upstream's P-tuning v2, checked against upstream above) computes from the same weights."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    batch = {k: v for k, v in sample_batch().items() if k != "labels"}
+    peft_model = get_peft_model(tiny_chatglm6b(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.normal_(std=0.5)
+        through_peft = peft_model.eval()(**batch).logits
+        own = tiny_chatglm6b(pre_seq_len=3).eval()
+        own.load_state_dict(peft_model.get_base_model().state_dict(), strict=False)
+        own.transformer.prefix_encoder.embedding.weight.copy_(peft_model.prompt_encoder["default"].embedding.weight)
+        through_own = own(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(through_peft[real], through_own[real], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(through_own[real], peft_model.get_base_model()(**batch).logits[real])

@@ -302,7 +302,8 @@ def _chatglm_prefix_hook(prefix_len: int) -> Callable[..., Any]:
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if cache is None or tokens is None:
             return None
-        if kwargs.get("position_ids") is None:
+        if kwargs.get("position_ids") is None and not getattr(module.config, "position_encoding_2d", False):
+            # (ChatGLM-6B derives its 2D positions from the tokens themselves, the prefix not counted)
             start = cache.get_seq_length() - prefix_len  # tokens already decoded; the prefix is not counted
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
             kwargs["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
