@@ -265,3 +265,40 @@ def test_peft_prefix_tuning_is_the_own_prefix_encoder() -> None:
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(through_peft[real], through_own[real], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(through_own[real], peft_model.get_base_model()(**batch).logits[real])
+
+
+@needs_reference
+@pytest.mark.parametrize("break_it, field, message", [
+    ("prefix", "spec.input.adapter_model.path", "pre_seq_len 8 differs from peft.PREFIX_TUNING.pre_seq_len 4"),
+    ("tokenizer", "spec.input.pretrained_model.path", "not ChatGLM-6B's ice_text.model"),
+    ("quantised", "spec.input.pretrained_model.path", "quantization_bit 4"),
+])
+def test_bad_chatglm6b_input_is_refused_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                break_it: str, field: str, message: str) -> None:
+    """`fedtune validate` exits 2, one line naming the job, the field and what is wrong."""
+    import shutil
+
+    from fedtune.cli import main
+    from tests.support import jobs
+
+    model = tmp_path / "model"
+    shutil.copytree(REFERENCE, model)
+    overrides: dict = {}
+    if break_it == "prefix":
+        adapter = tmp_path / "checkpoint"
+        adapter.mkdir()
+        (adapter / "prefix_config.json").write_text(json.dumps({"pre_seq_len": 8, "prefix_projection": False}))
+        overrides = {"input": {"pretrained_model": {"path": str(model)}, "adapter_model": {"path": str(adapter)}}}
+    elif break_it == "tokenizer":
+        (model / "ice_text.model").chmod(0o644)
+        (model / "ice_text.model").write_bytes(b"\x0a\x05hello")
+    else:
+        (model / "config.json").chmod(0o644)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}))
+    job = jobs.write_job(tmp_path / "job", model, peft=jobs.PTUNING, **overrides)
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    first = err.splitlines()[0]  # the error in one line (a hint may follow)
+    assert str(job) in first and field in first and message in first, err

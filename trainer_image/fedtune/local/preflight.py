@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.model.folders import ModelError, check_folder, check_readable, is_chatglm6b, read_config
+from fedtune.model.folders import (
+    ModelError,
+    check_chatglm6b_prefix,
+    check_folder,
+    check_readable,
+    is_chatglm6b,
+    read_config,
+)
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -127,6 +134,12 @@ def _check_adapter(spec: JobSpec, base_dir: Path) -> None:
             raise SpecError(f"spec.input.adapter_model.path: {err}") from None
         if not adapter.is_dir():
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+        prefix = spec.peft.PREFIX_TUNING
+        if prefix is not None:
+            try:  # a P-tuning checkpoint of the model's own encoder: its length and form must be the job's
+                check_chatglm6b_prefix(adapter, prefix.pre_seq_len, prefix.prefix_projection)
+            except ModelError as err:
+                raise SpecError(f"spec.input.adapter_model.path: {err}") from None
 
 
 def _check_keys(spec: JobSpec) -> None:
