@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedtune.model.folders import ModelError
-from tests.support import upstream_env
+from support import upstream_env
 
 REFERENCE = upstream_env.reference_folder()
 TOLERANCE = 1e-4
@@ -50,7 +50,7 @@ def load(folder: Path, overrides: dict | None = None) -> tuple:
 
 
 def compare(model: torch.nn.Module, tokenizer, record: dict, name: str) -> None:
-    from tests.support.upstream_chatglm6b import NEW_TOKENS, PROMPTS
+    from support.upstream_chatglm6b import NEW_TOKENS, PROMPTS
 
     single = tokenizer([PROMPTS[0]], return_tensors="pt")
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
@@ -68,7 +68,7 @@ def compare(model: torch.nn.Module, tokenizer, record: dict, name: str) -> None:
 
 @needs_reference
 def test_tokenizer_gives_upstreams_ids(upstream: Path, record: dict) -> None:
-    from tests.support.upstream_chatglm6b import PROMPTS, TEXTS
+    from support.upstream_chatglm6b import PROMPTS, TEXTS
 
     _, tokenizer = load(upstream / "model")
     assert [tokenizer(t)["input_ids"] for t in TEXTS] == record["ids"]
@@ -95,7 +95,7 @@ def test_upstream_lora_matches(upstream: Path, record: dict) -> None:
 
 @needs_reference
 def test_upstream_prefix_encoder_matches(upstream: Path, record: dict) -> None:
-    from tests.support.upstream_chatglm6b import PRE_SEQ_LEN
+    from support.upstream_chatglm6b import PRE_SEQ_LEN
 
     settings = json.loads((upstream / "prefix" / "prefix_config.json").read_text())
     model, tokenizer = load(upstream / "model", settings)
@@ -181,7 +181,7 @@ def test_a_trained_checkpoint_answers_alike_in_the_reference_snippet(upstream: P
     """A 3-party job on upstream's checkpoint; `fedtune export-adapter`; the snippet's greedy `model.chat()`
     under transformers 4.33 answers as fedtune's chat does on the same checkpoint."""
     from fedtune.tools.chat import Chat, Sampling
-    from tests.support import jobs
+    from support import jobs
 
     job = jobs.write_job(tmp_path / "job", upstream / "model", sizes=(8, 8, 8), epochs=1,
                          peft=getattr(jobs, peft))
@@ -279,7 +279,7 @@ def test_bad_chatglm6b_input_is_refused_before_anything_starts(tmp_path: Path, c
     import shutil
 
     from fedtune.cli import main
-    from tests.support import jobs
+    from support import jobs
 
     model = tmp_path / "model"
     shutil.copytree(REFERENCE, model)

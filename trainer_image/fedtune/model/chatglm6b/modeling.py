@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from fedtune.model.chatglm6b.configuration import ChatGLM6BConfig
@@ -162,7 +162,7 @@ class GLU(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
 
 
-class GLMBlock(GradientCheckpointingLayer):
+class GLMBlock(nn.Module):
     def __init__(self, config: ChatGLM6BConfig, layer_id: int) -> None:
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
@@ -267,12 +267,16 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         hidden = inputs_embeds if inputs_embeds is not None else self.word_embeddings(input_ids)
         prefix = self.prompt(input_ids.shape[0], input_ids.device) if self.config.pre_seq_len and past == 0 else None
+        own_prefix = self.config.pre_seq_len if prefix is not None else 0
+        if cache is not None and self.training:  # peft's prefix in training: read as a prefix, never written
+            prefix = [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+            cache = None
         if position_ids is None:
             position_ids = position_ids_for(input_ids, attention_mask, self.config)
         if position_ids.dim() != 3 or position_ids.shape[1] != 2:
             raise ValueError(f"ChatGLM-6B position_ids have shape (batch, 2, seq) (positions, block positions), "
                              f"not {tuple(position_ids.shape)}")
-        keys_before = past + (self.config.pre_seq_len if prefix is not None else 0)
+        keys_before = past + own_prefix
         mask = attention_mask_for(input_ids, attention_mask, keys_before, self.config)
         cos, sin = self.rotary(position_ids[:, 0], hidden.dtype)
         block_cos, block_sin = self.rotary(position_ids[:, 1], hidden.dtype)
@@ -282,7 +286,11 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
             if states is not None:
                 states.append(hidden)
             pk, pv = (prefix[2 * i], prefix[2 * i + 1]) if prefix is not None else (None, None)
-            hidden = layer(hidden, rotary, mask, pk, pv, cache=cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # the prefix goes in as arguments, so that its gradient flows through the recomputation
+                hidden = self._gradient_checkpointing_func(partial(layer, cache=None), hidden, rotary, mask, pk, pv)
+            else:
+                hidden = layer(hidden, rotary, mask, pk, pv, cache=cache)
         hidden = self.final_layernorm(hidden)
         if states is not None:
             states.append(hidden)
