@@ -302,3 +302,26 @@ def test_bad_chatglm6b_input_is_refused_before_anything_starts(tmp_path: Path, c
     assert "Traceback" not in err
     first = err.splitlines()[0]  # the error in one line (a hint may follow)
     assert str(job) in first and field in first and message in first, err
+
+
+def test_streamed_answers_are_tidied_as_a_whole() -> None:
+    from fedtune.model.chatglm6b.chat import process_response
+    from fedtune.tools.chat import _tidied
+
+    text = "好,很好!ok, yes:是;[[训练时间]]的?  末尾,"
+    for size in (1, 2, 3, 5, 40):
+        chunks = [text[i:i + size] for i in range(0, len(text), size)]
+        assert "".join(_tidied(chunks)) == process_response(text)
+
+
+@needs_reference
+def test_chat_with_chatglm6b_carries_the_conversation() -> None:
+    from fedtune.model.chatglm6b.chat import prompt
+    from fedtune.tools.chat import Chat, Sampling
+
+    chat = Chat(REFERENCE, device="cpu")
+    sampling = Sampling(max_new_tokens=4)
+    first = "".join(chat.converse("你好", sampling))
+    second = "".join(chat.converse("再说一遍", sampling))
+    assert chat.history == [("你好", first), ("再说一遍", second)]
+    assert second == chat.answer(prompt("再说一遍", [("你好", first)]), sampling)

@@ -71,7 +71,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         transformers.set_seed(args.seed)
     chat = Chat(model, args.adapter, device=args.device)
     for prompt in args.prompt or _read_prompts(sys.stdin):
-        for piece in chat.stream(template(prompt.replace("\\n", "\n")), sampling):
+        for piece in chat.converse(template(prompt.replace("\\n", "\n")), sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
