@@ -105,13 +105,15 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_halves(x: torch.Tensor) -> torch.Tensor:
+    """upstream's rotate_half on each half of the head, in one op: (a, b | c, d) -> (-b, a | -d, c)."""
+    quarters = x.unflatten(-1, (2, 2, -1))
+    return torch.stack((-quarters[..., 1, :], quarters[..., 0, :]), dim=-2).flatten(-3)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """Both halves at once: `cos` and `sin` hold the positions' for the first, the block positions' for the second."""
+    return x * cos + rotate_halves(x) * sin
 
 
 class SelfAttention(nn.Module):
@@ -129,11 +131,8 @@ class SelfAttention(nn.Module):
         batch, seq, _ = hidden.shape
         mixed = self.query_key_value(hidden).view(batch, seq, self.heads, 3 * self.head_dim).transpose(1, 2)
         query, key, value = mixed.split(self.head_dim, dim=-1)
-        cos, sin, block_cos, block_sin = rotary
-        q1, q2 = query.chunk(2, dim=-1)
-        k1, k2 = key.chunk(2, dim=-1)
-        query = torch.cat([rotate(q1, cos, sin), rotate(q2, block_cos, block_sin)], dim=-1)
-        key = torch.cat([rotate(k1, cos, sin), rotate(k2, block_cos, block_sin)], dim=-1)
+        cos, sin = rotary
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         if prefix is not None:  # the model's own P-tuning prefix, unrotated, before the tokens
             key = torch.cat([prefix[0].to(key.dtype), key], dim=2)
             value = torch.cat([prefix[1].to(value.dtype), value], dim=2)
@@ -280,7 +279,7 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
         mask = attention_mask_for(input_ids, attention_mask, keys_before, self.config)
         cos, sin = self.rotary(position_ids[:, 0], hidden.dtype)
         block_cos, block_sin = self.rotary(position_ids[:, 1], hidden.dtype)
-        rotary = (cos, sin, block_cos, block_sin)
+        rotary = (torch.cat((cos, block_cos), dim=-1), torch.cat((sin, block_sin), dim=-1))
         states = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if states is not None:
