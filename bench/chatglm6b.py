@@ -7,7 +7,8 @@ the answer: upstream's from `labels`, fedtune's as its Trainer computes it (`fed
 Each side runs in its own process (upstream's in the environment of `tests.support.upstream_env`), the
 two alternating `--repeats` times; the best of each is kept.
 
-- tokens/s: batch x sequence / the median step time (steps after a warm-up);
+- tokens/s: batch x sequence / the median step time (steps after a warm-up): on the CPU, in CPU seconds of
+  one thread (time.process_time), so that a busy machine slows neither side more than the other;
 - peak memory: on the CPU, the bytes of tensor storage alive at the worst moment of one step (weights
   included), counted as every op creates storages; on CUDA, torch.cuda.max_memory_allocated.
 
@@ -89,6 +90,7 @@ def worker(side: str, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # both sides alike, and CPU time is then the step's own
     device = "cuda" if args.gpu else "cpu"
     model = build(side, config(args), torch.bfloat16 if args.gpu else torch.float32).to(device).train()
     inputs = batch(args.batch, args.prompt, args.answer, device)
@@ -101,15 +103,17 @@ def worker(side: str, args: argparse.Namespace) -> dict[str, float]:
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up
+    # CPU: seconds of this process's one thread, which other load on the machine does not inflate; CUDA: wall time
+    clock = time.perf_counter if args.gpu else time.process_time
     times = []
     for _ in range(args.steps):
         if args.gpu:
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started = clock()
         step()
         if args.gpu:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
+        times.append(clock() - started)
     if args.gpu:
         torch.cuda.reset_peak_memory_stats()
         step()
