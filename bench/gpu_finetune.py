@@ -353,19 +353,28 @@ class PeakMemory:
 def estimate_memory(shape: Shape, batch: int, sequence: int, checkpointing: bool) -> tuple[int, int]:
     """(weights, peak) bytes of one LoRA training step of a bf16 base, built and run on the meta device."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import GlmForCausalLM
+
+    # A ready 4D causal mask: transformers' own mask building reads values, which meta tensors have not.
+    mask = torch.ones(batch, 1, sequence, sequence, dtype=torch.bool, device="meta").tril()
+    return estimate_model_memory(lambda: GlmForCausalLM(shape.config()), ["q_proj", "k_proj", "v_proj"], batch,
+                                 sequence, checkpointing, {"attention_mask": mask})
+
+
+def estimate_model_memory(build: Any, targets: list[str], batch: int, sequence: int, checkpointing: bool,
+                          extra: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(weights, peak) bytes of one LoRA step (r=8 on `targets`) of the bf16 model `build()` makes, on meta."""
+    import torch
+    from peft import LoraConfig, get_peft_model
 
     with torch.device("meta"):
         torch.set_default_dtype(torch.bfloat16)
         try:
-            model = GlmForCausalLM(shape.config())
+            model = build()
         finally:
             torch.set_default_dtype(torch.float32)
-        model = get_peft_model(model, LoraConfig(**dict(LORA, target_modules=["q_proj", "k_proj", "v_proj"])))
+        model = get_peft_model(model, LoraConfig(**dict(LORA, target_modules=targets)))
         ids = torch.zeros(batch, sequence, dtype=torch.long)
-        # A ready 4D causal mask: transformers' own mask building reads values, which meta tensors have not.
-        mask = torch.ones(batch, 1, sequence, sequence, dtype=torch.bool).tril()
     tracker = PeakMemory()
     for param in model.parameters():
         tracker.track(param)
@@ -381,7 +390,7 @@ def estimate_memory(shape: Shape, batch: int, sequence: int, checkpointing: bool
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with tracker.mode:
-        hidden = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model(input_ids=ids, **(extra or {})).logits
         (hidden.float() * 1e-3).sum().backward()
         optimizer.step()
         optimizer.zero_grad()

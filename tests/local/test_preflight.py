@@ -121,7 +121,7 @@ def test_missing_shard_and_chatglm_v1_name_the_field(capsys: pytest.CaptureFixtu
                 "shard model-00002-of-00002.safetensors named by model.safetensors.index.json is missing")
     (model / "model-00002-of-00002.safetensors").write_bytes(b"")
     (model / "config.json").write_text(json.dumps({"model_type": "chatglm", "position_encoding_2d": True}))
-    run_refused(capsys, job, tmp_path, "spec.input.pretrained_model.path", "ChatGLM-6B (v1) is not supported")
+    run_refused(capsys, job, tmp_path, "spec.input.pretrained_model.path", "a ChatGLM-6B config without hidden_size")
 
 
 # --- keys and rounds (these import transformers and peft) ---------------------------------------

@@ -226,10 +226,10 @@ def edited_copy(src: Path, dst: Path, **config: object) -> Path:
     return dst
 
 
-def test_chatglm_6b_v1_is_refused_naming_the_version_and_the_alternatives(chatglm3: Path, tmp_path: Path) -> None:
-    v1 = edited_copy(chatglm3, tmp_path / "v1", position_encoding_2d=True, inner_hidden_size=16384,
+def test_chatglm_6b_v1_without_its_tokenizer_is_refused_naming_the_file(chatglm3: Path, tmp_path: Path) -> None:
+    v1 = edited_copy(chatglm3, tmp_path / "v1", position_encoding_2d=True, inner_hidden_size=16384, vocab_size=130528,
                      kv_channels=None, ffn_hidden_size=None)
-    with pytest.raises(ModelError, match=r"ChatGLM-6B \(v1\) is not supported.*ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B"):
+    with pytest.raises(ModelError, match=r"v1: no ice_text\.model \(ChatGLM-6B's tokenizer\)"):
         load_base_model(v1)
 
 

@@ -71,7 +71,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         transformers.set_seed(args.seed)
     chat = Chat(model, args.adapter, device=args.device)
     for prompt in args.prompt or _read_prompts(sys.stdin):
-        for piece in chat.stream(template(prompt.replace("\\n", "\n")), sampling):
+        for piece in chat.converse(template(prompt.replace("\\n", "\n")), sampling):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -104,17 +104,25 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from fedtune.model.chatglm import convert_folder
+    from fedtune.model.folders import is_chatglm6b, read_config
 
     _refuse_existing(args.dst)
+    if is_chatglm6b(read_config(args.src)):
+        from fedtune.model.chatglm6b.loading import convert as convert_folder
+    else:
+        from fedtune.model.chatglm import convert_folder
     print(convert_folder(args.src, args.dst))
     return 0
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
-    from fedtune.model.chatglm import export_adapter
+    from fedtune.model.chatglm6b import export as chatglm6b
 
     _refuse_existing(args.dst)
+    if chatglm6b.is_chatglm6b_checkpoint(args.checkpoint):
+        export_adapter = chatglm6b.export_adapter
+    else:
+        from fedtune.model.chatglm import export_adapter
     print(export_adapter(args.checkpoint, args.dst))
     return 0
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtune.model.folders import ModelError, check_folder, check_readable
+from fedtune.model.folders import (
+    ModelError,
+    check_chatglm6b_prefix,
+    check_folder,
+    check_readable,
+    is_chatglm6b,
+    read_config,
+)
 from fedtune.spec import (
     FederatedFineTune,
     JobSpec,
@@ -108,9 +115,11 @@ def check_model_folder(folder: Path, field: str) -> None:
         raise SpecError(f"{field}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise SpecError(f"{field}: {folder} has no config.json: not a transformers model folder")
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
     try:
+        # ChatGLM-6B without weights is built with random ones, as the reference builds its demo folder
+        weightless = is_chatglm6b(read_config(folder))
+        if not weightless and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+            raise SpecError(f"{field}: {folder} holds no model weights (*.safetensors or pytorch_model*.bin)")
         check_folder(folder)
     except ModelError as err:
         raise SpecError(f"{field}: {err}") from None
@@ -139,6 +148,12 @@ def _check_adapter(spec: JobSpec, base_dir: Path) -> None:
             raise SpecError(f"spec.input.adapter_model.path: {err}") from None
         if not adapter.is_dir():
             raise SpecError(f"spec.input.adapter_model.path: adapter folder {adapter} does not exist")
+        prefix = spec.peft.PREFIX_TUNING
+        if prefix is not None:
+            try:  # a P-tuning checkpoint of the model's own encoder: its length and form must be the job's
+                check_chatglm6b_prefix(adapter, prefix.pre_seq_len, prefix.prefix_projection)
+            except ModelError as err:
+                raise SpecError(f"spec.input.adapter_model.path: {err}") from None
 
 
 def _check_keys(spec: JobSpec) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from fedtune.files import staged_dir
 from fedtune.model import chatglm
 from fedtune.model.base import has_remote_code
-from fedtune.model.folders import ModelError, check_readable
+from fedtune.model.folders import ModelError, check_readable, is_chatglm6b
 from fedtune.model.names import NATIVE_PREFIX_CONFIG, PREFIX_WEIGHTS, REFERENCE_PREFIX, SOURCE_KEY
 from fedtune.spec import Peft, PrefixTuning
 
@@ -302,7 +302,8 @@ def _chatglm_prefix_hook(prefix_len: int) -> Callable[..., Any]:
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if cache is None or tokens is None:
             return None
-        if kwargs.get("position_ids") is None:
+        if kwargs.get("position_ids") is None and not getattr(module.config, "position_encoding_2d", False):
+            # (ChatGLM-6B derives its 2D positions from the tokens themselves, the prefix not counted)
             start = cache.get_seq_length() - prefix_len  # tokens already decoded; the prefix is not counted
             positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
             kwargs["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
@@ -344,13 +345,15 @@ def native_prefix_overrides(folder: str | Path, peft_spec: Peft) -> dict[str, An
     """
     spec = peft_spec.PREFIX_TUNING
     folder = Path(folder)
-    if spec is None or not has_remote_code(folder):
+    if spec is None:
         return None
     try:
         declared = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None  # load_base_model says what is wrong with it
-    if "pre_seq_len" not in declared or declared.get("model_type") == "chatglm":
+    own = is_chatglm6b(declared)  # fedtune's ChatGLM-6B has upstream's prefix encoder
+    if not own and (not has_remote_code(folder) or "pre_seq_len" not in declared
+                    or declared.get("model_type") == "chatglm"):
         return None  # ChatGLM2/3 and GLM-4 folders become native models: peft's prefix, ChatGLM's conventions
     if spec.prefix_hidden_size is not None:
         raise ModelError("peft.PREFIX_TUNING.prefix_hidden_size: the prefix encoder of "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fedtune.model import chatglm
-from fedtune.model.folders import ModelError, check_folder, check_readable, is_chatglm
+from fedtune.model.folders import ModelError, check_folder, check_readable, is_chatglm, is_chatglm6b
 from fedtune.model.precision import FLOAT32, Precision, quantization_config
 
 
@@ -25,7 +25,7 @@ def load_base_model(
     """(model, tokenizer) from a local folder; nothing is downloaded. `precision` says how the base weights are held
     (see `fedtune.model.precision`); `config_overrides` change its config before the model is built (ChatGLM's
     `pre_seq_len`). A ChatGLM2/3 or GLM-4 remote-code folder is converted to the native GLM
-    (`fedtune.model.chatglm`)."""
+    (`fedtune.model.chatglm`); upstream's ChatGLM-6B folder loads into `fedtune.model.chatglm6b`."""
     from transformers import CONFIG_MAPPING
 
     folder = Path(path)
@@ -33,7 +33,14 @@ def load_base_model(
     if not folder.is_dir():
         raise ModelError(f"{folder}: pretrained model folder not found")
     config = check_folder(folder, CONFIG_MAPPING)  # the format and every weight shard, named if wrong
-    if is_chatglm(config):
+    if is_chatglm6b(config) and is_chatglm(config):  # upstream's ChatGLM-6B folder: fedtune's implementation
+        if precision.quantization is not None:
+            raise ModelError(f"{field}.quantization: {folder} is upstream's ChatGLM-6B folder; convert it once "
+                             "(fedtune convert SRC DST) and quantise the native DST")
+        from fedtune.model.chatglm6b import loading
+
+        model, tokenizer = loading.load_model(folder, precision.dtype, config_overrides), loading.load_tokenizer(folder)
+    elif is_chatglm(config):
         if precision.quantization is not None:
             raise ModelError(f"{field}.quantization: {folder} is a ChatGLM remote-code folder, converted at load in "
                              "full precision; convert it once (fedtune convert SRC DST) and quantise the native DST")

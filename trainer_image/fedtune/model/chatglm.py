@@ -19,7 +19,8 @@ first half of each head's dimensions in interleaved pairs (partial rotary factor
 tokenizer.model are read as data. A converted model's config records where it came from
 (`fedtune_source`). Adapters trained on it can be written back in ChatGLM's own names (`export_adapter`).
 
-ChatGLM-6B (v1, GLM-130B-style 2D positions and a different layer layout) is refused.
+ChatGLM-6B (v1: GLM-130B-style 2D positions, another layer layout) has an implementation of its own:
+`fedtune.model.chatglm6b`.
 """
 
 from __future__ import annotations

@@ -38,12 +38,7 @@ def is_chatglm(config: dict[str, Any]) -> bool:
 
 
 def version(config: dict[str, Any]) -> str:
-    """Which ChatGLM this is, for messages; ChatGLM-6B (v1) is refused here, naming the alternatives."""
-    if "position_encoding_2d" in config or "inner_hidden_size" in config:
-        raise ModelError("ChatGLM-6B (v1) is not supported: its GLM-130B-style 2D positions and layer layout have no "
-                         "native transformers implementation and its own code does not run on transformers 5; use "
-                         "ChatGLM2-6B, ChatGLM3-6B or GLM-4-9B (their remote-code folders are converted at load), or "
-                         "a native glm/glm4 folder")
+    """Which ChatGLM2/3 / GLM-4 this is, for messages (ChatGLM-6B, v1, has a section of its own below)."""
     missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "kv_channels", "num_attention_heads",
                            "padded_vocab_size") if k not in config]
     if missing:
@@ -71,6 +66,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     raise ModelError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)}, or a shard index)")
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (*WEIGHT_INDEXES, *WEIGHT_FILES))
 
 
 def check_readable(folder: Path) -> None:
@@ -104,7 +103,11 @@ def check_folder(folder: Path, known_types: Container[str] | None = None) -> dic
     check_readable(folder)
     config = read_config(folder)
     model_type = config.get("model_type")
-    if is_chatglm(config):
+    if is_chatglm6b(config):
+        check_chatglm6b(config, folder)
+        if not has_weights(folder):
+            return config  # built from its config with random weights, as the reference's demo folder is
+    elif is_chatglm(config):
         check_convertible(config, folder)
     elif known_types is not None and model_type not in known_types and "auto_map" not in config:
         raise ModelError(f"{folder / 'config.json'}: model_type {model_type!r} is not a format fedtune loads: a native "
@@ -151,3 +154,74 @@ def rope_ratio_scales_positions(config: dict[str, Any], folder: Path) -> bool:
                      "whether it divides the positions "
                      "(ChatGLM2-6B-32k) or multiplies the rotary base (ChatGLM3, GLM-4); keep the checkpoint's own "
                      "code beside its weights")
+
+
+# --- ChatGLM-6B (v1): fedtune.model.chatglm6b --------------------------------------------------
+# Upstream's folders say `model_type: chatglm` with GLM-130B's keys (`position_encoding_2d`,
+# `inner_hidden_size`); a converted one says `chatglm6b`. Refused, naming the file and the field: a
+# quantised one, one without 2D positions, one without its tokenizer (`ice_text.model`) or with another,
+# a P-tuning checkpoint whose `pre_seq_len` differs from the one asked for.
+
+TOKENIZER_FILE = "ice_text.model"
+# The pieces that make a sentencepiece model ChatGLM-6B's: its specials follow 130,000 text pieces.
+TOKENIZER_PIECES = (b"[gMASK]", b"<sop>", b"<eop>", b"<|blank_2|>")
+CONVERTED_TYPE = "chatglm6b"
+
+
+def is_chatglm6b(config: dict[str, Any]) -> bool:
+    return config.get("model_type") == CONVERTED_TYPE or (
+        config.get("model_type") == "chatglm" and ("position_encoding_2d" in config or "inner_hidden_size" in config))
+
+
+def check_chatglm6b(config: dict[str, Any], folder: Path) -> None:
+    """A ChatGLM-6B folder fedtune can load: full precision, 2D positions, its own tokenizer."""
+    path = folder / "config.json"
+    if config.get("quantization_bit") not in (None, 0):
+        raise ModelError(f"{path}: quantization_bit {config['quantization_bit']}: a quantised ChatGLM-6B checkpoint; "
+                         "use the full-precision folder with pretrained_model.quantization")
+    if config.get("position_encoding_2d", True) is not True:
+        raise ModelError(f"{path}: position_encoding_2d {config['position_encoding_2d']!r}: only ChatGLM-6B's 2D "
+                         "positions are implemented")
+    missing = [k for k in ("hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size", "vocab_size")
+               if k not in config]
+    if missing:
+        raise ModelError(f"{path}: a ChatGLM-6B config without {', '.join(missing)}")
+    if int(config["hidden_size"]) % (2 * int(config["num_attention_heads"])):
+        raise ModelError(f"{path}: hidden_size {config['hidden_size']} is not a multiple of twice "
+                         f"num_attention_heads {config['num_attention_heads']}, as 2D positions need")
+    check_chatglm6b_tokenizer(folder)
+
+
+def check_chatglm6b_tokenizer(folder: Path) -> None:
+    tokenizer = folder / TOKENIZER_FILE
+    try:
+        data = tokenizer.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{folder}: no {TOKENIZER_FILE} (ChatGLM-6B's tokenizer)") from None
+    except OSError as err:
+        raise ModelError(f"{tokenizer}: unreadable: {err}") from None
+    absent = [piece.decode() for piece in TOKENIZER_PIECES if piece not in data]
+    if absent:
+        raise ModelError(f"{tokenizer}: not ChatGLM-6B's ice_text.model (no {', '.join(absent)} piece)")
+    settings = folder / "tokenizer_config.json"
+    if settings.is_file():
+        try:
+            named = json.loads(settings.read_text(encoding="utf-8")).get("vocab_file", TOKENIZER_FILE)
+        except (OSError, ValueError, AttributeError) as err:
+            raise ModelError(f"{settings}: unreadable: {err}") from None
+        if Path(str(named)).name != TOKENIZER_FILE:
+            raise ModelError(f"{settings}: vocab_file {named!r}: ChatGLM-6B's tokenizer is {TOKENIZER_FILE}")
+
+
+def check_chatglm6b_prefix(checkpoint: Path, pre_seq_len: int, prefix_projection: bool) -> None:
+    """A P-tuning checkpoint's `prefix_config.json` against the job's `peft.PREFIX_TUNING` settings."""
+    path = checkpoint / "prefix_config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: unreadable: {err}") from None
+    for key, wanted in (("pre_seq_len", pre_seq_len), ("prefix_projection", prefix_projection)):
+        if key in saved and saved[key] != wanted:
+            raise ModelError(f"{path}: {key} {saved[key]!r} differs from peft.PREFIX_TUNING.{key} {wanted!r}")

@@ -45,6 +45,8 @@ from fedtune.model.adapters import (
     use_chatglm_prefix,
 )
 from fedtune.model.base import load_base_model
+from fedtune.model.chatglm6b import chat as chatglm6b_chat
+from fedtune.model.folders import CONVERTED_TYPE as CHATGLM6B_TYPE
 from fedtune.model.precision import FLOAT32, Precision, resolve_precision
 from fedtune.spec import Dataset, JobSpec, Peft, PrefixTuning, PretrainedModel
 from fedtune.train.data import build_prompt, dataset_files, read_instruction
@@ -137,6 +139,14 @@ def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
 
 def _uses_remote_code(model: Any) -> bool:
     return bool(getattr(getattr(model, "config", None), "auto_map", None))
+
+
+_HELD_BACK = 12  # characters: upstream's longest replacement ("[[训练时间]]") fits
+
+
+def _is_chatglm6b(model: Any) -> bool:
+    """ChatGLM-6B answers are tidied as its upstream `chat()` tidies them."""
+    return getattr(getattr(model, "config", None), "model_type", None) == CHATGLM6B_TYPE
 
 
 def _next_cache(output: Any) -> Any:
@@ -273,6 +283,21 @@ def _texts(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
     yield from ready
 
 
+def _tidied(chunks: Iterable[str]) -> Iterator[str]:
+    """The text as upstream's ChatGLM-6B `chat()` tidies it, streamed: a character's tidying depends on its
+    neighbours, so the last few wait for the next piece."""
+    text, sent = "", 0
+    for chunk in chunks:
+        text += chunk
+        ready = chatglm6b_chat.process_response(text)[:-_HELD_BACK]
+        if len(ready) > sent:
+            yield ready[sent:]
+            sent = len(ready)
+    rest = chatglm6b_chat.process_response(text)[sent:]
+    if rest:
+        yield rest
+
+
 def _without_leading_space(chunks: Iterable[str]) -> Iterator[str]:
     started = False
     for chunk in chunks:
@@ -292,13 +317,28 @@ class Chat:
         # As a job's `dtype: auto`: bfloat16 on GPUs that have it, else float16; float32 on the CPU.
         precision = resolve_precision(PretrainedModel(path=str(model_path)), self.device)
         self.model, self.tokenizer = load_for_chat(model_path, adapter_path, self.device, precision)
+        self.history: list[tuple[str, str]] = []  # (query, answer) of `converse`
         with_adapter = f" with {adapter_path}" if adapter_path is not None else ""
         log.info("loaded %s%s on %s (%s) in %.1f s", model_path, with_adapter, self.device, precision.describe(),
                  time.perf_counter() - started)
 
     def stream(self, prompt: str, sampling: Sampling = Sampling()) -> Iterator[str]:
-        """The answer to `prompt` (the full prompt text), piece by piece as it is generated."""
-        return _without_leading_space(_texts(self.tokenizer, _tokens(self.model, self.tokenizer, prompt, sampling)))
+        """The answer to `prompt` (the full prompt text), piece by piece as it is generated (ChatGLM-6B's tidied
+        as its upstream `chat()` tidies it)."""
+        pieces = _without_leading_space(_texts(self.tokenizer, _tokens(self.model, self.tokenizer, prompt, sampling)))
+        return _tidied(pieces) if _is_chatglm6b(self.model) else pieces
+
+    def converse(self, query: str, sampling: Sampling = Sampling()) -> Iterator[str]:
+        """The answer to the next query of a conversation: ChatGLM-6B sees the earlier rounds, as its upstream
+        `chat()` puts them (`[Round i]` ...); other models see the query alone."""
+        if not _is_chatglm6b(self.model):
+            yield from self.stream(query, sampling)
+            return
+        pieces: list[str] = []
+        for piece in self.stream(chatglm6b_chat.prompt(query, self.history), sampling):
+            pieces.append(piece)
+            yield piece
+        self.history.append((query, "".join(pieces)))
 
     def answer(self, prompt: str, sampling: Sampling = Sampling()) -> str:
         return "".join(self.stream(prompt, sampling)).rstrip()
