@@ -65,8 +65,9 @@ def test_sixty_four_label_trainers_become_children_that_kubernetes_accepts(examp
     children = all_children(job, "pw", operator=OPERATOR)
     kinds = Counter(c["kind"] for c in children)
     roles = MAX_PARTIES + 1  # every party and the scheduler
-    assert kinds == {"Pod": roles + 1, "Service": roles + 1, "Secret": roles + 2, "PersistentVolumeClaim": MAX_PARTIES,
-                     "ConfigMap": 1, "NetworkPolicy": 1}  # Redis: a Pod, a Service, a Secret; the CA: a Secret
+    # Redis: a Pod, a Service, a Secret and its state's claim; the CA: a Secret; each party: its output claim
+    assert kinds == {"Pod": roles + 1, "Service": roles + 1, "Secret": roles + 2,
+                     "PersistentVolumeClaim": MAX_PARTIES + 1, "ConfigMap": 1, "NetworkPolicy": 1}
     names = [(c["kind"], c["metadata"]["name"]) for c in children]
     assert len(set(names)) == len(names)
     assert max(len(c["metadata"]["name"]) for c in children if c["kind"] in ("Pod", "Service")) <= DNS_LABEL
