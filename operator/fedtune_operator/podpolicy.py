@@ -25,9 +25,9 @@ ALLOW_ENV = "FEDTUNE_POD_TEMPLATE_ALLOW"
 # The safe fields of each level of a pod template overlay. A field listed here takes whatever the Pod API
 # accepts there (its own schema), but for the levels below, which are cut down in turn.
 METADATA = ("labels", "annotations")
-POD = ("affinity", "tolerations", "nodeSelector", "topologySpreadConstraints", "priorityClassName", "schedulerName",
-       "runtimeClassName", "imagePullSecrets", "dnsPolicy", "dnsConfig", "hostAliases", "terminationGracePeriodSeconds",
-       "enableServiceLinks", "readinessGates", "resourceClaims", "securityContext", "containers", "initContainers",
+POD = ("affinity", "tolerations", "nodeSelector", "topologySpreadConstraints", "schedulingGates", "priorityClassName",
+       "schedulerName", "runtimeClassName", "imagePullSecrets", "dnsPolicy", "dnsConfig", "hostAliases",
+       "terminationGracePeriodSeconds", "enableServiceLinks", "readinessGates", "resourceClaims", "securityContext", "containers", "initContainers",
        "volumes")  # fmt: skip
 POD_SECURITY = ("fsGroup", "fsGroupChangePolicy", "supplementalGroups", "supplementalGroupsPolicy")
 CONTAINER = ("name", "image", "imagePullPolicy", "command", "args", "workingDir", "env", "envFrom", "resources",
