@@ -27,8 +27,8 @@ ALLOW_ENV = "FEDTUNE_POD_TEMPLATE_ALLOW"
 METADATA = ("labels", "annotations")
 POD = ("affinity", "tolerations", "nodeSelector", "topologySpreadConstraints", "schedulingGates", "priorityClassName",
        "schedulerName", "runtimeClassName", "imagePullSecrets", "dnsPolicy", "dnsConfig", "hostAliases",
-       "terminationGracePeriodSeconds", "enableServiceLinks", "readinessGates", "resourceClaims", "securityContext", "containers", "initContainers",
-       "volumes")  # fmt: skip
+       "terminationGracePeriodSeconds", "enableServiceLinks", "readinessGates", "resourceClaims", "securityContext",
+       "containers", "initContainers", "volumes")  # fmt: skip
 POD_SECURITY = ("fsGroup", "fsGroupChangePolicy", "supplementalGroups", "supplementalGroupsPolicy")
 CONTAINER = ("name", "image", "imagePullPolicy", "command", "args", "workingDir", "env", "envFrom", "resources",
              "resizePolicy", "volumeMounts", "ports", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle",
