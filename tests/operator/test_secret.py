@@ -76,8 +76,9 @@ def test_every_local_role_gets_a_certificate_naming_it_from_the_jobs_ca(job) -> 
         assert {service, f"{service}.team-a.svc", f"{service}.team-a.svc.cluster.local"} <= set(sans(cert))
         # The key belongs to the certificate: the pair is what the role serves with.
         issued = certs.Issued(secret_file(secret, "tls.crt"), secret_file(secret, "tls.key"))
-        signature = certs.sign_public_key(issued.key_pem, "poems-lora", key, b"dh")
-        certs.verify_public_key(ca_pem, issued.cert_pem, "poems-lora", key, b"dh", signature)
+        bundle = certs.KeyBundle(key, b"dh", b"", "")
+        certs.verify_bundle(ca_pem, issued.cert_pem, "poems-lora", bundle,
+                            certs.sign_bundle(issued.key_pem, "poems-lora", bundle))
         assert secret["metadata"]["ownerReferences"][0]["uid"] == job.uid
 
 

@@ -59,10 +59,12 @@ def test_long_namespaces_get_certificates_naming_each_party(example, namespace) 
         assert f"{w.pod_name}.{namespace}.svc.cluster.local" in certs.names(cert)
     # Key-agreement signatures check out for the party the certificate names, and only for it.
     node1 = material.roles["node-1"]
-    signature = certs.sign_public_key(node1.key_pem, job.name, "node-1", b"dh")
-    certs.verify_public_key(material.ca.cert_pem, node1.cert_pem, job.name, "node-1", b"dh", signature)
+    bundle = certs.KeyBundle("node-1", b"dh", b"", "")
+    signature = certs.sign_bundle(node1.key_pem, job.name, bundle)
+    certs.verify_bundle(material.ca.cert_pem, node1.cert_pem, job.name, bundle, signature)
     with pytest.raises(certs.CertError, match="the certificate sent for node-2 names `node-1`"):
-        certs.verify_public_key(material.ca.cert_pem, node1.cert_pem, job.name, "node-2", b"dh", signature)
+        certs.verify_bundle(material.ca.cert_pem, node1.cert_pem, job.name, certs.KeyBundle("node-2", b"dh", b"", ""),
+                            signature)
 
 
 def test_long_names_are_cut_to_distinct_common_names() -> None:

@@ -71,18 +71,23 @@ HOST_EDITS: dict[str, tuple[Callable[[dict], None], str]] = {
 }
 
 
+def start_with_host_file(local: LocalJob, edit: Callable[[dict], None]) -> None:
+    """The host's roles from a job file changed by `edit`, the honest parties from the run's own."""
+    local.start(skip=(*HOST, *HONEST))
+    host = host_file(local, edit)
+    for name in HOST:
+        local.start_role(name, job_file=host)
+    for name in HONEST:
+        local.start_role(name)
+
+
 @pytest.mark.parametrize("case", sorted(HOST_EDITS))
 def test_host_with_other_terms_is_refused_by_every_honest_party(tmp_path: Path, tiny_model: Path, case: str) -> None:
     edit, expected = HOST_EDITS[case]
     job = write_job(tmp_path / "job", tiny_model, encryption=OTP, privacy=DP)
     local = LocalJob(load_job(job), tmp_path / "out", job.parent)
     try:
-        local.start(skip=(*HOST, *HONEST))
-        dishonest = host_file(local, edit)
-        for name in HOST:
-            local.start_role(name, job_file=dishonest)
-        for name in HONEST:
-            local.start_role(name)
+        start_with_host_file(local, edit)
         codes = wait_exits(local, HONEST)
         assert_refused(local, codes, expected)
         assert "terms differ" in local.state.error()
@@ -205,12 +210,7 @@ def test_host_file_differing_only_in_local_fields_trains(tmp_path: Path, tiny_mo
     job = write_job(tmp_path / "job", tiny_model, encryption=OTP, agg_steps=1.0, epochs=1)
     local = LocalJob(load_job(job), tmp_path / "out", job.parent)
     try:
-        local.start(skip=(*HOST, *HONEST))
-        host = host_file(local, local_only)
-        for name in HOST:
-            local.start_role(name, job_file=host)
-        for name in HONEST:
-            local.start_role(name)
+        start_with_host_file(local, local_only)
         codes = wait_exits(local, (*HOST, *HONEST), timeout=400)
         assert codes == dict.fromkeys((*HOST, *HONEST), 0), local.state.error()
     finally:

@@ -313,16 +313,6 @@ def verify_bundle(ca_pem: bytes, cert_pem: bytes, job_id: str, bundle: KeyBundle
         ) from None
 
 
-def sign_public_key(key_pem: bytes, job_id: str, party: str, public_key: bytes) -> bytes:
-    """A bare key-agreement value signed as a bundle without nonce or terms (`verify_public_key`)."""
-    return sign_bundle(key_pem, job_id, KeyBundle(party, public_key, b"", ""))
-
-
-def verify_public_key(ca_pem: bytes, cert_pem: bytes, job_id: str, party: str, public_key: bytes,
-                      signature: bytes) -> None:
-    verify_bundle(ca_pem, cert_pem, job_id, KeyBundle(party, public_key, b"", ""), signature)
-
-
 # --- signed protocol statements (SecAgg+'s consistency check) -----------------------------
 
 
